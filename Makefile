@@ -1,0 +1,53 @@
+# SecureMail: `make demo` runs the main job on a local control plane, `make test` runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+CARGO_FLAGS ?= --locked
+CLUSTER_DIR ?= /tmp/securemail-cluster
+KUBECONFIG_FILE := $(CLUSTER_DIR)/kubeconfig
+CRD_FILE := crds/securemailtenants.securemail.io.yaml
+export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
+
+.PHONY: test deps fmt-check lint unit crds check-crds cluster-up cluster-down e2e demo
+
+## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites.
+test: deps fmt-check lint unit check-crds e2e
+
+## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
+deps:
+	e2e/install-deps.sh
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	shellcheck -x -P SCRIPTDIR e2e/*.sh .ci/run
+	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test $(CARGO_FLAGS)
+
+## crds: regenerate the committed CRD from the Rust types.
+crds:
+	$(CARGO) run $(CARGO_FLAGS) -q -p securemail-operator --bin crdgen > $(CRD_FILE)
+
+## check-crds: fail when the committed CRD differs from what the code generates.
+check-crds:
+	@$(CARGO) run $(CARGO_FLAGS) -q -p securemail-operator --bin crdgen > target/crd.generated.yaml
+	@diff -u $(CRD_FILE) target/crd.generated.yaml || { echo "$(CRD_FILE) is stale: run 'make crds' and commit it" >&2; exit 1; }
+
+cluster-up:
+	e2e/cluster-up.sh
+
+cluster-down:
+	e2e/cluster-down.sh
+
+## e2e: start a control plane, run the suites against it, stop it again.
+e2e:
+	e2e/cluster-up.sh >/dev/null
+	status=0; KUBECONFIG=$(KUBECONFIG_FILE) $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e || status=$$?; \
+	  e2e/cluster-down.sh; exit $$status
+
+## demo: the main job end to end on a local control plane (left running; stop it with `make cluster-down`).
+demo: deps
+	e2e/demo.sh

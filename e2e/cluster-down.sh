@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Stops the local control plane started by cluster-up.sh and removes its state directory. Safe to run when nothing
+# is running.
+set -euo pipefail
+dir=${SECUREMAIL_CLUSTER_DIR:-/tmp/securemail-cluster}
+
+log() { echo "cluster-down: $*" >&2; }
+
+# Only signal a recorded pid if it is still the expected, running program, so a recycled pid is never hit. An
+# exited but not yet reaped process (state Z) is already gone.
+ours() {
+  local pid=$1 name=$2 info state comm
+  info=$(ps -p "$pid" -o stat=,comm= 2>/dev/null) || return 1
+  read -r state comm <<<"$info"
+  [ "$comm" = "$name" ] && [[ $state != Z* ]]
+}
+
+# The apiserver goes first so it does not log a storm of etcd connection errors while shutting down.
+for name in kube-apiserver etcd; do
+  pidfile="$dir/$name.pid"
+  [ -f "$pidfile" ] || continue
+  pid=$(cat "$pidfile")
+  if [ -n "$pid" ] && ours "$pid" "$name"; then
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+      ours "$pid" "$name" || break
+      sleep 0.1
+    done
+    if ours "$pid" "$name"; then
+      log "$name did not exit after TERM; killing"
+      kill -KILL "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do
+        ours "$pid" "$name" || break
+        sleep 0.1
+      done
+      ours "$pid" "$name" && { log "could not stop $name (pid $pid)"; exit 1; }
+    fi
+  fi
+done
+
+if [ -e "$dir" ]; then
+  rm -rf "$dir"
+  log "removed $dir"
+fi

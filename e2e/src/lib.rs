@@ -1,0 +1,106 @@
+//! Helpers for the end-to-end suites. They talk to the kube-apiserver named by `KUBECONFIG` (written by
+//! `e2e/cluster-up.sh`); without one every suite fails rather than skipping, so a green run proves the real
+//! apiserver was exercised.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root (the e2e crate lives one level below it).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// The kubeconfig of the test control plane; panics with a hint when the suite was started without one.
+pub fn kubeconfig() -> String {
+    match std::env::var("KUBECONFIG") {
+        Ok(path) if Path::new(&path).is_file() => path,
+        _ => panic!(
+            "KUBECONFIG does not name a kubeconfig file; run the suite with `make e2e`, which starts the control plane"
+        ),
+    }
+}
+
+/// Runs kubectl against the test control plane and returns its output whatever the exit status.
+pub fn kubectl(args: &[&str]) -> Output {
+    Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run kubectl {args:?}: {err}"))
+}
+
+/// Runs kubectl, panics with its stderr unless it succeeds, and returns its stdout.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let output = kubectl(args);
+    assert!(
+        output.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Installs the committed CRD (the file users apply, which `make check-crds` keeps equal to the code) once per
+/// test binary and waits until the apiserver serves it.
+pub fn ensure_crd() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let crd = repo_root().join("crds/securemailtenants.securemail.io.yaml");
+        let crd = crd.to_string_lossy();
+        kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", &crd]);
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/securemailtenants.securemail.io",
+        ]);
+    });
+}
+
+/// Creates a namespace unless it exists. Namespaces are never deleted by the suites: the test control plane has
+/// no namespace controller, so a deleted namespace would stay Terminating.
+pub fn ensure_namespace(name: &str) {
+    let output = kubectl(&["create", "namespace", name]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() || stderr.contains("AlreadyExists"),
+        "cannot create namespace {name}: {stderr}"
+    );
+}
+
+/// A namespace name unique to this test run, so reruns against a live control plane do not collide.
+pub fn unique_namespace(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos())
+        .unwrap_or_default();
+    let name = format!("{prefix}-{}-{nanos:x}", std::process::id());
+    ensure_namespace(&name);
+    name
+}
+
+/// The YAML files in a directory of the repository, sorted by name.
+pub fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = repo_root().join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", dir.display()))
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A kube client for the test control plane.
+pub async fn client() -> kube::Client {
+    kubeconfig();
+    kube::Client::try_default()
+        .await
+        .unwrap_or_else(|err| panic!("cannot build a client from KUBECONFIG: {err}"))
+}
