@@ -15,7 +15,7 @@ test: deps fmt-check lint unit check-crds e2e
 
 ## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
 deps:
-	e2e/install-deps.sh
+	@e2e/install-deps.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -44,8 +44,10 @@ cluster-down:
 
 ## e2e: start a control plane, run the suites against it, stop it again.
 e2e:
+	$(CARGO) build $(CARGO_FLAGS) -p securemail-operator --bin securemail-operator
 	e2e/cluster-up.sh >/dev/null
-	status=0; KUBECONFIG=$(KUBECONFIG_FILE) $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e || status=$$?; \
+	status=0; KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_OPERATOR_BIN=$(CURDIR)/target/debug/securemail-operator \
+	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e || status=$$?; \
 	  e2e/cluster-down.sh; exit $$status
 
 ## demo: the main job end to end on a local control plane (left running; stop it with `make cluster-down`).

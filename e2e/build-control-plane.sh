@@ -41,7 +41,13 @@ package tools
 import _ "k8s.io/kubernetes/cmd/kube-apiserver"
 GO
   (cd "$work" && go mod tidy >/dev/null 2>"$work/tidy.log") || { cat "$work/tidy.log" >&2; die "go mod tidy failed for kube-apiserver"; }
-  (cd "$work" && CGO_ENABLED=0 go build -trimpath -o "$dir/bin/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver) \
+  # Stamp the version the way Kubernetes' own build does, so clients see v1.N.P rather than v0.0.0-master.
+  local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  local ldflags="-X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION"
+  ldflags+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+  ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$dir/bin/kube-apiserver.tmp" \
+    k8s.io/kubernetes/cmd/kube-apiserver) \
     || die "go build of kube-apiserver $KUBERNETES_VERSION failed"
   mv "$dir/bin/kube-apiserver.tmp" "$dir/bin/kube-apiserver"
 }

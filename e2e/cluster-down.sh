@@ -12,11 +12,13 @@ ours() {
   local pid=$1 name=$2 info state comm
   info=$(ps -p "$pid" -o stat=,comm= 2>/dev/null) || return 1
   read -r state comm <<<"$info"
-  [ "$comm" = "$name" ] && [[ $state != Z* ]]
+  # The kernel keeps only the first 15 characters of a program name.
+  [ "$comm" = "${name:0:15}" ] && [[ $state != Z* ]]
 }
 
-# The apiserver goes first so it does not log a storm of etcd connection errors while shutting down.
-for name in kube-apiserver etcd; do
+# The operator (started by the demo) and the apiserver go first, so neither logs a storm of connection errors while
+# what it talks to shuts down.
+for name in securemail-operator kube-apiserver etcd; do
   pidfile="$dir/$name.pid"
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")

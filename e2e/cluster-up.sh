@@ -129,6 +129,16 @@ $ready || fail "etcd did not become healthy within 20s" "$dir/etcd.log"
 # --- kube-apiserver -----------------------------------------------------------------------------------------------
 # Without a controller-manager nobody creates the per-namespace "default" ServiceAccount, so the ServiceAccount
 # admission plugin would reject every Pod; it is disabled. Priority and fairness is off to start faster.
+# Every write request is audited (metadata only) to audit.log, so tests can count exactly what the operator wrote.
+cat > "$dir/audit-policy.yaml" <<'EOF_POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+EOF_POLICY
 log "starting kube-apiserver on 127.0.0.1:$api_port"
 setsid nohup "$apiserver_bin" \
   --etcd-servers="http://127.0.0.1:$etcd_port" \
@@ -147,6 +157,9 @@ setsid nohup "$apiserver_bin" \
   --allow-privileged=true \
   --disable-admission-plugins=ServiceAccount \
   --enable-priority-and-fairness=false \
+  --audit-policy-file="$dir/audit-policy.yaml" \
+  --audit-log-path="$dir/audit.log" \
+  --audit-log-mode=blocking \
   --v=1 \
   </dev/null >"$dir/kube-apiserver.log" 2>&1 &
 echo $! > "$dir/kube-apiserver.pid"

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The main job end to end on a local control plane: start it, install the SecureMailTenant CRD, apply the example
-# tenants and show them as a platform engineer would see them. The control plane keeps running afterwards.
+# The main job end to end on a local control plane: start it, install the SecureMailTenant CRD, run the operator
+# under its own least-privilege ServiceAccount, apply the example tenants and show what the operator made of them.
+# The control plane and the operator keep running afterwards (stop both with `make cluster-down`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
+operator=${SECUREMAIL_OPERATOR_BIN:-$root/target/debug/securemail-operator}
 step() { printf '\n== %s\n' "$*"; }
+
+step "Building the operator"
+(cd "$root" && cargo build --locked -q -p securemail-operator --bin securemail-operator)
 
 step "Starting the local control plane (the first run builds kube-apiserver and etcd, several minutes)"
 kubeconfig=$("$here/cluster-up.sh" | tail -n 1)
 export KUBECONFIG=$kubeconfig
-kubectl version 2>/dev/null | sed -n 's/^Server Version: /kube-apiserver /p'
+kubectl version 2>/dev/null | sed -n 's/^Server Version: /kube-apiserver /p' || true
 
-step "Installing the SecureMailTenant CRD"
+step "Installing the SecureMailTenant CRD and starting the operator"
 kubectl apply --server-side --force-conflicts -f "$root/crds/securemailtenants.securemail.io.yaml"
 kubectl wait --for=condition=Established --timeout=60s crd/securemailtenants.securemail.io
+SECUREMAIL_OPERATOR_BIN=$operator "$here/operator-up.sh"
 
 step "Applying the example tenants"
 for example in "$root"/examples/*.yaml; do
@@ -28,16 +34,45 @@ if kubectl apply --dry-run=server -f "$here/testdata/invalid/cleartext-without-e
   exit 1
 fi
 
-step "kubectl get smt -A"
+step "Waiting for the operator to reconcile every tenant"
+for _ in $(seq 1 100); do
+  pending=$(kubectl get smt -A -o jsonpath='{range .items[*]}{.status.observedGeneration}{" "}{end}' | tr ' ' '\n' | grep -c '^$' || true)
+  [ "$(kubectl get smt -A --no-headers | wc -l)" -gt 0 ] && [ "$pending" -eq 0 ] && break
+  sleep 0.3
+done
 kubectl get smt -A -o wide
 
-step "Effective TLS policy of the minimal tenant (defaults filled in by the apiserver)"
-kubectl get smt -n tenant-lakeside lakeside-clinic -o jsonpath='{.spec.tlsPolicy}'; echo
+step "What the operator made for tenant-lakeside/lakeside-clinic"
+kubectl get statefulset,service,configmap,secret,poddisruptionbudget,networkpolicy,serviceaccount -n tenant-lakeside \
+  -l app.kubernetes.io/managed-by=securemail-operator
+
+step "Its conditions (no kubelet runs here, so MTA pods are never scheduled and MtaAvailable says so)"
+kubectl get smt -n tenant-lakeside lakeside-clinic \
+  -o jsonpath='{range .status.conditions[*]}{.type}{"\t"}{.status}{"\t"}{.reason}{"\t"}{.message}{"\n"}{end}' | column -t -s $'\t'
+
+step "DNS records the tenant must publish"
+kubectl get smt -n tenant-lakeside lakeside-clinic \
+  -o jsonpath='{range .status.dnsRecords[*]}{.type}{"\t"}{.name}{"\t"}{.value}{"\n"}{end}' | cut -c1-160
+
+step "Offline render prints the same configuration the operator applied"
+rendered=$(mktemp)
+"$operator" render -f "$root/examples/minimal.yaml" > "$rendered"
+python3 - "$rendered" <<'PY'
+import json, subprocess, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "ConfigMap"]
+live = json.loads(subprocess.check_output(
+    ["kubectl", "get", "configmap", "-n", "tenant-lakeside", "lakeside-clinic-mta-config", "-o", "json"]))
+same = docs[0]["data"] == live["data"]
+print("ConfigMap data (main.cf, master.cf, sidecar-0.yaml):", "identical" if same else "DIFFERENT")
+sys.exit(0 if same else 1)
+PY
+rm -f "$rendered"
 
 cat <<MSG
 
-The control plane is still running. Try:
+The control plane and the operator are still running. Try:
   export KUBECONFIG=$kubeconfig
   kubectl explain smt.spec.tlsPolicy
-Stop it with: make cluster-down
+  kubectl describe smt -n tenant-northwind northwind-health-plan
+Stop both with: make cluster-down
 MSG

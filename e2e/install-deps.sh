@@ -10,6 +10,7 @@ declare -A packages=(
   [openssl]=openssl
   [curl]=curl
   [shellcheck]=shellcheck
+  [postconf]=postfix
 )
 missing=()
 for cmd in "${!packages[@]}"; do
@@ -21,6 +22,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null || die "apt-get update failed"
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+fi
+
+# dkimpy (pynacl for Ed25519, dnspython for zone-file TXT parsing) is the independent DKIM verifier that the
+# operator's key tests sign and verify with; PyYAML reads rendered manifests in the demo.
+if ! python3 -c 'import dkim, nacl, dns.rdata, yaml' 2>/dev/null; then
+  command -v python3 >/dev/null || die "python3 is not installed (see README: Requirements)"
+  echo "install-deps: installing dkimpy, pynacl, dnspython, pyyaml" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    dkimpy==1.1.8 pynacl==1.5.0 dnspython==2.9.2 pyyaml==6.0.3 || die "pip install of the Python test tools failed"
 fi
 
 for tool in cargo go kubectl; do

@@ -1,6 +1,9 @@
 //! Pure types shared by the SecureMail operator and sidecar: the `SecureMailTenant` API.
 #![forbid(unsafe_code)]
 
+pub mod dns;
+pub mod sidecar_config;
 pub mod tenant;
+pub mod warmup;
 
 pub use tenant::{SecureMailTenant, SecureMailTenantSpec, SecureMailTenantStatus};

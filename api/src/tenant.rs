@@ -12,13 +12,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A DNS name such as `mail.example.org`: labels of letters, digits and hyphens, no trailing dot.
-const DNS_NAME_PATTERN: &str =
-    r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+const DNS_NAME_PATTERN: &str = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// A single lower-case DNS label such as `sm` or `billing-app`.
 const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// A mail address for DMARC reports (`mailto:` is added when the record is rendered).
-const MAILBOX_PATTERN: &str =
-    r"^[^@\s]+@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+const MAILBOX_PATTERN: &str = r"^[^@\s]+@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 
 /// Dedicated outbound mail infrastructure for one tenant: MTA pods with their own source IPs warmed up on a
 /// schedule, DKIM keys, a TLS policy that never sends in cleartext, and the DNS records the tenant must publish.
@@ -36,6 +34,7 @@ const MAILBOX_PATTERN: &str =
     namespaced,
     status = "SecureMailTenantStatus",
     derive = "PartialEq",
+    validation = Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: it prefixes the names of the tenant's pods, Services and Secrets"),
     doc = "A tenant's dedicated outbound mail infrastructure: MTA pods, source IPs with warmup, DKIM keys and a TLS policy that never sends in cleartext.",
     printcolumn(
         name = "Ready",
@@ -46,8 +45,8 @@ const MAILBOX_PATTERN: &str =
     printcolumn(
         name = "IPs",
         type_ = "string",
-        json_path = ".spec.ipPool.addresses[*].address",
-        description = "Dedicated source addresses of the pool"
+        json_path = ".status.ips",
+        description = "Pool addresses with an MTA pod / addresses in the pool"
     ),
     printcolumn(
         name = "Warmup-Day",
@@ -167,9 +166,7 @@ pub struct DkimSpec {
 }
 
 /// A DKIM signature algorithm (RFC 6376, RFC 8463).
-#[derive(
-    JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
-)]
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DkimAlgorithm {
     #[serde(rename = "rsa-sha256")]
     RsaSha256,
@@ -541,9 +538,7 @@ pub enum TlsMode {
 }
 
 /// Minimum TLS protocol version.
-#[derive(
-    JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, PartialOrd, Ord,
-)]
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, PartialOrd, Ord)]
 pub enum TlsVersion {
     #[default]
     #[serde(rename = "1.2")]
@@ -792,6 +787,10 @@ pub struct SecureMailTenantStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 
+    /// Pool addresses with an MTA pod / addresses in the pool, e.g. `3/3` (shown by `kubectl get smt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ips: Option<String>,
+
     /// Lowest warmup day across the pool (shown by `kubectl get smt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_day: Option<u32>,
@@ -839,6 +838,12 @@ pub enum DnsRecordType {
 pub struct PoolAddressStatus {
     /// The pool address.
     pub address: String,
+    /// The MTA pod (StatefulSet ordinal) sending from this address; absent while the address cannot be used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordinal: Option<u32>,
+    /// First day of this address's warmup schedule (`YYYY-MM-DD`, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_start: Option<String>,
     /// Current warmup day (1-based).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_day: Option<u32>,
@@ -880,6 +885,12 @@ pub struct DkimSelectorStatus {
     /// When the key was generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<Time>,
+    /// When the selector entered its current state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// The selector this one replaced because its key Secret was deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 /// Rotation state of a DKIM selector.
@@ -986,11 +997,10 @@ mod tests {
         let examples = examples();
         assert!(examples.len() >= 3);
         for (path, text) in examples {
-            let tenant: SecureMailTenant = serde_yaml::from_str(&text)
-                .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+            let tenant: SecureMailTenant =
+                serde_yaml::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
             let again: SecureMailTenant =
-                serde_yaml::from_str(&serde_yaml::to_string(&tenant).expect("serializes"))
-                    .expect("parses back");
+                serde_yaml::from_str(&serde_yaml::to_string(&tenant).expect("serializes")).expect("parses back");
             assert_eq!(tenant, again, "{}", path.display());
         }
     }

@@ -3,6 +3,8 @@
 //! apiserver was exercised.
 #![forbid(unsafe_code)]
 
+pub mod operator;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -103,4 +105,48 @@ pub async fn client() -> kube::Client {
     kube::Client::try_default()
         .await
         .unwrap_or_else(|err| panic!("cannot build a client from KUBECONFIG: {err}"))
+}
+
+/// The audit log the test control plane writes (every write request, metadata only).
+pub fn audit_log() -> PathBuf {
+    Path::new(&kubeconfig())
+        .parent()
+        .map(|dir| dir.join("audit.log"))
+        .unwrap_or_else(|| PathBuf::from("audit.log"))
+}
+
+/// Write requests (create, update, patch, delete) `username` made in `namespace`, from the audit log.
+pub fn writes_by(username: &str, namespace: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(audit_log()).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["user"]["username"] == username && event["objectRef"]["namespace"] == namespace)
+        .map(|event| {
+            format!(
+                "{} {}/{}",
+                event["verb"].as_str().unwrap_or_default(),
+                event["objectRef"]["resource"].as_str().unwrap_or_default(),
+                event["objectRef"]["name"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or panics naming `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

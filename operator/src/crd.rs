@@ -8,11 +8,10 @@ use crate::{Error, Result};
 
 /// The SecureMailTenant CRD as YAML, byte-identical for the same code.
 pub fn crd_yaml() -> Result<String> {
-    let mut crd =
-        serde_json::to_value(SecureMailTenant::crd()).map_err(|source| Error::Serialize {
-            what: "the SecureMailTenant CRD",
-            source,
-        })?;
+    let mut crd = serde_json::to_value(SecureMailTenant::crd()).map_err(|source| Error::Serialize {
+        what: "the SecureMailTenant CRD",
+        source,
+    })?;
     unwrap_descriptions(&mut crd);
     Ok(serde_yaml::to_string(&crd)?)
 }
@@ -36,13 +35,7 @@ fn unwrap_descriptions(value: &mut Value) {
 
 fn unwrap_paragraphs(text: &str) -> String {
     text.split("\n\n")
-        .map(|paragraph| {
-            paragraph
-                .lines()
-                .map(str::trim)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+        .map(|paragraph| paragraph.lines().map(str::trim).collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
         .join("\n\n")
 }
@@ -60,16 +53,11 @@ mod tests {
     fn descriptions_inside_the_schema_are_unwrapped() {
         let yaml = crd_yaml().expect("CRD renders");
         let crd: Value = serde_yaml::from_str(&yaml).expect("CRD parses back");
-        let tls = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-            ["tlsPolicy"];
-        let description = tls["description"]
-            .as_str()
-            .expect("tlsPolicy is documented");
+        let tls =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["tlsPolicy"];
+        let description = tls["description"].as_str().expect("tlsPolicy is documented");
         assert!(!description.contains('\n'), "{description:?}");
-        assert!(
-            description.contains("cleartext for one domain"),
-            "{description:?}"
-        );
+        assert!(description.contains("cleartext for one domain"), "{description:?}");
     }
 
     #[test]

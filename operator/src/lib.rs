@@ -1,7 +1,19 @@
-//! The SecureMail operator.
+//! The SecureMail operator: reconciles SecureMailTenant resources into dedicated MTA infrastructure.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod apply;
+pub mod build;
+pub mod context;
+pub mod controller;
 pub mod crd;
+pub mod dkim;
+pub mod dkim_keys;
 mod error;
+pub mod names;
+pub mod postfix;
+pub mod reconcile;
+pub mod render;
+pub mod status;
 
 pub use error::{Error, Result};

@@ -1,5 +1,17 @@
-//! The securemail-operator binary.
+//! The securemail-operator binary: `run` the controller, `render` a tenant offline, or print the `crd`.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use jiff::civil::Date;
+use securemail_api::SecureMailTenant;
+use securemail_operator::admin::{self, Health};
+use securemail_operator::build::Settings;
+use securemail_operator::context::{Metrics, SystemClock};
+use securemail_operator::controller::{self, LeaderElection};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -13,13 +25,124 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the controller against the cluster in KUBECONFIG or the in-cluster service account.
+    Run(RunArgs),
+    /// Print every child object, the DNS records and today's warmup caps of a tenant, offline.
+    Render {
+        /// SecureMailTenant manifest.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Render as of this UTC date (YYYY-MM-DD); default today.
+        #[arg(long)]
+        date: Option<Date>,
+        /// Directory with `<domain>.<rsa|ed>.pem` private keys to show real DKIM records.
+        #[arg(long)]
+        keys_dir: Option<PathBuf>,
+        #[command(flatten)]
+        images: ImageArgs,
+    },
     /// Print the SecureMailTenant CRD (apply it with `kubectl apply --server-side -f -`).
     Crd,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(clap::Args, Debug)]
+struct ImageArgs {
+    /// Postfix image for tenants that do not name one.
+    #[arg(long, env = "SECUREMAIL_MTA_IMAGE")]
+    mta_image: Option<String>,
+    /// Sidecar image for tenants that do not name one.
+    #[arg(long, env = "SECUREMAIL_SIDECAR_IMAGE")]
+    sidecar_image: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Address of /livez, /readyz and /metrics.
+    #[arg(long, env = "SECUREMAIL_ADMIN_ADDRESS", default_value = "0.0.0.0:8080")]
+    admin_address: SocketAddr,
+    /// Take a Lease before reconciling (needed whenever more than one replica runs).
+    #[arg(long, env = "SECUREMAIL_LEADER_ELECTION", default_value_t = false)]
+    leader_election: bool,
+    /// Namespace of the operator (its Lease lives here; it reads MTA pods' status from here).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "securemail-system")]
+    namespace: String,
+    /// Identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Namespace whose pods may scrape the MTA pods' metrics.
+    #[arg(long, env = "SECUREMAIL_MONITORING_NAMESPACE", default_value = "monitoring")]
+    monitoring_namespace: String,
+    #[command(flatten)]
+    images: ImageArgs,
+}
+
+impl ImageArgs {
+    fn settings(self, defaults: Settings) -> Settings {
+        Settings {
+            mta_image: self.mta_image.unwrap_or(defaults.mta_image),
+            sidecar_image: self.sidecar_image.unwrap_or(defaults.sidecar_image),
+            ..defaults
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", securemail_operator::crd::crd_yaml()?),
+        Command::Render {
+            file,
+            date,
+            keys_dir,
+            images,
+        } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let tenant: SecureMailTenant = serde_yaml::from_str(&text)
+                .with_context(|| format!("{} is not a valid SecureMailTenant", file.display()))?;
+            let today = date.unwrap_or_else(|| jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC).date());
+            let settings = images.settings(Settings::default());
+            print!(
+                "{}",
+                securemail_operator::render::render(&tenant, today, keys_dir.as_deref(), &settings)?
+            );
+        }
+        Command::Run(args) => run(args).await?,
     }
     Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_current_span(false)
+        .init();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client")?;
+    let settings = args.images.settings(Settings {
+        monitoring_namespace: args.monitoring_namespace,
+        operator_namespace: args.namespace.clone(),
+        ..Settings::default()
+    });
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let admin = tokio::spawn(admin::serve(args.admin_address, metrics.clone(), health.clone()));
+    let leader_election = args.leader_election.then(|| LeaderElection {
+        namespace: args.namespace,
+        identity: args
+            .identity
+            .unwrap_or_else(|| format!("securemail-operator-{}", std::process::id())),
+    });
+    let result = controller::run(
+        client,
+        settings,
+        metrics,
+        Arc::new(SystemClock),
+        health,
+        leader_election,
+    )
+    .await;
+    admin.abort();
+    result
 }

@@ -1,0 +1,147 @@
+//! `sidecar.yaml`: the contract between the operator, which renders one per MTA pod, and the sidecar, which
+//! loads it at start and on change. Unknown fields are refused so a typo or a version skew is an error, not a
+//! silently ignored setting.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tenant::{DkimAlgorithm, ProviderShares, TlsPolicySpec};
+
+/// Everything one sidecar needs to deliver for one pool address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// `namespace/name` of the SecureMailTenant, used in metrics and evidence.
+    pub tenant: String,
+    /// The pool address this pod sends from and the name it announces.
+    pub source: SourceAddress,
+    /// Where the sidecar listens.
+    pub listen: Listen,
+    /// DKIM keys per signing domain; the key for a message is picked by its From: domain.
+    pub signing: Vec<SigningDomain>,
+    /// The tenant's transport security policy, exactly as in the spec.
+    pub tls_policy: TlsPolicySpec,
+    /// Today's warmup limits for this address.
+    pub warmup: WarmupCaps,
+    /// Delivery evidence.
+    pub evidence: EvidenceSettings,
+    /// Directory on the pod's volume for counters that must survive restarts.
+    pub state_dir: PathBuf,
+    /// Largest message accepted over LMTP, in bytes (the same limit Postfix applies on submission).
+    pub max_message_bytes: u64,
+}
+
+/// A pool address and its forward-confirmed hostname.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceAddress {
+    pub address: IpAddr,
+    pub hostname: String,
+}
+
+/// Listening sockets of the sidecar.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listen {
+    /// LMTP from Postfix; loopback only.
+    pub lmtp: SocketAddr,
+    /// `/livez`, `/readyz`, `/metrics`, `/status`.
+    pub admin: SocketAddr,
+}
+
+/// The keys one domain signs with.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SigningDomain {
+    pub domain: String,
+    /// One key per algorithm in use; several mean dual signing.
+    pub keys: Vec<SigningKey>,
+}
+
+/// One DKIM private key, mounted from its Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SigningKey {
+    pub selector: String,
+    pub algorithm: DkimAlgorithm,
+    /// PKCS#8 PEM file.
+    pub private_key_file: PathBuf,
+}
+
+/// Warmup limits for today.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WarmupCaps {
+    /// Schedule day (1-based); absent once the address is warm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day: Option<u32>,
+    /// Messages this address may send today; absent once warm (no warmup limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_limit: Option<u32>,
+    /// Split of the daily limit per mailbox provider, in percent.
+    pub provider_shares: ProviderShares,
+}
+
+/// Where evidence goes and how long it is kept.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EvidenceSettings {
+    pub dir: PathBuf,
+    pub retention_days: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SidecarConfig {
+        SidecarConfig {
+            tenant: "tenant-a/clinic".into(),
+            source: SourceAddress {
+                address: "192.0.2.10".parse().expect("address"),
+                hostname: "mta1.example.org".into(),
+            },
+            listen: Listen {
+                lmtp: "127.0.0.1:10025".parse().expect("socket"),
+                admin: "0.0.0.0:9090".parse().expect("socket"),
+            },
+            signing: vec![SigningDomain {
+                domain: "example.org".into(),
+                keys: vec![SigningKey {
+                    selector: "sm-rsa-1".into(),
+                    algorithm: DkimAlgorithm::RsaSha256,
+                    private_key_file: "/etc/securemail/dkim/key.pem".into(),
+                }],
+            }],
+            tls_policy: TlsPolicySpec::default(),
+            warmup: WarmupCaps {
+                day: Some(1),
+                daily_limit: Some(100),
+                provider_shares: ProviderShares::default(),
+            },
+            evidence: EvidenceSettings {
+                dir: "/var/lib/securemail/evidence".into(),
+                retention_days: 2190,
+            },
+            state_dir: "/var/lib/securemail/state".into(),
+            max_message_bytes: 25 * 1024 * 1024,
+        }
+    }
+
+    #[test]
+    fn round_trips_through_yaml() {
+        let yaml = serde_yaml::to_string(&sample()).expect("serializes");
+        let parsed: SidecarConfig = serde_yaml::from_str(&yaml).expect("parses");
+        assert_eq!(parsed, sample());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let mut yaml = serde_yaml::to_string(&sample()).expect("serializes");
+        yaml.push_str("allowCleartext: true\n");
+        let err = serde_yaml::from_str::<SidecarConfig>(&yaml).expect_err("unknown field refused");
+        assert!(err.to_string().contains("allowCleartext"), "{err}");
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the operator binary in the background against the local control plane, as its own ServiceAccount with the
+# RBAC rules in testdata/operator-rbac.yaml. Logs go to $SECUREMAIL_CLUSTER_DIR/operator.log; cluster-down.sh stops it.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+dir=${SECUREMAIL_CLUSTER_DIR:-/tmp/securemail-cluster}
+binary=${SECUREMAIL_OPERATOR_BIN:-$root/target/debug/securemail-operator}
+export KUBECONFIG=$dir/kubeconfig
+
+die() { echo "operator-up: $*" >&2; exit 1; }
+[ -f "$KUBECONFIG" ] || die "no control plane in $dir (run e2e/cluster-up.sh first)"
+[ -x "$binary" ] || die "no operator binary at $binary (cargo build -p securemail-operator)"
+
+if [ -f "$dir/operator.pid" ] && kill -0 "$(cat "$dir/operator.pid")" 2>/dev/null; then
+  kill -TERM "$(cat "$dir/operator.pid")"
+  sleep 1
+fi
+
+operator_kubeconfig=$("$here/operator-kubeconfig.sh")
+
+KUBECONFIG="$operator_kubeconfig" POD_NAMESPACE=securemail-system RUST_LOG=info,kube=warn \
+  setsid nohup "$binary" run --admin-address 127.0.0.1:18080 </dev/null >"$dir/operator.log" 2>&1 &
+echo $! > "$dir/operator.pid"
+for _ in $(seq 1 50); do
+  curl -sf http://127.0.0.1:18080/readyz >/dev/null 2>&1 && { echo "operator-up: running (log $dir/operator.log)" >&2; exit 0; }
+  kill -0 "$(cat "$dir/operator.pid")" 2>/dev/null || { tail -n 20 "$dir/operator.log" >&2; die "the operator exited"; }
+  sleep 0.2
+done
+die "the operator did not become ready; see $dir/operator.log"

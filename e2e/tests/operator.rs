@@ -1,0 +1,484 @@
+//! The operator against a real kube-apiserver, running as its own ServiceAccount: every example reconciles into
+//! owned, labelled children with a truthful status; a second reconcile writes nothing; a restart keeps the DKIM
+//! keys; a deleted key gets a new selector; address conflicts, pausing and deletion behave as documented.
+//!
+//! One operator serves the whole file (two would fight over the same tenants), so the scenarios run in sequence
+//! inside one test, each in its own namespace.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use securemail_api::SecureMailTenant;
+use securemail_api::tenant::{DkimSelectorState, PoolAddress};
+use securemail_e2e::operator::{OPERATOR_USER, Operator};
+use securemail_e2e::{client, ensure_crd, eventually, repo_root, unique_namespace, writes_by};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn example(file: &str, namespace: &str) -> SecureMailTenant {
+    let path = repo_root().join("examples").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let mut tenant: SecureMailTenant = serde_yaml::from_str(&text).unwrap_or_else(|err| panic!("{file}: {err}"));
+    tenant.metadata.namespace = Some(namespace.to_owned());
+    // Every test tenant gets addresses of its own: tenants left by earlier suites on the same control plane would
+    // otherwise claim the examples' addresses first.
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let block = NEXT.fetch_add(1, Ordering::Relaxed) + (std::process::id() % 200) * 256;
+    for (index, address) in tenant.spec.ip_pool.addresses.iter_mut().enumerate() {
+        address.address = if address.address.contains(':') {
+            format!("fd00::{block:x}:{}", index + 1)
+        } else {
+            format!("10.{}.{}.{}", block / 256 % 256, block % 256, index + 1)
+        };
+    }
+    tenant
+}
+
+fn condition(tenant: &SecureMailTenant, type_: &str) -> Option<(String, String, String)> {
+    tenant
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|condition| condition.type_ == type_)
+        .map(|condition| {
+            (
+                condition.status.clone(),
+                condition.reason.clone(),
+                condition.message.clone(),
+            )
+        })
+}
+
+async fn create(client: &Client, tenant: &SecureMailTenant) -> SecureMailTenant {
+    let api: Api<SecureMailTenant> =
+        Api::namespaced(client.clone(), tenant.metadata.namespace.as_deref().unwrap_or_default());
+    api.create(&PostParams::default(), tenant)
+        .await
+        .unwrap_or_else(|err| panic!("cannot create {}: {err}", tenant.name_any()))
+}
+
+/// Waits until the operator has written status for the tenant's current generation.
+async fn reconciled(client: &Client, namespace: &str, name: &str) -> SecureMailTenant {
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+    eventually(&format!("status of {namespace}/{name}"), WAIT, || async {
+        let tenant = api.get(name).await.ok()?;
+        let observed = tenant.status.as_ref()?.observed_generation;
+        (observed.is_some() && observed == tenant.metadata.generation).then_some(tenant)
+    })
+    .await
+}
+
+async fn reconcile_count(operator: &Operator) -> u64 {
+    operator
+        .metrics()
+        .await
+        .lines()
+        .filter(|line| line.starts_with("securemail_operator_reconciles_total{result=\"success\"}"))
+        .filter_map(|line| line.split_whitespace().last()?.parse().ok())
+        .next()
+        .unwrap_or(0)
+}
+
+/// Every child exists, carries the managed-by and tenant labels and a controller owner reference to the tenant.
+async fn assert_children(client: &Client, tenant: &SecureMailTenant) {
+    let namespace = tenant.namespace().unwrap_or_default();
+    let name = tenant.name_any();
+    let uid = tenant.uid().unwrap_or_default();
+    let selector = format!("app.kubernetes.io/managed-by=securemail-operator,securemail.io/tenant={name}");
+    let params = ListParams::default().labels(&selector);
+    let mut found: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    macro_rules! collect {
+        ($kind:ty, $label:literal) => {{
+            let api: Api<$kind> = Api::namespaced(client.clone(), &namespace);
+            for object in api
+                .list(&params)
+                .await
+                .unwrap_or_else(|err| panic!("list {}: {err}", $label))
+            {
+                let owner = object
+                    .owner_references()
+                    .iter()
+                    .find(|owner| owner.controller == Some(true));
+                assert_eq!(
+                    owner.map(|owner| owner.uid.as_str()),
+                    Some(uid.as_str()),
+                    "{} {}",
+                    $label,
+                    object.name_any()
+                );
+                found.entry($label).or_default().push(object.name_any());
+            }
+        }};
+    }
+    collect!(StatefulSet, "StatefulSet");
+    collect!(ConfigMap, "ConfigMap");
+    collect!(Service, "Service");
+    collect!(ServiceAccount, "ServiceAccount");
+    collect!(PodDisruptionBudget, "PodDisruptionBudget");
+    collect!(NetworkPolicy, "NetworkPolicy");
+    collect!(Secret, "Secret");
+    let mta = format!("{name}-mta");
+    for kind in ["StatefulSet", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy"] {
+        assert_eq!(found[kind], std::slice::from_ref(&mta), "{kind}");
+    }
+    assert_eq!(found["ConfigMap"], [format!("{name}-mta-config")]);
+    assert_eq!(found["Service"].len(), 2, "{found:?}");
+    let algorithms: usize = tenant
+        .spec
+        .domains
+        .iter()
+        .map(|domain| domain.dkim.algorithms.len())
+        .sum();
+    assert_eq!(
+        found["Secret"].len(),
+        algorithms,
+        "one key Secret per domain and algorithm: {found:?}"
+    );
+}
+
+/// Stands in for the kubelet: marks every replica of the tenant's StatefulSet ready.
+async fn pods_become_ready(client: &Client, namespace: &str, name: &str) {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let sts = api
+        .get(&format!("{name}-mta"))
+        .await
+        .unwrap_or_else(|err| panic!("StatefulSet: {err}"));
+    let replicas = sts.spec.and_then(|spec| spec.replicas).unwrap_or(0);
+    let status = json!({"status": {"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas}});
+    api.patch_status(&format!("{name}-mta"), &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|err| panic!("StatefulSet status: {err}"));
+}
+
+async fn key_secrets(client: &Client, namespace: &str) -> BTreeMap<String, (String, Vec<u8>)> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let params = ListParams::default().labels("app.kubernetes.io/component=dkim-key");
+    api.list(&params)
+        .await
+        .unwrap_or_else(|err| panic!("key Secrets: {err}"))
+        .into_iter()
+        .map(|secret| {
+            let data = secret
+                .data
+                .as_ref()
+                .and_then(|data| data.get("private.pem"))
+                .map(|bytes| bytes.0.clone())
+                .unwrap_or_default();
+            (secret.name_any(), (secret.uid().unwrap_or_default(), data))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reconciles_tenants_against_a_real_apiserver() {
+    ensure_crd();
+    let client = client().await;
+    let mut operator = Operator::start(18_181);
+
+    every_example_reconciles_to_owned_children_and_a_truthful_status(&client).await;
+    let namespace = an_unchanged_tenant_costs_no_writes(&client, &operator).await;
+    operator = a_restart_keeps_every_dkim_key(&client, operator, &namespace).await;
+    a_deleted_key_secret_gets_a_new_selector(&client, &namespace).await;
+    the_later_tenant_loses_a_shared_address(&client).await;
+    a_paused_tenant_is_left_alone(&client).await;
+    deletion_follows_the_deletion_policy(&client).await;
+    drop(operator);
+}
+
+async fn every_example_reconciles_to_owned_children_and_a_truthful_status(client: &Client) {
+    for file in ["minimal.yaml", "dedicated-warmup.yaml", "strict-tls-overrides.yaml"] {
+        let namespace = unique_namespace("reconcile");
+        let tenant = create(client, &example(file, &namespace)).await;
+        let name = tenant.name_any();
+        let tenant = reconciled(client, &namespace, &name).await;
+        assert_children(client, &tenant).await;
+
+        let status = tenant.status.clone().unwrap_or_default();
+        for type_ in ["ConfigValid", "DkimReady"] {
+            assert_eq!(
+                condition(&tenant, type_).map(|c| c.0),
+                Some("True".to_owned()),
+                "{file} {type_}"
+            );
+        }
+        assert_eq!(
+            condition(&tenant, "IpPoolConflict").map(|c| (c.0, c.2)),
+            Some(("False".to_owned(), "every pool address is this tenant's".to_owned()))
+        );
+        assert_eq!(
+            condition(&tenant, "MtaAvailable").map(|c| c.1),
+            Some("PodsNotReady".to_owned())
+        );
+        assert_eq!(condition(&tenant, "Ready").map(|c| c.0), Some("False".to_owned()));
+
+        // DNS records: SPF names every address, one DKIM record per selector, one PTR per address.
+        let addresses: Vec<&PoolAddress> = tenant.spec.ip_pool.addresses.iter().collect();
+        let spf: Vec<_> = status.dns_records.iter().filter(|r| r.purpose == "spf").collect();
+        assert_eq!(spf.len(), tenant.spec.domains.len());
+        for address in &addresses {
+            assert!(
+                spf[0].value.contains(&address.address),
+                "{file}: SPF lacks {}",
+                address.address
+            );
+        }
+        let dkim: Vec<_> = status.dns_records.iter().filter(|r| r.purpose == "dkim").collect();
+        assert_eq!(dkim.len(), status.dkim_selectors.len());
+        assert!(
+            dkim.iter()
+                .all(|r| r.value.contains("v=DKIM1") && r.name.contains("._domainkey."))
+        );
+        assert_eq!(
+            status.dns_records.iter().filter(|r| r.purpose == "ptr").count(),
+            addresses.len()
+        );
+        assert!(
+            status
+                .dkim_selectors
+                .iter()
+                .all(|s| s.state == DkimSelectorState::Active)
+        );
+        assert_eq!(status.ip_pool.len(), addresses.len());
+        assert_eq!(status.warmup_day, Some(1));
+
+        // The kubelet's part: pods become ready, and so does the tenant.
+        pods_become_ready(client, &namespace, &name).await;
+        let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+        eventually(&format!("{file} Ready"), WAIT, || async {
+            let tenant = api.get(&name).await.ok()?;
+            (condition(&tenant, "Ready")?.0 == "True").then_some(())
+        })
+        .await;
+        // No key material in status.
+        let status_json =
+            serde_json::to_string(&api.get_status(&name).await.ok().and_then(|t| t.status)).unwrap_or_default();
+        assert!(!status_json.contains("PRIVATE KEY"));
+    }
+}
+
+async fn an_unchanged_tenant_costs_no_writes(client: &Client, operator: &Operator) -> String {
+    let namespace = unique_namespace("idempotent");
+    let tenant = create(client, &example("dedicated-warmup.yaml", &namespace)).await;
+    let name = tenant.name_any();
+    reconciled(client, &namespace, &name).await;
+    pods_become_ready(client, &namespace, &name).await;
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    eventually("Ready", WAIT, || async {
+        (condition(&api.get(&name).await.ok()?, "Ready")?.0 == "True").then_some(())
+    })
+    .await;
+    // Let the reconciles triggered by the operator's own writes settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let before_writes = writes_by(OPERATOR_USER, &namespace);
+    let before_reconciles = reconcile_count(operator).await;
+    // A label change is not a spec change but triggers a reconcile.
+    let patch = json!({"metadata": {"labels": {"touched": "yes"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("label patch: {err}"));
+    eventually("a reconcile after the label change", WAIT, || async {
+        (reconcile_count(operator).await > before_reconciles).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_writes = writes_by(OPERATOR_USER, &namespace);
+    assert_eq!(
+        after_writes[before_writes.len()..],
+        [] as [String; 0],
+        "a reconcile of an unchanged tenant wrote to the apiserver"
+    );
+    assert!(
+        !before_writes.is_empty(),
+        "the audit log shows no operator writes at all: is auditing on?"
+    );
+    namespace
+}
+
+async fn a_restart_keeps_every_dkim_key(client: &Client, operator: Operator, namespace: &str) -> Operator {
+    let before = key_secrets(client, namespace).await;
+    assert!(!before.is_empty());
+    let port = operator.admin_port;
+    operator.kill();
+    let operator = Operator::start(port + 1);
+    // Force a reconcile through the new process and wait for it.
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+    let name = api
+        .list(&ListParams::default())
+        .await
+        .ok()
+        .and_then(|l| l.items.first().map(ResourceExt::name_any))
+        .unwrap_or_default();
+    let patch = json!({"metadata": {"labels": {"restarted": "yes"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    eventually("a reconcile by the restarted operator", WAIT, || async {
+        (reconcile_count(&operator).await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        key_secrets(client, namespace).await,
+        before,
+        "DKIM keys changed across a restart"
+    );
+    operator
+}
+
+async fn a_deleted_key_secret_gets_a_new_selector(client: &Client, namespace: &str) {
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+    let tenant = api
+        .list(&ListParams::default())
+        .await
+        .ok()
+        .and_then(|l| l.items.into_iter().next())
+        .unwrap_or_else(|| panic!("no tenant"));
+    let name = tenant.name_any();
+    let status = tenant.status.clone().unwrap_or_default();
+    let rsa = status
+        .dkim_selectors
+        .iter()
+        .find(|s| s.selector.contains("-rsa-"))
+        .unwrap_or_else(|| panic!("no RSA selector"))
+        .clone();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let victim = key_secrets(client, namespace)
+        .await
+        .into_keys()
+        .find(|secret| secret.ends_with(&rsa.selector))
+        .unwrap_or_else(|| panic!("no Secret for {}", rsa.selector));
+    secrets
+        .delete(&victim, &DeleteParams::default())
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+
+    let replaced = eventually("a replacement selector", WAIT, || async {
+        let tenant = api.get(&name).await.ok()?;
+        let status = tenant.status.clone()?;
+        let active: Vec<_> = status
+            .dkim_selectors
+            .iter()
+            .filter(|s| s.state == DkimSelectorState::Active && s.domain == rsa.domain && s.algorithm == rsa.algorithm)
+            .map(|s| s.selector.clone())
+            .collect();
+        (active.len() == 1 && active[0] != rsa.selector).then_some((tenant, active[0].clone()))
+    })
+    .await;
+    let (tenant, new_selector) = replaced;
+    assert!(new_selector.ends_with("-rsa-2"), "{new_selector}");
+    let (_, reason, message) = condition(&tenant, "DkimReady").unwrap_or_default();
+    assert_eq!(reason, "KeyReplaced");
+    assert!(
+        message.contains(&rsa.selector) && message.contains(&new_selector),
+        "{message}"
+    );
+    let events = securemail_e2e::kubectl_ok(&["get", "events", "-n", namespace, "-o", "jsonpath={.items[*].reason}"]);
+    assert!(events.contains("DkimKeyReplaced"), "{events}");
+}
+
+async fn the_later_tenant_loses_a_shared_address(client: &Client) {
+    let first_ns = unique_namespace("conflict-a");
+    let second_ns = unique_namespace("conflict-b");
+    let first = create(client, &example("minimal.yaml", &first_ns)).await;
+    reconciled(client, &first_ns, &first.name_any()).await;
+    let mut second = example("strict-tls-overrides.yaml", &second_ns);
+    second.spec.ip_pool.addresses[1].address = first.spec.ip_pool.addresses[0].address.clone();
+    let second = create(client, &second).await;
+    let second = reconciled(client, &second_ns, &second.name_any()).await;
+
+    let (status, reason, message) = condition(&second, "IpPoolConflict").unwrap_or_default();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "AddressInUse"));
+    assert!(
+        message.contains(&format!("{first_ns}/{}", first.name_any())),
+        "{message}"
+    );
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &second_ns);
+    let replicas = sts
+        .get(&format!("{}-mta", second.name_any()))
+        .await
+        .ok()
+        .and_then(|s| s.spec?.replicas);
+    assert_eq!(replicas, Some(1), "no pod for the conflicting address");
+    let first = reconciled(client, &first_ns, &first.name_any()).await;
+    assert_eq!(
+        condition(&first, "IpPoolConflict").map(|c| c.0),
+        Some("False".to_owned())
+    );
+}
+
+async fn a_paused_tenant_is_left_alone(client: &Client) {
+    let namespace = unique_namespace("paused");
+    let tenant = create(client, &example("minimal.yaml", &namespace)).await;
+    let name = tenant.name_any();
+    reconciled(client, &namespace, &name).await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let before = config_maps
+        .get(&format!("{name}-mta-config"))
+        .await
+        .ok()
+        .map(|cm| cm.resource_version());
+
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let patch = json!({"spec": {"paused": true, "domains": [{"name": "notify.lakeside-clinic.example"}, {"name": "other.lakeside-clinic.example"}]}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    // Paused: the status keeps describing the last reconciled generation and says it is paused.
+    eventually("the Paused condition", WAIT, || async {
+        (condition(&api.get(&name).await.ok()?, "Paused")?.0 == "True").then_some(())
+    })
+    .await;
+    let after = config_maps
+        .get(&format!("{name}-mta-config"))
+        .await
+        .ok()
+        .map(|cm| cm.resource_version());
+    assert_eq!(before, after, "a paused tenant's configuration changed");
+    assert_eq!(
+        key_secrets(client, &namespace).await.len(),
+        1,
+        "no key generated for the domain added while paused"
+    );
+}
+
+async fn deletion_follows_the_deletion_policy(client: &Client) {
+    for (policy, keeps_owner) in [("Orphan", false), ("Drain", true)] {
+        let namespace = unique_namespace(&policy.to_lowercase());
+        let mut tenant = example("minimal.yaml", &namespace);
+        tenant.spec.deletion_policy = serde_json::from_value(json!(policy)).unwrap_or_default();
+        let tenant = create(client, &tenant).await;
+        let name = tenant.name_any();
+        let reconciled_tenant = reconciled(client, &namespace, &name).await;
+        assert!(
+            reconciled_tenant
+                .finalizers()
+                .iter()
+                .any(|f| f == "securemail.io/drain")
+        );
+
+        let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+        api.delete(&name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|err| panic!("{err}"));
+        eventually(&format!("{policy} tenant gone"), WAIT, || async {
+            api.get_opt(&name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+        let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
+        let owners = sts
+            .get(&format!("{name}-mta"))
+            .await
+            .map(|s| s.owner_references().to_vec())
+            .unwrap_or_else(|err| panic!("{policy}: StatefulSet gone without a garbage collector: {err}"));
+        assert_eq!(!owners.is_empty(), keeps_owner, "{policy}: owner references {owners:?}");
+    }
+}

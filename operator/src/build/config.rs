@@ -1,0 +1,106 @@
+//! The ConfigMap holding Postfix's main.cf/master.cf (shared by all pods) and one sidecar.yaml per pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use securemail_api::SecureMailTenant;
+use securemail_api::sidecar_config::{
+    EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
+};
+
+use super::{Observed, PodAssignment, child_meta, tenant_name};
+use crate::names::TenantNames;
+use crate::postfix;
+use crate::{Error, Result};
+
+/// Where the pod mounts the DKIM keys (one file per Secret, see the StatefulSet builder).
+pub const DKIM_KEY_DIR: &str = "/etc/securemail/dkim";
+/// The sidecar's directory on the pod volume.
+pub const SIDECAR_DATA_DIR: &str = "/var/lib/securemail";
+/// The sidecar's admin port (`/livez`, `/readyz`, `/metrics`, `/status`).
+pub const SIDECAR_ADMIN_PORT: u16 = 9090;
+
+/// File name of pod `ordinal`'s sidecar configuration inside the ConfigMap.
+pub fn sidecar_file(ordinal: u32) -> String {
+    format!("sidecar-{ordinal}.yaml")
+}
+
+/// Path of a signing key's PEM file inside the pod.
+pub fn key_file(secret_name: &str) -> String {
+    format!("{DKIM_KEY_DIR}/{secret_name}.pem")
+}
+
+pub(super) fn config_map(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames) -> Result<ConfigMap> {
+    let mut data = BTreeMap::from([
+        ("main.cf".to_owned(), postfix::main_cf(&tenant.spec)),
+        ("master.cf".to_owned(), postfix::master_cf(&tenant.spec)),
+    ]);
+    for pod in &observed.pods {
+        let config = sidecar_config(tenant, observed, pod)?;
+        let yaml = serde_yaml::to_string(&config)?;
+        data.insert(sidecar_file(pod.ordinal), yaml);
+    }
+    Ok(ConfigMap {
+        metadata: child_meta(tenant, names, names.config_map(), "config")?,
+        data: Some(data),
+        ..ConfigMap::default()
+    })
+}
+
+/// The sidecar.yaml of one pod.
+pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodAssignment) -> Result<SidecarConfig> {
+    let namespace = tenant
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let address = pod
+        .address
+        .address
+        .parse()
+        .map_err(|_| Error::InvalidSpec(format!("pool address {:?} is not an IP address", pod.address.address)))?;
+    let signing = tenant
+        .spec
+        .domains
+        .iter()
+        .map(|domain| SigningDomain {
+            domain: domain.name.clone(),
+            keys: observed
+                .signing_keys
+                .iter()
+                .filter(|key| key.domain == domain.name)
+                .map(|key| SigningKey {
+                    selector: key.selector.clone(),
+                    algorithm: key.algorithm,
+                    private_key_file: key_file(&key.secret_name).into(),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(SidecarConfig {
+        tenant: format!("{namespace}/{}", tenant_name(tenant)?),
+        source: SourceAddress {
+            address,
+            hostname: pod.address.hostname.clone(),
+        },
+        listen: Listen {
+            lmtp: postfix::SIDECAR_LMTP_ADDRESS
+                .parse()
+                .map_err(|_| Error::InvalidSpec("sidecar LMTP address".to_owned()))?,
+            admin: std::net::SocketAddr::from(([0, 0, 0, 0], SIDECAR_ADMIN_PORT)),
+        },
+        signing,
+        tls_policy: tenant.spec.tls_policy.clone(),
+        warmup: WarmupCaps {
+            day: pod.warmup_day,
+            daily_limit: pod.daily_limit,
+            provider_shares: tenant.spec.ip_pool.warmup.provider_shares.clone(),
+        },
+        evidence: EvidenceSettings {
+            dir: format!("{SIDECAR_DATA_DIR}/evidence").into(),
+            retention_days: tenant.spec.audit.retention_days,
+        },
+        state_dir: format!("{SIDECAR_DATA_DIR}/state").into(),
+        max_message_bytes: postfix::MESSAGE_SIZE_LIMIT_BYTES,
+    })
+}

@@ -1,0 +1,164 @@
+//! Pure builders: `(tenant, observed state) -> desired children`. The reconcile loop applies what they return and
+//! the offline `render` command prints it, so both always agree.
+
+mod config;
+mod network;
+mod statefulset;
+
+use jiff::civil::Date;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use securemail_api::SecureMailTenant;
+use securemail_api::dns;
+use securemail_api::tenant::{DkimAlgorithm, DkimSelectorState, DkimSelectorStatus, DnsRecord, PoolAddress};
+
+use crate::names::TenantNames;
+use crate::{Error, Result};
+
+pub use config::sidecar_config;
+
+/// Operator-wide settings that shape every tenant's children.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Postfix image used when a tenant does not name one.
+    pub mta_image: String,
+    /// Sidecar image used when a tenant does not name one.
+    pub sidecar_image: String,
+    /// Namespace whose pods (Prometheus) may scrape the MTA pods' metrics.
+    pub monitoring_namespace: String,
+    /// Namespace the operator runs in; it reads each pod's `/status`.
+    pub operator_namespace: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let version = env!("CARGO_PKG_VERSION");
+        Self {
+            mta_image: format!("ghcr.io/securemail/mta-postfix:{version}"),
+            sidecar_image: format!("ghcr.io/securemail/sidecar:{version}"),
+            monitoring_namespace: "monitoring".to_owned(),
+            operator_namespace: "securemail-system".to_owned(),
+        }
+    }
+}
+
+/// A DKIM key the sidecars sign with, stored in its own Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    pub domain: String,
+    pub selector: String,
+    pub algorithm: DkimAlgorithm,
+    pub secret_name: String,
+}
+
+/// One MTA pod: the address it sends from and today's warmup limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodAssignment {
+    pub ordinal: u32,
+    pub address: PoolAddress,
+    pub warmup_day: Option<u32>,
+    pub daily_limit: Option<u32>,
+}
+
+/// What the builders need beyond the spec: facts the reconcile loop looked up or decided.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub today: Date,
+    /// Keys the sidecars sign with.
+    pub signing_keys: Vec<SigningKey>,
+    /// Pods in ordinal order; addresses claimed by an earlier tenant are left out.
+    pub pods: Vec<PodAssignment>,
+}
+
+/// Every child of a tenant except the DKIM key Secrets (those are created once and never rewritten).
+#[derive(Debug, Clone)]
+pub struct Children {
+    pub service_account: ServiceAccount,
+    pub config_map: ConfigMap,
+    pub stateful_set: StatefulSet,
+    pub headless_service: Service,
+    pub submission_service: Service,
+    pub disruption_budget: PodDisruptionBudget,
+    pub network_policy: NetworkPolicy,
+}
+
+/// Builds the desired children of `tenant`.
+pub fn children(tenant: &SecureMailTenant, observed: &Observed, settings: &Settings) -> Result<Children> {
+    let names = TenantNames::new(&tenant_name(tenant)?);
+    let config_map = config::config_map(tenant, observed, &names)?;
+    let stateful_set = statefulset::stateful_set(tenant, observed, settings, &names, &config_map)?;
+    Ok(Children {
+        service_account: network::service_account(tenant, &names)?,
+        headless_service: network::headless_service(tenant, &names)?,
+        submission_service: network::submission_service(tenant, &names)?,
+        disruption_budget: network::disruption_budget(tenant, &names)?,
+        network_policy: network::network_policy(tenant, settings, &names)?,
+        config_map,
+        stateful_set,
+    })
+}
+
+/// The tenant's name; every stored object has one.
+pub fn tenant_name(tenant: &SecureMailTenant) -> Result<String> {
+    tenant.metadata.name.clone().ok_or(Error::MissingField("metadata.name"))
+}
+
+/// Metadata of a child: name, the tenant's namespace, labels and an owner reference to the tenant.
+pub fn child_meta(tenant: &SecureMailTenant, names: &TenantNames, name: String, component: &str) -> Result<ObjectMeta> {
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: tenant.metadata.namespace.clone(),
+        labels: Some(names.labels(component)),
+        owner_references: Some(vec![owner_reference(tenant)?]),
+        ..ObjectMeta::default()
+    })
+}
+
+/// A controller owner reference to the tenant, so Kubernetes garbage-collects children with it.
+pub fn owner_reference(tenant: &SecureMailTenant) -> Result<OwnerReference> {
+    tenant
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))
+}
+
+/// The keys sidecars sign with: the Active selector of each domain and algorithm.
+pub fn signing_keys(selectors: &[DkimSelectorStatus], names: &TenantNames) -> Vec<SigningKey> {
+    selectors
+        .iter()
+        .filter(|selector| selector.state == DkimSelectorState::Active)
+        .map(|selector| SigningKey {
+            domain: selector.domain.clone(),
+            selector: selector.selector.clone(),
+            algorithm: selector.algorithm,
+            secret_name: names.dkim_secret(&selector.domain, &selector.selector),
+        })
+        .collect()
+}
+
+/// Records to publish: SPF and DMARC per domain, DKIM per selector with its public key, PTR per pool address.
+pub fn dns_records(tenant: &SecureMailTenant, public_keys: &[(DkimSelectorStatus, String)]) -> Result<Vec<DnsRecord>> {
+    let mut records = Vec::new();
+    for domain in &tenant.spec.domains {
+        records.push(dns::spf(domain, &tenant.spec.ip_pool.addresses)?);
+        records.push(dns::dmarc(domain));
+        for (selector, public_key) in public_keys
+            .iter()
+            .filter(|(selector, _)| selector.domain == domain.name)
+        {
+            records.push(dns::dkim(
+                &domain.name,
+                &selector.selector,
+                selector.algorithm,
+                public_key,
+            ));
+        }
+    }
+    for address in &tenant.spec.ip_pool.addresses {
+        records.push(dns::ptr(address)?);
+    }
+    Ok(records)
+}

@@ -1,0 +1,404 @@
+//! The MTA StatefulSet: pod i sends from pool address i. Each pod runs Postfix (queue on the pod's volume) and the
+//! sidecar (the only process talking to the Internet).
+
+use std::collections::BTreeMap;
+
+use aws_lc_rs::digest::{SHA256, digest};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection,
+    SecretVolumeSource, SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume, VolumeMount,
+    VolumeProjection, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use securemail_api::SecureMailTenant;
+use securemail_api::tenant::EgressMode;
+
+use super::config::{DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_DATA_DIR, key_file, sidecar_file};
+use super::{Observed, Settings, child_meta};
+use crate::names::{SUBMISSION_LABEL, TenantNames};
+use crate::postfix;
+use crate::{Error, Result};
+
+/// Annotation with the SHA-256 of the ConfigMap's data: a config change rolls the pods.
+pub const CONFIG_CHECKSUM_ANNOTATION: &str = "securemail.io/config-checksum";
+/// Submission port inside the pod (the Service may expose another).
+pub const SUBMISSION_CONTAINER_PORT: i32 = postfix::SUBMISSION_CONTAINER_PORT as i32;
+/// Unprivileged user of the sidecar.
+const SIDECAR_UID: i64 = 65532;
+/// Time for in-flight deliveries and Postfix's queue manager to finish before a pod is killed.
+const TERMINATION_GRACE_SECONDS: i64 = 120;
+/// Postfix needs root plus these capabilities (and nothing else): changing queue file ownership and permissions
+/// (CHOWN, DAC_OVERRIDE, FOWNER), dropping to its unprivileged users (SETUID, SETGID), binding port 587
+/// (NET_BIND_SERVICE) and signalling its own daemons (KILL). See docs/security.md.
+const POSTFIX_CAPABILITIES: [&str; 7] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETUID",
+    "SETGID",
+    "NET_BIND_SERVICE",
+    "KILL",
+];
+
+pub(super) fn stateful_set(
+    tenant: &SecureMailTenant,
+    observed: &Observed,
+    settings: &Settings,
+    names: &TenantNames,
+    config_map: &ConfigMap,
+) -> Result<StatefulSet> {
+    let spec = &tenant.spec;
+    let replicas = i32::try_from(observed.pods.len()).map_err(|_| Error::InvalidSpec("pool too large".to_owned()))?;
+    let mut pod_labels = names.pod_selector();
+    pod_labels.extend(names.labels("mta"));
+    pod_labels.insert(SUBMISSION_LABEL.to_owned(), "enabled".to_owned());
+    let mut pod_annotations = BTreeMap::from([(CONFIG_CHECKSUM_ANNOTATION.to_owned(), config_checksum(config_map))]);
+    if spec.ip_pool.egress.mode == EgressMode::Multus
+        && let Some(attachment) = &spec.ip_pool.egress.network_attachment
+    {
+        pod_annotations.insert("k8s.v1.cni.cncf.io/networks".to_owned(), attachment.clone());
+    }
+    let host_network = spec.ip_pool.egress.mode == EgressMode::HostNetwork;
+
+    let pod_spec = PodSpec {
+        service_account_name: Some(names.mta()),
+        automount_service_account_token: Some(false),
+        host_network: host_network.then_some(true),
+        dns_policy: host_network.then(|| "ClusterFirstWithHostNet".to_owned()),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        security_context: Some(PodSecurityContext {
+            fs_group: Some(SIDECAR_UID),
+            fs_group_change_policy: Some("OnRootMismatch".to_owned()),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..PodSecurityContext::default()
+        }),
+        topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".to_owned(),
+            when_unsatisfiable: "ScheduleAnyway".to_owned(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(names.pod_selector()),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        }]),
+        containers: vec![postfix_container(tenant, settings), sidecar_container(tenant, settings)],
+        volumes: Some(volumes(tenant, observed, names)),
+        ..PodSpec::default()
+    };
+
+    Ok(StatefulSet {
+        metadata: child_meta(tenant, names, names.mta(), "mta")?,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(names.mta()),
+            pod_management_policy: Some("Parallel".to_owned()),
+            selector: LabelSelector {
+                match_labels: Some(names.pod_selector()),
+                ..LabelSelector::default()
+            },
+            // Volumes may hold queued mail: Kubernetes never deletes them; the operator does after a drain.
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some("Retain".to_owned()),
+                when_scaled: Some("Retain".to_owned()),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(pod_annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some(DATA_VOLUME.to_owned()),
+                    labels: Some(names.labels("mta-data")),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                    storage_class_name: spec.mta.storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([("storage".to_owned(), spec.mta.storage.size.clone())])),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    })
+}
+
+const DATA_VOLUME: &str = "data";
+const CONFIG_VOLUME: &str = "config";
+const DKIM_VOLUME: &str = "dkim-keys";
+const SUBMISSION_TLS_VOLUME: &str = "submission-tls";
+const CLIENT_CA_VOLUME: &str = "client-ca";
+const POSTFIX_RUNTIME_VOLUME: &str = "postfix-runtime";
+const SIDECAR_CONFIG_DIR: &str = "/etc/securemail/sidecar";
+
+fn postfix_container(tenant: &SecureMailTenant, settings: &Settings) -> Container {
+    Container {
+        name: "postfix".to_owned(),
+        image: Some(
+            tenant
+                .spec
+                .mta
+                .image
+                .clone()
+                .unwrap_or_else(|| settings.mta_image.clone()),
+        ),
+        ports: Some(vec![ContainerPort {
+            name: Some("submission".to_owned()),
+            container_port: SUBMISSION_CONTAINER_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        resources: tenant.spec.mta.resources.clone(),
+        readiness_probe: Some(tcp_probe(SUBMISSION_CONTAINER_PORT, 5)),
+        liveness_probe: Some(tcp_probe(SUBMISSION_CONTAINER_PORT, 30)),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: Some(POSTFIX_CAPABILITIES.iter().map(|cap| (*cap).to_owned()).collect()),
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            mount(DATA_VOLUME, postfix::QUEUE_DIRECTORY, Some("postfix")),
+            mount(POSTFIX_RUNTIME_VOLUME, postfix::DATA_DIRECTORY, None),
+            config_file_mount("/etc/postfix/main.cf", "main.cf"),
+            config_file_mount("/etc/postfix/master.cf", "master.cf"),
+            mount(SUBMISSION_TLS_VOLUME, postfix::SUBMISSION_TLS_DIR, None),
+            mount(CLIENT_CA_VOLUME, postfix::CLIENT_CA_DIR, None),
+        ]),
+        ..Container::default()
+    }
+}
+
+fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Container {
+    Container {
+        name: "sidecar".to_owned(),
+        image: Some(
+            tenant
+                .spec
+                .mta
+                .sidecar_image
+                .clone()
+                .unwrap_or_else(|| settings.sidecar_image.clone()),
+        ),
+        args: Some(vec![
+            "run".to_owned(),
+            "--config".to_owned(),
+            // Kubernetes expands $(POD_INDEX) from the environment below: each pod reads its own file.
+            format!("{SIDECAR_CONFIG_DIR}/sidecar-$(POD_INDEX).yaml"),
+        ]),
+        env: Some(vec![EnvVar {
+            name: "POD_INDEX".to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.labels['apps.kubernetes.io/pod-index']".to_owned(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("admin".to_owned()),
+            container_port: i32::from(SIDECAR_ADMIN_PORT),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        resources: tenant.spec.mta.sidecar_resources.clone(),
+        readiness_probe: Some(http_probe("/readyz", 5)),
+        liveness_probe: Some(http_probe("/livez", 30)),
+        // Pod Security "restricted".
+        security_context: Some(SecurityContext {
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: None,
+            }),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            mount(DATA_VOLUME, SIDECAR_DATA_DIR, Some("sidecar")),
+            mount(CONFIG_VOLUME, SIDECAR_CONFIG_DIR, None),
+            mount(DKIM_VOLUME, DKIM_KEY_DIR, None),
+        ]),
+        ..Container::default()
+    }
+}
+
+fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames) -> Vec<Volume> {
+    let submission = &tenant.spec.submission;
+    // With a cert-manager issuer the operator requests a Certificate whose Secret has this name.
+    let submission_secret = submission
+        .tls
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| names.submission_service() + "-tls");
+    let key_projections = observed
+        .signing_keys
+        .iter()
+        .map(|key| VolumeProjection {
+            secret: Some(SecretProjection {
+                name: key.secret_name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: crate::dkim::PRIVATE_KEY_FIELD.to_owned(),
+                    path: key_file(&key.secret_name)
+                        .trim_start_matches(DKIM_KEY_DIR)
+                        .trim_start_matches('/')
+                        .to_owned(),
+                    mode: Some(0o440),
+                }]),
+                optional: Some(false),
+            }),
+            ..VolumeProjection::default()
+        })
+        .collect();
+    let config_items = observed
+        .pods
+        .iter()
+        .map(|pod| sidecar_file(pod.ordinal))
+        .chain(["main.cf".to_owned(), "master.cf".to_owned()])
+        .map(|key| KeyToPath {
+            path: key.clone(),
+            key,
+            mode: None,
+        })
+        .collect();
+    vec![
+        Volume {
+            name: CONFIG_VOLUME.to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.config_map(),
+                items: Some(config_items),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: DKIM_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(key_projections),
+                default_mode: Some(0o440),
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: SUBMISSION_TLS_VOLUME.to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(submission_secret),
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: CLIENT_CA_VOLUME.to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(submission.client_certificates.ca_secret_name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: "ca.crt".to_owned(),
+                    path: "ca.crt".to_owned(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o444),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: POSTFIX_RUNTIME_VOLUME.to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ]
+}
+
+/// SHA-256 over the ConfigMap's data in key order (BTreeMap), hex-encoded.
+fn config_checksum(config_map: &ConfigMap) -> String {
+    let mut bytes = Vec::new();
+    for (key, value) in config_map.data.iter().flatten() {
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(value.as_bytes());
+        bytes.push(0);
+    }
+    digest(&SHA256, &bytes)
+        .as_ref()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+fn mount(volume: &str, path: &str, sub_path: Option<&str>) -> VolumeMount {
+    VolumeMount {
+        name: volume.to_owned(),
+        mount_path: path.to_owned(),
+        sub_path: sub_path.map(str::to_owned),
+        read_only: Some(!matches!(volume, DATA_VOLUME | POSTFIX_RUNTIME_VOLUME)),
+        ..VolumeMount::default()
+    }
+}
+
+/// A single file from the config volume (subPath mounts do not see ConfigMap updates, but the checksum annotation
+/// rolls the pods on every change anyway).
+fn config_file_mount(path: &str, key: &str) -> VolumeMount {
+    VolumeMount {
+        name: CONFIG_VOLUME.to_owned(),
+        mount_path: path.to_owned(),
+        sub_path: Some(key.to_owned()),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn tcp_probe(port: i32, period_seconds: i32) -> Probe {
+    Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::Int(port),
+            ..TCPSocketAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        ..Probe::default()
+    }
+}
+
+fn http_probe(path: &str, period_seconds: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(i32::from(SIDECAR_ADMIN_PORT)),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        ..Probe::default()
+    }
+}
+
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        ..SeccompProfile::default()
+    }
+}

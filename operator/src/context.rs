@@ -1,0 +1,146 @@
+//! State shared by every reconcile: the client, settings, event recorder, metrics, clock and backoff counters.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use securemail_api::SecureMailTenant;
+
+use crate::build::Settings;
+use crate::names::MANAGER;
+
+/// Where reconciles get the time; tests set it.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> Timestamp;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// Everything a reconcile needs.
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    /// Every tenant the controller knows, for the address conflict rule.
+    pub tenants: Store<SecureMailTenant>,
+    /// Consecutive failures per tenant, for exponential backoff.
+    pub failures: Arc<Mutex<HashMap<ObjectRef<SecureMailTenant>, u32>>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        tenants: Store<SecureMailTenant>,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.to_owned(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            clock,
+            tenants,
+            failures: Arc::default(),
+        }
+    }
+}
+
+/// Result label of a reconcile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// A condition type and status, for the tenants-by-condition gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub condition: String,
+    pub status: String,
+}
+
+/// Operator metrics; every label set is bounded (no tenant names, no domains).
+#[derive(Debug)]
+pub struct Metrics {
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub tenants: Family<ConditionLabels, Gauge>,
+    pub registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let tenants = Family::<ConditionLabels, Gauge>::default();
+        let mut registry = Registry::with_prefix("securemail_operator");
+        // The text encoder appends `_total` to counters.
+        registry.register("reconciles", "Reconciles by result", reconciles.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_duration.clone(),
+        );
+        registry.register("tenants", "Tenants by condition type and status", tenants.clone());
+        Self {
+            reconciles,
+            reconcile_duration,
+            tenants,
+            registry,
+        }
+    }
+}
+
+impl Metrics {
+    /// Recounts tenants per condition from the controller's cache.
+    pub fn count_tenants(&self, tenants: &Store<SecureMailTenant>) {
+        let mut counts: HashMap<ConditionLabels, i64> = HashMap::new();
+        for tenant in tenants.state() {
+            for condition in tenant.status.iter().flat_map(|status| &status.conditions) {
+                let labels = ConditionLabels {
+                    condition: condition.type_.clone(),
+                    status: condition.status.clone(),
+                };
+                *counts.entry(labels).or_default() += 1;
+            }
+        }
+        self.tenants.clear();
+        for (labels, count) in counts {
+            self.tenants.get_or_create(&labels).set(count);
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The reconcile loop: finalizer first, then gather facts, decide (pure), apply, sweep and write status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use securemail_api::SecureMailTenant;
+use securemail_api::tenant::{DkimSelectorState, DkimSelectorStatus, PoolAddress, SecureMailTenantStatus};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::build::{self, Children, Observed};
+use crate::context::Context;
+use crate::dkim::{self, DkimPlan, StoredKey};
+use crate::names::{MANAGER, TenantNames};
+use crate::status::{self, ConditionUpdate};
+use crate::{Error, Result, apply, dkim_keys};
+
+/// Finalizer that lets deletion follow `deletionPolicy`.
+pub const FINALIZER: &str = "securemail.io/drain";
+/// Re-check interval when nothing else is due, so drifted children and stale status heal.
+const RESYNC: Duration = Duration::from_secs(3600);
+
+/// Entry point for the controller.
+pub async fn reconcile(tenant: Arc<SecureMailTenant>, ctx: Arc<Context>) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<SecureMailTenant> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, tenant, |event| async {
+        match event {
+            FinalizerEvent::Apply(tenant) => apply_tenant(&tenant, &ctx).await,
+            FinalizerEvent::Cleanup(tenant) => cleanup(&tenant, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| Error::Finalizer(err.to_string()));
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    ctx.metrics.count_tenants(&ctx.tenants);
+    result
+}
+
+/// Requeue with per-tenant exponential backoff (5 s doubling to 5 min) after a failed reconcile.
+pub fn error_policy(tenant: Arc<SecureMailTenant>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = failures.entry(ObjectRef::from_obj(tenant.as_ref())).or_default();
+        *count = count.saturating_add(1);
+        *count
+    };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::context::ResultLabels { result: "error" })
+        .inc();
+    warn!(tenant = %tenant.name_any(), namespace = tenant.namespace().unwrap_or_default(), %error, failures, "reconcile failed");
+    let delay = 5u64.saturating_mul(1 << failures.min(6).saturating_sub(1)).min(300);
+    Action::requeue(Duration::from_secs(delay))
+}
+
+async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
+    let now = ctx.clock.now();
+    let name = build::tenant_name(tenant)?;
+    let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let names = TenantNames::new(&name);
+    let previous = tenant.status.clone().unwrap_or_default();
+    let mut conditions = previous.conditions.clone();
+    let generation = tenant.metadata.generation;
+
+    if tenant.spec.paused {
+        let update = ConditionUpdate::new(
+            status::PAUSED,
+            true,
+            "Paused",
+            "spec.paused is true: nothing is reconciled",
+        );
+        if status::set_condition(&mut conditions, update, generation, now) {
+            publish(
+                ctx,
+                tenant,
+                EventType::Normal,
+                "Paused",
+                "reconciling stopped; children left as they are",
+            )
+            .await;
+        }
+        let status = SecureMailTenantStatus {
+            conditions,
+            ..previous.clone()
+        };
+        write_status(ctx, tenant, &previous, status).await?;
+        return Ok(Action::await_change());
+    }
+    conditions.retain(|condition| condition.type_ != status::PAUSED);
+
+    // Addresses first claimed by another tenant get no pod here.
+    let conflicts = status::claimed_elsewhere(tenant, &ctx.tenants.state());
+    let usable: Vec<&PoolAddress> = tenant
+        .spec
+        .ip_pool
+        .addresses
+        .iter()
+        .filter(|address| !conflicts.contains_key(&address.address))
+        .collect();
+    let today = now.to_zoned(TimeZone::UTC).date();
+    let assignments = status::assign_pods(&tenant.spec.ip_pool.warmup, &usable, &previous.ip_pool, today);
+
+    // DKIM keys: adopt what is stored, generate what is missing, retire what is done.
+    let stored = stored_keys(ctx, &namespace, &names).await?;
+    let plan = dkim::plan(&tenant.spec.domains, &previous.dkim_selectors, &stored, now);
+    create_keys(ctx, tenant, &names, &plan).await?;
+    delete_keys(ctx, &namespace, &names, &plan).await?;
+    let signing_keys = build::signing_keys(&plan.selectors, &names);
+
+    let observed = Observed {
+        today,
+        signing_keys,
+        pods: assignments.iter().map(|(pod, _)| pod.clone()).collect(),
+    };
+    let children = build::children(tenant, &observed, &ctx.settings)?;
+    let ready_replicas = apply_children(ctx, &namespace, &names, children).await?;
+
+    let public_keys = public_keys(ctx, &namespace, &names, &plan).await?;
+    let dns_records = build::dns_records(tenant, &public_keys)?;
+
+    let pods = i32::try_from(observed.pods.len()).unwrap_or(i32::MAX);
+    let mut updates = vec![
+        ConditionUpdate::new(
+            status::CONFIG_VALID,
+            true,
+            "Rendered",
+            "Postfix and sidecar configuration rendered",
+        ),
+        dkim_condition(&plan, now),
+        mta_condition(ready_replicas, pods),
+        conflict_condition(&conflicts),
+    ];
+    updates.push(status::ready(&updates));
+    for update in updates {
+        let (type_, status_now, reason, message) = (
+            update.type_,
+            update.status,
+            update.reason.clone(),
+            update.message.clone(),
+        );
+        if status::set_condition(&mut conditions, update, generation, now) {
+            let kind = if transition_is_bad(type_, status_now) {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(ctx, tenant, kind, &reason, &message).await;
+        }
+    }
+    for replaced in &plan.replaced {
+        let message = format!(
+            "DKIM key Secret for selector {} of {} was deleted; generated new selector {} (publish its record)",
+            replaced.lost_selector, replaced.domain, replaced.new_selector
+        );
+        publish(ctx, tenant, EventType::Warning, "DkimKeyReplaced", &message).await;
+    }
+    for key in &plan.generate {
+        let message = format!("generated DKIM key {} for {}", key.selector, key.domain);
+        publish(ctx, tenant, EventType::Normal, "DkimKeyGenerated", &message).await;
+    }
+
+    let ip_pool = status::pool_status(
+        &tenant.spec.ip_pool.addresses,
+        &assignments,
+        &conflicts,
+        &previous.ip_pool,
+        now,
+    );
+    let status = SecureMailTenantStatus {
+        observed_generation: generation,
+        conditions,
+        ips: Some(format!("{}/{}", assignments.len(), tenant.spec.ip_pool.addresses.len())),
+        warmup_day: assignments.iter().filter_map(|(pod, _)| pod.warmup_day).min(),
+        dns_records,
+        ip_pool,
+        dkim_selectors: plan.selectors.clone(),
+    };
+    write_status(ctx, tenant, &previous, status).await?;
+    ctx.failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&ObjectRef::from_obj(tenant));
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::context::ResultLabels { result: "success" })
+        .inc();
+    Ok(Action::requeue(next_wakeup(now)))
+}
+
+/// Deletion: Orphan leaves pods and volumes running without an owner; Drain lets Kubernetes remove the children
+/// (volumes are retained by the StatefulSet's retention policy, so queued mail stays on disk).
+async fn cleanup(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
+    let name = build::tenant_name(tenant)?;
+    let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let names = TenantNames::new(&name);
+    if tenant.spec.deletion_policy == securemail_api::tenant::DeletionPolicy::Orphan {
+        let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+        if api.get_opt(&names.mta()).await?.is_some() {
+            let patch = json!({"metadata": {"ownerReferences": null}});
+            api.patch(&names.mta(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        publish(
+            ctx,
+            tenant,
+            EventType::Normal,
+            "Orphaned",
+            "tenant deleted; MTA pods and volumes left running",
+        )
+        .await;
+    }
+    info!(tenant = %name, %namespace, policy = ?tenant.spec.deletion_policy, "tenant deleted");
+    Ok(Action::await_change())
+}
+
+/// Applies every child and sweeps the ones no longer built. Returns the StatefulSet's ready replicas.
+async fn apply_children(ctx: &Context, namespace: &str, names: &TenantNames, children: Children) -> Result<i32> {
+    let client = &ctx.client;
+    let selector = names.children_selector();
+    let keep_mta = [names.mta()];
+    apply::apply(client, children.service_account).await?;
+    apply::apply(client, children.config_map).await?;
+    apply::apply(client, children.headless_service).await?;
+    apply::apply(client, children.submission_service).await?;
+    apply::apply(client, children.disruption_budget).await?;
+    apply::apply(client, children.network_policy).await?;
+    apply::apply(client, children.stateful_set).await?;
+    apply::sweep::<ServiceAccount>(client, namespace, &selector, &keep_mta).await?;
+    apply::sweep::<ConfigMap>(client, namespace, &selector, &[names.config_map()]).await?;
+    apply::sweep::<Service>(client, namespace, &selector, &[names.mta(), names.submission_service()]).await?;
+    apply::sweep::<PodDisruptionBudget>(client, namespace, &selector, &keep_mta).await?;
+    apply::sweep::<NetworkPolicy>(client, namespace, &selector, &keep_mta).await?;
+    apply::sweep::<StatefulSet>(client, namespace, &selector, &keep_mta).await?;
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    Ok(sts
+        .get_status(&names.mta())
+        .await?
+        .status
+        .and_then(|status| status.ready_replicas)
+        .unwrap_or(0))
+}
+
+/// Key Secrets of this tenant, parsed. A Secret missing its labels is reported, never guessed at.
+async fn stored_keys(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<Vec<StoredKey>> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector = format!(
+        "{},{}=dkim-key",
+        names.children_selector(),
+        crate::names::COMPONENT_LABEL
+    );
+    let mut keys = Vec::new();
+    for secret in api.list_metadata(&ListParams::default().labels(&selector)).await? {
+        let name = secret.name_any();
+        let bad = |reason: &str| Error::BadKeySecret {
+            name: name.clone(),
+            reason: reason.to_owned(),
+        };
+        let labels = secret.labels();
+        let selector = labels
+            .get(dkim::SELECTOR_LABEL)
+            .ok_or_else(|| bad("no selector label"))?;
+        let algorithm = labels
+            .get(dkim::ALGORITHM_LABEL)
+            .and_then(|label| dkim::parse_algorithm_label(label))
+            .ok_or_else(|| bad("no valid algorithm label"))?;
+        let domain = secret
+            .annotations()
+            .get(dkim::DOMAIN_ANNOTATION)
+            .ok_or_else(|| bad("no domain annotation"))?;
+        let created = secret
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|time| time.0)
+            .ok_or_else(|| bad("no creation time"))?;
+        keys.push(StoredKey {
+            domain: domain.clone(),
+            selector: selector.clone(),
+            algorithm,
+            secret_name: name.clone(),
+            created,
+        });
+    }
+    Ok(keys)
+}
+
+/// Generates planned keys off the async runtime and stores each in its own immutable Secret. A Secret that
+/// already exists (a concurrent or interrupted reconcile) is kept as it is.
+async fn create_keys(ctx: &Context, tenant: &SecureMailTenant, names: &TenantNames, plan: &DkimPlan) -> Result<()> {
+    let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    for key in &plan.generate {
+        let (algorithm, bits) = (key.algorithm, key.rsa_bits);
+        let generated = tokio::task::spawn_blocking(move || dkim_keys::generate(algorithm, bits)).await??;
+        let secret_name = names.dkim_secret(&key.domain, &key.selector);
+        let mut labels = names.labels("dkim-key");
+        labels.insert(dkim::SELECTOR_LABEL.to_owned(), key.selector.clone());
+        labels.insert(
+            dkim::ALGORITHM_LABEL.to_owned(),
+            dkim::algorithm_label(key.algorithm).to_owned(),
+        );
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(secret_name.clone()),
+                namespace: Some(namespace.clone()),
+                labels: Some(labels),
+                annotations: Some(BTreeMap::from([(
+                    dkim::DOMAIN_ANNOTATION.to_owned(),
+                    key.domain.clone(),
+                )])),
+                owner_references: Some(vec![build::owner_reference(tenant)?]),
+                ..ObjectMeta::default()
+            },
+            immutable: Some(true),
+            type_: Some("Opaque".to_owned()),
+            data: Some(BTreeMap::from([(
+                dkim::PRIVATE_KEY_FIELD.to_owned(),
+                ByteString(generated.private_key_pem().as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                info!(tenant = %names.tenant, %namespace, selector = %key.selector, domain = %key.domain, "DKIM key generated")
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn delete_keys(ctx: &Context, namespace: &str, names: &TenantNames, plan: &DkimPlan) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    for (domain, selector) in &plan.delete {
+        match api
+            .delete(&names.dkim_secret(domain, selector), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {
+                info!(tenant = %names.tenant, %namespace, %selector, %domain, "retired DKIM key deleted")
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The public key of every selector in the plan, read back from its Secret (never regenerated).
+async fn public_keys(
+    ctx: &Context,
+    namespace: &str,
+    names: &TenantNames,
+    plan: &DkimPlan,
+) -> Result<Vec<(DkimSelectorStatus, String)>> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut keys = Vec::new();
+    for selector in &plan.selectors {
+        let secret_name = names.dkim_secret(&selector.domain, &selector.selector);
+        let Some(secret) = api.get_opt(&secret_name).await? else {
+            continue;
+        };
+        let pem = secret
+            .data
+            .as_ref()
+            .and_then(|data| data.get(dkim::PRIVATE_KEY_FIELD))
+            .and_then(|bytes| std::str::from_utf8(&bytes.0).ok())
+            .ok_or_else(|| Error::BadKeySecret {
+                name: secret_name.clone(),
+                reason: format!("no UTF-8 {} field", dkim::PRIVATE_KEY_FIELD),
+            })?;
+        keys.push((
+            selector.clone(),
+            dkim_keys::public_key_from_pem(pem, selector.algorithm)?,
+        ));
+    }
+    Ok(keys)
+}
+
+fn dkim_condition(plan: &DkimPlan, now: Timestamp) -> ConditionUpdate {
+    let replaced = dkim::recent_replacements(&plan.selectors, now);
+    if !replaced.is_empty() {
+        let list: Vec<String> = replaced
+            .iter()
+            .map(|selector| {
+                format!(
+                    "{} replaced deleted {} for {}",
+                    selector.selector,
+                    selector.replaces.as_deref().unwrap_or_default(),
+                    selector.domain
+                )
+            })
+            .collect();
+        let message = format!("key Secret deleted: {}; publish the new DKIM record", list.join(", "));
+        return ConditionUpdate::new(status::DKIM_READY, true, "KeyReplaced", message);
+    }
+    let active = plan
+        .selectors
+        .iter()
+        .filter(|selector| selector.state == DkimSelectorState::Active)
+        .count();
+    ConditionUpdate::new(
+        status::DKIM_READY,
+        true,
+        "KeysReady",
+        format!("{active} active DKIM selector(s)"),
+    )
+}
+
+fn mta_condition(ready: i32, wanted: i32) -> ConditionUpdate {
+    if wanted > 0 && ready >= wanted {
+        ConditionUpdate::new(
+            status::MTA_AVAILABLE,
+            true,
+            "PodsReady",
+            format!("{ready}/{wanted} MTA pods ready"),
+        )
+    } else {
+        ConditionUpdate::new(
+            status::MTA_AVAILABLE,
+            false,
+            "PodsNotReady",
+            format!("{ready}/{wanted} MTA pods ready"),
+        )
+    }
+}
+
+fn conflict_condition(conflicts: &BTreeMap<String, String>) -> ConditionUpdate {
+    if conflicts.is_empty() {
+        return ConditionUpdate::new(
+            status::IP_POOL_CONFLICT,
+            false,
+            "NoConflict",
+            "every pool address is this tenant's",
+        );
+    }
+    let list: Vec<String> = conflicts
+        .iter()
+        .map(|(address, owner)| format!("{address} is used by tenant {owner}"))
+        .collect();
+    ConditionUpdate::new(
+        status::IP_POOL_CONFLICT,
+        true,
+        "AddressInUse",
+        format!("{}; no pod sends from it", list.join(", ")),
+    )
+}
+
+fn transition_is_bad(type_: &str, status_now: bool) -> bool {
+    if type_ == status::IP_POOL_CONFLICT {
+        status_now
+    } else {
+        !status_now
+    }
+}
+
+/// Writes status by server-side apply, only when it differs from what is stored.
+async fn write_status(
+    ctx: &Context,
+    tenant: &SecureMailTenant,
+    previous: &SecureMailTenantStatus,
+    status: SecureMailTenantStatus,
+) -> Result<()> {
+    if &status == previous {
+        return Ok(());
+    }
+    let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<SecureMailTenant> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": SecureMailTenant::api_version(&()),
+        "kind": SecureMailTenant::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &tenant.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Events go to the tenant; failing to publish one is logged, never fatal.
+async fn publish(ctx: &Context, tenant: &SecureMailTenant, type_: EventType, reason: &str, note: &str) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.to_owned()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
+        warn!(tenant = %tenant.name_any(), %error, "event not published");
+    }
+}
+
+/// Next wakeup: the next UTC day boundary (warmup day changes), at most [`RESYNC`] away.
+fn next_wakeup(now: Timestamp) -> Duration {
+    let zoned = now.to_zoned(TimeZone::UTC);
+    let until_midnight = zoned
+        .date()
+        .tomorrow()
+        .ok()
+        .and_then(|tomorrow| tomorrow.to_zoned(TimeZone::UTC).ok())
+        .and_then(|midnight| Duration::try_from(midnight.timestamp().duration_since(now)).ok())
+        .unwrap_or(RESYNC);
+    until_midnight.min(RESYNC).max(Duration::from_secs(1))
+}

@@ -1,0 +1,317 @@
+//! Pure status logic: conditions shaped like metav1.Condition, the address conflict rule and per-address warmup
+//! assignment. The reconcile loop gathers facts, these functions decide what status says.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use jiff::civil::Date;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use securemail_api::SecureMailTenant;
+use securemail_api::tenant::{PoolAddress, PoolAddressState, PoolAddressStatus, WarmupSpec};
+use securemail_api::warmup;
+
+use crate::build::PodAssignment;
+
+pub const READY: &str = "Ready";
+pub const CONFIG_VALID: &str = "ConfigValid";
+pub const DKIM_READY: &str = "DkimReady";
+pub const MTA_AVAILABLE: &str = "MtaAvailable";
+pub const IP_POOL_CONFLICT: &str = "IpPoolConflict";
+pub const PAUSED: &str = "Paused";
+
+/// The desired state of one condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConditionUpdate {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl ConditionUpdate {
+    pub fn new(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            type_,
+            status,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Sets a condition; `lastTransitionTime` changes only when the status does. Returns whether the status changed
+/// (callers emit an event only then).
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    update: ConditionUpdate,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let status = if update.status { "True" } else { "False" }.to_owned();
+    match conditions.iter_mut().find(|condition| condition.type_ == update.type_) {
+        Some(existing) => {
+            let transitioned = existing.status != status;
+            if transitioned {
+                existing.last_transition_time = Time(now);
+            }
+            existing.status = status;
+            existing.reason = update.reason;
+            existing.message = update.message;
+            existing.observed_generation = generation;
+            transitioned
+        }
+        None => {
+            conditions.push(Condition {
+                type_: update.type_.to_owned(),
+                status,
+                reason: update.reason,
+                message: update.message,
+                last_transition_time: Time(now),
+                observed_generation: generation,
+            });
+            true
+        }
+    }
+}
+
+/// The Ready summary: true only when every typed condition is good; otherwise the first bad one explains why.
+pub fn ready(updates: &[ConditionUpdate]) -> ConditionUpdate {
+    let bad = updates.iter().find(|update| {
+        let healthy_when_true = update.type_ != IP_POOL_CONFLICT;
+        update.status != healthy_when_true
+    });
+    match bad {
+        Some(update) => ConditionUpdate::new(READY, false, &update.reason, update.message.clone()),
+        None => ConditionUpdate::new(
+            READY,
+            true,
+            "Reconciled",
+            "the tenant's MTA pods are configured and available",
+        ),
+    }
+}
+
+/// Addresses of `tenant` already claimed by another tenant that claimed them first (earlier creation, then
+/// namespace/name order), mapped to that tenant's `namespace/name`.
+pub fn claimed_elsewhere(tenant: &SecureMailTenant, all: &[impl AsRef<SecureMailTenant>]) -> BTreeMap<String, String> {
+    let key = |t: &SecureMailTenant| {
+        (
+            t.metadata.creation_timestamp.as_ref().map(|time| time.0),
+            t.metadata.namespace.clone().unwrap_or_default(),
+            t.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let mine = key(tenant);
+    let mut claimed = BTreeMap::new();
+    for other in all.iter().map(AsRef::as_ref) {
+        if other.metadata.uid == tenant.metadata.uid || key(other) >= mine {
+            continue;
+        }
+        for address in &other.spec.ip_pool.addresses {
+            if tenant
+                .spec
+                .ip_pool
+                .addresses
+                .iter()
+                .any(|a| a.address == address.address)
+            {
+                claimed
+                    .entry(address.address.clone())
+                    .or_insert_with(|| format!("{}/{}", key(other).1, key(other).2));
+            }
+        }
+    }
+    claimed
+}
+
+/// Assigns pods to the usable addresses in pool order and works out each address's warmup day and limit.
+///
+/// An address keeps the warmup start recorded in status; a new one starts on the spec's start date if that is
+/// still ahead, otherwise today.
+pub fn assign_pods(
+    warmup: &WarmupSpec,
+    usable: &[&PoolAddress],
+    recorded: &[PoolAddressStatus],
+    today: Date,
+) -> Vec<(PodAssignment, Date)> {
+    let spec_start = warmup.start_date.as_deref().and_then(|date| date.parse::<Date>().ok());
+    usable
+        .iter()
+        .zip(0u32..)
+        .map(|(address, ordinal)| {
+            let start = recorded
+                .iter()
+                .find(|status| status.address == address.address)
+                .and_then(|status| status.warmup_start.as_deref()?.parse::<Date>().ok())
+                .unwrap_or_else(|| spec_start.filter(|start| *start > today).unwrap_or(today));
+            let day = warmup::day_on(start, today);
+            let daily_limit = warmup::daily_limit(warmup, day);
+            let assignment = PodAssignment {
+                ordinal,
+                address: (*address).clone(),
+                warmup_day: daily_limit.map(|_| day),
+                daily_limit,
+            };
+            (assignment, start)
+        })
+        .collect()
+}
+
+/// `status.ipPool`: usable addresses with their pod and warmup, conflicting ones without a pod.
+pub fn pool_status(
+    addresses: &[PoolAddress],
+    assignments: &[(PodAssignment, Date)],
+    conflicts: &BTreeMap<String, String>,
+    recorded: &[PoolAddressStatus],
+    now: Timestamp,
+) -> Vec<PoolAddressStatus> {
+    addresses
+        .iter()
+        .map(|address| {
+            if let Some(owner) = conflicts.get(&address.address) {
+                return PoolAddressStatus {
+                    address: address.address.clone(),
+                    ordinal: None,
+                    warmup_start: None,
+                    warmup_day: None,
+                    daily_limit: None,
+                    state: PoolAddressState::Held,
+                    reason: Some(format!("address is already used by tenant {owner}")),
+                    last_evaluated: Some(Time(now)),
+                };
+            }
+            let assigned = assignments
+                .iter()
+                .find(|(pod, _)| pod.address.address == address.address);
+            let previous = recorded.iter().find(|status| status.address == address.address);
+            let (state, reason) = match assigned {
+                Some((pod, _)) if pod.daily_limit.is_none() => (PoolAddressState::Warm, None),
+                Some((pod, _)) => (
+                    PoolAddressState::Warming,
+                    pod.warmup_day.map(|day| format!("warmup day {day}")),
+                ),
+                None => (PoolAddressState::Held, None),
+            };
+            let unchanged = previous.is_some_and(|previous| {
+                previous.state == state
+                    && previous.warmup_day == assigned.and_then(|(pod, _)| pod.warmup_day)
+                    && previous.daily_limit == assigned.and_then(|(pod, _)| pod.daily_limit)
+            });
+            PoolAddressStatus {
+                address: address.address.clone(),
+                ordinal: assigned.map(|(pod, _)| pod.ordinal),
+                warmup_start: assigned.map(|(_, start)| start.to_string()),
+                warmup_day: assigned.and_then(|(pod, _)| pod.warmup_day),
+                daily_limit: assigned.and_then(|(pod, _)| pod.daily_limit),
+                state,
+                reason,
+                // Only a change is a new evaluation; rewriting the time on every pass would make every reconcile a
+                // status write.
+                last_evaluated: if unchanged {
+                    previous.and_then(|previous| previous.last_evaluated.clone())
+                } else {
+                    Some(Time(now))
+                },
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::civil::date;
+
+    fn tenant(name: &str, created_secs: i64, addresses: &[&str]) -> SecureMailTenant {
+        let mut tenant: SecureMailTenant = serde_json::from_value(serde_json::json!({
+            "apiVersion": "securemail.io/v1alpha1",
+            "kind": "SecureMailTenant",
+            "metadata": {"name": name, "namespace": "ns", "uid": name},
+            "spec": {
+                "domains": [{"name": "example.org"}],
+                "ipPool": {"addresses": addresses.iter().enumerate()
+                    .map(|(i, a)| serde_json::json!({"address": a, "hostname": format!("mta{i}.example.org")}))
+                    .collect::<Vec<_>>()},
+                "submission": {"tls": {"secretName": "s"}, "clientCertificates": {"caSecretName": "ca"}}
+            }
+        }))
+        .expect("tenant");
+        tenant.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created_secs).expect("time")));
+        tenant
+    }
+
+    #[test]
+    fn the_later_tenant_loses_a_shared_address() {
+        let first = tenant("first", 100, &["192.0.2.1", "192.0.2.2"]);
+        let second = tenant("second", 200, &["192.0.2.2", "192.0.2.3"]);
+        let all = [std::sync::Arc::new(first.clone()), std::sync::Arc::new(second.clone())];
+        assert!(claimed_elsewhere(&first, &all).is_empty());
+        assert_eq!(
+            claimed_elsewhere(&second, &all),
+            BTreeMap::from([("192.0.2.2".to_owned(), "ns/first".to_owned())])
+        );
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_changes() {
+        let mut conditions = Vec::new();
+        let t0 = Timestamp::from_second(1_000).expect("time");
+        let t1 = Timestamp::from_second(2_000).expect("time");
+        assert!(set_condition(
+            &mut conditions,
+            ConditionUpdate::new(READY, false, "Pending", "a"),
+            Some(1),
+            t0
+        ));
+        assert!(!set_condition(
+            &mut conditions,
+            ConditionUpdate::new(READY, false, "Other", "b"),
+            Some(2),
+            t1
+        ));
+        assert_eq!(conditions[0].last_transition_time, Time(t0));
+        assert_eq!(conditions[0].reason, "Other");
+        assert!(set_condition(
+            &mut conditions,
+            ConditionUpdate::new(READY, true, "Ok", "c"),
+            Some(2),
+            t1
+        ));
+        assert_eq!(conditions[0].last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn ready_names_the_first_problem() {
+        let updates = [
+            ConditionUpdate::new(CONFIG_VALID, true, "Valid", ""),
+            ConditionUpdate::new(IP_POOL_CONFLICT, true, "AddressInUse", "192.0.2.2 is used by ns/first"),
+        ];
+        let summary = ready(&updates);
+        assert!(!summary.status);
+        assert_eq!(summary.reason, "AddressInUse");
+    }
+
+    #[test]
+    fn new_addresses_start_today_and_keep_their_recorded_start() {
+        let pool = tenant("t", 1, &["192.0.2.1", "192.0.2.2"]);
+        let addresses: Vec<&PoolAddress> = pool.spec.ip_pool.addresses.iter().collect();
+        let recorded = [PoolAddressStatus {
+            address: "192.0.2.1".into(),
+            ordinal: Some(0),
+            warmup_start: Some("2026-11-20".into()),
+            warmup_day: Some(1),
+            daily_limit: Some(100),
+            state: PoolAddressState::Warming,
+            reason: None,
+            last_evaluated: None,
+        }];
+        let assigned = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &recorded, date(2026, 11, 25));
+        assert_eq!(assigned[0].0.warmup_day, Some(6));
+        assert_eq!(assigned[1].0.warmup_day, Some(1));
+        assert_eq!(assigned[1].1, date(2026, 11, 25));
+        assert_eq!(
+            assigned[0].0.daily_limit,
+            warmup::daily_limit(&pool.spec.ip_pool.warmup, 6)
+        );
+    }
+}
