@@ -3,6 +3,7 @@
 
 pub mod dns;
 pub mod sidecar_config;
+pub mod sidecar_status;
 pub mod tenant;
 pub mod warmup;
 

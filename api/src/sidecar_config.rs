@@ -45,8 +45,8 @@ pub struct SourceAddress {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Listen {
-    /// LMTP from Postfix; loopback only.
-    pub lmtp: SocketAddr,
+    /// Unix socket for LMTP from Postfix, in a directory shared only with the Postfix container.
+    pub lmtp: PathBuf,
     /// `/livez`, `/readyz`, `/metrics`, `/status`.
     pub admin: SocketAddr,
 }
@@ -104,7 +104,7 @@ mod tests {
                 hostname: "mta1.example.org".into(),
             },
             listen: Listen {
-                lmtp: "127.0.0.1:10025".parse().expect("socket"),
+                lmtp: "/run/securemail/lmtp.sock".into(),
                 admin: "0.0.0.0:9090".parse().expect("socket"),
             },
             signing: vec![SigningDomain {

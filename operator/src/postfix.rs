@@ -24,8 +24,11 @@ pub const CLIENT_CA_FILE: &str = "/etc/securemail/client-ca/ca.crt";
 pub const QUEUE_DIRECTORY: &str = "/var/spool/postfix";
 /// Postfix's own state (TLS PRNG seed, caches).
 pub const DATA_DIRECTORY: &str = "/var/lib/postfix";
-/// Where the sidecar listens for LMTP. Postfix's only way out.
-pub const SIDECAR_LMTP_ADDRESS: &str = "127.0.0.1:10025";
+/// Directory shared by the Postfix and sidecar containers only (an emptyDir), holding the LMTP socket.
+pub const SIDECAR_RUN_DIR: &str = "/run/securemail";
+/// Where the sidecar listens for LMTP: Postfix's only way out. A Unix socket rather than TCP on loopback, because
+/// under hostNetwork egress loopback is the node's, shared with every other host-network pod.
+pub const SIDECAR_LMTP_SOCKET: &str = "/run/securemail/lmtp.sock";
 /// The submission port inside the pod; the Service maps `spec.submission.port` onto it.
 pub const SUBMISSION_CONTAINER_PORT: u16 = 587;
 /// Largest message Postfix accepts (25 MiB). The sidecar must accept at least this much over LMTP, or mail
@@ -52,7 +55,7 @@ pub fn main_cf(spec: &SecureMailTenantSpec) -> String {
         .collect();
     let primary_domain = sender_domains.first().copied().unwrap_or(FALLBACK_HOSTNAME);
 
-    let sidecar_transport = format!("lmtp:inet:{SIDECAR_LMTP_ADDRESS}");
+    let sidecar_transport = format!("lmtp:unix:{SIDECAR_LMTP_SOCKET}");
     let mut cf = ConfigText::default();
     cf.paragraph(&format!("Postfix main.cf. {GENERATED_HEADER}"));
     cf.blank();
@@ -92,8 +95,8 @@ pub fn main_cf(spec: &SecureMailTenantSpec) -> String {
     cf.param("notify_classes", "");
 
     cf.section(
-        "LMTP to the sidecar. No TLS: the connection never leaves the loopback interface, and reading it there \
-         takes the same privileges as reading the queue on disk. The sidecar replies per recipient after \
+        "LMTP to the sidecar over a Unix socket in a directory only the pod's two containers share. No TLS: the \
+         connection never leaves the pod, and reading it takes the same privileges as reading the queue on disk. The sidecar replies per recipient after \
          delivering, so a transaction waits for its slowest recipient domain: batches stay small and the reply \
          timeout covers a remote MX's own 10 minutes. The sidecar must serve 20 sessions at once.",
     );
@@ -456,7 +459,7 @@ mod tests {
 
     #[test]
     fn every_transport_goes_to_the_sidecar_and_local_delivery_is_disabled() {
-        let sidecar = format!("lmtp:inet:{SIDECAR_LMTP_ADDRESS}");
+        let sidecar = format!("lmtp:unix:{SIDECAR_LMTP_SOCKET}");
         for (name, _) in EXAMPLES {
             let main = main_cf(&example(name));
             let transports: Vec<_> = parameters(&main)
@@ -1030,7 +1033,7 @@ mod tests {
         );
         let delivery = postfix.wait_for_log_line("to=<member@recipient.example>");
         assert!(delivery.contains("postfix/lmtp["), "{delivery}");
-        assert!(delivery.contains("127.0.0.1[127.0.0.1]:10025"), "{delivery}");
+        assert!(delivery.contains(SIDECAR_LMTP_SOCKET), "{delivery}");
 
         for sender in [
             "MAIL FROM:<notices@sub.members.northwind-health.example>",

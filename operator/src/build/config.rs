@@ -84,9 +84,7 @@ pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodA
             hostname: pod.address.hostname.clone(),
         },
         listen: Listen {
-            lmtp: postfix::SIDECAR_LMTP_ADDRESS
-                .parse()
-                .map_err(|_| Error::InvalidSpec("sidecar LMTP address".to_owned()))?,
+            lmtp: postfix::SIDECAR_LMTP_SOCKET.into(),
             admin: std::net::SocketAddr::from(([0, 0, 0, 0], SIDECAR_ADMIN_PORT)),
         },
         signing,

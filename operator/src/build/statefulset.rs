@@ -143,6 +143,7 @@ const DKIM_VOLUME: &str = "dkim-keys";
 const SUBMISSION_TLS_VOLUME: &str = "submission-tls";
 const CLIENT_CA_VOLUME: &str = "client-ca";
 const POSTFIX_RUNTIME_VOLUME: &str = "postfix-runtime";
+const SIDECAR_RUN_VOLUME: &str = "sidecar-run";
 const SIDECAR_CONFIG_DIR: &str = "/etc/securemail/sidecar";
 
 fn postfix_container(tenant: &SecureMailTenant, settings: &Settings) -> Container {
@@ -179,6 +180,7 @@ fn postfix_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
         volume_mounts: Some(vec![
             mount(DATA_VOLUME, postfix::QUEUE_DIRECTORY, Some("postfix")),
             mount(POSTFIX_RUNTIME_VOLUME, postfix::DATA_DIRECTORY, None),
+            mount(SIDECAR_RUN_VOLUME, postfix::SIDECAR_RUN_DIR, None),
             config_file_mount("/etc/postfix/main.cf", "main.cf"),
             config_file_mount("/etc/postfix/master.cf", "master.cf"),
             mount(SUBMISSION_TLS_VOLUME, postfix::SUBMISSION_TLS_DIR, None),
@@ -241,6 +243,7 @@ fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
         }),
         volume_mounts: Some(vec![
             mount(DATA_VOLUME, SIDECAR_DATA_DIR, Some("sidecar")),
+            mount(SIDECAR_RUN_VOLUME, postfix::SIDECAR_RUN_DIR, None),
             mount(CONFIG_VOLUME, SIDECAR_CONFIG_DIR, None),
             mount(DKIM_VOLUME, DKIM_KEY_DIR, None),
         ]),
@@ -332,6 +335,14 @@ fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames) 
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Volume::default()
         },
+        Volume {
+            name: SIDECAR_RUN_VOLUME.to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".to_owned()),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
     ]
 }
 
@@ -356,7 +367,7 @@ fn mount(volume: &str, path: &str, sub_path: Option<&str>) -> VolumeMount {
         name: volume.to_owned(),
         mount_path: path.to_owned(),
         sub_path: sub_path.map(str::to_owned),
-        read_only: Some(!matches!(volume, DATA_VOLUME | POSTFIX_RUNTIME_VOLUME)),
+        read_only: Some(!matches!(volume, DATA_VOLUME | POSTFIX_RUNTIME_VOLUME | SIDECAR_RUN_VOLUME)),
         ..VolumeMount::default()
     }
 }
