@@ -838,6 +838,9 @@ pub enum DnsRecordType {
 pub struct PoolAddressStatus {
     /// The pool address.
     pub address: String,
+    /// Its PTR / EHLO hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     /// The MTA pod (StatefulSet ordinal) sending from this address; absent while the address cannot be used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordinal: Option<u32>,

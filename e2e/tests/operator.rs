@@ -6,11 +6,14 @@
 //! inside one test, each in its own namespace.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -191,6 +194,8 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     the_later_tenant_loses_a_shared_address(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
     deletion_follows_the_deletion_policy(&client).await;
+    a_shrinking_pool_drains_before_the_pod_and_volume_go(&client).await;
+    deleting_a_drain_tenant_waits_for_empty_queues(&client).await;
     drop(operator);
 }
 
@@ -481,4 +486,202 @@ async fn deletion_follows_the_deletion_policy(client: &Client) {
             .unwrap_or_else(|err| panic!("{policy}: StatefulSet gone without a garbage collector: {err}"));
         assert_eq!(!owners.is_empty(), keeps_owner, "{policy}: owner references {owners:?}");
     }
+}
+
+/// Stands in for the kubelet and a sidecar: a Pod object with an IP on loopback, its volume claim, and an HTTP
+/// server on that IP answering `/status` with a queue depth the test controls.
+struct FakeMtaPod {
+    queued: Arc<AtomicU64>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeMtaPod {
+    async fn start(client: &Client, namespace: &str, statefulset: &str, ordinal: u32, ip: &str, queued: u64) -> Self {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let name = format!("{statefulset}-{ordinal}");
+        let tenant = statefulset.trim_end_matches("-mta");
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {
+                "securemail.io/tenant": tenant, "app.kubernetes.io/component": "mta",
+                "securemail.io/submission": "enabled", "apps.kubernetes.io/pod-index": ordinal.to_string()}},
+            "spec": {"containers": [{"name": "sidecar", "image": "sidecar"}]}
+        }))
+        .unwrap_or_else(|err| panic!("{err}"));
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|err| panic!("pod {name}: {err}"));
+        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap_or_else(|err| panic!("pod status {name}: {err}"));
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": format!("data-{name}")},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+        }))
+        .unwrap_or_else(|err| panic!("{err}"));
+        claims
+            .create(&PostParams::default(), &claim)
+            .await
+            .unwrap_or_else(|err| panic!("claim: {err}"));
+
+        let queued = Arc::new(AtomicU64::new(queued));
+        let listener = tokio::net::TcpListener::bind((ip, 9090))
+            .await
+            .unwrap_or_else(|err| panic!("cannot listen on {ip}:9090: {err}"));
+        let (depth, address) = (queued.clone(), ip.to_owned());
+        let server = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let body =
+                    json!({"address": address, "queue": {"messages": depth.load(Ordering::Relaxed)}}).to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            }
+        });
+        Self { queued, server }
+    }
+
+    fn set_queued(&self, messages: u64) {
+        self.queued.store(messages, Ordering::Relaxed);
+    }
+}
+
+impl Drop for FakeMtaPod {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn replicas(client: &Client, namespace: &str, statefulset: &str) -> Option<i32> {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    api.get(statefulset).await.ok()?.spec?.replicas
+}
+
+async fn claim_gone(client: &Client, namespace: &str, claim: &str) -> bool {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    match api.get_opt(claim).await {
+        Ok(None) => true,
+        Ok(Some(claim)) => claim.metadata.deletion_timestamp.is_some(),
+        Err(_) => false,
+    }
+}
+
+async fn a_shrinking_pool_drains_before_the_pod_and_volume_go(client: &Client) {
+    let namespace = unique_namespace("drain-shrink");
+    let tenant = create(client, &example("dedicated-warmup.yaml", &namespace)).await;
+    let name = tenant.name_any();
+    let sts = format!("{name}-mta");
+    reconciled(client, &namespace, &name).await;
+    assert_eq!(replicas(client, &namespace, &sts).await, Some(3));
+    let top = FakeMtaPod::start(client, &namespace, &sts, 2, "127.0.0.77", 5).await;
+
+    // The middle address leaves the pool.
+    let mut addresses = tenant.spec.ip_pool.addresses.clone();
+    let departed = addresses.remove(1);
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let patch = json!({"spec": {"ipPool": {"addresses": addresses}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+
+    let draining = eventually("the top pod draining", WAIT, || async {
+        let tenant = api.get(&name).await.ok()?;
+        let (status, reason, message) = condition(&tenant, "Draining")?;
+        (status == "True" && message.contains("5 message(s) queued")).then_some((tenant, reason))
+    })
+    .await;
+    assert_eq!(draining.1, "Draining");
+    let entry = draining
+        .0
+        .status
+        .unwrap_or_default()
+        .ip_pool
+        .into_iter()
+        .find(|e| e.address == departed.address);
+    assert_eq!(entry.as_ref().and_then(|e| e.ordinal), Some(2), "{entry:?}");
+    assert_eq!(
+        replicas(client, &namespace, &sts).await,
+        Some(3),
+        "the draining pod must stay"
+    );
+    let config: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let sidecar_2 = config
+        .get(&format!("{name}-mta-config"))
+        .await
+        .ok()
+        .and_then(|cm| cm.data?.get("sidecar-2.yaml").cloned())
+        .unwrap_or_default();
+    assert!(
+        sidecar_2.contains(&departed.address),
+        "the draining pod sends from the departed address: {sidecar_2}"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let label = pods
+        .get(&format!("{sts}-2"))
+        .await
+        .ok()
+        .and_then(|pod| pod.labels().get("securemail.io/submission").cloned());
+    assert_eq!(
+        label.as_deref(),
+        Some("draining"),
+        "the draining pod left the submission Service"
+    );
+    assert!(!claim_gone(client, &namespace, &format!("data-{sts}-2")).await);
+
+    top.set_queued(0);
+    eventually("the drained pod removed", WAIT, || async {
+        (replicas(client, &namespace, &sts).await == Some(2)).then_some(())
+    })
+    .await;
+    eventually("the drained volume deleted", WAIT, || async {
+        claim_gone(client, &namespace, &format!("data-{sts}-2"))
+            .await
+            .then_some(())
+    })
+    .await;
+    eventually("Draining cleared", WAIT, || async {
+        (condition(&api.get(&name).await.ok()?, "Draining")?.0 == "False").then_some(())
+    })
+    .await;
+}
+
+async fn deleting_a_drain_tenant_waits_for_empty_queues(client: &Client) {
+    let namespace = unique_namespace("drain-delete");
+    let tenant = create(client, &example("minimal.yaml", &namespace)).await;
+    let name = tenant.name_any();
+    let sts = format!("{name}-mta");
+    reconciled(client, &namespace, &name).await;
+    let pod = FakeMtaPod::start(client, &namespace, &sts, 0, "127.0.0.78", 2).await;
+
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    eventually("the deleted tenant draining", WAIT, || async {
+        let tenant = api.get(&name).await.ok()?;
+        let (status, reason, _) = condition(&tenant, "Draining")?;
+        (status == "True" && reason == "TenantDeleted").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        api.get_opt(&name).await.ok().flatten().is_some(),
+        "the tenant went before its queue was empty"
+    );
+    assert!(!claim_gone(client, &namespace, &format!("data-{sts}-0")).await);
+
+    pod.set_queued(0);
+    eventually("the drained tenant gone", WAIT, || async {
+        api.get_opt(&name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        claim_gone(client, &namespace, &format!("data-{sts}-0")).await,
+        "the drained volume was not deleted"
+    );
 }

@@ -64,3 +64,19 @@ fn desired_hash<K: Serialize>(object: &K) -> Result<String> {
         .map(|byte| format!("{byte:02x}"))
         .collect())
 }
+
+/// Strips owner references from children of kind `K` matching `selector`, so deleting the owner leaves them.
+pub async fn orphan<K>(client: &Client, namespace: &str, selector: &str) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
+    for child in api.list_metadata(&ListParams::default().labels(selector)).await? {
+        if !child.owner_references().is_empty() {
+            api.patch(&child.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+    }
+    Ok(())
+}

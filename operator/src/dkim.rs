@@ -186,7 +186,12 @@ fn plan_one(
             .filter(|key| !recorded_mine.iter().any(|entry| entry.selector == key.selector))
             .max_by_key(|key| key.created);
         match (lost, adoptable) {
-            (_, Some(key)) => active = Some((selector_status(key, DkimSelectorState::Active, key.created), key)),
+            (lost, Some(key)) => {
+                let mut adopted = selector_status(key, DkimSelectorState::Active, key.created);
+                // Generated to replace a deleted key, but the status write was lost: keep saying so.
+                adopted.replaces = lost.map(|lost| lost.selector.clone());
+                active = Some((adopted, key));
+            }
             (Some(lost), None) => {
                 let selector = new_selector(plan);
                 plan.replaced.push(ReplacedKey {
@@ -379,6 +384,23 @@ mod tests {
         let again = plan(&domains, &[], &stored, at(0));
         assert!(again.generate.is_empty());
         assert_eq!(states(&again), [("sm-rsa-1".to_owned(), DkimSelectorState::Active)]);
+    }
+
+    #[test]
+    fn an_interrupted_replacement_is_still_reported() {
+        let domains = [domain(&[DkimAlgorithm::RsaSha256])];
+        let mut stored = Vec::new();
+        let first = plan(&domains, &[], &stored, at(0));
+        apply(&first, &mut stored, at(0));
+        stored.clear();
+        let replacement = plan(&domains, &first.selectors, &stored, at(1));
+        apply(&replacement, &mut stored, at(1));
+        // The replacement key exists but its status never got written.
+        let again = plan(&domains, &first.selectors, &stored, at(1));
+        assert!(again.generate.is_empty());
+        assert_eq!(again.selectors[0].replaces.as_deref(), Some("sm-rsa-1"));
+        assert_eq!(recent_replacements(&again.selectors, at(1)).len(), 1);
+        assert!(recent_replacements(&again.selectors, at(4)).is_empty(), "after the publish delay it is news no more");
     }
 
     #[test]

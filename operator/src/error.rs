@@ -22,6 +22,8 @@ pub enum Error {
     Dns(#[from] securemail_api::dns::DnsError),
     #[error("DKIM key Secret {name} is unusable: {reason}")]
     BadKeySecret { name: String, reason: String },
+    #[error("waiting for queues to drain: {0}")]
+    Draining(String),
     #[error("finalizer: {0}")]
     Finalizer(String),
     #[error("background task failed: {0}")]

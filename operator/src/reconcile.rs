@@ -15,11 +15,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use securemail_api::SecureMailTenant;
-use securemail_api::tenant::{DkimSelectorState, DkimSelectorStatus, PoolAddress, SecureMailTenantStatus};
+use securemail_api::tenant::{
+    DeletionPolicy, DkimSelectorState, DkimSelectorStatus, PoolAddress, PoolAddressState, PoolAddressStatus,
+    SecureMailTenantStatus,
+};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -28,12 +31,14 @@ use crate::context::Context;
 use crate::dkim::{self, DkimPlan, StoredKey};
 use crate::names::{MANAGER, TenantNames};
 use crate::status::{self, ConditionUpdate};
-use crate::{Error, Result, apply, dkim_keys};
+use crate::{Error, Result, apply, dkim_keys, drain};
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
 pub const FINALIZER: &str = "securemail.io/drain";
 /// Re-check interval when nothing else is due, so drifted children and stale status heal.
 const RESYNC: Duration = Duration::from_secs(3600);
+/// How often queues of draining pods are checked.
+const DRAIN_RECHECK: Duration = Duration::from_secs(15);
 
 /// Entry point for the controller.
 pub async fn reconcile(tenant: Arc<SecureMailTenant>, ctx: Arc<Context>) -> Result<Action> {
@@ -47,7 +52,10 @@ pub async fn reconcile(tenant: Arc<SecureMailTenant>, ctx: Arc<Context>) -> Resu
         }
     })
     .await
-    .map_err(|err| Error::Finalizer(err.to_string()));
+    .map_err(|err| match err {
+        finalizer::Error::ApplyFailed(err) | finalizer::Error::CleanupFailed(err) => err,
+        other => Error::Finalizer(other.to_string()),
+    });
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     ctx.metrics.count_tenants(&ctx.tenants);
     result
@@ -55,6 +63,14 @@ pub async fn reconcile(tenant: Arc<SecureMailTenant>, ctx: Arc<Context>) -> Resu
 
 /// Requeue with per-tenant exponential backoff (5 s doubling to 5 min) after a failed reconcile.
 pub fn error_policy(tenant: Arc<SecureMailTenant>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::Draining(pending) = error {
+        ctx.metrics
+            .reconciles
+            .get_or_create(&crate::context::ResultLabels { result: "draining" })
+            .inc();
+        info!(tenant = %tenant.name_any(), namespace = tenant.namespace().unwrap_or_default(), %pending, "deleted tenant still draining");
+        return Action::requeue(DRAIN_RECHECK);
+    }
     let failures = {
         let mut failures = ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = failures.entry(ObjectRef::from_obj(tenant.as_ref())).or_default();
@@ -124,13 +140,25 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     delete_keys(ctx, &namespace, &names, &plan).await?;
     let signing_keys = build::signing_keys(&plan.selectors, &names);
 
+    // Pods above the pool's size drain before they go; their volumes go only once they are empty.
+    let live_replicas = live_replicas(ctx, &namespace, &names).await?;
+    let pool_size = u32::try_from(assignments.len()).unwrap_or(u32::MAX);
+    let queues = drain::probe(ctx, &namespace, &names, pool_size..live_replicas).await?;
+    let pool_plan = drain::plan(
+        assignments.iter().map(|(pod, _)| pod.clone()).collect(),
+        live_replicas,
+        &previous.ip_pool,
+        &queues,
+    );
+
     let observed = Observed {
         today,
         signing_keys,
-        pods: assignments.iter().map(|(pod, _)| pod.clone()).collect(),
+        pods: pool_plan.pods.clone(),
     };
     let children = build::children(tenant, &observed, &ctx.settings)?;
     let ready_replicas = apply_children(ctx, &namespace, &names, children).await?;
+    drain::delete_volumes(ctx, &namespace, &names, &pool_plan.removed).await?;
 
     let public_keys = public_keys(ctx, &namespace, &names, &plan).await?;
     let dns_records = build::dns_records(tenant, &public_keys)?;
@@ -148,6 +176,16 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         conflict_condition(&conflicts),
     ];
     updates.push(status::ready(&updates));
+    // Draining is reported beside Ready, not in it: the pool itself can be fine while an old pod empties.
+    let mut ip_pool = status::pool_status(
+        &tenant.spec.ip_pool.addresses,
+        &assignments,
+        &conflicts,
+        &previous.ip_pool,
+        now,
+    );
+    ip_pool.extend(drain::draining_status(&pool_plan, &previous.ip_pool, now));
+    updates.push(draining_condition(&pool_plan, &ip_pool, now));
     for update in updates {
         let (type_, status_now, reason, message) = (
             update.type_,
@@ -155,7 +193,10 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             update.reason.clone(),
             update.message.clone(),
         );
-        if status::set_condition(&mut conditions, update, generation, now) {
+        // A condition's first appearance is news only for an address conflict; pods not ready yet at creation is not.
+        let existed = conditions.iter().any(|condition| condition.type_ == type_);
+        let news = existed || (type_ == status::IP_POOL_CONFLICT && status_now);
+        if status::set_condition(&mut conditions, update, generation, now) && news {
             let kind = if transition_is_bad(type_, status_now) {
                 EventType::Warning
             } else {
@@ -176,13 +217,6 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         publish(ctx, tenant, EventType::Normal, "DkimKeyGenerated", &message).await;
     }
 
-    let ip_pool = status::pool_status(
-        &tenant.spec.ip_pool.addresses,
-        &assignments,
-        &conflicts,
-        &previous.ip_pool,
-        now,
-    );
     let status = SecureMailTenantStatus {
         observed_generation: generation,
         conditions,
@@ -201,33 +235,88 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         .reconciles
         .get_or_create(&crate::context::ResultLabels { result: "success" })
         .inc();
-    Ok(Action::requeue(next_wakeup(now)))
+    if pool_plan.draining.is_empty() {
+        Ok(Action::requeue(next_wakeup(now)))
+    } else {
+        Ok(Action::requeue(DRAIN_RECHECK))
+    }
 }
 
-/// Deletion: Orphan leaves pods and volumes running without an owner; Drain lets Kubernetes remove the children
-/// (volumes are retained by the StatefulSet's retention policy, so queued mail stays on disk).
+/// Deletion. Orphan: every child loses its owner reference, so pods, keys and volumes stay. Drain: every pod
+/// leaves the submission Service and the finalizer stays until each pod's queue is empty; then the volumes are
+/// deleted and Kubernetes garbage-collects the rest.
 async fn cleanup(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
     let name = build::tenant_name(tenant)?;
     let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let names = TenantNames::new(&name);
-    if tenant.spec.deletion_policy == securemail_api::tenant::DeletionPolicy::Orphan {
-        let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
-        if api.get_opt(&names.mta()).await?.is_some() {
-            let patch = json!({"metadata": {"ownerReferences": null}});
-            api.patch(&names.mta(), &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+    match tenant.spec.deletion_policy {
+        DeletionPolicy::Orphan => {
+            orphan_children(ctx, &namespace, &names).await?;
+            let note = "tenant deleted; MTA pods, keys and volumes left running without an owner";
+            publish(ctx, tenant, EventType::Normal, "Orphaned", note).await;
         }
-        publish(
-            ctx,
-            tenant,
-            EventType::Normal,
-            "Orphaned",
-            "tenant deleted; MTA pods and volumes left running",
-        )
-        .await;
+        DeletionPolicy::Drain => {
+            let replicas = live_replicas(ctx, &namespace, &names).await?;
+            let ordinals = drain::claimed_ordinals(ctx, &namespace, &names, replicas).await?;
+            let queues = drain::probe(ctx, &namespace, &names, ordinals.iter().copied()).await?;
+            if let Some(waiting) = drain::still_draining(&queues) {
+                let previous = tenant.status.clone().unwrap_or_default();
+                let mut conditions = previous.conditions.clone();
+                let update = ConditionUpdate::new(status::DRAINING, true, "TenantDeleted", waiting.to_string());
+                if status::set_condition(&mut conditions, update, tenant.metadata.generation, ctx.clock.now()) {
+                    publish(ctx, tenant, EventType::Normal, "Draining", &waiting.to_string()).await;
+                }
+                let status = SecureMailTenantStatus {
+                    conditions,
+                    ..previous.clone()
+                };
+                write_status(ctx, tenant, &previous, status).await?;
+                return Err(waiting);
+            }
+            drain::delete_volumes(ctx, &namespace, &names, &ordinals).await?;
+        }
     }
     info!(tenant = %name, %namespace, policy = ?tenant.spec.deletion_policy, "tenant deleted");
     Ok(Action::await_change())
+}
+
+/// Removes the owner reference from every child so garbage collection leaves it alone.
+async fn orphan_children(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<()> {
+    let client = &ctx.client;
+    let selector = names.children_selector();
+    apply::orphan::<StatefulSet>(client, namespace, &selector).await?;
+    apply::orphan::<ConfigMap>(client, namespace, &selector).await?;
+    apply::orphan::<Secret>(client, namespace, &selector).await?;
+    apply::orphan::<Service>(client, namespace, &selector).await?;
+    apply::orphan::<ServiceAccount>(client, namespace, &selector).await?;
+    apply::orphan::<PodDisruptionBudget>(client, namespace, &selector).await?;
+    apply::orphan::<NetworkPolicy>(client, namespace, &selector).await?;
+    Ok(())
+}
+
+/// The StatefulSet's current size (0 before it exists).
+async fn live_replicas(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<u32> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
+    let replicas = api
+        .get_opt(&names.mta())
+        .await?
+        .and_then(|sts| sts.spec?.replicas)
+        .unwrap_or(0);
+    Ok(u32::try_from(replicas).unwrap_or(0))
+}
+
+fn draining_condition(plan: &drain::PoolPlan, pool: &[PoolAddressStatus], now: Timestamp) -> ConditionUpdate {
+    if plan.draining.is_empty() {
+        return ConditionUpdate::new(status::DRAINING, false, "NothingToDrain", "no pod is leaving the pool");
+    }
+    let pods: Vec<String> = pool
+        .iter()
+        .filter(|entry| entry.state == PoolAddressState::Draining)
+        .map(|entry| format!("{} ({})", entry.address, entry.reason.as_deref().unwrap_or_default()))
+        .collect();
+    let overdue = drain::overdue(pool, now);
+    let reason = if overdue.is_empty() { "Draining" } else { "DrainOverdue" };
+    ConditionUpdate::new(status::DRAINING, true, reason, pods.join("; "))
 }
 
 /// Applies every child and sweeps the ones no longer built. Returns the StatefulSet's ready replicas.

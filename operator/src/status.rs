@@ -18,6 +18,7 @@ pub const DKIM_READY: &str = "DkimReady";
 pub const MTA_AVAILABLE: &str = "MtaAvailable";
 pub const IP_POOL_CONFLICT: &str = "IpPoolConflict";
 pub const PAUSED: &str = "Paused";
+pub const DRAINING: &str = "Draining";
 
 /// The desired state of one condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +152,7 @@ pub fn assign_pods(
                 address: (*address).clone(),
                 warmup_day: daily_limit.map(|_| day),
                 daily_limit,
+                draining: false,
             };
             (assignment, start)
         })
@@ -171,6 +173,7 @@ pub fn pool_status(
             if let Some(owner) = conflicts.get(&address.address) {
                 return PoolAddressStatus {
                     address: address.address.clone(),
+                    hostname: Some(address.hostname.clone()),
                     ordinal: None,
                     warmup_start: None,
                     warmup_day: None,
@@ -199,6 +202,7 @@ pub fn pool_status(
             });
             PoolAddressStatus {
                 address: address.address.clone(),
+                hostname: Some(address.hostname.clone()),
                 ordinal: assigned.map(|(pod, _)| pod.ordinal),
                 warmup_start: assigned.map(|(_, start)| start.to_string()),
                 warmup_day: assigned.and_then(|(pod, _)| pod.warmup_day),
@@ -297,6 +301,7 @@ mod tests {
         let addresses: Vec<&PoolAddress> = pool.spec.ip_pool.addresses.iter().collect();
         let recorded = [PoolAddressStatus {
             address: "192.0.2.1".into(),
+            hostname: None,
             ordinal: Some(0),
             warmup_start: Some("2026-11-20".into()),
             warmup_day: Some(1),

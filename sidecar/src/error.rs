@@ -44,6 +44,19 @@ pub enum Error {
 
     #[error("cannot serialize evidence record: {0}")]
     Serialize(#[from] serde_json::Error),
+
+    #[error("invalid LMTP reply: {reason}")]
+    InvalidReply { reason: &'static str },
+
+    #[error("LMTP socket {}: cannot {action}: {source}", path.display())]
+    LmtpSocket {
+        path: PathBuf,
+        action: &'static str,
+        source: std::io::Error,
+    },
+
+    #[error("LMTP socket path {} is taken by a file that is not a socket; refusing to replace it", path.display())]
+    LmtpPathOccupied { path: PathBuf },
 }
 
 /// Result with the sidecar's error type.

@@ -1,7 +1,9 @@
 //! The SecureMail sidecar.
 #![forbid(unsafe_code)]
 
+pub mod dkim;
 pub mod error;
 pub mod evidence;
+pub mod lmtp;
 
 pub use error::{Error, Result};

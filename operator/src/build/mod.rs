@@ -1,7 +1,7 @@
 //! Pure builders: `(tenant, observed state) -> desired children`. The reconcile loop applies what they return and
 //! the offline `render` command prints it, so both always agree.
 
-mod config;
+pub mod config;
 mod network;
 mod statefulset;
 
@@ -62,6 +62,8 @@ pub struct PodAssignment {
     pub address: PoolAddress,
     pub warmup_day: Option<u32>,
     pub daily_limit: Option<u32>,
+    /// Leaving the pool: out of the submission Service, delivering what it still holds.
+    pub draining: bool,
 }
 
 /// What the builders need beyond the spec: facts the reconcile loop looked up or decided.

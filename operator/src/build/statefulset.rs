@@ -367,7 +367,10 @@ fn mount(volume: &str, path: &str, sub_path: Option<&str>) -> VolumeMount {
         name: volume.to_owned(),
         mount_path: path.to_owned(),
         sub_path: sub_path.map(str::to_owned),
-        read_only: Some(!matches!(volume, DATA_VOLUME | POSTFIX_RUNTIME_VOLUME | SIDECAR_RUN_VOLUME)),
+        read_only: Some(!matches!(
+            volume,
+            DATA_VOLUME | POSTFIX_RUNTIME_VOLUME | SIDECAR_RUN_VOLUME
+        )),
         ..VolumeMount::default()
     }
 }

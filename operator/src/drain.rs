@@ -1,0 +1,398 @@
+//! Never lose queued mail: a pod goes (and its volume with it) only after its sidecar reports an empty queue.
+//!
+//! Pods are removed from the top of the StatefulSet. When the pool shrinks, the surplus top pods keep running as
+//! *draining* pods: they leave the submission Service and deliver what they hold, each from one of the addresses
+//! that left the pool (so no address is ever used by two pods). Tenant deletion with `deletionPolicy: Drain` drains
+//! every pod the same way before the finalizer lets go.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use securemail_api::sidecar_status::SidecarStatus;
+use securemail_api::tenant::{PoolAddress, PoolAddressState, PoolAddressStatus};
+use serde_json::json;
+use tracing::info;
+
+use crate::build::PodAssignment;
+use crate::build::config::SIDECAR_ADMIN_PORT;
+use crate::context::Context;
+use crate::names::{SUBMISSION_LABEL, TenantNames};
+use crate::{Error, Result};
+
+/// Postfix bounces anything it could not deliver within 5 days (`maximal_queue_lifetime`), so a queue that is still
+/// not empty after 6 days means something is wrong: the `Draining` condition says so, but nothing is deleted.
+pub const MAX_DRAIN: Duration = Duration::from_secs(6 * 24 * 3600);
+/// Name of the StatefulSet's volume claim template.
+pub const DATA_CLAIM: &str = "data";
+/// How long a sidecar may take to answer `/status`.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What is known about one pod's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueState {
+    /// The sidecar reported no queued messages.
+    Empty,
+    /// Neither pod nor volume exists: nothing can be queued.
+    NoVolume,
+    /// The sidecar reported this many queued messages.
+    Holding(u64),
+    /// The queue could not be read; it may hold mail.
+    Unknown(String),
+}
+
+impl QueueState {
+    /// True when removing the pod and its volume cannot lose mail.
+    pub fn is_drained(&self) -> bool {
+        matches!(self, Self::Empty | Self::NoVolume)
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Empty | Self::NoVolume => "queue empty".to_owned(),
+            Self::Holding(messages) => format!("{messages} message(s) queued"),
+            Self::Unknown(reason) => format!("queue unknown ({reason})"),
+        }
+    }
+}
+
+/// The pods of a tenant after taking draining pods into account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolPlan {
+    /// Every pod the StatefulSet keeps, in ordinal order: the pool's, then the draining ones.
+    pub pods: Vec<PodAssignment>,
+    /// Draining pods with their address and what their queue holds.
+    pub draining: Vec<(u32, PoolAddress, QueueState)>,
+    /// Ordinals that were drained and are now removed; their volumes can go.
+    pub removed: Vec<u32>,
+}
+
+/// Decides which pods stay. `pool` are the pods the spec wants (ordinals 0..n); `live_replicas` the StatefulSet's
+/// current size; `recorded` the previous `status.ipPool`; `queues` what each surplus pod's queue holds.
+pub fn plan(
+    pool: Vec<PodAssignment>,
+    live_replicas: u32,
+    recorded: &[PoolAddressStatus],
+    queues: &BTreeMap<u32, QueueState>,
+) -> PoolPlan {
+    let wanted = u32::try_from(pool.len()).unwrap_or(u32::MAX);
+    let in_pool = |address: &str| pool.iter().any(|pod| pod.address.address == address);
+    // Addresses that left the pool, in their old pod order: each draining pod sends from one of them.
+    let mut departed: Vec<&PoolAddressStatus> = recorded
+        .iter()
+        .filter(|status| status.ordinal.is_some() && !in_pool(&status.address))
+        .collect();
+    departed.sort_by_key(|status| status.ordinal);
+    let surplus: Vec<u32> = (wanted..live_replicas).collect();
+    // The StatefulSet can only drop its top pods: keep everything up to the highest one not yet drained.
+    let keep = surplus
+        .iter()
+        .rev()
+        .find(|ordinal| !queues.get(ordinal).is_some_and(QueueState::is_drained))
+        .map_or(wanted, |ordinal| ordinal + 1);
+
+    let mut pods = pool;
+    let mut draining = Vec::new();
+    for (index, ordinal) in (wanted..keep).enumerate() {
+        let previous = recorded.iter().find(|status| status.ordinal == Some(ordinal));
+        let address = departed.get(index).or(previous.as_ref()).map(|status| PoolAddress {
+            address: status.address.clone(),
+            hostname: status.hostname.clone().unwrap_or_default(),
+        });
+        let Some(address) = address else { continue };
+        let state = queues
+            .get(&ordinal)
+            .cloned()
+            .unwrap_or(QueueState::Unknown("not checked".to_owned()));
+        pods.push(PodAssignment {
+            ordinal,
+            address: address.clone(),
+            warmup_day: previous.and_then(|status| status.warmup_day),
+            daily_limit: previous.and_then(|status| status.daily_limit),
+            draining: true,
+        });
+        draining.push((ordinal, address, state));
+    }
+    PoolPlan {
+        pods,
+        draining,
+        removed: (keep..live_replicas).collect(),
+    }
+}
+
+/// Status entries of draining pods (the pool's own entries are built by `status::pool_status`).
+pub fn draining_status(plan: &PoolPlan, recorded: &[PoolAddressStatus], now: Timestamp) -> Vec<PoolAddressStatus> {
+    plan.draining
+        .iter()
+        .map(|(ordinal, address, state)| {
+            let previous = recorded
+                .iter()
+                .find(|status| status.address == address.address && status.state == PoolAddressState::Draining);
+            let since = previous
+                .and_then(|status| status.last_evaluated.clone())
+                .unwrap_or(Time(now));
+            let overdue = now.duration_since(since.0).unsigned_abs() > MAX_DRAIN;
+            let mut reason = format!("leaving the pool: {}", state.describe());
+            if overdue {
+                reason.push_str("; still not empty after the maximum drain time, inspect the pod's queue");
+            }
+            PoolAddressStatus {
+                address: address.address.clone(),
+                hostname: Some(address.hostname.clone()),
+                ordinal: Some(*ordinal),
+                warmup_start: previous.and_then(|status| status.warmup_start.clone()),
+                warmup_day: previous.and_then(|status| status.warmup_day),
+                daily_limit: previous.and_then(|status| status.daily_limit),
+                state: PoolAddressState::Draining,
+                reason: Some(reason),
+                // Draining since: kept from the first time the address was seen draining.
+                last_evaluated: Some(since),
+            }
+        })
+        .collect()
+}
+
+/// True when a draining pod has waited longer than [`MAX_DRAIN`].
+pub fn overdue(status: &[PoolAddressStatus], now: Timestamp) -> Vec<String> {
+    status
+        .iter()
+        .filter(|entry| entry.state == PoolAddressState::Draining)
+        .filter(|entry| {
+            entry
+                .last_evaluated
+                .as_ref()
+                .is_some_and(|since| now.duration_since(since.0).unsigned_abs() > MAX_DRAIN)
+        })
+        .map(|entry| entry.address.clone())
+        .collect()
+}
+
+/// Reads the queue of each pod in `ordinals`: the pod's sidecar `/status`, or `NoVolume` when neither pod nor
+/// volume exists. Draining pods are also taken out of the submission Service.
+pub async fn probe(
+    ctx: &Context,
+    namespace: &str,
+    names: &TenantNames,
+    ordinals: impl IntoIterator<Item = u32>,
+) -> Result<BTreeMap<u32, QueueState>> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut states = BTreeMap::new();
+    for ordinal in ordinals {
+        let pod_name = format!("{}-{ordinal}", names.mta());
+        let state = match pods.get_opt(&pod_name).await? {
+            Some(pod) => {
+                stop_submissions(&pods, &pod).await?;
+                read_queue(&pod).await
+            }
+            None if claims.get_opt(&claim_name(names, ordinal)).await?.is_none() => QueueState::NoVolume,
+            None => QueueState::Unknown("the pod is gone but its volume is still there".to_owned()),
+        };
+        states.insert(ordinal, state);
+    }
+    Ok(states)
+}
+
+/// Deletes the volumes of drained, removed pods.
+pub async fn delete_volumes(ctx: &Context, namespace: &str, names: &TenantNames, ordinals: &[u32]) -> Result<()> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    for ordinal in ordinals {
+        let name = claim_name(names, *ordinal);
+        match claims.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => info!(tenant = %names.tenant, %namespace, claim = %name, "drained volume deleted"),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The volume claim of pod `ordinal` (StatefulSet naming: `<template>-<statefulset>-<ordinal>`).
+pub fn claim_name(names: &TenantNames, ordinal: u32) -> String {
+    format!("{DATA_CLAIM}-{}-{ordinal}", names.mta())
+}
+
+async fn stop_submissions(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
+    if pod.labels().get(SUBMISSION_LABEL).map(String::as_str) == Some("draining") {
+        return Ok(());
+    }
+    let patch = json!({"metadata": {"labels": {SUBMISSION_LABEL: "draining"}}});
+    pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn read_queue(pod: &Pod) -> QueueState {
+    let Some(ip) = pod.status.as_ref().and_then(|status| status.pod_ip.as_deref()) else {
+        return QueueState::Unknown("the pod has no IP yet".to_owned());
+    };
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_owned()
+    };
+    let url = format!("http://{host}:{SIDECAR_ADMIN_PORT}/status");
+    let client = match reqwest::Client::builder().timeout(STATUS_TIMEOUT).build() {
+        Ok(client) => client,
+        Err(err) => return QueueState::Unknown(format!("HTTP client: {err}")),
+    };
+    let response = match client.get(&url).send().await {
+        Ok(response) if response.status().is_success() => response,
+        Ok(response) => return QueueState::Unknown(format!("/status answered {}", response.status())),
+        Err(err) => return QueueState::Unknown(format!("/status unreachable: {err}")),
+    };
+    match response.json::<SidecarStatus>().await {
+        Ok(status) if status.queue.is_empty() => QueueState::Empty,
+        Ok(status) => QueueState::Holding(status.queue.messages),
+        Err(err) => QueueState::Unknown(format!("/status is not valid: {err}")),
+    }
+}
+
+/// Every ordinal whose volume may still exist: up to the StatefulSet's size and any claim left behind.
+pub async fn claimed_ordinals(ctx: &Context, namespace: &str, names: &TenantNames, replicas: u32) -> Result<Vec<u32>> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let prefix = format!("{DATA_CLAIM}-{}-", names.mta());
+    let mut ordinals: Vec<u32> = (0..replicas).collect();
+    for claim in claims.list_metadata(&ListParams::default()).await? {
+        if let Some(ordinal) = claim
+            .name_any()
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.parse().ok())
+            && !ordinals.contains(&ordinal)
+        {
+            ordinals.push(ordinal);
+        }
+    }
+    Ok(ordinals)
+}
+
+/// Error that keeps the finalizer while queues drain.
+pub fn still_draining(states: &BTreeMap<u32, QueueState>) -> Option<Error> {
+    let pending: Vec<String> = states
+        .iter()
+        .filter(|(_, state)| !state.is_drained())
+        .map(|(ordinal, state)| format!("pod {ordinal}: {}", state.describe()))
+        .collect();
+    (!pending.is_empty()).then(|| Error::Draining(pending.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ordinal: u32, address: &str) -> PodAssignment {
+        PodAssignment {
+            ordinal,
+            address: PoolAddress {
+                address: address.to_owned(),
+                hostname: format!("mta{ordinal}.example.org"),
+            },
+            warmup_day: Some(3),
+            daily_limit: Some(400),
+            draining: false,
+        }
+    }
+
+    fn recorded(ordinal: u32, address: &str) -> PoolAddressStatus {
+        PoolAddressStatus {
+            address: address.to_owned(),
+            hostname: Some(format!("old{ordinal}.example.org")),
+            ordinal: Some(ordinal),
+            warmup_start: None,
+            warmup_day: Some(5),
+            daily_limit: Some(700),
+            state: PoolAddressState::Warming,
+            reason: None,
+            last_evaluated: None,
+        }
+    }
+
+    #[test]
+    fn a_shrinking_pool_keeps_the_top_pod_until_its_queue_is_empty() {
+        // 192.0.2.2 (pod 1) left a pool of three: pods 0-1 get the remaining addresses, pod 2 drains from .2.
+        let pool = vec![pod(0, "192.0.2.1"), pod(1, "192.0.2.3")];
+        let before = [
+            recorded(0, "192.0.2.1"),
+            recorded(1, "192.0.2.2"),
+            recorded(2, "192.0.2.3"),
+        ];
+        let holding = BTreeMap::from([(2, QueueState::Holding(7))]);
+        let plan = plan(pool.clone(), 3, &before, &holding);
+        assert_eq!(plan.pods.len(), 3);
+        assert!(plan.pods[2].draining);
+        assert_eq!(
+            plan.pods[2].address.address, "192.0.2.2",
+            "the departed address, used by no other pod"
+        );
+        assert_eq!(plan.pods[2].address.hostname, "old1.example.org");
+        assert!(plan.removed.is_empty());
+
+        let empty = BTreeMap::from([(2, QueueState::Empty)]);
+        let plan = plan_after(pool, &before, &empty);
+        assert_eq!(plan.pods.len(), 2);
+        assert_eq!(plan.removed, [2]);
+    }
+
+    fn plan_after(
+        pool: Vec<PodAssignment>,
+        before: &[PoolAddressStatus],
+        queues: &BTreeMap<u32, QueueState>,
+    ) -> PoolPlan {
+        plan(pool, 3, before, queues)
+    }
+
+    #[test]
+    fn an_unreadable_queue_is_never_treated_as_empty() {
+        let pool = vec![pod(0, "192.0.2.1")];
+        let before = [recorded(0, "192.0.2.1"), recorded(1, "192.0.2.2")];
+        let unknown = BTreeMap::from([(1, QueueState::Unknown("unreachable".into()))]);
+        let plan = plan(pool, 2, &before, &unknown);
+        assert_eq!(plan.pods.len(), 2);
+        assert!(plan.removed.is_empty());
+    }
+
+    #[test]
+    fn only_the_top_pods_can_go() {
+        // Pods 1 and 2 drain; the top one (2) is empty, so it goes while 1 keeps delivering.
+        let pool = vec![pod(0, "192.0.2.1")];
+        let before = [
+            recorded(0, "192.0.2.1"),
+            recorded(1, "192.0.2.2"),
+            recorded(2, "192.0.2.3"),
+        ];
+        let queues = BTreeMap::from([(1, QueueState::Holding(1)), (2, QueueState::Empty)]);
+        let plan = plan(pool, 3, &before, &queues);
+        assert_eq!(plan.removed, [2]);
+        assert_eq!(plan.pods.len(), 2);
+        // Reversed: the top one holds mail, so the empty one below it has to stay too.
+        let queues = BTreeMap::from([(1, QueueState::Empty), (2, QueueState::Holding(1))]);
+        let kept = super::plan(vec![pod(0, "192.0.2.1")], 3, &before, &queues);
+        assert!(kept.removed.is_empty());
+        assert_eq!(kept.pods.len(), 3);
+    }
+
+    #[test]
+    fn a_growing_or_unchanged_pool_drains_nothing() {
+        let pool = vec![pod(0, "192.0.2.1"), pod(1, "192.0.2.2")];
+        let plan = plan(pool.clone(), 1, &[], &BTreeMap::new());
+        assert_eq!(plan.pods, pool);
+        assert!(plan.draining.is_empty() && plan.removed.is_empty());
+    }
+
+    #[test]
+    fn pending_queues_keep_the_finalizer() {
+        let states = BTreeMap::from([
+            (0, QueueState::Empty),
+            (1, QueueState::Holding(3)),
+            (2, QueueState::NoVolume),
+        ]);
+        let waiting = still_draining(&states).map(|err| err.to_string()).unwrap_or_default();
+        assert!(waiting.contains("pod 1: 3 message(s) queued"), "{waiting}");
+        assert!(!waiting.contains("pod 0") && !waiting.contains("pod 2"), "{waiting}");
+        assert!(still_draining(&BTreeMap::from([(0, QueueState::NoVolume)])).is_none());
+    }
+}
