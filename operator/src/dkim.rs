@@ -400,7 +400,10 @@ mod tests {
         assert!(again.generate.is_empty());
         assert_eq!(again.selectors[0].replaces.as_deref(), Some("sm-rsa-1"));
         assert_eq!(recent_replacements(&again.selectors, at(1)).len(), 1);
-        assert!(recent_replacements(&again.selectors, at(4)).is_empty(), "after the publish delay it is news no more");
+        assert!(
+            recent_replacements(&again.selectors, at(4)).is_empty(),
+            "after the publish delay it is news no more"
+        );
     }
 
     #[test]

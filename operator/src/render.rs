@@ -113,3 +113,37 @@ fn push_yaml(out: &mut String, object: &impl Serialize) -> Result<()> {
     out.push_str(&serde_yaml::to_string(object)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> SecureMailTenant {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/{name}.yaml"));
+        serde_yaml::from_str(&std::fs::read_to_string(path).expect("example")).expect("tenant")
+    }
+
+    /// Every child the builders make for each example, as `render` prints it: a change to any builder shows here.
+    #[test]
+    fn rendered_examples() {
+        let today = jiff::civil::date(2026, 12, 3);
+        for name in ["minimal", "dedicated-warmup", "strict-tls-overrides"] {
+            let rendered = render(&example(name), today, None, &Settings::default()).expect("renders");
+            insta::assert_snapshot!(format!("render_{name}"), rendered);
+        }
+    }
+
+    #[test]
+    fn rendering_is_byte_identical_for_the_same_spec() {
+        let today = jiff::civil::date(2026, 12, 3);
+        let tenant = example("dedicated-warmup");
+        let once = render(&tenant, today, None, &Settings::default()).expect("renders");
+        let twice = render(&tenant, today, None, &Settings::default()).expect("renders");
+        assert_eq!(once, twice);
+        assert!(
+            once.contains(KEY_PLACEHOLDER),
+            "keys are never rendered without --keys-dir"
+        );
+        assert!(!once.contains("PRIVATE KEY"));
+    }
+}

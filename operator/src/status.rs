@@ -127,8 +127,9 @@ pub fn claimed_elsewhere(tenant: &SecureMailTenant, all: &[impl AsRef<SecureMail
 
 /// Assigns pods to the usable addresses in pool order and works out each address's warmup day and limit.
 ///
-/// An address keeps the warmup start recorded in status; a new one starts on the spec's start date if that is
-/// still ahead, otherwise today.
+/// An address keeps the warmup start recorded in status. On the tenant's first reconcile (nothing recorded yet)
+/// addresses start on the spec's start date, which may lie in the past for addresses already warming elsewhere;
+/// an address added later starts today, or on the start date if that is still ahead.
 pub fn assign_pods(
     warmup: &WarmupSpec,
     usable: &[&PoolAddress],
@@ -144,7 +145,12 @@ pub fn assign_pods(
                 .iter()
                 .find(|status| status.address == address.address)
                 .and_then(|status| status.warmup_start.as_deref()?.parse::<Date>().ok())
-                .unwrap_or_else(|| spec_start.filter(|start| *start > today).unwrap_or(today));
+                .unwrap_or_else(|| {
+                    let first_reconcile = recorded.is_empty();
+                    spec_start
+                        .filter(|start| first_reconcile || *start > today)
+                        .unwrap_or(today)
+                });
             let day = warmup::day_on(start, today);
             let daily_limit = warmup::daily_limit(warmup, day);
             let assignment = PodAssignment {
@@ -318,5 +324,24 @@ mod tests {
             assigned[0].0.daily_limit,
             warmup::daily_limit(&pool.spec.ip_pool.warmup, 6)
         );
+    }
+
+    #[test]
+    fn a_past_start_date_counts_on_the_first_reconcile_only() {
+        let mut pool = tenant("t", 1, &["192.0.2.1", "192.0.2.2"]);
+        pool.spec.ip_pool.warmup.start_date = Some("2026-11-20".into());
+        let addresses: Vec<&PoolAddress> = pool.spec.ip_pool.addresses.iter().collect();
+        let first = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &[], date(2026, 11, 25));
+        assert_eq!(first[0].0.warmup_day, Some(6), "already warming since the start date");
+        let recorded = pool_status(
+            &pool.spec.ip_pool.addresses[..1],
+            &first[..1],
+            &BTreeMap::new(),
+            &[],
+            Timestamp::UNIX_EPOCH,
+        );
+        let later = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &recorded, date(2026, 11, 25));
+        assert_eq!(later[0].0.warmup_day, Some(6));
+        assert_eq!(later[1].0.warmup_day, Some(1), "an address added later starts today");
     }
 }

@@ -98,6 +98,13 @@ pub struct Signer {
     domains: BTreeMap<String, Vec<DomainKey>>,
 }
 
+// LMTP sessions on every runtime thread share one signer.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<Signer>();
+    shared::<KeyStore>();
+};
+
 struct DomainKey {
     algorithm: DkimAlgorithm,
     file: PathBuf,
