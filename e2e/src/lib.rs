@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod operator;
+pub mod tenants;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

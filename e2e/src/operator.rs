@@ -18,20 +18,26 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts the operator binary named by `SECUREMAIL_OPERATOR_BIN` (set by `make e2e`).
+    /// Starts the operator binary named by `SECUREMAIL_OPERATOR_BIN` (set by `make e2e`) with leader election.
     pub fn start(admin_port: u16) -> Self {
+        Self::spawn(admin_port, true)
+    }
+
+    /// Starts a single replica without a Lease, so a restart after `kill` reconciles at once instead of waiting for
+    /// the dead holder's lease to expire.
+    pub fn start_single(admin_port: u16) -> Self {
+        Self::spawn(admin_port, false)
+    }
+
+    fn spawn(admin_port: u16, leader_election: bool) -> Self {
         let binary = std::env::var("SECUREMAIL_OPERATOR_BIN")
             .unwrap_or_else(|_| panic!("SECUREMAIL_OPERATOR_BIN is not set; run the suite with `make e2e`"));
         let kubeconfig = operator_kubeconfig();
         let log = std::env::temp_dir().join(format!("securemail-operator-{admin_port}.log"));
         let log_file = std::fs::File::create(&log).unwrap_or_else(|err| panic!("{}: {err}", log.display()));
         let child = Command::new(binary)
-            .args([
-                "run",
-                "--leader-election",
-                "--admin-address",
-                &format!("127.0.0.1:{admin_port}"),
-            ])
+            .args(["run", "--admin-address", &format!("127.0.0.1:{admin_port}")])
+            .args(leader_election.then_some("--leader-election"))
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", "securemail-system")
             .env("POD_NAME", format!("e2e-{admin_port}"))

@@ -1,0 +1,175 @@
+//! Tenant fixtures and assertions shared by the operator suites.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use securemail_api::SecureMailTenant;
+use serde_json::json;
+
+use crate::operator::Operator;
+use crate::{eventually, repo_root};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn example(file: &str, namespace: &str) -> SecureMailTenant {
+    let path = repo_root().join("examples").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let mut tenant: SecureMailTenant = serde_yaml::from_str(&text).unwrap_or_else(|err| panic!("{file}: {err}"));
+    tenant.metadata.namespace = Some(namespace.to_owned());
+    // Every test tenant gets addresses of its own: tenants left by earlier suites on the same control plane would
+    // otherwise claim the examples' addresses first.
+    // Namespaces are unique per test run, so a hash of the name picks one of 65536 /24 blocks in 10.0.0.0/8.
+    let block = namespace.bytes().fold(2_166_136_261u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(16_777_619)
+    }) % 65_536;
+    for (index, address) in tenant.spec.ip_pool.addresses.iter_mut().enumerate() {
+        address.address = if address.address.contains(':') {
+            format!("fd00::{block:x}:{}", index + 1)
+        } else {
+            format!("10.{}.{}.{}", block / 256 % 256, block % 256, index + 1)
+        };
+    }
+    tenant
+}
+
+pub fn condition(tenant: &SecureMailTenant, type_: &str) -> Option<(String, String, String)> {
+    tenant
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|condition| condition.type_ == type_)
+        .map(|condition| {
+            (
+                condition.status.clone(),
+                condition.reason.clone(),
+                condition.message.clone(),
+            )
+        })
+}
+
+pub async fn create(client: &Client, tenant: &SecureMailTenant) -> SecureMailTenant {
+    let api: Api<SecureMailTenant> =
+        Api::namespaced(client.clone(), tenant.metadata.namespace.as_deref().unwrap_or_default());
+    api.create(&PostParams::default(), tenant)
+        .await
+        .unwrap_or_else(|err| panic!("cannot create {}: {err}", tenant.name_any()))
+}
+
+/// Waits until the operator has written status for the tenant's current generation.
+pub async fn reconciled(client: &Client, namespace: &str, name: &str) -> SecureMailTenant {
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+    eventually(&format!("status of {namespace}/{name}"), WAIT, || async {
+        let tenant = api.get(name).await.ok()?;
+        let observed = tenant.status.as_ref()?.observed_generation;
+        (observed.is_some() && observed == tenant.metadata.generation).then_some(tenant)
+    })
+    .await
+}
+
+pub async fn reconcile_count(operator: &Operator) -> u64 {
+    operator
+        .metrics()
+        .await
+        .lines()
+        .filter(|line| line.starts_with("securemail_operator_reconciles_total{result=\"success\"}"))
+        .filter_map(|line| line.split_whitespace().last()?.parse().ok())
+        .next()
+        .unwrap_or(0)
+}
+
+/// Every child exists, carries the managed-by and tenant labels and a controller owner reference to the tenant.
+pub async fn assert_children(client: &Client, tenant: &SecureMailTenant) {
+    let namespace = tenant.namespace().unwrap_or_default();
+    let name = tenant.name_any();
+    let uid = tenant.uid().unwrap_or_default();
+    let selector = format!("app.kubernetes.io/managed-by=securemail-operator,securemail.io/tenant={name}");
+    let params = ListParams::default().labels(&selector);
+    let mut found: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    macro_rules! collect {
+        ($kind:ty, $label:literal) => {{
+            let api: Api<$kind> = Api::namespaced(client.clone(), &namespace);
+            for object in api
+                .list(&params)
+                .await
+                .unwrap_or_else(|err| panic!("list {}: {err}", $label))
+            {
+                let owner = object
+                    .owner_references()
+                    .iter()
+                    .find(|owner| owner.controller == Some(true));
+                assert_eq!(
+                    owner.map(|owner| owner.uid.as_str()),
+                    Some(uid.as_str()),
+                    "{} {}",
+                    $label,
+                    object.name_any()
+                );
+                found.entry($label).or_default().push(object.name_any());
+            }
+        }};
+    }
+    collect!(StatefulSet, "StatefulSet");
+    collect!(ConfigMap, "ConfigMap");
+    collect!(Service, "Service");
+    collect!(ServiceAccount, "ServiceAccount");
+    collect!(PodDisruptionBudget, "PodDisruptionBudget");
+    collect!(NetworkPolicy, "NetworkPolicy");
+    collect!(Secret, "Secret");
+    let mta = format!("{name}-mta");
+    for kind in ["StatefulSet", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy"] {
+        assert_eq!(found[kind], std::slice::from_ref(&mta), "{kind}");
+    }
+    assert_eq!(found["ConfigMap"], [format!("{name}-mta-config")]);
+    assert_eq!(found["Service"].len(), 2, "{found:?}");
+    let algorithms: usize = tenant
+        .spec
+        .domains
+        .iter()
+        .map(|domain| domain.dkim.algorithms.len())
+        .sum();
+    assert_eq!(
+        found["Secret"].len(),
+        algorithms,
+        "one key Secret per domain and algorithm: {found:?}"
+    );
+}
+
+/// Stands in for the kubelet: marks every replica of the tenant's StatefulSet ready.
+pub async fn pods_become_ready(client: &Client, namespace: &str, name: &str) {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let sts = api
+        .get(&format!("{name}-mta"))
+        .await
+        .unwrap_or_else(|err| panic!("StatefulSet: {err}"));
+    let replicas = sts.spec.and_then(|spec| spec.replicas).unwrap_or(0);
+    let status = json!({"status": {"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas}});
+    api.patch_status(&format!("{name}-mta"), &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|err| panic!("StatefulSet status: {err}"));
+}
+
+pub async fn key_secrets(client: &Client, namespace: &str) -> BTreeMap<String, (String, Vec<u8>)> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let params = ListParams::default().labels("app.kubernetes.io/component=dkim-key");
+    api.list(&params)
+        .await
+        .unwrap_or_else(|err| panic!("key Secrets: {err}"))
+        .into_iter()
+        .map(|secret| {
+            let data = secret
+                .data
+                .as_ref()
+                .and_then(|data| data.get("private.pem"))
+                .map(|bytes| bytes.0.clone())
+                .unwrap_or_default();
+            (secret.name_any(), (secret.uid().unwrap_or_default(), data))
+        })
+        .collect()
+}
