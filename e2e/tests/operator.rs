@@ -39,6 +39,8 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     deletion_follows_the_deletion_policy(&client).await;
     a_shrinking_pool_drains_before_the_pod_and_volume_go(&client).await;
     deleting_a_drain_tenant_waits_for_empty_queues(&client).await;
+    // Last: it installs the external-dns CRD into the shared control plane.
+    dns_endpoints_follow_the_external_dns_crd(&client).await;
     drop(operator);
 }
 
@@ -527,4 +529,73 @@ async fn deleting_a_drain_tenant_waits_for_empty_queues(client: &Client) {
         claim_gone(client, &namespace, &format!("data-{sts}-0")).await,
         "the drained volume was not deleted"
     );
+}
+
+async fn dns_endpoints_follow_the_external_dns_crd(client: &Client) {
+    let namespace = unique_namespace("external-dns");
+    let tenant = create(client, &example("dedicated-warmup.yaml", &namespace)).await;
+    let name = tenant.name_any();
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let missing = eventually("DnsPublished without the CRD", WAIT, || async {
+        let (status, reason, message) = condition(&api.get(&name).await.ok()?, "DnsPublished")?;
+        (status == "False").then_some((reason, message))
+    })
+    .await;
+    assert_eq!(missing.0, "CrdMissing", "{missing:?}");
+    assert!(missing.1.contains("externaldns.k8s.io"), "{missing:?}");
+
+    // The real CRD, from external-dns's own Go module.
+    let script = securemail_e2e::repo_root().join("e2e/fetch-crd.sh");
+    let output = std::process::Command::new(&script)
+        .arg("external-dns")
+        .output()
+        .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let crd = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    securemail_e2e::kubectl_ok(&["apply", "--server-side", "-f", &crd]);
+    securemail_e2e::kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/dnsendpoints.externaldns.k8s.io",
+    ]);
+    let patch = json!({"metadata": {"labels": {"crd-installed": "yes"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let published = eventually("DnsPublished with the CRD", WAIT, || async {
+        let tenant = api.get(&name).await.ok()?;
+        (condition(&tenant, "DnsPublished")?.0 == "True").then_some(tenant)
+    })
+    .await;
+    let records = published.status.unwrap_or_default().dns_records;
+    let endpoint = securemail_e2e::kubectl_ok(&[
+        "get",
+        "dnsendpoints",
+        "-n",
+        &namespace,
+        &format!("{name}-mta"),
+        "-o",
+        "json",
+    ]);
+    let endpoint: serde_json::Value = serde_json::from_str(&endpoint).unwrap_or_else(|err| panic!("{err}"));
+    let endpoints = endpoint["spec"]["endpoints"].as_array().cloned().unwrap_or_default();
+    assert_eq!(endpoints.len(), records.len());
+    for record in &records {
+        assert!(
+            endpoints.iter().any(|e| e["dnsName"] == record.name.as_str()),
+            "{} missing from the DNSEndpoint",
+            record.name
+        );
+    }
+    let dkim = endpoints
+        .iter()
+        .find(|e| e["dnsName"].as_str().is_some_and(|n| n.contains("._domainkey.")))
+        .unwrap_or_else(|| panic!("no DKIM endpoint"));
+    assert!(
+        dkim["targets"][0]
+            .as_str()
+            .is_some_and(|t| t.starts_with("v=DKIM1; k=") && !t.contains('"'))
+    );
+    assert_eq!(endpoint["metadata"]["ownerReferences"][0]["name"], name.as_str());
 }

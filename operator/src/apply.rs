@@ -5,7 +5,7 @@ use std::fmt::Debug;
 
 use aws_lc_rs::digest::{SHA256, digest};
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -14,14 +14,25 @@ use crate::names::{DESIRED_HASH_ANNOTATION, MANAGER};
 use crate::{Error, Result};
 
 /// Applies `object` unless the live object carries the same desired-hash. Returns whether it wrote.
-pub async fn apply<K>(client: &Client, mut object: K) -> Result<bool>
+pub async fn apply<K>(client: &Client, object: K) -> Result<bool>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
     let namespace = object.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    apply_with(&Api::namespaced(client.clone(), &namespace), object).await
+}
+
+/// [`apply`] for objects whose kind is only known at run time (third-party CRDs).
+pub async fn apply_dynamic(api: &Api<DynamicObject>, object: DynamicObject) -> Result<bool> {
+    apply_with(api, object).await
+}
+
+async fn apply_with<K>(api: &Api<K>, mut object: K) -> Result<bool>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + Debug,
+{
     let name = object.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
     let hash = desired_hash(&object)?;
-    let api: Api<K> = Api::namespaced(client.clone(), &namespace);
     if let Some(live) = api.get_metadata_opt(&name).await?
         && live.annotations().get(DESIRED_HASH_ANNOTATION) == Some(&hash)
     {
@@ -40,7 +51,18 @@ pub async fn sweep<K>(client: &Client, namespace: &str, selector: &str, keep: &[
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    sweep_with(&Api::<K>::namespaced(client.clone(), namespace), selector, keep).await
+}
+
+/// [`sweep`] for objects whose kind is only known at run time.
+pub async fn sweep_dynamic(api: &Api<DynamicObject>, selector: &str, keep: &[String]) -> Result<Vec<String>> {
+    sweep_with(api, selector, keep).await
+}
+
+async fn sweep_with<K>(api: &Api<K>, selector: &str, keep: &[String]) -> Result<Vec<String>>
+where
+    K: Resource + DeserializeOwned + Clone + Debug,
+{
     let mut deleted = Vec::new();
     for child in api.list_metadata(&ListParams::default().labels(selector)).await? {
         let name = child.name_any();

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod crd;
 pub mod dkim;
 pub mod dkim_keys;
+pub mod dns_endpoint;
 pub mod drain;
 mod error;
 pub mod names;

@@ -31,7 +31,7 @@ use crate::context::Context;
 use crate::dkim::{self, DkimPlan, StoredKey};
 use crate::names::{MANAGER, TenantNames};
 use crate::status::{self, ConditionUpdate};
-use crate::{Error, Result, apply, dkim_keys, drain};
+use crate::{Error, Result, apply, dkim_keys, dns_endpoint, drain};
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
 pub const FINALIZER: &str = "securemail.io/drain";
@@ -186,6 +186,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     );
     ip_pool.extend(drain::draining_status(&pool_plan, &previous.ip_pool, now));
     updates.push(draining_condition(&pool_plan, &ip_pool, now));
+    updates.push(dns_endpoint::reconcile(&ctx.client, tenant, &names, &dns_records).await?);
     for update in updates {
         let (type_, status_now, reason, message) = (
             update.type_,
@@ -197,7 +198,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         let existed = conditions.iter().any(|condition| condition.type_ == type_);
         let news = existed || (type_ == status::IP_POOL_CONFLICT && status_now);
         if status::set_condition(&mut conditions, update, generation, now) && news {
-            let kind = if transition_is_bad(type_, status_now) {
+            let kind = if transition_is_bad(type_, status_now, &reason) {
                 EventType::Warning
             } else {
                 EventType::Normal
@@ -553,11 +554,12 @@ fn conflict_condition(conflicts: &BTreeMap<String, String>) -> ConditionUpdate {
     )
 }
 
-fn transition_is_bad(type_: &str, status_now: bool) -> bool {
-    if type_ == status::IP_POOL_CONFLICT {
-        status_now
-    } else {
-        !status_now
+fn transition_is_bad(type_: &str, status_now: bool, reason: &str) -> bool {
+    match type_ {
+        status::IP_POOL_CONFLICT | status::DRAINING => status_now,
+        // Publishing DNS by hand is a choice, not a problem.
+        status::DNS_PUBLISHED => reason == "CrdMissing",
+        _ => !status_now,
     }
 }
 

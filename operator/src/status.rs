@@ -19,6 +19,7 @@ pub const MTA_AVAILABLE: &str = "MtaAvailable";
 pub const IP_POOL_CONFLICT: &str = "IpPoolConflict";
 pub const PAUSED: &str = "Paused";
 pub const DRAINING: &str = "Draining";
+pub const DNS_PUBLISHED: &str = "DnsPublished";
 
 /// The desired state of one condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
