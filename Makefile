@@ -8,7 +8,7 @@ KUBECONFIG_FILE := $(CLUSTER_DIR)/kubeconfig
 CRD_FILE := crds/securemailtenants.securemail.io.yaml
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint unit crds check-crds cluster-up cluster-down e2e demo
+.PHONY: test deps fmt-check lint unit crds check-crds cluster-up cluster-down e2e demo bench-operator
 
 ## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites.
 test: deps fmt-check lint unit check-crds e2e
@@ -53,3 +53,8 @@ e2e:
 ## demo: the main job end to end on a local control plane (left running; stop it with `make cluster-down`).
 demo: deps
 	e2e/demo.sh
+
+## bench-operator: N tenants to DkimReady+ConfigValid vs the RSA keygen floor, peak RSS, no-op writes (N=1000).
+N ?= 1000
+bench-operator: deps
+	e2e/bench-operator.sh $(N)

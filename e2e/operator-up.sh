@@ -12,19 +12,22 @@ die() { echo "operator-up: $*" >&2; exit 1; }
 [ -f "$KUBECONFIG" ] || die "no control plane in $dir (run e2e/cluster-up.sh first)"
 [ -x "$binary" ] || die "no operator binary at $binary (cargo build -p securemail-operator)"
 
-if [ -f "$dir/operator.pid" ] && kill -0 "$(cat "$dir/operator.pid")" 2>/dev/null; then
-  kill -TERM "$(cat "$dir/operator.pid")"
-  sleep 1
+# Replace a running operator: TERM lets it finish in-flight reconciles; KILL after 5 s.
+if [ -f "$dir/securemail-operator.pid" ]; then
+  previous=$(cat "$dir/securemail-operator.pid")
+  kill -TERM "$previous" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$previous" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$previous" 2>/dev/null || true
 fi
 
 operator_kubeconfig=$("$here/operator-kubeconfig.sh")
 
-KUBECONFIG="$operator_kubeconfig" POD_NAMESPACE=securemail-system RUST_LOG=info,kube=warn \
+KUBECONFIG="$operator_kubeconfig" POD_NAMESPACE=securemail-system RUST_LOG=${RUST_LOG:-info,kube=warn} \
   setsid nohup "$binary" run --admin-address 127.0.0.1:18080 </dev/null >"$dir/operator.log" 2>&1 &
-echo $! > "$dir/operator.pid"
+echo $! > "$dir/securemail-operator.pid"
 for _ in $(seq 1 50); do
   curl -sf http://127.0.0.1:18080/readyz >/dev/null 2>&1 && { echo "operator-up: running (log $dir/operator.log)" >&2; exit 0; }
-  kill -0 "$(cat "$dir/operator.pid")" 2>/dev/null || { tail -n 20 "$dir/operator.log" >&2; die "the operator exited"; }
+  kill -0 "$(cat "$dir/securemail-operator.pid")" 2>/dev/null || { tail -n 20 "$dir/operator.log" >&2; die "the operator exited"; }
   sleep 0.2
 done
 die "the operator did not become ready; see $dir/operator.log"

@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, controller, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use securemail_api::SecureMailTenant;
@@ -19,6 +20,9 @@ use crate::build::Settings;
 use crate::context::{Clock, Context, Metrics};
 use crate::names::{MANAGED_SELECTOR, MANAGER};
 use crate::reconcile::{error_policy, reconcile};
+
+/// How long triggers for one tenant are collected before it is reconciled.
+const DEBOUNCE: Duration = Duration::from_millis(500);
 
 /// Leader election settings; `None` runs without a lease (a single replica).
 #[derive(Debug, Clone)]
@@ -77,6 +81,9 @@ pub async fn run(
         .owns(Api::<ServiceAccount>::all(client.clone()), managed.clone())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), managed.clone())
         .owns(Api::<NetworkPolicy>::all(client.clone()), managed)
+        // A reconcile's own writes come back as watch events for the tenant and its children; coalescing them
+        // turns a burst of triggers into one more pass instead of one per event.
+        .with_config(controller::Config::default().debounce(DEBOUNCE))
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {

@@ -37,6 +37,8 @@ use crate::{Error, Result, apply, dkim_keys, dns_endpoint, drain};
 pub const FINALIZER: &str = "securemail.io/drain";
 /// Re-check interval when nothing else is due, so drifted children and stale status heal.
 const RESYNC: Duration = Duration::from_secs(3600);
+/// How often a tenant that wants DNSEndpoints checks whether external-dns's CRD has been installed.
+const CRD_RECHECK: Duration = Duration::from_secs(60);
 /// How often queues of draining pods are checked.
 const DRAIN_RECHECK: Duration = Duration::from_secs(15);
 
@@ -186,7 +188,10 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     );
     ip_pool.extend(drain::draining_status(&pool_plan, &previous.ip_pool, now));
     updates.push(draining_condition(&pool_plan, &ip_pool, now));
-    updates.push(dns_endpoint::reconcile(&ctx.client, tenant, &names, &dns_records).await?);
+    let dns_published = dns_endpoint::reconcile(&ctx.client, tenant, &names, &dns_records).await?;
+    // Waiting for someone to install external-dns: look again soon rather than at the next day boundary.
+    let crd_missing = dns_published.reason == "CrdMissing";
+    updates.push(dns_published);
     for update in updates {
         let (type_, status_now, reason, message) = (
             update.type_,
@@ -236,11 +241,13 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         .reconciles
         .get_or_create(&crate::context::ResultLabels { result: "success" })
         .inc();
-    if pool_plan.draining.is_empty() {
-        Ok(Action::requeue(next_wakeup(now)))
+    Ok(Action::requeue(if !pool_plan.draining.is_empty() {
+        DRAIN_RECHECK
+    } else if crd_missing {
+        CRD_RECHECK
     } else {
-        Ok(Action::requeue(DRAIN_RECHECK))
-    }
+        next_wakeup(now)
+    }))
 }
 
 /// Deletion. Orphan: every child loses its owner reference, so pods, keys and volumes stay. Drain: every pod

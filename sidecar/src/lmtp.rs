@@ -3,8 +3,16 @@
 //! a [`Backend`] (the delivery engine), which must not answer 2xx before the remote MX accepted the recipient.
 //! Recipients are also put to the backend at RCPT time, so that warmup caps can refuse them with 452 4.7.1.
 //!
-//! Input is handled strictly: commands and content must use CRLF line ends only (see `data` for the content
-//! rules), limits on line length, recipients and size are enforced, and no input makes the server panic.
+//! Input is handled strictly, and no input makes the server panic (fuzzed: sidecar/fuzz, and a proptest):
+//! - only CRLF ends a line. A bare CR or LF in a command line gets 500 5.5.2 and the session goes on; in the
+//!   content it refuses the message for every recipient with 550 5.6.0 (never normalised, never passed on: SMTP
+//!   smuggling). The end of data is exactly CRLF "." CRLF; leading dots are unstuffed.
+//! - a command line over 512 octets gets 500 5.5.6; a content line over 998 octets refuses the message with
+//!   550 5.6.0 (Postfix folds longer lines, so only a broken client sends one); a message over
+//!   [`Limits::max_message_bytes`] gets 552 5.3.4 for every recipient. Refused content is still read to its end
+//!   marker, so the client gets its replies on a stream that is still in step.
+//! - recipients beyond [`Limits::max_recipients`] get 452 4.5.3; non-ASCII addresses without SMTPUTF8, or invalid
+//!   UTF-8, get 553 5.6.7.
 
 mod command;
 mod data;

@@ -1,5 +1,8 @@
 //! The LMTP listener on a real Unix socket: how it takes over the socket path and how it shuts down.
-#![allow(clippy::unwrap_used, reason = "test helpers and backends: a panic is the failure report")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers and backends: a panic is the failure report"
+)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -41,7 +44,10 @@ async fn bind_replaces_a_stale_socket_opens_it_to_all_users_and_never_replaces_o
     let path = dir.path().join("lmtp.sock");
     let first = LmtpListener::bind(&path).unwrap();
     drop(first);
-    assert!(path.exists(), "a dropped listener leaves its socket file, as a crash would");
+    assert!(
+        path.exists(),
+        "a dropped listener leaves its socket file, as a crash would"
+    );
     let _second = LmtpListener::bind(&path).unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o666);
     UnixStream::connect(&path).await.unwrap();
@@ -81,11 +87,20 @@ async fn shutdown_stops_accepting_closes_idle_sessions_and_waits_for_transaction
     // The backend is now delivering.
     shutdown.cancel();
 
-    assert_eq!(read_line(&mut idle_read).await, "421 4.3.2 shutting down; try again later\r\n");
+    assert_eq!(
+        read_line(&mut idle_read).await,
+        "421 4.3.2 shutting down; try again later\r\n"
+    );
     assert_eq!(read_line(&mut busy_read).await, "250 2.0.0 delivered\r\n");
-    assert_eq!(read_line(&mut busy_read).await, "421 4.3.2 shutting down; try again later\r\n");
+    assert_eq!(
+        read_line(&mut busy_read).await,
+        "421 4.3.2 shutting down; try again later\r\n"
+    );
     assert_eq!(read_line(&mut busy_read).await, "");
-    tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!path.exists(), "the socket is removed so Postfix keeps its mail queued");
     assert!(UnixStream::connect(&path).await.is_err());
 }

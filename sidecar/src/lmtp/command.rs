@@ -61,8 +61,14 @@ mod tests {
     #[test]
     fn verbs_are_case_insensitive_and_arguments_are_split_off() {
         assert!(matches!(parsed("lhlo mta.example"), Ok(Command::Lhlo)));
-        assert!(matches!(parsed("Mail From:<a@b.example> SIZE=1"), Ok(Command::Mail(b"<a@b.example> SIZE=1"))));
-        assert!(matches!(parsed("RCPT TO:<c@d.example>"), Ok(Command::Rcpt(b"<c@d.example>"))));
+        assert!(matches!(
+            parsed("Mail From:<a@b.example> SIZE=1"),
+            Ok(Command::Mail(b"<a@b.example> SIZE=1"))
+        ));
+        assert!(matches!(
+            parsed("RCPT TO:<c@d.example>"),
+            Ok(Command::Rcpt(b"<c@d.example>"))
+        ));
         assert!(matches!(parsed("data"), Ok(Command::Data)));
         assert!(matches!(parsed("NOOP anything"), Ok(Command::Noop)));
         assert!(matches!(parsed("VRFY someone"), Ok(Command::Vrfy)));

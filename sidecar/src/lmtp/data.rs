@@ -4,8 +4,9 @@
 //! Only CRLF ends a line. The end-of-data marker is exactly CRLF "." CRLF (the CRLF of the DATA command counts as
 //! the first). A bare LF or a bare CR anywhere refuses the message with 550 5.6.0: normalising would change what
 //! the sender signed and meant, and passing either on lets a receiver that treats it as a line end see a different
-//! end of data than we did. Postfix's LMTP client never sends either for mail its smtpd accepted under
-//! `smtpd_forbid_bare_newline = normalize`, except a bare CR inside a line, which then bounces with a reason.
+//! end of data than we did. Mail from the operator-configured Postfix never carries either (its smtpd reads a
+//! bare LF as CRLF and turns a bare CR into a space: see tests/lmtp_postfix.rs), so the refusal is a second line
+//! of defence against other clients and configuration drift.
 //! A line over 998 octets (RFC 5321 section 4.5.3.1.6; Postfix folds longer lines before LMTP) refuses the message
 //! with 550 5.6.0 too: the next hop may cut or refuse it. After a refusal the rest of the content is read and
 //! dropped, so the client gets its per-recipient replies on a stream still in step.
@@ -27,8 +28,16 @@ impl Refusal {
     pub(super) fn reply(self) -> Reply {
         match self {
             Self::TooBig => Reply::fixed(552, (5, 3, 4), "message size exceeds fixed maximum message size"),
-            Self::BareCr => Reply::fixed(550, (5, 6, 0), "message refused: bare CR in content; lines must end in CRLF"),
-            Self::BareLf => Reply::fixed(550, (5, 6, 0), "message refused: bare LF in content; lines must end in CRLF"),
+            Self::BareCr => Reply::fixed(
+                550,
+                (5, 6, 0),
+                "message refused: bare CR in content; lines must end in CRLF",
+            ),
+            Self::BareLf => Reply::fixed(
+                550,
+                (5, 6, 0),
+                "message refused: bare LF in content; lines must end in CRLF",
+            ),
             Self::LineTooLong => Reply::fixed(550, (5, 6, 0), "message refused: a line is longer than 998 octets"),
         }
     }
@@ -193,7 +202,10 @@ mod tests {
         let stuffed_998 = [b".".to_vec(), b"x".repeat(998), b"\r\n.\r\n".to_vec()].concat();
         assert!(decode(&stuffed_998, 2000).0.is_ok());
         let line_999 = [b"x".repeat(999), b"\r\n.\r\n".to_vec()].concat();
-        assert_eq!(decode(&line_999, 2000), (Err(Refusal::LineTooLong), Some(line_999.len())));
+        assert_eq!(
+            decode(&line_999, 2000),
+            (Err(Refusal::LineTooLong), Some(line_999.len()))
+        );
 
         let exactly = b"0123456789\r\n.\r\n";
         assert_eq!(decode(exactly, 12).0.unwrap(), b"0123456789\r\n");

@@ -275,7 +275,10 @@ fn local_part_len(input: &[u8]) -> Option<usize> {
             }
         }
     }
-    let len = input.iter().position(|&b| !(is_atext(b) || b == b'.')).unwrap_or(input.len());
+    let len = input
+        .iter()
+        .position(|&b| !(is_atext(b) || b == b'.'))
+        .unwrap_or(input.len());
     let dot_string = &input[..len];
     let valid = !dot_string.is_empty() && dot_string.split(|&b| b == b'.').all(|atom| !atom.is_empty());
     valid.then_some(len)
@@ -290,7 +293,9 @@ fn is_domain(domain: &[u8]) -> bool {
     domain.len() <= MAX_DOMAIN_OCTETS
         && domain.split(|&b| b == b'.').all(|label| {
             (1..=63).contains(&label.len())
-                && label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
+                && label
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
                 && !label.starts_with(b"-")
                 && !label.ends_with(b"-")
         })
@@ -314,8 +319,9 @@ fn parameters(input: &[u8]) -> Result<Vec<(&str, Option<&str>)>, Reply> {
             };
             let keyword_valid = keyword.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
                 && keyword.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-            let value_valid =
-                value.is_none_or(|value| !value.is_empty() && value.bytes().all(|b| (b'!'..=b'~').contains(&b) && b != b'='));
+            let value_valid = value.is_none_or(|value| {
+                !value.is_empty() && value.bytes().all(|b| (b'!'..=b'~').contains(&b) && b != b'=')
+            });
             if keyword_valid && value_valid {
                 Ok((keyword, value))
             } else {
@@ -364,7 +370,11 @@ fn is_xtext(value: &str) -> bool {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => {
-                let hex = |j: usize| bytes.get(j).is_some_and(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b));
+                let hex = |j: usize| {
+                    bytes
+                        .get(j)
+                        .is_some_and(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b))
+                };
                 if !(hex(i + 1) && hex(i + 2)) {
                     return false;
                 }
@@ -397,7 +407,10 @@ mod tests {
     fn plain_quoted_routed_and_null_paths() {
         let (mailbox, params) = sender("<Jane.Doe+tag@Example.ORG>").unwrap();
         let mailbox = mailbox.unwrap();
-        assert_eq!((mailbox.local_part(), mailbox.domain()), ("Jane.Doe+tag", "example.org"));
+        assert_eq!(
+            (mailbox.local_part(), mailbox.domain()),
+            ("Jane.Doe+tag", "example.org")
+        );
         assert_eq!(params, MailParams::default());
 
         assert_eq!(sender("<>").unwrap().0, None);
@@ -460,7 +473,8 @@ mod tests {
 
     #[test]
     fn mail_parameters_are_parsed_and_checked() {
-        let (_, params) = sender("<a@example.org> size=1234  BODY=8bitmime SMTPUTF8 RET=HDRS ENVID=QQ314159+2B1").unwrap();
+        let (_, params) =
+            sender("<a@example.org> size=1234  BODY=8bitmime SMTPUTF8 RET=HDRS ENVID=QQ314159+2B1").unwrap();
         assert_eq!(
             params,
             MailParams {
@@ -492,9 +506,16 @@ mod tests {
 
     #[test]
     fn rcpt_parameters_are_parsed_and_checked() {
-        let rcpt = recipient(b"<b@example.net> NOTIFY=success,delay ORCPT=rfc822;b+40example.net", false).unwrap();
+        let rcpt = recipient(
+            b"<b@example.net> NOTIFY=success,delay ORCPT=rfc822;b+40example.net",
+            false,
+        )
+        .unwrap();
         assert_eq!(rcpt.notify.as_deref(), Some("SUCCESS,DELAY"));
-        assert_eq!(rcpt.orcpt.as_ref().map(OriginalRecipient::as_str), Some("rfc822;b+40example.net"));
+        assert_eq!(
+            rcpt.orcpt.as_ref().map(OriginalRecipient::as_str),
+            Some("rfc822;b+40example.net")
+        );
         for bad in [
             &b"<b@example.net> NOTIFY=NEVER,SUCCESS"[..],
             b"<b@example.net> NOTIFY=SOMETIMES",
@@ -510,7 +531,11 @@ mod tests {
 
     #[test]
     fn debug_output_never_shows_local_parts() {
-        let rcpt = recipient(b"<secret.person@example.net> ORCPT=rfc822;secret.person+40example.net", false).unwrap();
+        let rcpt = recipient(
+            b"<secret.person@example.net> ORCPT=rfc822;secret.person+40example.net",
+            false,
+        )
+        .unwrap();
         let envelope = Envelope {
             sender: sender("<hidden.sender@example.org>").unwrap().0,
             params: MailParams::default(),

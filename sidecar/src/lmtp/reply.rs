@@ -98,7 +98,12 @@ mod tests {
 
     #[test]
     fn remote_text_cannot_inject_lines_or_non_ascii() {
-        let reply = Reply::new(451, Some((4, 7, 0)), "try later\r\n250 2.0.0 fake\rdelivered\n\u{e9}t\u{e9}").unwrap();
+        let reply = Reply::new(
+            451,
+            Some((4, 7, 0)),
+            "try later\r\n250 2.0.0 fake\rdelivered\n\u{e9}t\u{e9}",
+        )
+        .unwrap();
         assert_eq!(wire(&reply), "451 4.7.0 try later  250 2.0.0 fake delivered ?t?\r\n");
         let long = Reply::new(550, None, &"x".repeat(2000)).unwrap();
         assert_eq!(wire(&long).len(), "550 ".len() + MAX_TEXT_OCTETS + 2);

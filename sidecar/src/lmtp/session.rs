@@ -21,7 +21,6 @@ const OK: Reply = Reply::fixed(250, (2, 0, 0), "OK");
 const RESET: Reply = Reply::fixed(250, (2, 0, 0), "reset");
 const SENDER_OK: Reply = Reply::fixed(250, (2, 1, 0), "sender OK");
 const RECIPIENT_OK: Reply = Reply::fixed(250, (2, 1, 5), "recipient OK");
-const START_DATA: Reply = Reply::fixed(354, (2, 0, 0), "send the message, end with <CRLF>.<CRLF>");
 const BYE: Reply = Reply::fixed(221, (2, 0, 0), "bye");
 const CANNOT_VRFY: Reply = Reply::fixed(
     252,
@@ -191,7 +190,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
                 return Ok(Flow::Continue);
             }
         };
-        self.io.reply(&START_DATA);
+        self.io.start_data();
         let max_bytes = usize::try_from(self.limits.max_message_bytes).unwrap_or(usize::MAX);
         let mut decoder = DataDecoder::new(max_bytes);
         loop {
@@ -286,6 +285,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             .extend_from_slice(format!("220 {SERVER_NAME} LMTP SecureMail sidecar ready\r\n").as_bytes());
     }
 
+    /// An intermediate reply: enhanced codes belong to final replies only (RFC 2034 section 3).
+    fn start_data(&mut self) {
+        self.output
+            .extend_from_slice(b"354 send the message, end with <CRLF>.<CRLF>\r\n");
+    }
+
     fn reply_lhlo(&mut self, max_message_bytes: u64) {
         let lines = [
             SERVER_NAME.to_owned(),
@@ -297,7 +302,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         ];
         for (i, line) in lines.iter().enumerate() {
             let separator = if i + 1 == lines.len() { ' ' } else { '-' };
-            self.output.extend_from_slice(format!("250{separator}{line}\r\n").as_bytes());
+            self.output
+                .extend_from_slice(format!("250{separator}{line}\r\n").as_bytes());
         }
     }
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Operator benchmark: applies N tenants to a fresh local control plane and measures the time until every one is
+# DkimReady and ConfigValid, against the floor of generating N RSA-2048 keys on every core measured in the same run;
+# the operator's peak RSS; and the apiserver writes of a second full pass over unchanged tenants (from the audit log).
+# Usage: bench-operator.sh [N]   (default 1000)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+count=${1:-1000}
+export SECUREMAIL_CLUSTER_DIR=${SECUREMAIL_BENCH_DIR:-/tmp/securemail-bench}
+export SECUREMAIL_ETCD_PORT=24791 SECUREMAIL_APISERVER_PORT=27443
+dir=$SECUREMAIL_CLUSTER_DIR
+namespace=bench
+operator_user=system:serviceaccount:securemail-system:securemail-operator
+log() { echo "bench-operator: $*" >&2; }
+
+cd "$root"
+cargo build --locked -q --release -p securemail-operator --bin securemail-operator --example keygen_floor
+"$here/cluster-down.sh" >/dev/null 2>&1 || true
+trap '"$here/cluster-down.sh" >/dev/null 2>&1 || true' EXIT
+export KUBECONFIG
+KUBECONFIG=$("$here/cluster-up.sh" | tail -n 1)
+kubectl apply --server-side -f crds/securemailtenants.securemail.io.yaml >/dev/null
+kubectl wait --for=condition=Established --timeout=60s crd/securemailtenants.securemail.io >/dev/null
+kubectl create namespace "$namespace" >/dev/null
+
+log "keygen floor: $count RSA-2048 keys on $(nproc) cores"
+floor=$(target/release/examples/keygen_floor "$count")
+
+log "applying $count tenants"
+python3 - "$count" > "$dir/tenants.yaml" <<'PY'
+import sys
+for i in range(int(sys.argv[1])):
+    print(f"""---
+apiVersion: securemail.io/v1alpha1
+kind: SecureMailTenant
+metadata: {{name: tenant-{i}, namespace: bench}}
+spec:
+  domains: [{{name: notify.tenant-{i}.example}}]
+  ipPool: {{addresses: [{{address: 10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}, hostname: mta.tenant-{i}.example}}]}}
+  submission: {{tls: {{secretName: submission-tls}}, clientCertificates: {{caSecretName: apps-ca}}}}""")
+PY
+kubectl apply --server-side -f "$dir/tenants.yaml" >/dev/null
+
+converged() {
+  kubectl get smt -n "$namespace" -o json | python3 -c '
+import json, sys
+items = json.load(sys.stdin)["items"]
+def good(t):
+    conds = {c["type"]: c["status"] for c in t.get("status", {}).get("conditions", [])}
+    return conds.get("DkimReady") == "True" and conds.get("ConfigValid") == "True"
+print(sum(good(t) for t in items))'
+}
+
+start=$(date +%s.%N)
+SECUREMAIL_OPERATOR_BIN=$root/target/release/securemail-operator "$here/operator-up.sh"
+pid=$(cat "$dir/securemail-operator.pid")
+while [ "$(converged)" -lt "$count" ]; do sleep 1; done
+elapsed=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
+peak_kib=$(sed -n 's/^VmHWM:\s*\([0-9]*\) kB/\1/p' "/proc/$pid/status")
+
+log "second pass: restart the operator and count its writes for unchanged tenants"
+sleep 5
+writes_before=$(grep -c "\"username\":\"$operator_user\".*\"namespace\":\"$namespace\"" "$dir/audit.log" || true)
+pass_start=$(date +%s)
+SECUREMAIL_OPERATOR_BIN=$root/target/release/securemail-operator "$here/operator-up.sh"
+# Wait until the new process has reconciled every tenant once.
+until [ "$(curl -s http://127.0.0.1:18080/metrics | sed -n 's/^securemail_operator_reconciles_total{result="success"} //p')" -ge "$count" ] 2>/dev/null; do
+  sleep 1
+  [ $(( $(date +%s) - pass_start )) -lt 600 ] || { log "second pass did not finish"; exit 1; }
+done
+sleep 2
+writes_after=$(grep -c "\"username\":\"$operator_user\".*\"namespace\":\"$namespace\"" "$dir/audit.log" || true)
+
+python3 - "$count" "$elapsed" "$floor" "$peak_kib" "$((writes_after - writes_before))" <<'PY'
+import sys
+n, elapsed, floor, peak_kib, writes = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+print(f"tenants                         {n}")
+print(f"converge (DkimReady+ConfigValid) {elapsed:.1f} s")
+print(f"keygen floor ({n} RSA-2048 keys) {floor:.1f} s")
+print(f"ratio converge / floor          {elapsed / floor:.2f}   (target <= 1.5)")
+print(f"operator peak RSS               {peak_kib / 1024:.1f} MiB   (target <= 50)")
+print(f"writes per no-op reconcile      {writes / n:.3f}   ({writes} writes for {n} tenants; target 0)")
+PY
