@@ -6,36 +6,47 @@ use std::fmt::Debug;
 use aws_lc_rs::digest::{SHA256, digest};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::names::{DESIRED_HASH_ANNOTATION, MANAGER};
+use crate::names::{DESIRED_HASH_ANNOTATION, MANAGER, TENANT_LABEL};
 use crate::{Error, Result};
 
-/// Applies `object` unless the live object carries the same desired-hash. Returns whether it wrote.
-pub async fn apply<K>(client: &Client, object: K) -> Result<bool>
+/// Applies `object` unless `cached` (the live object from a watch cache) carries the same desired-hash.
+/// Returns whether it wrote.
+pub async fn apply<K, C>(client: &Client, object: K, cached: &Store<C>) -> Result<bool>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+    C: Resource<DynamicType = ()> + Clone,
 {
     let namespace = object.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
-    apply_with(&Api::namespaced(client.clone(), &namespace), object).await
+    let name = object.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
+    let live = cached.get(&ObjectRef::new(&name).within(&namespace));
+    let live_hash = live
+        .as_ref()
+        .and_then(|live| live.annotations().get(DESIRED_HASH_ANNOTATION).cloned());
+    apply_unless(&Api::namespaced(client.clone(), &namespace), object, live_hash).await
 }
 
-/// [`apply`] for objects whose kind is only known at run time (third-party CRDs).
+/// [`apply`] for objects whose kind is only known at run time (third-party CRDs); reads the live object.
 pub async fn apply_dynamic(api: &Api<DynamicObject>, object: DynamicObject) -> Result<bool> {
-    apply_with(api, object).await
+    let name = object.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
+    let live_hash = api
+        .get_metadata_opt(&name)
+        .await?
+        .and_then(|live| live.annotations().get(DESIRED_HASH_ANNOTATION).cloned());
+    apply_unless(api, object, live_hash).await
 }
 
-async fn apply_with<K>(api: &Api<K>, mut object: K) -> Result<bool>
+async fn apply_unless<K>(api: &Api<K>, mut object: K, live_hash: Option<String>) -> Result<bool>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
 {
     let name = object.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
     let hash = desired_hash(&object)?;
-    if let Some(live) = api.get_metadata_opt(&name).await?
-        && live.annotations().get(DESIRED_HASH_ANNOTATION) == Some(&hash)
-    {
+    if live_hash.as_ref() == Some(&hash) {
         return Ok(false);
     }
     object
@@ -46,32 +57,46 @@ where
     Ok(true)
 }
 
-/// Deletes children of kind `K` matching `selector` whose names are not in `keep`. Returns the deleted names.
-pub async fn sweep<K>(client: &Client, namespace: &str, selector: &str, keep: &[String]) -> Result<Vec<String>>
+/// Deletes the tenant's cached children of kind `K` whose names are not in `keep`. Returns the deleted names.
+pub async fn sweep<K, C>(
+    client: &Client,
+    namespace: &str,
+    tenant: &str,
+    cached: &Store<C>,
+    keep: &[String],
+) -> Result<Vec<String>>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    C: Resource<DynamicType = ()> + Clone,
 {
-    sweep_with(&Api::<K>::namespaced(client.clone(), namespace), selector, keep).await
-}
-
-/// [`sweep`] for objects whose kind is only known at run time.
-pub async fn sweep_dynamic(api: &Api<DynamicObject>, selector: &str, keep: &[String]) -> Result<Vec<String>> {
-    sweep_with(api, selector, keep).await
-}
-
-async fn sweep_with<K>(api: &Api<K>, selector: &str, keep: &[String]) -> Result<Vec<String>>
-where
-    K: Resource + DeserializeOwned + Clone + Debug,
-{
-    let mut deleted = Vec::new();
-    for child in api.list_metadata(&ListParams::default().labels(selector)).await? {
-        let name = child.name_any();
-        if !keep.contains(&name) && child.metadata.deletion_timestamp.is_none() {
-            api.delete(&name, &DeleteParams::background()).await?;
-            deleted.push(name);
+    let stale: Vec<String> = cached
+        .state()
+        .iter()
+        .filter(|child| child.namespace().as_deref() == Some(namespace))
+        .filter(|child| child.labels().get(TENANT_LABEL).map(String::as_str) == Some(tenant))
+        .filter(|child| child.meta().deletion_timestamp.is_none())
+        .map(|child| child.name_any())
+        .filter(|name| !keep.contains(name))
+        .collect();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    for name in &stale {
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
         }
     }
-    Ok(deleted)
+    Ok(stale)
+}
+
+/// Deletes every object of a run-time kind matching `selector` (the DNSEndpoint of a tenant that stopped asking).
+pub async fn sweep_dynamic(api: &Api<DynamicObject>, selector: &str) -> Result<()> {
+    for child in api.list_metadata(&ListParams::default().labels(selector)).await? {
+        if child.metadata.deletion_timestamp.is_none() {
+            api.delete(&child.name_any(), &DeleteParams::background()).await?;
+        }
+    }
+    Ok(())
 }
 
 /// SHA-256 of the object as it would be applied, hex-encoded.

@@ -4,7 +4,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Client;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -33,6 +38,35 @@ impl Clock for SystemClock {
     }
 }
 
+/// Caches fed by the controller's watches. Children are cached as metadata only: that is all a reconcile reads
+/// (labels, annotations, owners), it keeps memory flat, and private keys never sit in the operator's memory.
+#[derive(Clone, Debug)]
+pub struct Stores {
+    /// Every tenant the controller knows, for the address conflict rule.
+    pub tenants: Store<SecureMailTenant>,
+    pub stateful_sets: Store<StatefulSet>,
+    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    pub services: Store<PartialObjectMeta<Service>>,
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    pub disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
+    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+}
+
+impl Stores {
+    /// Waits until every watch has listed once, so a reconcile never mistakes "not cached yet" for "absent".
+    pub async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
+        self.tenants.wait_until_ready().await?;
+        self.stateful_sets.wait_until_ready().await?;
+        self.config_maps.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.service_accounts.wait_until_ready().await?;
+        self.secrets.wait_until_ready().await?;
+        self.disruption_budgets.wait_until_ready().await?;
+        self.network_policies.wait_until_ready().await
+    }
+}
+
 /// Everything a reconcile needs.
 #[derive(Clone)]
 pub struct Context {
@@ -41,8 +75,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
-    /// Every tenant the controller knows, for the address conflict rule.
-    pub tenants: Store<SecureMailTenant>,
+    pub stores: Stores,
     /// Consecutive failures per tenant, for exponential backoff.
     pub failures: Arc<Mutex<HashMap<ObjectRef<SecureMailTenant>, u32>>>,
 }
@@ -61,7 +94,7 @@ impl Context {
         settings: Settings,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
-        tenants: Store<SecureMailTenant>,
+        stores: Stores,
         instance: Option<String>,
     ) -> Self {
         let reporter = Reporter {
@@ -74,7 +107,7 @@ impl Context {
             settings,
             metrics,
             clock,
-            tenants,
+            stores,
             failures: Arc::default(),
         }
     }

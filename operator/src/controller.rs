@@ -4,20 +4,25 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::StreamExt;
+use std::fmt::Debug;
+
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::runtime::{Controller, controller, watcher};
-use kube::{Api, Client};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Api, Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 use securemail_api::SecureMailTenant;
+use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
 use crate::admin::Health;
 use crate::build::Settings;
-use crate::context::{Clock, Context, Metrics};
+use crate::context::{Clock, Context, Metrics, Stores};
 use crate::names::{MANAGED_SELECTOR, MANAGER};
 use crate::reconcile::{error_policy, reconcile};
 
@@ -65,22 +70,46 @@ pub async fn run(
     let tenants: Api<SecureMailTenant> = Api::all(client.clone());
     let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
     let controller = Controller::new(tenants, watcher::Config::default().any_semantic());
+    let (stateful_sets, stateful_set_events) = {
+        let (reader, writer) = reflector::store();
+        let events = watcher(Api::<StatefulSet>::all(client.clone()), managed.clone())
+            .default_backoff()
+            .reflect(writer)
+            .touched_objects();
+        (reader, events)
+    };
+    let (config_maps, config_map_events) = metadata_store::<ConfigMap>(&client, &managed);
+    let (services, service_events) = metadata_store::<Service>(&client, &managed);
+    let (service_accounts, service_account_events) = metadata_store::<ServiceAccount>(&client, &managed);
+    let (secrets, secret_events) = metadata_store::<Secret>(&client, &managed);
+    let (disruption_budgets, disruption_budget_events) = metadata_store::<PodDisruptionBudget>(&client, &managed);
+    let (network_policies, network_policy_events) = metadata_store::<NetworkPolicy>(&client, &managed);
+    let stores = Stores {
+        tenants: controller.store(),
+        stateful_sets,
+        config_maps,
+        services,
+        service_accounts,
+        secrets,
+        disruption_budgets,
+        network_policies,
+    };
     let context = Arc::new(Context::new(
         client.clone(),
         settings,
         metrics,
         clock,
-        controller.store(),
+        stores,
         leader_election.as_ref().map(|election| election.identity.clone()),
     ));
     let reconciling = controller
-        .owns(Api::<StatefulSet>::all(client.clone()), managed.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), managed.clone())
-        .owns(Api::<Service>::all(client.clone()), managed.clone())
-        .owns(Api::<Secret>::all(client.clone()), managed.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), managed.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), managed.clone())
-        .owns(Api::<NetworkPolicy>::all(client.clone()), managed)
+        .owns_stream(stateful_set_events)
+        .owns_stream(config_map_events)
+        .owns_stream(service_events)
+        .owns_stream(service_account_events)
+        .owns_stream(secret_events)
+        .owns_stream(disruption_budget_events)
+        .owns_stream(network_policy_events)
         // A reconcile's own writes come back as watch events for the tenant and its children; coalescing them
         // turns a burst of triggers into one more pass instead of one per event.
         .with_config(controller::Config::default().debounce(DEBOUNCE))
@@ -88,9 +117,7 @@ pub async fn run(
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             match result {
-                Ok((object, _)) => {
-                    debug!(tenant = %object.name, namespace = ?object.namespace, "reconciled")
-                }
+                Ok((object, _)) => debug!(tenant = %object.name, namespace = ?object.namespace, "reconciled"),
                 Err(error) => debug!(%error, "reconcile attempt failed"),
             }
         });
@@ -116,4 +143,24 @@ pub async fn run(
         None => reconciling.await,
     }
     Ok(())
+}
+
+/// A metadata-only watch of the operator's children of kind `K`, cached in a store, as a stream of the changed
+/// objects for the controller to map to their owning tenant.
+fn metadata_store<K>(
+    client: &Client,
+    config: &watcher::Config,
+) -> (
+    Store<PartialObjectMeta<K>>,
+    impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let events = watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), config.clone())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    (reader, events)
 }

@@ -14,6 +14,9 @@ use securemail_api::tenant::{DkimAlgorithm, DkimSelectorState, DkimSelectorStatu
 
 /// Field of a key Secret holding the PKCS#8 PEM private key.
 pub const PRIVATE_KEY_FIELD: &str = "private.pem";
+/// Annotation on a key Secret with its public key (the DKIM record's `p=`), so publishing the record never needs
+/// the private key.
+pub const PUBLIC_KEY_ANNOTATION: &str = "securemail.io/dkim-public-key";
 /// Annotation on a key Secret naming its signing domain.
 pub const DOMAIN_ANNOTATION: &str = "securemail.io/dkim-domain";
 /// Label on a key Secret naming its selector.

@@ -83,7 +83,7 @@ pub async fn reconcile(
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
     if !tenant.spec.dns.external_dns {
-        apply::sweep_dynamic(&api, &names.children_selector(), &[]).await?;
+        apply::sweep_dynamic(&api, &names.children_selector()).await?;
         return Ok(manual());
     }
     apply::apply_dynamic(&api, dns_endpoint(tenant, names, &resource, records)?).await?;

@@ -14,6 +14,8 @@ pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const TENANT_LABEL: &str = "securemail.io/tenant";
 /// What a child is for: mta, config, dkim-key, …
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Component label value of DKIM key Secrets.
+pub const DKIM_KEY_COMPONENT: &str = "dkim-key";
 /// Pods that accept submissions carry `enabled`; a draining pod is relabelled so the submission Service skips it.
 pub const SUBMISSION_LABEL: &str = "securemail.io/submission";
 /// Hash of the desired object last applied; equal hashes mean there is nothing to write.

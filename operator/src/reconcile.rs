@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
@@ -28,8 +28,8 @@ use tracing::{info, warn};
 
 use crate::build::{self, Children, Observed};
 use crate::context::Context;
-use crate::dkim::{self, DkimPlan, StoredKey};
-use crate::names::{MANAGER, TenantNames};
+use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
+use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
 use crate::{Error, Result, apply, dkim_keys, dns_endpoint, drain};
 
@@ -45,6 +45,10 @@ const DRAIN_RECHECK: Duration = Duration::from_secs(15);
 /// Entry point for the controller.
 pub async fn reconcile(tenant: Arc<SecureMailTenant>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
+    ctx.stores
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::Finalizer("the watch caches stopped".to_owned()))?;
     let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<SecureMailTenant> = Api::namespaced(ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, tenant, |event| async {
@@ -59,7 +63,7 @@ pub async fn reconcile(tenant: Arc<SecureMailTenant>, ctx: Arc<Context>) -> Resu
         other => Error::Finalizer(other.to_string()),
     });
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
-    ctx.metrics.count_tenants(&ctx.tenants);
+    ctx.metrics.count_tenants(&ctx.stores.tenants);
     result
 }
 
@@ -124,7 +128,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     conditions.retain(|condition| condition.type_ != status::PAUSED);
 
     // Addresses first claimed by another tenant get no pod here.
-    let conflicts = status::claimed_elsewhere(tenant, &ctx.tenants.state());
+    let conflicts = status::claimed_elsewhere(tenant, &ctx.stores.tenants.state());
     let usable: Vec<&PoolAddress> = tenant
         .spec
         .ip_pool
@@ -136,14 +140,14 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     let assignments = status::assign_pods(&tenant.spec.ip_pool.warmup, &usable, &previous.ip_pool, today);
 
     // DKIM keys: adopt what is stored, generate what is missing, retire what is done.
-    let stored = stored_keys(ctx, &namespace, &names).await?;
+    let stored = stored_keys(ctx, &namespace, &names)?;
     let plan = dkim::plan(&tenant.spec.domains, &previous.dkim_selectors, &stored, now);
-    create_keys(ctx, tenant, &names, &plan).await?;
+    let generated = create_keys(ctx, tenant, &names, &plan).await?;
     delete_keys(ctx, &namespace, &names, &plan).await?;
     let signing_keys = build::signing_keys(&plan.selectors, &names);
 
     // Pods above the pool's size drain before they go; their volumes go only once they are empty.
-    let live_replicas = live_replicas(ctx, &namespace, &names).await?;
+    let live_replicas = live_replicas(ctx, &namespace, &names);
     let pool_size = u32::try_from(assignments.len()).unwrap_or(u32::MAX);
     let queues = drain::probe(ctx, &namespace, &names, pool_size..live_replicas).await?;
     let pool_plan = drain::plan(
@@ -218,7 +222,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         );
         publish(ctx, tenant, EventType::Warning, "DkimKeyReplaced", &message).await;
     }
-    for key in &plan.generate {
+    for key in &generated {
         let message = format!("generated DKIM key {} for {}", key.selector, key.domain);
         publish(ctx, tenant, EventType::Normal, "DkimKeyGenerated", &message).await;
     }
@@ -264,7 +268,7 @@ async fn cleanup(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
             publish(ctx, tenant, EventType::Normal, "Orphaned", note).await;
         }
         DeletionPolicy::Drain => {
-            let replicas = live_replicas(ctx, &namespace, &names).await?;
+            let replicas = live_replicas(ctx, &namespace, &names);
             let ordinals = drain::claimed_ordinals(ctx, &namespace, &names, replicas).await?;
             let queues = drain::probe(ctx, &namespace, &names, ordinals.iter().copied()).await?;
             if let Some(waiting) = drain::still_draining(&queues) {
@@ -302,15 +306,18 @@ async fn orphan_children(ctx: &Context, namespace: &str, names: &TenantNames) ->
     Ok(())
 }
 
-/// The StatefulSet's current size (0 before it exists).
-async fn live_replicas(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<u32> {
-    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
-    let replicas = api
-        .get_opt(&names.mta())
-        .await?
-        .and_then(|sts| sts.spec?.replicas)
-        .unwrap_or(0);
-    Ok(u32::try_from(replicas).unwrap_or(0))
+/// The StatefulSet's current size (0 before it exists), from the watch cache.
+fn live_replicas(ctx: &Context, namespace: &str, names: &TenantNames) -> u32 {
+    cached_stateful_set(ctx, namespace, names)
+        .and_then(|sts| sts.spec.as_ref()?.replicas)
+        .and_then(|replicas| u32::try_from(replicas).ok())
+        .unwrap_or(0)
+}
+
+fn cached_stateful_set(ctx: &Context, namespace: &str, names: &TenantNames) -> Option<Arc<StatefulSet>> {
+    ctx.stores
+        .stateful_sets
+        .get(&ObjectRef::new(&names.mta()).within(namespace))
 }
 
 fn draining_condition(plan: &drain::PoolPlan, pool: &[PoolAddressStatus], now: Timestamp) -> ConditionUpdate {
@@ -329,41 +336,37 @@ fn draining_condition(plan: &drain::PoolPlan, pool: &[PoolAddressStatus], now: T
 
 /// Applies every child and sweeps the ones no longer built. Returns the StatefulSet's ready replicas.
 async fn apply_children(ctx: &Context, namespace: &str, names: &TenantNames, children: Children) -> Result<i32> {
-    let client = &ctx.client;
-    let selector = names.children_selector();
+    let (client, stores, tenant) = (&ctx.client, &ctx.stores, names.tenant.as_str());
     let keep_mta = [names.mta()];
-    apply::apply(client, children.service_account).await?;
-    apply::apply(client, children.config_map).await?;
-    apply::apply(client, children.headless_service).await?;
-    apply::apply(client, children.submission_service).await?;
-    apply::apply(client, children.disruption_budget).await?;
-    apply::apply(client, children.network_policy).await?;
-    apply::apply(client, children.stateful_set).await?;
-    apply::sweep::<ServiceAccount>(client, namespace, &selector, &keep_mta).await?;
-    apply::sweep::<ConfigMap>(client, namespace, &selector, &[names.config_map()]).await?;
-    apply::sweep::<Service>(client, namespace, &selector, &[names.mta(), names.submission_service()]).await?;
-    apply::sweep::<PodDisruptionBudget>(client, namespace, &selector, &keep_mta).await?;
-    apply::sweep::<NetworkPolicy>(client, namespace, &selector, &keep_mta).await?;
-    apply::sweep::<StatefulSet>(client, namespace, &selector, &keep_mta).await?;
-    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-    Ok(sts
-        .get_status(&names.mta())
-        .await?
-        .status
-        .and_then(|status| status.ready_replicas)
+    apply::apply(client, children.service_account, &stores.service_accounts).await?;
+    apply::apply(client, children.config_map, &stores.config_maps).await?;
+    apply::apply(client, children.headless_service, &stores.services).await?;
+    apply::apply(client, children.submission_service, &stores.services).await?;
+    apply::apply(client, children.disruption_budget, &stores.disruption_budgets).await?;
+    apply::apply(client, children.network_policy, &stores.network_policies).await?;
+    apply::apply(client, children.stateful_set, &stores.stateful_sets).await?;
+    apply::sweep::<ServiceAccount, _>(client, namespace, tenant, &stores.service_accounts, &keep_mta).await?;
+    apply::sweep::<ConfigMap, _>(client, namespace, tenant, &stores.config_maps, &[names.config_map()]).await?;
+    let services = [names.mta(), names.submission_service()];
+    apply::sweep::<Service, _>(client, namespace, tenant, &stores.services, &services).await?;
+    apply::sweep::<PodDisruptionBudget, _>(client, namespace, tenant, &stores.disruption_budgets, &keep_mta).await?;
+    apply::sweep::<NetworkPolicy, _>(client, namespace, tenant, &stores.network_policies, &keep_mta).await?;
+    apply::sweep::<StatefulSet, _>(client, namespace, tenant, &stores.stateful_sets, &keep_mta).await?;
+    Ok(cached_stateful_set(ctx, namespace, names)
+        .and_then(|sts| sts.status.as_ref()?.ready_replicas)
         .unwrap_or(0))
 }
 
-/// Key Secrets of this tenant, parsed. A Secret missing its labels is reported, never guessed at.
-async fn stored_keys(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<Vec<StoredKey>> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let selector = format!(
-        "{},{}=dkim-key",
-        names.children_selector(),
-        crate::names::COMPONENT_LABEL
-    );
+/// Key Secrets of this tenant, parsed from the watch cache. A Secret missing its labels is reported, never guessed at.
+fn stored_keys(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<Vec<StoredKey>> {
     let mut keys = Vec::new();
-    for secret in api.list_metadata(&ListParams::default().labels(&selector)).await? {
+    let cached = ctx.stores.secrets.state();
+    let mine = cached.iter().filter(|secret| {
+        secret.namespace().as_deref() == Some(namespace)
+            && secret.labels().get(TENANT_LABEL) == Some(&names.tenant)
+            && secret.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(DKIM_KEY_COMPONENT)
+    });
+    for secret in mine {
         let name = secret.name_any();
         let bad = |reason: &str| Error::BadKeySecret {
             name: name.clone(),
@@ -400,14 +403,24 @@ async fn stored_keys(ctx: &Context, namespace: &str, names: &TenantNames) -> Res
 
 /// Generates planned keys off the async runtime and stores each in its own immutable Secret. A Secret that
 /// already exists (a concurrent or interrupted reconcile) is kept as it is.
-async fn create_keys(ctx: &Context, tenant: &SecureMailTenant, names: &TenantNames, plan: &DkimPlan) -> Result<()> {
+async fn create_keys<'plan>(
+    ctx: &Context,
+    tenant: &SecureMailTenant,
+    names: &TenantNames,
+    plan: &'plan DkimPlan,
+) -> Result<Vec<&'plan NewKey>> {
     let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut created = Vec::new();
     for key in &plan.generate {
+        let secret_name = names.dkim_secret(&key.domain, &key.selector);
+        // The watch cache may lag behind a Secret made moments ago: ask before spending a key generation.
+        if api.get_metadata_opt(&secret_name).await?.is_some() {
+            continue;
+        }
         let (algorithm, bits) = (key.algorithm, key.rsa_bits);
         let generated = tokio::task::spawn_blocking(move || dkim_keys::generate(algorithm, bits)).await??;
-        let secret_name = names.dkim_secret(&key.domain, &key.selector);
-        let mut labels = names.labels("dkim-key");
+        let mut labels = names.labels(DKIM_KEY_COMPONENT);
         labels.insert(dkim::SELECTOR_LABEL.to_owned(), key.selector.clone());
         labels.insert(
             dkim::ALGORITHM_LABEL.to_owned(),
@@ -418,10 +431,13 @@ async fn create_keys(ctx: &Context, tenant: &SecureMailTenant, names: &TenantNam
                 name: Some(secret_name.clone()),
                 namespace: Some(namespace.clone()),
                 labels: Some(labels),
-                annotations: Some(BTreeMap::from([(
-                    dkim::DOMAIN_ANNOTATION.to_owned(),
-                    key.domain.clone(),
-                )])),
+                annotations: Some(BTreeMap::from([
+                    (dkim::DOMAIN_ANNOTATION.to_owned(), key.domain.clone()),
+                    (
+                        dkim::PUBLIC_KEY_ANNOTATION.to_owned(),
+                        generated.public_key_base64().to_owned(),
+                    ),
+                ])),
                 owner_references: Some(vec![build::owner_reference(tenant)?]),
                 ..ObjectMeta::default()
             },
@@ -435,13 +451,14 @@ async fn create_keys(ctx: &Context, tenant: &SecureMailTenant, names: &TenantNam
         };
         match api.create(&PostParams::default(), &secret).await {
             Ok(_) => {
-                info!(tenant = %names.tenant, %namespace, selector = %key.selector, domain = %key.domain, "DKIM key generated")
+                info!(tenant = %names.tenant, %namespace, selector = %key.selector, domain = %key.domain, "DKIM key generated");
+                created.push(key);
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {}
             Err(err) => return Err(err.into()),
         }
     }
-    Ok(())
+    Ok(created)
 }
 
 async fn delete_keys(ctx: &Context, namespace: &str, names: &TenantNames, plan: &DkimPlan) -> Result<()> {
@@ -461,7 +478,8 @@ async fn delete_keys(ctx: &Context, namespace: &str, names: &TenantNames, plan: 
     Ok(())
 }
 
-/// The public key of every selector in the plan, read back from its Secret (never regenerated).
+/// The public key of every selector in the plan: from its Secret's annotation in the watch cache, or read back
+/// from the Secret itself (a key is never regenerated).
 async fn public_keys(
     ctx: &Context,
     namespace: &str,
@@ -472,9 +490,21 @@ async fn public_keys(
     let mut keys = Vec::new();
     for selector in &plan.selectors {
         let secret_name = names.dkim_secret(&selector.domain, &selector.selector);
+        let cached = ctx.stores.secrets.get(&ObjectRef::new(&secret_name).within(namespace));
+        if let Some(public) = cached
+            .as_ref()
+            .and_then(|secret| secret.annotations().get(dkim::PUBLIC_KEY_ANNOTATION))
+        {
+            keys.push((selector.clone(), public.clone()));
+            continue;
+        }
         let Some(secret) = api.get_opt(&secret_name).await? else {
             continue;
         };
+        if let Some(public) = secret.annotations().get(dkim::PUBLIC_KEY_ANNOTATION) {
+            keys.push((selector.clone(), public.clone()));
+            continue;
+        }
         let pem = secret
             .data
             .as_ref()
