@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use securemail_api::SecureMailTenant;
+use tokio::sync::Semaphore;
 
 use crate::build::Settings;
 use crate::names::MANAGER;
@@ -76,6 +77,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
     pub stores: Stores,
+    /// One permit per core for RSA key generation, which would otherwise crowd out everything else.
+    pub keygen: Arc<Semaphore>,
     /// Consecutive failures per tenant, for exponential backoff.
     pub failures: Arc<Mutex<HashMap<ObjectRef<SecureMailTenant>, u32>>>,
 }
@@ -108,6 +111,9 @@ impl Context {
             metrics,
             clock,
             stores,
+            keygen: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(1, usize::from),
+            )),
             failures: Arc::default(),
         }
     }

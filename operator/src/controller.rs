@@ -14,7 +14,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use securemail_api::SecureMailTenant;
 use serde::de::DeserializeOwned;
@@ -28,6 +28,10 @@ use crate::reconcile::{error_policy, reconcile};
 
 /// How long triggers for one tenant are collected before it is reconciled.
 const DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// Tenants reconciled at once: enough to keep the apiserver busy, few enough that a thousand new tenants do not
+/// hold a thousand half-finished reconciles (and their memory) at the same time.
+const CONCURRENCY: u16 = 16;
 
 /// Leader election settings; `None` runs without a lease (a single replica).
 #[derive(Debug, Clone)]
@@ -74,6 +78,7 @@ pub async fn run(
         let (reader, writer) = reflector::store();
         let events = watcher(Api::<StatefulSet>::all(client.clone()), managed.clone())
             .default_backoff()
+            .modify(drop_managed_fields)
             .reflect(writer)
             .touched_objects();
         (reader, events)
@@ -112,7 +117,11 @@ pub async fn run(
         .owns_stream(network_policy_events)
         // A reconcile's own writes come back as watch events for the tenant and its children; coalescing them
         // turns a burst of triggers into one more pass instead of one per event.
-        .with_config(controller::Config::default().debounce(DEBOUNCE))
+        .with_config(
+            controller::Config::default()
+                .debounce(DEBOUNCE)
+                .concurrency(CONCURRENCY),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -160,7 +169,13 @@ where
     let (reader, writer) = reflector::store();
     let events = watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), config.clone())
         .default_backoff()
+        .modify(drop_managed_fields)
         .reflect(writer)
         .touched_objects();
     (reader, events)
+}
+
+/// Server-side apply bookkeeping is most of a cached object's size and the operator never reads it.
+fn drop_managed_fields<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
 }

@@ -24,6 +24,8 @@ pub enum Error {
     BadKeySecret { name: String, reason: String },
     #[error("waiting for queues to drain: {0}")]
     Draining(String),
+    #[error("key generation has stopped (the operator is shutting down)")]
+    KeygenStopped,
     #[error("finalizer: {0}")]
     Finalizer(String),
     #[error("background task failed: {0}")]

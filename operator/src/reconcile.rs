@@ -419,7 +419,9 @@ async fn create_keys<'plan>(
             continue;
         }
         let (algorithm, bits) = (key.algorithm, key.rsa_bits);
+        let permit = ctx.keygen.acquire().await.map_err(|_| Error::KeygenStopped)?;
         let generated = tokio::task::spawn_blocking(move || dkim_keys::generate(algorithm, bits)).await??;
+        drop(permit);
         let mut labels = names.labels(DKIM_KEY_COMPONENT);
         labels.insert(dkim::SELECTOR_LABEL.to_owned(), key.selector.clone());
         labels.insert(
