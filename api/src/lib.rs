@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod pkcs8_pem;
 pub mod sidecar_config;
 pub mod sidecar_status;
 pub mod tenant;

@@ -11,13 +11,10 @@ use aws_lc_rs::rsa::{self, KeySize};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use securemail_api::pkcs8_pem;
 use securemail_api::tenant::DkimAlgorithm;
 use thiserror::Error;
 use zeroize::Zeroizing;
-
-const PEM_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
-const PEM_END: &str = "-----END PRIVATE KEY-----";
-const PEM_LINE: usize = 64;
 
 /// Why a key could not be generated or read. Messages name the algorithm or size, never key bytes.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -49,7 +46,7 @@ impl DkimKey {
         self.algorithm
     }
 
-    /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), the form the Secret stores and the sidecar loads.
+    /// PKCS#8 PEM (label `PRIVATE KEY`), the form the Secret stores and the sidecar loads.
     pub fn private_key_pem(&self) -> &str {
         &self.private_key_pem
     }
@@ -99,7 +96,7 @@ pub fn generate(algorithm: DkimAlgorithm, rsa_bits: u32) -> Result<DkimKey, KeyE
     };
     Ok(DkimKey {
         algorithm,
-        private_key_pem: pem_encode(pkcs8.as_ref()),
+        private_key_pem: pkcs8_pem::encode(pkcs8.as_ref()),
         public_key_base64,
     })
 }
@@ -107,7 +104,7 @@ pub fn generate(algorithm: DkimAlgorithm, rsa_bits: u32) -> Result<DkimKey, KeyE
 /// The `p=` value for a stored PKCS#8 PEM private key, so the published record always matches the key in the
 /// Secret without regenerating it.
 pub fn public_key_from_pem(pem: &str, algorithm: DkimAlgorithm) -> Result<String, KeyError> {
-    let der = pem_decode(pem)?;
+    let der = decode_pem(pem)?;
     let rejected = |err: KeyRejected| KeyError::Rejected {
         algorithm,
         reason: err.description_(),
@@ -129,48 +126,8 @@ fn rsa_public_key_base64(pair: &rsa::KeyPair) -> Result<String, aws_lc_rs::error
     Ok(BASE64.encode(spki.as_ref()))
 }
 
-/// PEM armour with 64-column lines, built in pre-sized zeroizing buffers so no stray copy of the key is left
-/// behind by a reallocation.
-fn pem_encode(der: &[u8]) -> Zeroizing<String> {
-    let encoded_len = base64::encoded_len(der.len(), true).unwrap_or_default();
-    let mut body = Zeroizing::new(String::with_capacity(encoded_len));
-    BASE64.encode_string(der, &mut body);
-    let capacity = PEM_BEGIN.len() + PEM_END.len() + encoded_len + encoded_len / PEM_LINE + 3;
-    let mut pem = Zeroizing::new(String::with_capacity(capacity));
-    pem.push_str(PEM_BEGIN);
-    for (i, c) in body.chars().enumerate() {
-        if i % PEM_LINE == 0 {
-            pem.push('\n');
-        }
-        pem.push(c);
-    }
-    pem.push('\n');
-    pem.push_str(PEM_END);
-    pem.push('\n');
-    pem
-}
-
-fn pem_decode(pem: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-    let body = pem
-        .trim()
-        .strip_prefix(PEM_BEGIN)
-        .ok_or(KeyError::Pem {
-            reason: "it does not start with -----BEGIN PRIVATE KEY-----",
-        })?
-        .strip_suffix(PEM_END)
-        .ok_or(KeyError::Pem {
-            reason: "it does not end with -----END PRIVATE KEY-----",
-        })?;
-    let mut base64 = Zeroizing::new(String::with_capacity(body.len()));
-    base64.extend(body.chars().filter(|c| !c.is_ascii_whitespace()));
-    let mut der = Zeroizing::new(Vec::with_capacity(base64::decoded_len_estimate(base64.len())));
-    // The decoder's own error quotes the offending character, which is key material.
-    BASE64
-        .decode_vec(base64.as_bytes(), &mut der)
-        .map_err(|_| KeyError::Pem {
-            reason: "its body is not valid base64",
-        })?;
-    Ok(der)
+fn decode_pem(pem: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    pkcs8_pem::decode(pem).map_err(|err| KeyError::Pem { reason: err.reason() })
 }
 
 #[cfg(test)]
@@ -232,8 +189,8 @@ mod tests {
     }
 
     fn assert_pkcs8_pem(pem: &str) {
-        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
-        assert!(pem.ends_with("\n-----END PRIVATE KEY-----\n"));
+        assert!(pem.starts_with(&format!("{}\n", pkcs8_pem::header())), "{pem}");
+        assert!(pem.ends_with(&format!("\n{}\n", pkcs8_pem::footer())));
         assert!(pem.lines().all(|line| line.len() <= 64));
     }
 
@@ -301,13 +258,17 @@ mod tests {
 
     #[test]
     fn malformed_pem_is_refused_without_echoing_its_content() {
+        let (begin, end) = (pkcs8_pem::header(), pkcs8_pem::footer());
         let secret = "c2VjcmV0LWtleS1tYXRlcmlhbA$$";
         let cases = [
             String::new(),
-            format!("-----BEGIN RSA PRIVATE KEY-----\n{secret}\n-----END RSA PRIVATE KEY-----\n"),
-            format!("{PEM_BEGIN}\n{secret}\n"),
-            format!("{PEM_BEGIN}\n{secret}\n{PEM_END}\n"),
-            format!("{PEM_BEGIN}\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n{PEM_END}\n"),
+            format!(
+                "-----BEGIN RSA {label}-----\n{secret}\n-----END RSA {label}-----\n",
+                label = pkcs8_pem::LABEL
+            ),
+            format!("{begin}\n{secret}\n"),
+            format!("{begin}\n{secret}\n{end}\n"),
+            format!("{begin}\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n{end}\n"),
         ];
         for pem in cases {
             for algorithm in [DkimAlgorithm::RsaSha256, DkimAlgorithm::Ed25519Sha256] {

@@ -250,6 +250,7 @@ pub(super) mod tests {
     use aws_lc_rs::signature::Ed25519KeyPair;
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as BASE64;
+    use securemail_api::pkcs8_pem;
     use securemail_api::sidecar_config::SigningKey;
 
     use super::*;
@@ -278,8 +279,10 @@ pub(super) mod tests {
             .map(|line| std::str::from_utf8(line).unwrap())
             .collect();
         format!(
-            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-            lines.join("\n")
+            "{}\n{}\n{}\n",
+            pkcs8_pem::header(),
+            lines.join("\n"),
+            pkcs8_pem::footer()
         )
     }
 
@@ -417,19 +420,22 @@ pub(super) mod tests {
             ),
             (
                 "pkcs1.pem",
-                format!("-----BEGIN RSA PRIVATE KEY-----\n{secret}\n-----END RSA PRIVATE KEY-----\n"),
+                format!(
+                    "-----BEGIN RSA {label}-----\n{secret}\n-----END RSA {label}-----\n",
+                    label = pkcs8_pem::LABEL
+                ),
                 DkimAlgorithm::RsaSha256,
                 "does not start with",
             ),
             (
                 "bad-base64.pem",
-                format!("-----BEGIN PRIVATE KEY-----\n{secret}$$\n-----END PRIVATE KEY-----\n"),
+                format!("{}\n{secret}$$\n{}\n", pkcs8_pem::header(), pkcs8_pem::footer()),
                 DkimAlgorithm::Ed25519Sha256,
                 "not valid base64",
             ),
             (
                 "not-a-key.pem",
-                format!("-----BEGIN PRIVATE KEY-----\n{secret}==\n-----END PRIVATE KEY-----\n"),
+                format!("{}\n{secret}==\n{}\n", pkcs8_pem::header(), pkcs8_pem::footer()),
                 DkimAlgorithm::Ed25519Sha256,
                 "not an Ed25519 private key",
             ),

@@ -93,7 +93,7 @@ fn openssl_key(path: &Path, algorithm: DkimAlgorithm) -> String {
     assert!(
         std::fs::read_to_string(path)
             .unwrap()
-            .starts_with("-----BEGIN PRIVATE KEY-----\n")
+            .starts_with(&format!("{}\n", securemail_api::pkcs8_pem::header()))
     );
     let spki = openssl(&["pkey", "-in", path, "-pubout", "-outform", "DER"]);
     match algorithm {

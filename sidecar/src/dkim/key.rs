@@ -8,15 +8,11 @@ use std::fmt;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa;
 use aws_lc_rs::signature::{Ed25519KeyPair, RSA_PKCS1_SHA256};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use mail_auth::common::crypto::{Algorithm, CryptoError, HashContext as _, HashImpl as _, Sha256, SigningKey};
 use mail_auth::common::headers::Writable;
+use securemail_api::pkcs8_pem;
 use securemail_api::tenant::DkimAlgorithm;
 use zeroize::Zeroizing;
-
-const PEM_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
-const PEM_END: &str = "-----END PRIVATE KEY-----";
 
 /// A parsed private key, ready to sign.
 pub(super) enum KeyPair {
@@ -82,17 +78,5 @@ impl SigningKey for KeyPair {
 
 fn pem_decode(pem: &[u8]) -> Result<Zeroizing<Vec<u8>>, &'static str> {
     let text = std::str::from_utf8(pem).map_err(|_| "the file is not PEM text")?;
-    let body = text
-        .trim()
-        .strip_prefix(PEM_BEGIN)
-        .ok_or("the file does not start with -----BEGIN PRIVATE KEY-----")?
-        .strip_suffix(PEM_END)
-        .ok_or("the file does not end with -----END PRIVATE KEY-----")?;
-    let mut base64 = Zeroizing::new(String::with_capacity(body.len()));
-    base64.extend(body.chars().filter(|c| !c.is_ascii_whitespace()));
-    let mut der = Zeroizing::new(Vec::with_capacity(base64::decoded_len_estimate(base64.len())));
-    BASE64
-        .decode_vec(base64.as_bytes(), &mut der)
-        .map_err(|_| "the PEM body is not valid base64")?;
-    Ok(der)
+    pkcs8_pem::decode(text).map_err(pkcs8_pem::PemError::reason)
 }

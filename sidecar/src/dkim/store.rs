@@ -148,7 +148,7 @@ mod tests {
         let signature = running.sign(MESSAGE, NOW).unwrap();
 
         replace(&key, |path| {
-            std::fs::write(path, "-----BEGIN PRIVATE KEY-----\ntruncated").unwrap()
+            std::fs::write(path, format!("{}\ntruncated", securemail_api::pkcs8_pem::header())).unwrap()
         });
         let err = store.refresh(&config).unwrap_err();
         assert!(err.to_string().contains(key.to_str().unwrap()), "{err}");
