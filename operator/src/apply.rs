@@ -3,7 +3,6 @@
 
 use std::fmt::Debug;
 
-use aws_lc_rs::digest::{SHA256, digest};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -11,7 +10,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::names::{DESIRED_HASH_ANNOTATION, MANAGER, TENANT_LABEL};
+use crate::names::{DESIRED_HASH_ANNOTATION, MANAGER, TENANT_LABEL, sha256_hex};
 use crate::{Error, Result};
 
 /// Applies `object` unless `cached` (the live object from a watch cache) carries the same desired-hash.
@@ -105,11 +104,7 @@ fn desired_hash<K: Serialize>(object: &K) -> Result<String> {
         what: "a child object",
         source,
     })?;
-    Ok(digest(&SHA256, &bytes)
-        .as_ref()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect())
+    Ok(sha256_hex(&bytes))
 }
 
 /// Strips owner references from children of kind `K` matching `selector`, so deleting the owner leaves them.

@@ -23,6 +23,15 @@ pub const DESIRED_HASH_ANNOTATION: &str = "securemail.io/desired-hash";
 /// Label selector matching every object the operator manages.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=securemail-operator";
 
+/// SHA-256 of `bytes`, lower-case hex: config checksums, desired-object hashes and short name suffixes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    digest(&SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
 /// Names of one tenant's children.
 #[derive(Debug, Clone)]
 pub struct TenantNames {
@@ -51,9 +60,8 @@ impl TenantNames {
 
     /// One Secret per DKIM key; the domain is hashed because domain names can be longer than a Secret name allows.
     pub fn dkim_secret(&self, domain: &str, selector: &str) -> String {
-        let hash = digest(&SHA256, domain.as_bytes());
-        let short: String = hash.as_ref()[..4].iter().map(|byte| format!("{byte:02x}")).collect();
-        format!("{}-dkim-{short}-{selector}", self.tenant)
+        let hash = sha256_hex(domain.as_bytes());
+        format!("{}-dkim-{}-{selector}", self.tenant, &hash[..8])
     }
 
     /// Labels every child of this tenant carries.

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use aws_lc_rs::digest::{SHA256, digest};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
@@ -19,7 +18,7 @@ use securemail_api::tenant::EgressMode;
 
 use super::config::{DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_DATA_DIR, key_file, sidecar_file};
 use super::{Observed, Settings, child_meta};
-use crate::names::{SUBMISSION_LABEL, TenantNames};
+use crate::names::{SUBMISSION_LABEL, TenantNames, sha256_hex};
 use crate::postfix;
 use crate::{Error, Result};
 
@@ -355,11 +354,7 @@ fn config_checksum(config_map: &ConfigMap) -> String {
         bytes.extend_from_slice(value.as_bytes());
         bytes.push(0);
     }
-    digest(&SHA256, &bytes)
-        .as_ref()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    sha256_hex(&bytes)
 }
 
 fn mount(volume: &str, path: &str, sub_path: Option<&str>) -> VolumeMount {
