@@ -31,6 +31,23 @@ pub struct SidecarConfig {
     pub state_dir: PathBuf,
     /// Largest message accepted over LMTP, in bytes (the same limit Postfix applies on submission).
     pub max_message_bytes: u64,
+    /// How DNS is resolved; the defaults suit a pod.
+    #[serde(default)]
+    pub dns: DnsSettings,
+}
+
+/// DNS resolution for MX, TLSA, MTA-STS and DNSBL lookups.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsSettings {
+    /// Recursive resolvers to ask; empty means those in /etc/resolv.conf. The sidecar validates DNSSEC itself,
+    /// so a resolver that does not validate (such as a cluster's CoreDNS) is fine, as long as it passes DNSSEC
+    /// records through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<SocketAddr>,
+    /// DNSSEC trust anchors (DNSKEY or DS records in zone-file format); absent means the IANA root anchors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_anchor_file: Option<PathBuf>,
 }
 
 /// A pool address and its forward-confirmed hostname.
@@ -127,6 +144,7 @@ mod tests {
             },
             state_dir: "/var/lib/securemail/state".into(),
             max_message_bytes: 25 * 1024 * 1024,
+            dns: DnsSettings::default(),
         }
     }
 

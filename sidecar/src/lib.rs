@@ -5,5 +5,6 @@ pub mod dkim;
 pub mod error;
 pub mod evidence;
 pub mod lmtp;
+pub mod policy;
 
 pub use error::{Error, Result};

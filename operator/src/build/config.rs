@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 use securemail_api::SecureMailTenant;
 use securemail_api::sidecar_config::{
-    EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
+    DnsSettings, EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
 };
 
 use super::{Observed, PodAssignment, child_meta, tenant_name};
@@ -100,5 +100,6 @@ pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodA
         },
         state_dir: format!("{SIDECAR_DATA_DIR}/state").into(),
         max_message_bytes: postfix::MESSAGE_SIZE_LIMIT_BYTES,
+        dns: DnsSettings::default(),
     })
 }
