@@ -32,8 +32,13 @@ pub struct SidecarConfig {
     /// Largest message accepted over LMTP, in bytes (the same limit Postfix applies on submission).
     pub max_message_bytes: u64,
     /// How DNS is resolved; the defaults suit a pod.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "DnsSettings::is_default")]
     pub dns: DnsSettings,
+    /// Postfix's queue directory as the sidecar sees it, counted for `/status` (the operator's proof that a pod
+    /// may be removed). Absent: `/status` reports the queue as unknown rather than guess. The sidecar needs read
+    /// access to the queue subdirectories; granting it (group, modes) is up to the deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postfix_queue_dir: Option<PathBuf>,
 }
 
 /// DNS resolution for MX, TLSA, MTA-STS and DNSBL lookups.
@@ -48,6 +53,12 @@ pub struct DnsSettings {
     /// DNSSEC trust anchors (DNSKEY or DS records in zone-file format); absent means the IANA root anchors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_anchor_file: Option<PathBuf>,
+}
+
+impl DnsSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A pool address and its forward-confirmed hostname.
@@ -145,6 +156,7 @@ mod tests {
             state_dir: "/var/lib/securemail/state".into(),
             max_message_bytes: 25 * 1024 * 1024,
             dns: DnsSettings::default(),
+            postfix_queue_dir: Some("/var/spool/postfix".into()),
         }
     }
 
@@ -153,6 +165,15 @@ mod tests {
         let yaml = serde_yaml::to_string(&sample()).expect("serializes");
         let parsed: SidecarConfig = serde_yaml::from_str(&yaml).expect("parses");
         assert_eq!(parsed, sample());
+    }
+
+    #[test]
+    fn a_file_without_the_queue_directory_still_parses() {
+        let mut config = sample();
+        config.postfix_queue_dir = None;
+        let yaml = serde_yaml::to_string(&config).expect("serializes");
+        assert!(!yaml.contains("postfixQueueDir"), "{yaml}");
+        assert_eq!(serde_yaml::from_str::<SidecarConfig>(&yaml).expect("parses"), config);
     }
 
     #[test]
