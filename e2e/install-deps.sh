@@ -11,17 +11,41 @@ declare -A packages=(
   [curl]=curl
   [shellcheck]=shellcheck
   [postconf]=postfix
+  # The data-plane world (e2e/dataplane): namespaces, signed DNS, validating resolver, MTA-STS web server, and the
+  # independent checkers its smoke test uses.
+  [ip]=iproute2
+  [named]=bind9
+  [dnssec-signzone]=bind9-utils
+  [dig]=bind9-dnsutils
+  [drill]=ldnsutils
+  [unbound]=unbound
+  [nginx]=nginx
+  [swaks]=swaks
 )
 missing=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null || missing+=("${packages[$cmd]}")
 done
+# swaks speaks TLS only with these Perl modules, which it merely recommends.
+perl -MIO::Socket::SSL -MNet::SSLeay -e 1 2>/dev/null || missing+=(libio-socket-ssl-perl libnet-ssleay-perl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}" >&2
   command -v apt-get >/dev/null || die "apt-get not found; install ${missing[*]} by hand"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null || die "apt-get update failed"
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+  # The data-plane tests run private instances inside network namespaces. The system services these packages
+  # just started would listen on the host (and unbound's resolvconf hook would take over /etc/resolv.conf).
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    # Only units of packages installed just now; a service the machine already ran is left alone.
+    for pair in named:bind9 unbound:unbound unbound-resolvconf:unbound nginx:nginx; do
+      unit=${pair%%:*}
+      [[ " ${missing[*]} " == *" ${pair#*:} "* ]] || continue
+      if systemctl cat "$unit.service" >/dev/null 2>&1; then
+        systemctl disable --now "$unit.service" >/dev/null 2>&1 || echo "install-deps: could not stop $unit" >&2
+      fi
+    done
+  fi
 fi
 
 # dkimpy (pynacl for Ed25519, dnspython for zone-file TXT parsing) is the independent DKIM verifier that the

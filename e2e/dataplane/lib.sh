@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Shared by up.sh, down.sh and smoke.sh: the fixed topology of the data-plane test world and small helpers.
+# Sourced, never run; the constants are used by the scripts that source it.
+# shellcheck disable=SC2034
+# Namespace names are fixed (prefix smdp-), so only one world runs on a machine at a time.
+
+# The bridge lives in its own namespace so nothing of the world touches the root namespace's interfaces.
+SMDP_LAN_NS=smdp-lan
+SMDP_SUBNET_PREFIX=10.77.0
+SMDP_MTA_NS=smdp-mta
+SMDP_MTA_ADDR=10.77.0.10
+SMDP_MTA_HOSTNAME=mta.sender.test
+SMDP_DNS_NS=smdp-dns
+SMDP_AUTH_ADDR=10.77.0.53
+SMDP_RESOLVER_ADDR=10.77.0.54
+SMDP_WEB_NS=smdp-web
+SMDP_WEB_ADDR=10.77.0.80
+SMDP_STS_POLICY_ID=20261125
+
+# One receiving Postfix per line: name, address, MX host name, accepted domains (comma separated), certificate
+# kind, TLS mode. Certificate kinds: ca (test CA, right name), chain (the same, CA certificate sent too, for
+# DANE-TA), wrongname, expired, selfsigned. TLS modes: may (TLS >= 1.2 offered), none (no STARTTLS), tls11
+# (TLS 1.1 only), stripped (TLS offered by Postfix but removed by a proxy on the public address).
+SMDP_RECEIVERS=(
+  "dane 10.77.0.21 mx.dane.test dane.test ca may"
+  "daneta 10.77.0.22 mx.dane-ta.test dane-ta.test chain may"
+  "danemismatch 10.77.0.23 mx.dane-mismatch.test dane-mismatch.test ca may"
+  "daneservfail 10.77.0.24 mx.dane-servfail.test dane-servfail.test ca may"
+  "sts 10.77.0.31 mx.sts.test sts.test ca may"
+  "rogue 10.77.0.32 rogue.sts.test sts.test,sts-nomatch.test ca may"
+  "good 10.77.0.41 mx.good.plain.test good.plain.test ca may"
+  "nostarttls 10.77.0.42 mx.nostarttls.plain.test nostarttls.plain.test ca none"
+  "wrongname 10.77.0.43 mx.wrongname.plain.test wrongname.plain.test wrongname may"
+  "expired 10.77.0.44 mx.expired.plain.test expired.plain.test expired may"
+  "selfsigned 10.77.0.45 mx.selfsigned.plain.test selfsigned.plain.test selfsigned may"
+  "tls11 10.77.0.46 mx.tls11.plain.test tls11.plain.test ca tls11"
+  "stripped 10.77.0.47 mx.stripped.plain.test stripped.plain.test ca stripped"
+)
+
+# Splits one SMDP_RECEIVERS line into rx_name rx_addr rx_host rx_domains rx_cert rx_tls.
+receiver_fields() {
+  # shellcheck disable=SC2034 # the fields are read by the callers
+  read -r rx_name rx_addr rx_host rx_domains rx_cert rx_tls <<<"$1"
+}
+
+receiver_ns() { echo "smdp-mx-$1"; }
+
+# Every namespace the world can have, in start order; down.sh also walks this list.
+all_namespaces() {
+  local line rx_name
+  echo "$SMDP_LAN_NS" "$SMDP_DNS_NS" "$SMDP_WEB_NS" "$SMDP_MTA_NS"
+  for line in "${SMDP_RECEIVERS[@]}"; do
+    rx_name=${line%% *}
+    receiver_ns "$rx_name"
+  done
+}
+
+# Runs a command inside a namespace of the world.
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+# True when a process with this pid exists and is not a zombie.
+pid_alive() {
+  local state
+  state=$(ps -p "$1" -o stat= 2>/dev/null) && [[ $state != Z* ]]
+}
+
+# Resolves a user-supplied state directory to an absolute path without requiring it to exist.
+absolute_dir() { realpath -m -- "$1"; }
