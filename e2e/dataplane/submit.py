@@ -19,6 +19,11 @@ def main() -> int:
     parser.add_argument("--cert", help="client certificate; without one the server must refuse")
     parser.add_argument("--key")
     parser.add_argument("--no-tls", action="store_true", help="try MAIL FROM without STARTTLS")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="send stdin after DATA byte for byte, including its end marker (smtplib would normalise line ends)",
+    )
     args = parser.parse_args()
     message = sys.stdin.buffer.read()
 
@@ -49,7 +54,15 @@ def main() -> int:
             if len(refused) == len(args.to):
                 return print_report(report)
             report["stage"] = "data"
-            code, text = smtp.data(message)
+            if args.raw:
+                code, text = smtp.docmd("DATA")
+                if code != 354:
+                    report.update(code=code, text=text.decode(errors="replace"))
+                    return print_report(report)
+                smtp.send(message)
+                code, text = smtp.getreply()
+            else:
+                code, text = smtp.data(message)
             report.update(code=code, text=text.decode(errors="replace"))
             if code == 250:
                 report["stage"] = "sent"

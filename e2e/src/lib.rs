@@ -3,6 +3,7 @@
 //! apiserver was exercised.
 #![forbid(unsafe_code)]
 
+pub mod dataplane;
 pub mod operator;
 pub mod tenants;
 

@@ -1,0 +1,572 @@
+//! The data-plane world started by `e2e/dataplane/up.sh` (DNSSEC-signed zones behind a validating resolver,
+//! receiving MX hosts, an MTA-STS web server, each in its own network namespace) and an MTA host inside it:
+//! Debian's Postfix and the sidecar, both configured from the operator's `render` output, with only the paths and
+//! addresses that must differ outside a pod changed.
+// Test support: a step that fails is a failed test, reported with the step's description.
+#![allow(clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_yaml::Value;
+
+use crate::repo_root;
+
+/// The running world, described by `<dir>/world.env`.
+#[derive(Debug)]
+pub struct World {
+    pub dir: PathBuf,
+    vars: BTreeMap<String, String>,
+}
+
+impl World {
+    /// Loads the world named by `SECUREMAIL_DATAPLANE_DIR`; panics with a hint when the suite was started without
+    /// one, so a green run proves the real components were exercised.
+    pub fn load() -> Self {
+        let dir = match std::env::var("SECUREMAIL_DATAPLANE_DIR") {
+            Ok(dir) if Path::new(&dir).join("world.env").is_file() => PathBuf::from(dir),
+            _ => panic!(
+                "SECUREMAIL_DATAPLANE_DIR does not name a running data-plane world; run the suite with \
+                 `make e2e-dataplane`, which starts it"
+            ),
+        };
+        let text = fs::read_to_string(dir.join("world.env")).expect("world.env is readable");
+        let vars = text
+            .lines()
+            .filter(|line| !line.trim_start().starts_with('#'))
+            .filter_map(|line| line.split_once('='))
+            .map(|(key, value)| (key.trim().to_owned(), value.trim().trim_matches('"').to_owned()))
+            .collect();
+        Self { dir, vars }
+    }
+
+    /// A value from world.env; panics naming the key when the world does not define it.
+    pub fn get(&self, key: &str) -> &str {
+        self.vars
+            .get(key)
+            .unwrap_or_else(|| panic!("world.env has no {key}"))
+            .as_str()
+    }
+}
+
+/// A command run inside network namespace `netns`.
+pub fn in_netns(netns: &str, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", netns, program]);
+    command
+}
+
+/// Runs `command`, panics with its output unless it succeeds, and returns its stdout.
+pub fn run_ok(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    assert_success(command, &output);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn assert_success(command: &Command, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Polls `condition` every 100 ms for up to `timeout`; panics with `what` and `context()` if it never holds.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", context());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How a test application submits.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Submission {
+    /// MAIL FROM without STARTTLS first.
+    pub without_tls: bool,
+    /// STARTTLS without presenting the application's client certificate.
+    pub without_client_certificate: bool,
+    /// The message is sent after DATA byte for byte and must end with its own end-of-data marker.
+    pub raw: bool,
+}
+
+/// The sending side of one tenant: Postfix accepting submissions on the pool address and the sidecar delivering
+/// from it, both inside the world's MTA namespace. Stopped on drop.
+#[derive(Debug)]
+pub struct MtaHost {
+    pub dir: PathBuf,
+    pub netns: String,
+    pub address: IpAddr,
+    pub sidecar_config: PathBuf,
+    /// The DKIM TXT records the tenant must publish, as rendered: (name, value).
+    pub dkim_records: Vec<(String, String)>,
+    sidecar: Option<Child>,
+    postfix: Option<Child>,
+}
+
+impl MtaHost {
+    /// Renders `manifest` with the operator binary and starts Postfix and the sidecar from the result.
+    pub fn start(world: &World, label: &str, manifest: &str) -> Self {
+        let dir = world.dir.join(format!("mta-{label}"));
+        let _ = fs::remove_dir_all(&dir);
+        for sub in ["conf", "queue", "data", "keys", "tls", "state", "evidence", "run"] {
+            fs::create_dir_all(dir.join(sub)).expect("scratch directory");
+        }
+        let netns = world.get("SMDP_MTA_NETNS").to_owned();
+        let address: IpAddr = world
+            .get("SMDP_MTA_ADDR")
+            .parse()
+            .expect("SMDP_MTA_ADDR is an IP address");
+        fs::write(dir.join("tenant.yaml"), manifest).expect("write manifest");
+        make_dkim_keys(&dir.join("keys"), manifest);
+        make_submission_certificates(&dir.join("tls"));
+
+        let rendered = run_ok(
+            Command::new(operator_bin())
+                .args(["render", "-f"])
+                .arg(dir.join("tenant.yaml"))
+                .arg("--keys-dir")
+                .arg(dir.join("keys")),
+        );
+        let config_map = rendered_config_map(&rendered);
+        let file = |name: &str| {
+            config_map["data"][name]
+                .as_str()
+                .unwrap_or_else(|| panic!("rendered ConfigMap has no {name}"))
+                .to_owned()
+        };
+        let dkim_records = rendered_dkim_records(&rendered);
+
+        let conf = dir.join("conf");
+        fs::write(conf.join("main.cf"), file("main.cf")).expect("write main.cf");
+        let master_cf = file("master.cf");
+        assert_eq!(master_cf.lines().filter(|line| line.starts_with("587 ")).count(), 1);
+        fs::write(
+            conf.join("master.cf"),
+            master_cf.replace("\n587 ", &format!("\n{address}:587 ")),
+        )
+        .expect("write master.cf");
+        let socket = dir.join("run/lmtp.sock");
+        let transport = format!("lmtp:unix:{}", socket.display());
+        let tls = dir.join("tls");
+        run_ok(Command::new("postconf").arg("-c").arg(&conf).args([
+            "-e",
+            &format!("queue_directory={}", dir.join("queue").display()),
+            &format!("data_directory={}", dir.join("data").display()),
+            &format!(
+                "smtpd_tls_chain_files={},{}",
+                tls.join("server.key").display(),
+                tls.join("server.crt").display()
+            ),
+            &format!("smtpd_tls_CAfile={}", tls.join("client-ca.crt").display()),
+            &format!("default_transport={transport}"),
+            &format!("relay_transport={transport}"),
+            &format!("virtual_transport={transport}"),
+            // Retries come when a test asks for them (`flush`), not on Postfix's minutes-long schedule.
+            "queue_run_delay=1h",
+            "minimal_backoff_time=1h",
+        ]));
+        run_ok(Command::new("chown").arg("postfix").arg(dir.join("data")));
+
+        let sidecar_config = dir.join("sidecar.yaml");
+        fs::write(
+            &sidecar_config,
+            sidecar_yaml_for_host(&file("sidecar-0.yaml"), world, &dir, address),
+        )
+        .expect("write sidecar.yaml");
+
+        let mut host = Self {
+            dir,
+            netns,
+            address,
+            sidecar_config,
+            dkim_records,
+            sidecar: None,
+            postfix: None,
+        };
+        host.start_sidecar(world);
+        host.start_postfix();
+        host
+    }
+
+    /// Starts (or restarts) the sidecar and waits for its LMTP socket.
+    pub fn start_sidecar(&mut self, world: &World) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("sidecar.log"))
+            .expect("sidecar log");
+        let socket = self.dir.join("run/lmtp.sock");
+        let _ = fs::remove_file(&socket);
+        let child = in_netns(&self.netns, &sidecar_bin().display().to_string())
+            .args(["run", "--config"])
+            .arg(&self.sidecar_config)
+            .env("SSL_CERT_FILE", world.get("SMDP_CA_FILE"))
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start the sidecar");
+        self.sidecar = Some(child);
+        wait_until(
+            Duration::from_secs(30),
+            "the sidecar's LMTP socket",
+            || socket.exists(),
+            || self.sidecar_log(),
+        );
+    }
+
+    /// Kills the sidecar without warning (SIGKILL), as a crash would.
+    pub fn kill_sidecar(&mut self) {
+        if let Some(mut child) = self.sidecar.take() {
+            // `ip netns exec` execs the sidecar, so the child's pid is the sidecar's.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn start_postfix(&mut self) {
+        let log = fs::File::create(self.dir.join("maillog")).expect("maillog");
+        let child = in_netns(&self.netns, "postfix")
+            .arg("-c")
+            .arg(self.dir.join("conf"))
+            .arg("start-fg")
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start Postfix");
+        self.postfix = Some(child);
+        let address = self.address;
+        let netns = self.netns.clone();
+        wait_until(
+            Duration::from_secs(30),
+            "Postfix's submission listener",
+            || {
+                in_netns(&netns, "bash")
+                    .args(["-c", &format!("exec 3<>/dev/tcp/{address}/587")])
+                    .output()
+                    .is_ok_and(|output| output.status.success())
+            },
+            || self.maillog(),
+        );
+    }
+
+    pub fn maillog(&self) -> String {
+        fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    pub fn sidecar_log(&self) -> String {
+        fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
+    }
+
+    /// Submits one message on 587 as a tenant application does: STARTTLS and the application's client
+    /// certificate. Returns submit.py's JSON report.
+    pub fn submit(&self, from: &str, to: &[&str], message: &[u8]) -> serde_json::Value {
+        self.submit_with(from, to, message, Submission::default())
+    }
+
+    /// Submits one message the way `how` says (see `Submission`).
+    pub fn submit_with(&self, from: &str, to: &[&str], message: &[u8], how: Submission) -> serde_json::Value {
+        let tls = self.dir.join("tls");
+        let mut command = in_netns(&self.netns, "python3");
+        command
+            .arg(repo_root().join("e2e/dataplane/submit.py"))
+            .args(["--host", &self.address.to_string(), "--port", "587", "--from", from])
+            .arg("--ca")
+            .arg(tls.join("server-ca.crt"));
+        if !how.without_client_certificate {
+            command
+                .arg("--cert")
+                .arg(tls.join("client.crt"))
+                .arg("--key")
+                .arg(tls.join("client.key"));
+        }
+        if how.without_tls {
+            command.arg("--no-tls");
+        }
+        if how.raw {
+            command.arg("--raw");
+        }
+        for recipient in to {
+            command.args(["--to", recipient]);
+        }
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start submit.py");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(message)
+            .expect("write message");
+        let output = child.wait_with_output().expect("submit.py");
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+            panic!(
+                "submit.py printed no JSON ({err}):\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+
+    /// Messages in Postfix's queue (`postqueue -j`), one JSON object each.
+    pub fn queue(&self) -> Vec<serde_json::Value> {
+        let listing = run_ok(
+            in_netns(&self.netns, "postqueue")
+                .arg("-c")
+                .arg(self.dir.join("conf"))
+                .arg("-j"),
+        );
+        listing
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("postqueue -j prints JSON lines"))
+            .collect()
+    }
+
+    /// Asks Postfix to retry every deferred message now.
+    pub fn flush(&self) {
+        run_ok(
+            in_netns(&self.netns, "postqueue")
+                .arg("-c")
+                .arg(self.dir.join("conf"))
+                .arg("-f"),
+        );
+    }
+
+    /// The sidecar's evidence records, parsed.
+    pub fn evidence(&self) -> Vec<serde_json::Value> {
+        let mut records = Vec::new();
+        let Ok(entries) = fs::read_dir(self.dir.join("evidence")) else {
+            return records;
+        };
+        let mut files: Vec<PathBuf> = entries.filter_map(|entry| entry.ok().map(|e| e.path())).collect();
+        files.sort();
+        for file in files {
+            let text = fs::read_to_string(&file).unwrap_or_default();
+            records.extend(
+                text.lines()
+                    .map(|line| serde_json::from_str(line).expect("evidence lines are JSON")),
+            );
+        }
+        records
+    }
+
+    /// The evidence log files, for `securemail-sidecar evidence verify`.
+    pub fn evidence_files(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.dir.join("evidence"))
+            .map(|entries| entries.filter_map(|entry| entry.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    }
+
+    /// GET `path` from the sidecar's admin server.
+    pub fn admin_get(&self, path: &str) -> String {
+        run_ok(in_netns(&self.netns, "curl").args([
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{}:9090{path}", self.address),
+        ]))
+    }
+}
+
+impl Drop for MtaHost {
+    fn drop(&mut self) {
+        let _ = in_netns(&self.netns, "postfix")
+            .arg("-c")
+            .arg(self.dir.join("conf"))
+            .arg("stop")
+            .output();
+        if let Some(mut postfix) = self.postfix.take() {
+            let _ = postfix.wait();
+        }
+        self.kill_sidecar();
+    }
+}
+
+/// The operator binary `make e2e-dataplane` built.
+fn operator_bin() -> PathBuf {
+    std::env::var_os("SECUREMAIL_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .expect("SECUREMAIL_OPERATOR_BIN names the operator binary (set by `make e2e-dataplane`)")
+}
+
+/// The sidecar binary `make e2e-dataplane` built.
+pub fn sidecar_bin() -> PathBuf {
+    std::env::var_os("SECUREMAIL_SIDECAR_BIN")
+        .map(PathBuf::from)
+        .expect("SECUREMAIL_SIDECAR_BIN names the sidecar binary (set by `make e2e-dataplane`)")
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    run_ok(Command::new("openssl").current_dir(dir).args(args));
+}
+
+/// One RSA-2048 and, when the manifest asks for Ed25519, one Ed25519 key per domain, named as `render
+/// --keys-dir` expects.
+fn make_dkim_keys(keys: &Path, manifest: &str) {
+    let tenant: Value = serde_yaml::from_str(manifest).expect("manifest is YAML");
+    let domains = tenant["spec"]["domains"].as_sequence().expect("spec.domains");
+    for domain in domains {
+        let name = domain["name"].as_str().expect("domain name");
+        openssl(
+            keys,
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                &format!("{name}.rsa.pem"),
+            ],
+        );
+        openssl(
+            keys,
+            &["genpkey", "-algorithm", "ED25519", "-out", &format!("{name}.ed.pem")],
+        );
+    }
+}
+
+/// A server certificate for the submission listener and a client CA with one client certificate.
+fn make_submission_certificates(tls: &Path) {
+    for (ca, subject) in [
+        ("server-ca", "submission test CA"),
+        ("client-ca", "tenant apps test CA"),
+    ] {
+        openssl(
+            tls,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={subject}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+            ],
+        );
+    }
+    for (leaf, ca, subject, extension) in [
+        (
+            "server",
+            "server-ca",
+            "submission",
+            "subjectAltName=DNS:submission.test",
+        ),
+        ("client", "client-ca", "billing-app", "extendedKeyUsage=clientAuth"),
+    ] {
+        openssl(
+            tls,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={subject}"),
+                "-keyout",
+                &format!("{leaf}.key"),
+                "-out",
+                &format!("{leaf}.csr"),
+            ],
+        );
+        fs::write(tls.join(format!("{leaf}.ext")), extension).expect("extension file");
+        openssl(
+            tls,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{leaf}.csr"),
+                "-CA",
+                &format!("{ca}.crt"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{leaf}.ext"),
+                "-out",
+                &format!("{leaf}.crt"),
+            ],
+        );
+    }
+}
+
+fn rendered_config_map(rendered: &str) -> Value {
+    rendered
+        .split("\n---\n")
+        .filter_map(|doc| serde_yaml::from_str::<Value>(doc).ok())
+        .find(|doc| doc["kind"].as_str() == Some("ConfigMap"))
+        .expect("render prints a ConfigMap")
+}
+
+/// The DKIM TXT records from render's "DNS records to publish" comment block.
+fn rendered_dkim_records(rendered: &str) -> Vec<(String, String)> {
+    rendered
+        .lines()
+        .filter_map(|line| line.strip_prefix("# "))
+        .filter(|line| line.contains("._domainkey."))
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let name = fields.next()?;
+            let record_type = fields.next()?;
+            let value = fields.next()?;
+            (record_type == "TXT").then(|| (name.trim_end_matches('.').to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// The rendered sidecar.yaml with pod paths replaced by this host's, the world's resolver and trust anchor, and
+/// the pool address as admin listener. Everything else is as the operator rendered it.
+fn sidecar_yaml_for_host(rendered: &str, world: &World, dir: &Path, address: IpAddr) -> String {
+    let mut config: Value = serde_yaml::from_str(rendered).expect("rendered sidecar.yaml is YAML");
+    let path = |sub: &str| Value::String(dir.join(sub).display().to_string());
+    config["listen"]["lmtp"] = path("run/lmtp.sock");
+    config["listen"]["admin"] = Value::String(format!("{address}:9090"));
+    config["evidence"]["dir"] = path("evidence");
+    config["stateDir"] = path("state");
+    config["postfixQueueDir"] = path("queue");
+    config["dns"] = serde_yaml::from_str(&format!(
+        "{{nameservers: ['{}:53'], trustAnchorFile: '{}'}}",
+        world.get("SMDP_RESOLVER"),
+        world.dir.join("trust-anchor").display()
+    ))
+    .expect("dns settings");
+    let domains = config["signing"].as_sequence_mut().expect("signing");
+    for domain in domains {
+        let name = domain["domain"].as_str().expect("signing domain").to_owned();
+        for key in domain["keys"].as_sequence_mut().expect("keys") {
+            let suffix = match key["algorithm"].as_str() {
+                Some("ed25519-sha256") => "ed",
+                _ => "rsa",
+            };
+            key["privateKeyFile"] = path(&format!("keys/{name}.{suffix}.pem"));
+        }
+    }
+    serde_yaml::to_string(&config).expect("serialize sidecar.yaml")
+}

@@ -1,0 +1,520 @@
+//! The sidecar in the data-plane world (`make e2e-dataplane`): Debian's Postfix and the sidecar, configured from
+//! the operator's `render` output, deliver to real Postfix receivers whose policies come from DNSSEC-signed zones,
+//! MTA-STS over HTTPS and the tenant's spec. Each case asserts what the receiver got, what Postfix's queue holds,
+//! the evidence records and the metrics. The world's receivers are shared, so every message carries its own
+//! Message-ID and cases look only for theirs.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use securemail_e2e::dataplane::{MtaHost, Submission, World, in_netns, run_ok, sidecar_bin, wait_until};
+use serde_json::Value;
+
+const SENDER: &str = "alerts@sender.test";
+
+/// A tenant sending from the world's MTA address, with `tls_policy` (YAML, indented for `spec.tlsPolicy`).
+fn manifest(world: &World, tls_policy: &str) -> String {
+    format!(
+        "apiVersion: securemail.io/v1alpha1
+kind: SecureMailTenant
+metadata:
+  name: dataplane
+  namespace: e2e
+spec:
+  domains:
+    - name: sender.test
+  ipPool:
+    addresses:
+      - address: {address}
+        hostname: {hostname}
+  submission:
+    tls:
+      secretName: submission-tls
+    clientCertificates:
+      caSecretName: apps-ca
+  tlsPolicy:
+{tls_policy}",
+        address = world.get("SMDP_MTA_ADDR"),
+        hostname = world.get("SMDP_MTA_HOSTNAME"),
+    )
+}
+
+const DEFER: &str = "    onFailure: defer\n";
+const BOUNCE: &str = "    onFailure: bounce\n";
+
+fn message(id: &str, to: &str) -> Vec<u8> {
+    format!(
+        "From: Lakeside Alerts <{SENDER}>\r\nTo: <{to}>\r\nSubject: Appointment reminder {id}\r\n\
+         Message-ID: <{id}@sender.test>\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\r\nYour appointment is tomorrow at 9:00.\r\n"
+    )
+    .into_bytes()
+}
+
+/// A Message-ID local part unique to this run and case.
+fn unique_id(case: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{case}.{nanos}")
+}
+
+fn sha256_hex(data: &str) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(data.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The messages carrying `id` in the Maildir of the receiver behind `case`.
+fn received(world: &World, case: &str, id: &str) -> Vec<Vec<u8>> {
+    let receiver = world
+        .get(&format!("SMDP_CASE_{case}_RX"))
+        .to_ascii_uppercase()
+        .replace('-', "_");
+    let maildir = PathBuf::from(world.get(&format!("SMDP_RX_{receiver}_MAILDIR")));
+    let needle = format!("<{id}@sender.test>");
+    let mut found = Vec::new();
+    for sub in ["new", "cur"] {
+        let Ok(entries) = fs::read_dir(maildir.join(sub)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let bytes = fs::read(entry.path()).unwrap_or_default();
+            if String::from_utf8_lossy(&bytes).contains(&needle) {
+                found.push(bytes);
+            }
+        }
+    }
+    found
+}
+
+/// Evidence records of the message with `id`.
+fn evidence_for(mta: &MtaHost, id: &str) -> Vec<Value> {
+    let hash = sha256_hex(&format!("<{id}@sender.test>"));
+    mta.evidence()
+        .into_iter()
+        .filter(|record| record["messageIdSha256"].as_str() == Some(hash.as_str()))
+        .collect()
+}
+
+/// Waits for the first evidence record of `id` and returns it.
+fn first_attempt(mta: &MtaHost, id: &str) -> Value {
+    wait_until(
+        Duration::from_secs(60),
+        &format!("an evidence record for {id}"),
+        || !evidence_for(mta, id).is_empty(),
+        || format!("sidecar log:\n{}\nmaillog:\n{}", mta.sidecar_log(), mta.maillog()),
+    );
+    evidence_for(mta, id).remove(0)
+}
+
+/// Queue entries whose recipients include `recipient`.
+fn queued_for(mta: &MtaHost, recipient: &str) -> Vec<Value> {
+    mta.queue()
+        .into_iter()
+        .filter(|entry| {
+            entry["recipients"]
+                .as_array()
+                .is_some_and(|rcpts| rcpts.iter().any(|r| r["address"].as_str() == Some(recipient)))
+        })
+        .collect()
+}
+
+fn assert_sent(report: &Value) {
+    assert_eq!(report["stage"], "sent", "submission failed: {report}");
+}
+
+fn metrics(mta: &MtaHost) -> String {
+    mta.admin_get("/metrics")
+}
+
+/// The sum of every sample of `family` whose labels contain all of `labels`.
+fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(family) && !line.starts_with('#'))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Delivers one message to `case`'s domain and waits until it arrived; returns the message as received.
+fn deliver_and_receive(world: &World, mta: &MtaHost, case: &str) -> (String, Vec<u8>) {
+    let id = unique_id(case);
+    let recipient = format!("patient@{}", world.get(&format!("SMDP_CASE_{case}")));
+    assert_sent(&mta.submit(SENDER, &[&recipient], &message(&id, &recipient)));
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{case}: delivery of {id}"),
+        || !received(world, case, &id).is_empty(),
+        || format!("sidecar log:\n{}\nmaillog:\n{}", mta.sidecar_log(), mta.maillog()),
+    );
+    let mut messages = received(world, case, &id);
+    assert_eq!(messages.len(), 1, "{case}: exactly one copy arrives");
+    assert!(
+        queued_for(mta, &recipient).is_empty(),
+        "{case}: nothing left in the queue"
+    );
+    (id, messages.remove(0))
+}
+
+#[test]
+fn dane_domain_is_delivered_with_dkim_that_dkimpy_verifies() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "dane", &manifest(&world, DEFER));
+    let (id, received) = deliver_and_receive(&world, &mta, "DANE");
+
+    let records: Vec<String> = mta
+        .dkim_records
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    let mut verify = Command::new("python3")
+        .arg(securemail_e2e::repo_root().join("e2e/dataplane/dkimverify.py"))
+        .args(&records)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    verify.stdin.take().unwrap().write_all(&received).unwrap();
+    let output = verify.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "dkimpy rejects the signature:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let attempt = first_attempt(&mta, &id);
+    assert_eq!(attempt["outcome"], "delivered");
+    assert_eq!(attempt["policy"]["source"], "dane");
+    assert_eq!(attempt["tls"]["verification"], "dane-ee");
+    assert_eq!(attempt["recipientDomain"], world.get("SMDP_CASE_DANE"));
+    assert_eq!(attempt["sourceIp"], world.get("SMDP_MTA_ADDR"));
+    let text = serde_json::to_string(&attempt).unwrap();
+    assert!(!text.contains('@'), "evidence carries no address: {text}");
+
+    let metrics = metrics(&mta);
+    assert!(
+        metric_sum(
+            &metrics,
+            "securemail_delivery_attempts",
+            &["result=\"delivered\"", "policy_source=\"dane\""]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(!metrics.contains("patient"), "metrics carry no recipient");
+}
+
+#[test]
+fn dane_ta_domain_is_delivered() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "dane-ta", &manifest(&world, DEFER));
+    let (id, _) = deliver_and_receive(&world, &mta, "DANE_TA");
+    let attempt = first_attempt(&mta, &id);
+    assert_eq!(attempt["policy"]["source"], "dane");
+    assert_eq!(attempt["tls"]["verification"], "dane-ta");
+}
+
+#[test]
+fn mta_sts_enforce_delivers_only_to_a_listed_mx() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "sts", &manifest(&world, DEFER));
+    let (id, _) = deliver_and_receive(&world, &mta, "STS");
+    let attempt = first_attempt(&mta, &id);
+    assert_eq!(attempt["policy"]["source"], "mta-sts");
+    assert_eq!(attempt["policy"]["id"], world.get("SMDP_STS_POLICY_ID"));
+    assert_eq!(attempt["tls"]["verification"], "webpki");
+
+    // sts-nomatch.test's only MX is not in its enforce policy: nothing may go there.
+    let id = unique_id("sts-nomatch");
+    let recipient = format!("patient@{}", world.get("SMDP_CASE_STS_NOMATCH"));
+    assert_sent(&mta.submit(SENDER, &[&recipient], &message(&id, &recipient)));
+    let attempt = first_attempt(&mta, &id);
+    assert_eq!(attempt["outcome"], "deferred", "{attempt}");
+    assert!(received(&world, "STS_NOMATCH", &id).is_empty());
+    assert_eq!(queued_for(&mta, &recipient).len(), 1, "the message stays queued");
+}
+
+/// Cases where no secure path exists: the message must not reach the receiver, and stays queued (defer).
+const INSECURE_CASES: &[&str] = &[
+    "NOSTARTTLS",
+    "STRIPPED",
+    "WRONGNAME",
+    "EXPIRED",
+    "SELFSIGNED",
+    "TLS11",
+    "DANE_MISMATCH",
+    "DANE_SERVFAIL",
+];
+
+#[test]
+fn no_secure_path_means_nothing_sent_and_the_message_stays_queued() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "defer", &manifest(&world, DEFER));
+    let stripped_sessions = PathBuf::from(world.get("SMDP_STRIPPED_SESSIONS"));
+    let stripped_before = fs::read_to_string(&stripped_sessions)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let mut ids = Vec::new();
+    for case in INSECURE_CASES {
+        let id = unique_id(case);
+        let recipient = format!("patient@{}", world.get(&format!("SMDP_CASE_{case}")));
+        assert_sent(&mta.submit(SENDER, &[&recipient], &message(&id, &recipient)));
+        ids.push((*case, id, recipient));
+    }
+    for (case, id, recipient) in &ids {
+        let attempt = first_attempt(&mta, id);
+        assert_eq!(attempt["outcome"], "deferred", "{case}: {attempt}");
+        assert!(
+            received(&world, case, id).is_empty(),
+            "{case}: the receiver got the message"
+        );
+        let queued = queued_for(&mta, recipient);
+        assert_eq!(queued.len(), 1, "{case}: the message stays in Postfix's queue");
+        let reason = queued[0]["recipients"][0]["delay_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(reason.contains("4.7.") || reason.contains("4.4."), "{case}: {reason}");
+        if *case == "DANE_SERVFAIL" {
+            assert!(attempt["policy"].is_null(), "a SERVFAIL decides no policy: {attempt}");
+        }
+    }
+    // The stripping proxy saw the sidecar's EHLO and nothing after it but QUIT.
+    let sessions = fs::read_to_string(&stripped_sessions).unwrap_or_default();
+    let new_sessions: Vec<Value> = sessions
+        .lines()
+        .skip(stripped_before)
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(
+        !new_sessions.is_empty(),
+        "the sidecar connected through the stripping proxy"
+    );
+    for session in &new_sessions {
+        let after = session["after_ehlo"].as_str().unwrap_or_default();
+        assert!(
+            after.is_empty() || after == "QUIT\r\n",
+            "bytes after EHLO through the stripping proxy: {session}"
+        );
+    }
+    let metrics = metrics(&mta);
+    assert!(
+        metric_sum(&metrics, "securemail_delivery_attempts", &["result=\"deferred\""]) >= INSECURE_CASES.len() as f64
+    );
+}
+
+#[test]
+fn no_secure_path_with_on_failure_bounce_bounces_with_the_reason() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "bounce", &manifest(&world, BOUNCE));
+    let id = unique_id("bounce");
+    let recipient = format!("patient@{}", world.get("SMDP_CASE_NOSTARTTLS"));
+    assert_sent(&mta.submit(SENDER, &[&recipient], &message(&id, &recipient)));
+    let attempt = first_attempt(&mta, &id);
+    assert_eq!(attempt["outcome"], "bounced");
+    wait_until(
+        Duration::from_secs(30),
+        "Postfix to record the bounce",
+        || {
+            mta.maillog()
+                .lines()
+                .any(|line| line.contains("status=bounced") && line.contains("5.7."))
+        },
+        || mta.maillog(),
+    );
+    let line = mta
+        .maillog()
+        .lines()
+        .find(|line| line.contains("status=bounced"))
+        .unwrap()
+        .to_owned();
+    assert!(line.contains("TLS"), "the bounce says why: {line}");
+    assert!(received(&world, "NOSTARTTLS", &id).is_empty());
+}
+
+#[test]
+fn submission_requires_tls_and_a_client_certificate() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "submission", &manifest(&world, DEFER));
+    let recipient = format!("patient@{}", world.get("SMDP_CASE_GOOD"));
+    let id = unique_id("submission");
+    let cleartext = mta.submit_with(
+        SENDER,
+        &[&recipient],
+        &message(&id, &recipient),
+        Submission {
+            without_tls: true,
+            ..Submission::default()
+        },
+    );
+    assert_ne!(cleartext["stage"], "sent", "{cleartext}");
+    assert!(
+        cleartext["code"].as_u64().is_some_and(|code| code >= 500),
+        "{cleartext}"
+    );
+    let no_certificate = mta.submit_with(
+        SENDER,
+        &[&recipient],
+        &message(&id, &recipient),
+        Submission {
+            without_client_certificate: true,
+            ..Submission::default()
+        },
+    );
+    assert_ne!(no_certificate["stage"], "sent", "{no_certificate}");
+    assert!(mta.queue().is_empty(), "nothing was queued");
+    deliver_and_receive(&world, &mta, "GOOD");
+}
+
+#[test]
+fn smuggling_inputs_arrive_as_exactly_one_message_with_crlf_only() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "smuggling", &manifest(&world, DEFER));
+    let recipient = format!("patient@{}", world.get("SMDP_CASE_GOOD"));
+    let id = unique_id("smuggling");
+    let mut raw = message(&id, &recipient);
+    raw.truncate(raw.len() - 2);
+    raw.extend_from_slice(
+        b"\r\nbare LF end marker:\n.\nMAIL FROM:<evil@sender.test>\r\nbare CR:\r.\r\n..leading dot line\r\n\
+          .\r\n",
+    );
+    let report = mta.submit_with(
+        SENDER,
+        &[&recipient],
+        &raw,
+        Submission {
+            raw: true,
+            ..Submission::default()
+        },
+    );
+    assert_sent(&report);
+    wait_until(
+        Duration::from_secs(60),
+        "delivery of the smuggling message",
+        || !received(&world, "GOOD", &id).is_empty(),
+        || mta.sidecar_log(),
+    );
+    let got = received(&world, "GOOD", &id);
+    assert_eq!(got.len(), 1);
+    // Maildir stores LF line ends; what matters is that the smuggled command stayed content and no bare CR
+    // survived as a line end.
+    let text = String::from_utf8_lossy(&got[0]);
+    assert!(
+        text.contains("MAIL FROM:<evil@sender.test>"),
+        "the smuggled command is content: {text}"
+    );
+    assert!(text.contains("\n.leading dot line"), "dot-unstuffed once: {text}");
+    assert!(!text.contains('\r'), "no bare CR reaches the receiver: {text:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let extra: Vec<_> = fs::read_dir(
+        PathBuf::from(world.get(&format!(
+            "SMDP_RX_{}_MAILDIR",
+            world.get("SMDP_CASE_GOOD_RX").to_ascii_uppercase().replace('-', "_")
+        )))
+        .join("new"),
+    )
+    .unwrap()
+    .flatten()
+    .filter(|entry| String::from_utf8_lossy(&fs::read(entry.path()).unwrap_or_default()).contains("evil@sender.test"))
+    .collect();
+    assert_eq!(extra.len(), 1, "exactly one message carries the smuggled text");
+}
+
+#[test]
+fn kill_9_of_the_sidecar_mid_run_loses_nothing() {
+    const MESSAGES: usize = 1000;
+    let world = World::load();
+    let mut mta = MtaHost::start(&world, "crash", &manifest(&world, DEFER));
+    let run = unique_id("crash");
+    let recipient = format!("patient@{}", world.get("SMDP_CASE_GOOD"));
+    let body: Vec<Vec<u8>> = (0..MESSAGES)
+        .map(|n| message(&format!("{run}.{n}"), &recipient))
+        .collect();
+    let count_received = || received(&world, "GOOD", &run).len();
+    // The kill lands while Postfix is handing mail to the sidecar; submissions go on while the sidecar is down.
+    let mut submitted = 0;
+    for chunk in body.chunks(100) {
+        for message in chunk {
+            assert_sent(&mta.submit(SENDER, &[&recipient], message));
+            submitted += 1;
+        }
+        if submitted == 300 {
+            wait_until(
+                Duration::from_secs(120),
+                "the first deliveries",
+                || count_received() >= 50,
+                || mta.sidecar_log(),
+            );
+            mta.kill_sidecar();
+        }
+        if submitted == 500 {
+            mta.start_sidecar(&world);
+        }
+    }
+    mta.flush();
+    wait_until(
+        Duration::from_secs(600),
+        "every message to arrive",
+        || {
+            let queue_empty = mta.queue().is_empty();
+            if !queue_empty {
+                mta.flush();
+            }
+            queue_empty && count_received() >= MESSAGES
+        },
+        || {
+            format!(
+                "received {} of {MESSAGES}; queue {}",
+                count_received(),
+                mta.queue().len()
+            )
+        },
+    );
+    let copies = received(&world, "GOOD", &run);
+    let mut ids: Vec<String> = copies
+        .iter()
+        .filter_map(|bytes| {
+            let text = String::from_utf8_lossy(bytes);
+            let start = text.find(&format!("<{run}."))?;
+            let end = text[start..].find('>')?;
+            Some(text[start..start + end + 1].to_owned())
+        })
+        .collect();
+    ids.sort();
+    let total = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), MESSAGES, "every message arrived at least once");
+    let duplicates = total - ids.len();
+    // Only transactions in flight at the kill can be delivered twice: at most Postfix's LMTP concurrency (20)
+    // times its recipients per transaction.
+    assert!(duplicates <= 20, "{duplicates} duplicates");
+    eprintln!("kill -9 run: {MESSAGES} messages, {duplicates} duplicates");
+    let files = mta.evidence_files();
+    assert!(!files.is_empty(), "the sidecar wrote evidence");
+    for file in files {
+        let verify = run_ok(
+            in_netns(&mta.netns, &sidecar_bin().display().to_string())
+                .args(["evidence", "verify"])
+                .arg(&file),
+        );
+        assert!(verify.starts_with("ok"), "{}: {verify}", file.display());
+    }
+}
