@@ -57,6 +57,13 @@ pub enum Error {
 
     #[error("LMTP socket path {} is taken by a file that is not a socket; refusing to replace it", path.display())]
     LmtpPathOccupied { path: PathBuf },
+
+    #[error("admin server on {addr}: cannot {action}: {source}")]
+    AdminSocket {
+        addr: std::net::SocketAddr,
+        action: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Result with the sidecar's error type.

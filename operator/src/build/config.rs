@@ -19,6 +19,8 @@ pub const DKIM_KEY_DIR: &str = "/etc/securemail/dkim";
 pub const SIDECAR_DATA_DIR: &str = "/var/lib/securemail";
 /// The sidecar's admin port (`/livez`, `/readyz`, `/metrics`, `/status`).
 pub const SIDECAR_ADMIN_PORT: u16 = 9090;
+/// Where the sidecar sees Postfix's queue (read-only) to count it for `/status`.
+pub const SIDECAR_POSTFIX_QUEUE_DIR: &str = "/var/spool/postfix";
 
 /// File name of pod `ordinal`'s sidecar configuration inside the ConfigMap.
 pub fn sidecar_file(ordinal: u32) -> String {
@@ -101,5 +103,6 @@ pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodA
         state_dir: format!("{SIDECAR_DATA_DIR}/state").into(),
         max_message_bytes: postfix::MESSAGE_SIZE_LIMIT_BYTES,
         dns: DnsSettings::default(),
+        postfix_queue_dir: Some(SIDECAR_POSTFIX_QUEUE_DIR.into()),
     })
 }

@@ -16,7 +16,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use securemail_api::SecureMailTenant;
 use securemail_api::tenant::EgressMode;
 
-use super::config::{DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_DATA_DIR, key_file, sidecar_file};
+use super::config::{
+    DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_DATA_DIR, SIDECAR_POSTFIX_QUEUE_DIR, key_file, sidecar_file,
+};
 use super::{Observed, Settings, child_meta};
 use crate::names::{SUBMISSION_LABEL, TenantNames, sha256_hex};
 use crate::postfix;
@@ -242,6 +244,12 @@ fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
         }),
         volume_mounts: Some(vec![
             mount(DATA_VOLUME, SIDECAR_DATA_DIR, Some("sidecar")),
+            // Postfix's queue, only counted for `/status`. Postfix keeps its queue subdirectories 0700, so the
+            // sidecar reads them only where the deployment grants access; until then `/status` answers 503.
+            VolumeMount {
+                read_only: Some(true),
+                ..mount(DATA_VOLUME, SIDECAR_POSTFIX_QUEUE_DIR, Some("postfix"))
+            },
             mount(SIDECAR_RUN_VOLUME, postfix::SIDECAR_RUN_DIR, None),
             mount(CONFIG_VOLUME, SIDECAR_CONFIG_DIR, None),
             mount(DKIM_VOLUME, DKIM_KEY_DIR, None),

@@ -1,0 +1,264 @@
+//! The admin server over a real TCP socket: probes, metrics and the `/status` the operator's drain relies on.
+#![allow(clippy::unwrap_used, reason = "test set-up: a panic is the failure report")]
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use securemail_api::sidecar_config::{DnsSettings, EvidenceSettings, Listen, SidecarConfig, SourceAddress, WarmupCaps};
+use securemail_api::sidecar_status::{QueueStatus, SidecarStatus};
+use securemail_api::tenant::{ProviderShares, TlsPolicySpec};
+use securemail_sidecar::admin::{AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, queue_status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const NOW: Duration = Duration::from_secs(1_767_225_600);
+
+struct Response {
+    status: u16,
+    content_type: Option<String>,
+    body: String,
+}
+
+/// A plain HTTP/1.1 GET, read to the end of the connection.
+async fn get(addr: SocketAddr, path: &str) -> Response {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = lines
+        .filter_map(|line| line.split_once(": "))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.to_owned());
+    Response {
+        status,
+        content_type,
+        body: body.to_owned(),
+    }
+}
+
+fn config(queue_dir: Option<&Path>) -> SidecarConfig {
+    SidecarConfig {
+        tenant: "tenant-a/clinic".into(),
+        source: SourceAddress {
+            address: "192.0.2.10".parse().unwrap(),
+            hostname: "mta1.example.org".into(),
+        },
+        listen: Listen {
+            lmtp: "/run/securemail/lmtp.sock".into(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+        },
+        signing: Vec::new(),
+        tls_policy: TlsPolicySpec::default(),
+        warmup: WarmupCaps {
+            day: None,
+            daily_limit: None,
+            provider_shares: ProviderShares::default(),
+        },
+        evidence: EvidenceSettings {
+            dir: "/var/lib/securemail/evidence".into(),
+            retention_days: 1,
+        },
+        state_dir: "/var/lib/securemail/state".into(),
+        max_message_bytes: 1024,
+        dns: DnsSettings::default(),
+        postfix_queue_dir: queue_dir.map(Path::to_owned),
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    readiness: Readiness,
+    config: watch::Sender<Arc<SidecarConfig>>,
+    shutdown: CancellationToken,
+    server: JoinHandle<securemail_sidecar::Result<()>>,
+}
+
+async fn start(queue_dir: Option<&Path>, registry: Registry) -> Running {
+    let (config, receiver) = watch::channel(Arc::new(config(queue_dir)));
+    let readiness = Readiness::default();
+    let state = AdminState {
+        readiness: readiness.clone(),
+        registry: Arc::new(registry),
+        status: queue_status(receiver, || SystemTime::UNIX_EPOCH + NOW),
+    };
+    let server = AdminServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = server.local_addr();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(server.serve(state, shutdown.clone()));
+    Running {
+        addr,
+        readiness,
+        config,
+        shutdown,
+        server,
+    }
+}
+
+#[tokio::test]
+async fn livez_answers_and_readyz_follows_every_readiness_flag() {
+    let running = start(None, Registry::default()).await;
+    let livez = get(running.addr, "/livez").await;
+    assert_eq!(livez.status, 200);
+
+    let readyz = get(running.addr, "/readyz").await;
+    assert_eq!(readyz.status, 503);
+    for reason in [
+        "configuration not loaded",
+        "LMTP socket not listening",
+        "evidence log not writable",
+    ] {
+        assert!(
+            readyz.body.contains(reason),
+            "{reason:?} missing from {:?}",
+            readyz.body
+        );
+    }
+
+    running.readiness.config_loaded.set(true);
+    running.readiness.lmtp_listening.set(true);
+    let readyz = get(running.addr, "/readyz").await;
+    assert_eq!(
+        (readyz.status, readyz.body.trim()),
+        (503, "not ready: evidence log not writable")
+    );
+
+    running.readiness.evidence_writable.set(true);
+    assert_eq!(get(running.addr, "/readyz").await.status, 200);
+
+    // An evidence append failed: not ready again.
+    running.readiness.evidence_writable.set(false);
+    assert_eq!(get(running.addr, "/readyz").await.status, 503);
+    assert_eq!(get(running.addr, "/nope").await.status, 404);
+}
+
+#[tokio::test]
+async fn metrics_are_openmetrics_text_with_the_registered_metrics() {
+    let mut registry = Registry::default();
+    let counter = Counter::<u64>::default();
+    registry.register(
+        "securemail_config_reload_errors",
+        "Refused sidecar.yaml files",
+        counter.clone(),
+    );
+    counter.inc_by(3);
+    let running = start(None, registry).await;
+
+    let metrics = get(running.addr, "/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert_eq!(metrics.content_type.as_deref(), Some(OPENMETRICS_CONTENT_TYPE));
+    assert!(
+        metrics
+            .body
+            .contains("# TYPE securemail_config_reload_errors counter\n"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains("\nsecuremail_config_reload_errors_total 3\n"),
+        "{}",
+        metrics.body
+    );
+    assert!(metrics.body.ends_with("# EOF\n"), "{}", metrics.body);
+}
+
+#[tokio::test]
+async fn status_reports_the_address_and_the_queue_and_follows_the_current_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = dir.path().join("spool");
+    let deferred = queue.join("deferred/4");
+    std::fs::create_dir_all(&deferred).unwrap();
+    File::create(deferred.join("42F00D"))
+        .unwrap()
+        .set_modified(SystemTime::UNIX_EPOCH + NOW - Duration::from_secs(90))
+        .unwrap();
+    let running = start(Some(&queue), Registry::default()).await;
+
+    let response = get(running.addr, "/status").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.content_type.as_deref(), Some("application/json"));
+    let status: SidecarStatus = serde_json::from_str(&response.body).unwrap();
+    assert_eq!(
+        status,
+        SidecarStatus {
+            address: "192.0.2.10".parse().unwrap(),
+            queue: QueueStatus {
+                messages: 1,
+                oldest_age_seconds: Some(90),
+            },
+        }
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&response.body).unwrap(),
+        serde_json::json!({"address": "192.0.2.10", "queue": {"messages": 1, "oldestAgeSeconds": 90}})
+    );
+
+    // A reload pointing at an empty queue directory is used by the next request.
+    let empty = dir.path().join("empty-spool");
+    std::fs::create_dir(&empty).unwrap();
+    running.config.send_replace(Arc::new(config(Some(&empty))));
+    let status: SidecarStatus = serde_json::from_str(&get(running.addr, "/status").await.body).unwrap();
+    assert!(status.queue.is_empty());
+    assert_eq!(status.queue.oldest_age_seconds, None);
+}
+
+#[tokio::test]
+async fn status_is_503_with_the_reason_when_the_queue_cannot_be_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(None, Registry::default()).await;
+    let response = get(running.addr, "/status").await;
+    assert_eq!(response.status, 503);
+    assert!(
+        response.body.contains("queue directory not configured"),
+        "{}",
+        response.body
+    );
+
+    // A queue that cannot be listed (a file stands in for a directory the sidecar may not read).
+    let queue = dir.path().join("spool");
+    std::fs::create_dir(&queue).unwrap();
+    std::fs::write(queue.join("active"), "").unwrap();
+    running.config.send_replace(Arc::new(config(Some(&queue))));
+    let response = get(running.addr, "/status").await;
+    assert_eq!(response.status, 503);
+    assert!(
+        response.body.contains(queue.join("active").to_str().unwrap()),
+        "{}",
+        response.body
+    );
+
+    // A queue directory that is not mounted is not an empty queue.
+    running
+        .config
+        .send_replace(Arc::new(config(Some(&dir.path().join("not-mounted")))));
+    let response = get(running.addr, "/status").await;
+    assert_eq!(response.status, 503);
+    assert!(response.body.contains("not-mounted"), "{}", response.body);
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_server_and_frees_the_port() {
+    let running = start(None, Registry::default()).await;
+    assert_eq!(get(running.addr, "/livez").await.status, 200);
+    running.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running.server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(TcpStream::connect(running.addr).await.is_err());
+
+    let err = AdminServer::bind("192.0.2.1:9090".parse().unwrap()).await.unwrap_err();
+    assert!(err.to_string().contains("192.0.2.1:9090"), "{err}");
+}
