@@ -3,11 +3,16 @@
 
 pub mod admin;
 pub mod config;
+pub mod deliver;
 pub mod dkim;
 pub mod error;
 pub mod evidence;
 pub mod lmtp;
+pub mod metrics;
 pub mod policy;
+pub mod provider;
 pub mod queue;
+pub mod smtp;
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -16,7 +16,10 @@ use crate::evidence::{DomainName, PolicySource};
 pub enum PeerAuth {
     /// RFC 7672: the presented chain must match one of these usable TLSA records (usages 2 and 3 only). For usage
     /// 2 the leaf must also carry one of `reference_names` (the MX host name, RFC 7672 section 3.2.2).
-    Dane { tlsa: Vec<Tlsa>, reference_names: Vec<String> },
+    Dane {
+        tlsa: Vec<Tlsa>,
+        reference_names: Vec<String>,
+    },
     /// A WebPKI chain valid for the MX host name (MTA-STS, tenant mode `verified`).
     WebPki,
     /// Any certificate, TLS still mandatory (tenant mode `encrypted`).
@@ -86,3 +89,13 @@ pub trait PolicyLookup: Send + Sync + 'static {
     /// The addresses of an MX host. For a host whose policy is DANE the A/AAAA answers must be DNSSEC-secure.
     fn addresses(&self, mx: &MxCandidate) -> impl Future<Output = Result<Vec<IpAddr>, PolicyError>> + Send;
 }
+
+pub mod check;
+pub mod clock;
+pub mod decide;
+pub mod dns;
+pub mod mta_sts;
+pub mod resolver;
+
+pub use check::{DomainReport, check_domain};
+pub use resolver::{CacheStats, PolicyResolver, SetupError};

@@ -1,0 +1,511 @@
+//! The delivery engine behind the LMTP server: signs each message, delivers it per recipient domain over the
+//! path the TLS policy allows, writes one evidence record per attempt, and answers Postfix per recipient.
+//!
+//! Answers: 2xx only after the remote MX accepted the recipient and the data after the final dot; remote 4xx,
+//! timeouts and connection failures 4xx (Postfix retries); remote 5xx passed on with the remote's enhanced
+//! code and redacted text; no secure path per the domain's `onFailure` (4.7.5 defer or 5.7.10 bounce). A signing
+//! failure defers the whole message: it is never sent unsigned.
+
+mod outcome;
+mod pool;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use jiff::Timestamp;
+use securemail_api::tenant::OnFailure;
+
+use crate::dkim::KeyStore;
+use crate::evidence::{
+    Attempt, DomainName, EvidenceLog, MessageIdHash, Outcome, Policy, SmtpReply, TenantRef, TlsSession, Token,
+};
+use crate::lmtp::{Backend, Envelope, RcptDecision, Recipient, Reply};
+use crate::metrics::{LookupResult, Metrics};
+use crate::policy::{DomainPolicy, MxCandidate, PolicyError, PolicyLookup};
+use crate::provider::Provider;
+use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
+use crate::tls::TlsConfigs;
+
+use outcome::{Answer, Failure, Verdict};
+use pool::SessionPool;
+
+/// Wall-clock time (DKIM `t=`, evidence timestamps, the UTC day of `/status`), passed in so tests can set it.
+pub trait WallClock: Send + Sync + 'static {
+    fn now(&self) -> Timestamp;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// Settings of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub tenant: TenantRef,
+    pub session: SessionSettings,
+    /// The tenant's `onFailure`, for a domain whose policy lookup itself found no secure path.
+    pub on_failure: OnFailure,
+    /// Everything still pending after this long is answered 4xx: Postfix gives up waiting after 1200 s
+    /// (`lmtp_data_done_timeout`) and would retry the whole message anyway.
+    pub deadline: Duration,
+    /// How long an idle verified session is kept for the next message to the same MX.
+    pub idle_session_ttl: Duration,
+    pub max_idle_sessions: usize,
+}
+
+impl EngineConfig {
+    /// Defaults for everything but who and where.
+    pub fn new(tenant: TenantRef, session: SessionSettings, on_failure: OnFailure) -> Self {
+        Self {
+            tenant,
+            session,
+            on_failure,
+            deadline: Duration::from_secs(1000),
+            idle_session_ttl: Duration::from_secs(30),
+            max_idle_sessions: 32,
+        }
+    }
+}
+
+/// The delivery engine; implements [`Backend`].
+pub struct Engine<P> {
+    config: EngineConfig,
+    policy: P,
+    keys: Arc<KeyStore>,
+    tls: Arc<TlsConfigs>,
+    evidence: Arc<Mutex<EvidenceLog>>,
+    /// Set after an evidence append failed: nothing more is delivered until a restart reopens the log.
+    evidence_broken: AtomicBool,
+    metrics: Metrics,
+    clock: Arc<dyn WallClock>,
+    pool: SessionPool,
+}
+
+impl<P> std::fmt::Debug for Engine<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The message prepared once for every domain.
+struct Prepared {
+    /// Dot-stuffed, with the DKIM signatures, ending in CRLF "." CRLF.
+    data: Vec<u8>,
+    size: u64,
+    message_id: MessageIdHash,
+}
+
+impl<P: PolicyLookup> Engine<P> {
+    pub fn new(
+        config: EngineConfig,
+        policy: P,
+        keys: Arc<KeyStore>,
+        tls: Arc<TlsConfigs>,
+        evidence: EvidenceLog,
+        metrics: Metrics,
+        clock: Arc<dyn WallClock>,
+    ) -> Self {
+        let pool = SessionPool::new(config.idle_session_ttl, config.max_idle_sessions);
+        Self {
+            config,
+            policy,
+            keys,
+            tls,
+            evidence: Arc::new(Mutex::new(evidence)),
+            evidence_broken: AtomicBool::new(false),
+            metrics,
+            clock,
+            pool,
+        }
+    }
+
+    fn prepare(&self, message: &[u8]) -> Result<Prepared, Answer> {
+        let signatures = self.keys.signer().sign(message, self.clock.now()).map_err(|err| {
+            tracing::warn!(error = %err, "DKIM signing failed; deferring the message");
+            Answer::local(
+                451,
+                (4, 7, 0),
+                format!("DKIM signing failed: {err}; the message was not sent"),
+            )
+        })?;
+        Ok(Prepared {
+            data: dot_stuff(&[&signatures, message]),
+            size: u64::try_from(signatures.len() + message.len()).unwrap_or(u64::MAX),
+            message_id: message_id(message),
+        })
+    }
+
+    /// Delivers to one recipient domain; one reply per recipient of `recipients`, in order.
+    async fn deliver_domain(
+        &self,
+        envelope: &Envelope,
+        domain: &str,
+        recipients: &[&Recipient],
+        prepared: &Prepared,
+        deadline: Instant,
+    ) -> Vec<Answer> {
+        let started = Instant::now();
+        let count = NonZeroU32::new(u32::try_from(recipients.len()).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        let Ok(domain_name) = DomainName::new(domain) else {
+            let answer = Answer::local(553, (5, 1, 2), "recipient domain is not a valid DNS name");
+            return vec![answer; recipients.len()];
+        };
+        let record = |mx: Option<&MxCandidate>| Attempt {
+            time: self.clock.now(),
+            tenant: self.config.tenant.clone(),
+            message_id_sha256: prepared.message_id,
+            recipient_domain: domain_name.clone(),
+            recipient_count: count,
+            mx_host: mx.map(|mx| mx.host.clone()),
+            mx_ip: None,
+            source_ip: self.config.session.source,
+            policy: mx.map(|mx| Policy {
+                source: mx.source,
+                id: mx.policy_id.as_deref().and_then(|id| Token::new(id).ok()),
+            }),
+            tls: None,
+            smtp_reply: None,
+            outcome: Outcome::Deferred,
+        };
+
+        let mut attempts = Vec::new();
+        let lookup = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            self.policy.resolve(domain),
+        );
+        let resolved = lookup.await.unwrap_or_else(|_| {
+            Err(PolicyError::Temporary {
+                reason: "the lookup did not finish within the time Postfix waits".to_owned(),
+            })
+        });
+        let verdict = match resolved {
+            Err(err) => {
+                self.metrics.policy_lookup(match err {
+                    PolicyError::Temporary { .. } => LookupResult::Temporary,
+                    PolicyError::NoSecurePath { .. } => LookupResult::NoSecurePath,
+                    PolicyError::Permanent { .. } => LookupResult::Permanent,
+                });
+                attempts.push(record(None));
+                Verdict::policy_error(domain, &err, self.config.on_failure)
+            }
+            Ok(policy) => {
+                self.metrics.policy_lookup(LookupResult::Ok);
+                let transaction = Transaction {
+                    sender: envelope.sender.as_ref(),
+                    params: &envelope.params,
+                    recipients,
+                    data: &prepared.data,
+                    size: prepared.size,
+                };
+                self.try_candidates(&policy, &transaction, deadline, &record, &mut attempts)
+                    .await
+            }
+        };
+        let answers = verdict.answers(recipients.len());
+        let final_outcome = outcome::outcome_of(&answers);
+        if attempts.is_empty() {
+            // A policy without MX hosts: still one record, so every answer to Postfix has its evidence.
+            attempts.push(record(None));
+        }
+        if let Some(last) = attempts.last_mut() {
+            last.outcome = final_outcome;
+        }
+
+        let provider = attempts
+            .iter()
+            .rev()
+            .find_map(|attempt| attempt.mx_host.as_ref())
+            .map_or(Provider::Other, |host| Provider::of_mx(&String::from(host.clone())));
+        for attempt in &attempts {
+            let host = attempt.mx_host.clone().map(String::from);
+            self.metrics.attempt(
+                host.as_deref().map_or(Provider::Other, Provider::of_mx),
+                attempt.outcome,
+                attempt.policy.as_ref().map(|policy| policy.source),
+                attempt.tls.as_ref().map(|tls| tls.version),
+            );
+        }
+        for answer in &answers {
+            self.metrics.recipients(provider, outcome::of_code(answer.code()), 1);
+        }
+        self.metrics
+            .duration(provider, final_outcome, started.elapsed().as_secs_f64());
+        tracing::info!(
+            domain,
+            %provider,
+            outcome = ?final_outcome,
+            attempts = attempts.len(),
+            "recipient domain answered"
+        );
+        self.append_evidence(attempts).await;
+        answers
+    }
+
+    /// Tries each MX and each of its addresses until one settles the transaction.
+    async fn try_candidates(
+        &self,
+        policy: &DomainPolicy,
+        transaction: &Transaction<'_>,
+        deadline: Instant,
+        record: &impl Fn(Option<&MxCandidate>) -> Attempt,
+        attempts: &mut Vec<Attempt>,
+    ) -> Verdict {
+        let mut failures = Vec::new();
+        for mx in &policy.mx {
+            let host = String::from(mx.host.clone());
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let addresses = match tokio::time::timeout(remaining, self.policy.addresses(mx)).await {
+                Ok(Ok(addresses)) => addresses,
+                Err(_) => {
+                    attempts.push(record(Some(mx)));
+                    failures.push(Failure::temporary(format!(
+                        "address lookup of {host} did not finish within the time Postfix waits"
+                    )));
+                    return Verdict::from_failures(failures, policy.on_failure);
+                }
+                Ok(Err(err)) => {
+                    attempts.push(record(Some(mx)));
+                    failures.push(Failure::temporary(format!("cannot resolve {host}: {err}")));
+                    continue;
+                }
+            };
+            let usable: Vec<IpAddr> = addresses
+                .into_iter()
+                .filter(|address| address.is_ipv4() == self.config.session.source.is_ipv4())
+                .collect();
+            if usable.is_empty() {
+                attempts.push(record(Some(mx)));
+                failures.push(Failure::temporary(format!(
+                    "{host} has no address of the source address' family"
+                )));
+                continue;
+            }
+            for address in usable {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let mut attempt = record(Some(mx));
+                let target = Target {
+                    host: &host,
+                    address,
+                    auth: &mx.auth,
+                    min_version: policy.min_version,
+                    allow_cleartext: policy.allow_cleartext,
+                };
+                let result = tokio::time::timeout(remaining, self.attempt(target, transaction, &mut attempt)).await;
+                attempt.time = self.clock.now();
+                attempts.push(attempt);
+                match result {
+                    Ok(Ok(verdict)) => return verdict,
+                    Ok(Err(failure)) => {
+                        if let Some(class) = failure.tls_failure() {
+                            self.metrics.tls_failure(class);
+                        }
+                        failures.push(failure);
+                    }
+                    Err(_) => {
+                        failures.push(Failure::temporary(format!(
+                            "delivery to {host} did not finish within the time Postfix waits"
+                        )));
+                        return Verdict::from_failures(failures, policy.on_failure);
+                    }
+                }
+            }
+        }
+        Verdict::from_failures(failures, policy.on_failure)
+    }
+
+    /// One session with one address (reused when one is idle), recording what happened in `attempt`.
+    async fn attempt(
+        &self,
+        target: Target<'_>,
+        transaction: &Transaction<'_>,
+        attempt: &mut Attempt,
+    ) -> Result<Verdict, Failure> {
+        let key = pool::key(&target);
+        let mut session = match self.reuse(&key).await {
+            Some(session) => session,
+            None => match Session::open(&self.config.session, &self.tls, target).await {
+                Ok(session) => session,
+                Err(err) => {
+                    if !matches!(err, SessionError::Connect { .. }) {
+                        attempt.mx_ip = Some(target.address);
+                    }
+                    if let SessionError::Refused { reply, .. } = &err {
+                        attempt.smtp_reply = remote_reply(reply);
+                    }
+                    return Err(Failure::of_session(&target, &err));
+                }
+            },
+        };
+        attempt.mx_ip = Some(target.address);
+        attempt.tls = session.tls().and_then(|tls| {
+            // rustls' suite names are always valid tokens; the fallback only keeps this total.
+            let cipher = Token::new(&tls.cipher).or_else(|_| Token::new("unknown")).ok()?;
+            Some(TlsSession {
+                version: tls.version,
+                cipher,
+                verification: tls.verification,
+                peer_chain_sha256: tls.peer_chain_sha256.clone(),
+            })
+        });
+        let sent = session.send(transaction).await;
+        attempt.smtp_reply = session.last_reply().and_then(remote_reply);
+        match sent {
+            Ok(outcome) => {
+                let verdict = Verdict::of_transaction(target.host, &outcome);
+                match outcome {
+                    // The session is useless for this message anyway; a fresh one costs little.
+                    TransactionOutcome::Unsupported { .. } => session.quit().await,
+                    _ => self.pool.put(key, session),
+                }
+                verdict
+            }
+            Err(err) => Err(Failure::of_session(&target, &err)),
+        }
+    }
+
+    /// An idle session for `key` that still answers RSET.
+    async fn reuse(&self, key: &str) -> Option<Session> {
+        while let Some(mut session) = self.pool.take(key) {
+            if session.reset().await.is_ok() {
+                return Some(session);
+            }
+        }
+        None
+    }
+
+    async fn append_evidence(&self, attempts: Vec<Attempt>) {
+        let log = Arc::clone(&self.evidence);
+        let written = tokio::task::spawn_blocking(move || {
+            // A poisoned lock only means another append panicked; the log itself refuses appends after a failure.
+            let mut log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            attempts.iter().try_for_each(|attempt| log.append(attempt).map(drop))
+        })
+        .await;
+        let error = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err.to_string(),
+            Err(join) => join.to_string(),
+        };
+        // The remote already has what it accepted: answering 4xx now would deliver it twice. New messages are
+        // deferred instead until the log is reopened.
+        self.evidence_broken.store(true, Ordering::SeqCst);
+        self.metrics.evidence_failure();
+        tracing::error!(%error, "cannot write evidence; deferring all further deliveries until restart");
+    }
+}
+
+impl<P: PolicyLookup> Backend for Engine<P> {
+    async fn check_recipient(&self, _envelope: &Envelope, _recipient: &Recipient) -> RcptDecision {
+        RcptDecision::Accept
+    }
+
+    async fn deliver(&self, envelope: Envelope, message: Bytes) -> Vec<Reply> {
+        let answers = self.answers(&envelope, &message).await;
+        // An answer LMTP cannot carry is a bug; an empty list makes the LMTP server defer every recipient.
+        answers
+            .iter()
+            .map(Answer::reply)
+            .collect::<crate::Result<Vec<_>>>()
+            .unwrap_or_else(|err| {
+                tracing::error!(error = %err, "cannot build LMTP replies; deferring the message");
+                Vec::new()
+            })
+    }
+}
+
+impl<P: PolicyLookup> Engine<P> {
+    async fn answers(&self, envelope: &Envelope, message: &[u8]) -> Vec<Answer> {
+        let all = |answer: Answer| vec![answer; envelope.recipients.len()];
+        if self.evidence_broken.load(Ordering::SeqCst) {
+            return all(Answer::local(
+                451,
+                (4, 3, 0),
+                "evidence log unavailable; delivery paused until the sidecar restarts",
+            ));
+        }
+        let prepared = match self.prepare(message) {
+            Ok(prepared) => prepared,
+            Err(answer) => return all(answer),
+        };
+        let deadline = Instant::now() + self.config.deadline;
+        let mut by_domain: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (index, recipient) in envelope.recipients.iter().enumerate() {
+            by_domain.entry(recipient.domain()).or_default().push(index);
+        }
+        let prepared = &prepared;
+        let deliveries = by_domain.iter().map(|(domain, indices)| async move {
+            let recipients: Vec<&Recipient> = indices.iter().map(|&i| &envelope.recipients[i]).collect();
+            let answers = self
+                .deliver_domain(envelope, domain, &recipients, prepared, deadline)
+                .await;
+            indices.iter().copied().zip(answers).collect::<Vec<_>>()
+        });
+        let mut answers: Vec<Option<Answer>> = vec![None; envelope.recipients.len()];
+        for (index, answer) in futures::future::join_all(deliveries).await.into_iter().flatten() {
+            answers[index] = Some(answer);
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(|| Answer::local(451, (4, 3, 0), "internal error: no answer")))
+            .collect()
+    }
+}
+
+/// A remote reply for evidence (redacted there); 1xx and 3xx replies are not final and not recorded.
+fn remote_reply(reply: &crate::smtp::reply::Reply) -> Option<SmtpReply> {
+    SmtpReply::from_remote(reply.code(), &reply.lines().join("\n")).ok()
+}
+
+/// The hash of the Message-ID header (unfolded), or of the empty string when the message has none.
+fn message_id(message: &[u8]) -> MessageIdHash {
+    let header_end = message
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map_or(message.len(), |end| end + 2);
+    let mut value: Option<String> = None;
+    for line in message[..header_end].split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = String::from_utf8_lossy(line);
+        match (&mut value, line.starts_with([' ', '\t'])) {
+            (Some(value), true) => value.push_str(&line),
+            (Some(_), false) => break,
+            (None, _) => {
+                if let Some((name, rest)) = line.split_once(':')
+                    && name.trim().eq_ignore_ascii_case("message-id")
+                {
+                    value = Some(rest.to_owned());
+                }
+            }
+        }
+    }
+    MessageIdHash::of_header_value(value.as_deref().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_id_is_taken_from_the_header_section_only() {
+        let message =
+            b"From: a@example.org\r\nMessage-id:\r\n <1@example.org>\r\nSubject: x\r\n\r\nMessage-ID: <2@x>\r\n";
+        assert_eq!(message_id(message), MessageIdHash::of_header_value("<1@example.org>"));
+        assert_eq!(
+            message_id(b"Subject: x\r\n\r\nMessage-ID: <2@x>\r\n"),
+            MessageIdHash::of_header_value("")
+        );
+    }
+}

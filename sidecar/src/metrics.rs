@@ -1,0 +1,378 @@
+//! Delivery metrics for Prometheus and today's counts for `/status`. Labels are bounded (DESIGN.md): the
+//! tenant and source address (constant per pod), provider class, result, policy source, TLS version, failure
+//! class; never a recipient domain or address. Every family is listed in docs/metrics.md.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use securemail_api::tenant::TlsVersion;
+use serde::Serialize;
+
+use crate::deliver::WallClock;
+use crate::evidence::{Outcome, PolicySource};
+use crate::provider::Provider;
+
+/// Cheap to clone: every clone updates the same series.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    attempts: Family<AttemptLabels, Counter>,
+    recipients: Family<ResultLabels, Counter>,
+    duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
+    policy_lookups: Family<LookupLabels, Counter>,
+    tls_failures: Family<FailureLabels, Counter>,
+    evidence_failures: Counter,
+    today: Mutex<Today>,
+    clock: Arc<dyn WallClock>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    provider: &'static str,
+    result: &'static str,
+    policy_source: &'static str,
+    tls_version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    provider: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    reason: &'static str,
+}
+
+/// Why no secure session came about, as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFailure {
+    NoStartTls,
+    /// WebPKI verification failed.
+    Certificate,
+    /// No TLSA record matched, or the DANE-TA chain or name check failed.
+    Dane,
+    /// No common TLS version or cipher suite, or another protocol error.
+    Handshake,
+}
+
+impl TlsFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::NoStartTls => "no_starttls",
+            TlsFailure::Certificate => "certificate",
+            TlsFailure::Dane => "dane",
+            TlsFailure::Handshake => "handshake",
+        }
+    }
+}
+
+/// Result of a policy lookup, as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookupResult {
+    Ok,
+    Temporary,
+    NoSecurePath,
+    Permanent,
+}
+
+/// Recipients per result for one provider.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ResultCounts {
+    pub delivered: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+}
+
+/// Today's recipient counts (UTC day), as `/status` shows them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TodaySnapshot {
+    pub date: Date,
+    /// Every provider class, zero counts included.
+    pub providers: BTreeMap<Provider, ResultCounts>,
+}
+
+struct Today {
+    date: Date,
+    counts: BTreeMap<Provider, ResultCounts>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 0.1 s to about 27 minutes: beyond Postfix's 1200 s wait nothing is still pending.
+    Histogram::new(exponential_buckets(0.1, 2.0, 15))
+}
+
+fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Deferred => "deferred",
+        Outcome::Bounced => "bounced",
+    }
+}
+
+fn policy_label(source: Option<PolicySource>) -> &'static str {
+    match source {
+        Some(PolicySource::Dane) => "dane",
+        Some(PolicySource::MtaSts) => "mta-sts",
+        Some(PolicySource::Tenant) => "tenant",
+        Some(PolicySource::Override) => "override",
+        None => "none",
+    }
+}
+
+fn tls_label(version: Option<TlsVersion>) -> &'static str {
+    match version {
+        Some(TlsVersion::Tls12) => "1.2",
+        Some(TlsVersion::Tls13) => "1.3",
+        None => "none",
+    }
+}
+
+impl Metrics {
+    /// Registers the families in `registry` with `tenant` and `source_ip` as constant labels; `clock` decides
+    /// when today's counts start over (UTC midnight).
+    pub fn register(registry: &mut Registry, tenant: &str, source_ip: IpAddr, clock: Arc<dyn WallClock>) -> Self {
+        let registry = registry.sub_registry_with_labels(
+            [
+                (Cow::Borrowed("tenant"), Cow::Owned(tenant.to_owned())),
+                (Cow::Borrowed("source_ip"), Cow::Owned(source_ip.to_string())),
+            ]
+            .into_iter(),
+        );
+        let date = utc_date(clock.as_ref());
+        let inner = Inner {
+            attempts: Family::default(),
+            recipients: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            policy_lookups: Family::default(),
+            tls_failures: Family::default(),
+            evidence_failures: Counter::default(),
+            today: Mutex::new(Today {
+                date,
+                counts: BTreeMap::new(),
+            }),
+            clock,
+        };
+        // Counter names without `_total`: the encoder appends it.
+        registry.register(
+            "securemail_delivery_attempts",
+            "Delivery attempts, one per message, recipient domain and MX address tried",
+            inner.attempts.clone(),
+        );
+        registry.register(
+            "securemail_recipients",
+            "Recipients answered to Postfix, by final result",
+            inner.recipients.clone(),
+        );
+        registry.register(
+            "securemail_delivery_duration_seconds",
+            "Time from the start of delivery to a recipient domain until its answer",
+            inner.duration.clone(),
+        );
+        registry.register(
+            "securemail_policy_lookups",
+            "TLS policy lookups by result",
+            inner.policy_lookups.clone(),
+        );
+        registry.register(
+            "securemail_tls_failures",
+            "MX sessions that found no secure path, by reason",
+            inner.tls_failures.clone(),
+        );
+        registry.register(
+            "securemail_evidence_append_failures",
+            "Evidence records that could not be written; new deliveries are deferred after one",
+            inner.evidence_failures.clone(),
+        );
+        Self { inner: Arc::new(inner) }
+    }
+
+    pub fn attempt(
+        &self,
+        provider: Provider,
+        outcome: Outcome,
+        policy_source: Option<PolicySource>,
+        tls_version: Option<TlsVersion>,
+    ) {
+        self.inner
+            .attempts
+            .get_or_create(&AttemptLabels {
+                provider: provider.as_str(),
+                result: outcome_label(outcome),
+                policy_source: policy_label(policy_source),
+                tls_version: tls_label(tls_version),
+            })
+            .inc();
+    }
+
+    /// `count` recipients answered with `outcome`; also counted for today.
+    pub fn recipients(&self, provider: Provider, outcome: Outcome, count: u64) {
+        let labels = ResultLabels {
+            provider: provider.as_str(),
+            result: outcome_label(outcome),
+        };
+        self.inner.recipients.get_or_create(&labels).inc_by(count);
+        let mut today = self.lock_today();
+        let counts = today.counts.entry(provider).or_default();
+        match outcome {
+            Outcome::Delivered => counts.delivered += count,
+            Outcome::Deferred => counts.deferred += count,
+            Outcome::Bounced => counts.bounced += count,
+        }
+    }
+
+    pub fn duration(&self, provider: Provider, outcome: Outcome, seconds: f64) {
+        let labels = ResultLabels {
+            provider: provider.as_str(),
+            result: outcome_label(outcome),
+        };
+        self.inner.duration.get_or_create(&labels).observe(seconds);
+    }
+
+    pub fn policy_lookup(&self, result: LookupResult) {
+        let result = match result {
+            LookupResult::Ok => "ok",
+            LookupResult::Temporary => "temporary",
+            LookupResult::NoSecurePath => "no_secure_path",
+            LookupResult::Permanent => "permanent",
+        };
+        self.inner.policy_lookups.get_or_create(&LookupLabels { result }).inc();
+    }
+
+    pub fn tls_failure(&self, reason: TlsFailure) {
+        self.inner
+            .tls_failures
+            .get_or_create(&FailureLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn evidence_failure(&self) {
+        self.inner.evidence_failures.inc();
+    }
+
+    /// Today's recipient counts per provider and result.
+    pub fn today(&self) -> TodaySnapshot {
+        let today = self.lock_today();
+        TodaySnapshot {
+            date: today.date,
+            providers: Provider::ALL
+                .iter()
+                .map(|&provider| (provider, today.counts.get(&provider).copied().unwrap_or_default()))
+                .collect(),
+        }
+    }
+
+    /// Today's counts, started over if the UTC date changed since the last use.
+    fn lock_today(&self) -> std::sync::MutexGuard<'_, Today> {
+        // Counts are plain integers: a panic elsewhere cannot leave them half-updated.
+        let mut today = self.inner.today.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let date = utc_date(self.inner.clock.as_ref());
+        if date != today.date {
+            today.date = date;
+            today.counts.clear();
+        }
+        today
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn utc_date(clock: &dyn WallClock) -> Date {
+    clock.now().to_zoned(TimeZone::UTC).date()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use jiff::Timestamp;
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    struct FixedClock(AtomicI64);
+
+    impl WallClock for FixedClock {
+        fn now(&self) -> Timestamp {
+            Timestamp::from_second(self.0.load(Ordering::SeqCst)).unwrap()
+        }
+    }
+
+    #[test]
+    fn families_encode_with_bounded_labels_and_today_resets_at_utc_midnight() {
+        let clock = Arc::new(FixedClock(AtomicI64::new(1_767_225_600 + 86_399)));
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(
+            &mut registry,
+            "clinic-a/outbound",
+            "192.0.2.10".parse().unwrap(),
+            clock.clone(),
+        );
+        metrics.attempt(
+            Provider::Gmail,
+            Outcome::Delivered,
+            Some(PolicySource::Dane),
+            Some(TlsVersion::Tls13),
+        );
+        metrics.recipients(Provider::Gmail, Outcome::Delivered, 2);
+        metrics.recipients(Provider::Other, Outcome::Bounced, 1);
+        metrics.duration(Provider::Gmail, Outcome::Delivered, 1.5);
+        metrics.policy_lookup(LookupResult::Temporary);
+        metrics.tls_failure(TlsFailure::NoStartTls);
+        metrics.evidence_failure();
+
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for expected in [
+            r#"securemail_delivery_attempts_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",provider="gmail",result="delivered",policy_source="dane",tls_version="1.3"} 1"#,
+            r#"securemail_recipients_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",provider="gmail",result="delivered"} 2"#,
+            r#"securemail_delivery_duration_seconds_count{tenant="clinic-a/outbound",source_ip="192.0.2.10",provider="gmail",result="delivered"} 1"#,
+            r#"securemail_policy_lookups_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",result="temporary"} 1"#,
+            r#"securemail_tls_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",reason="no_starttls"} 1"#,
+            r#"securemail_evidence_append_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10"} 1"#,
+        ] {
+            assert!(text.contains(expected), "{expected} missing from\n{text}");
+        }
+
+        let today = metrics.today();
+        assert_eq!(today.date, Date::constant(2026, 1, 1));
+        assert_eq!(today.providers.len(), 5);
+        assert_eq!(today.providers[&Provider::Gmail].delivered, 2);
+        assert_eq!(today.providers[&Provider::Other].bounced, 1);
+        assert_eq!(today.providers[&Provider::Apple], ResultCounts::default());
+
+        clock.0.fetch_add(1, Ordering::SeqCst);
+        let tomorrow = metrics.today();
+        assert_eq!(tomorrow.date, Date::constant(2026, 1, 2));
+        assert!(
+            tomorrow
+                .providers
+                .values()
+                .all(|counts| *counts == ResultCounts::default())
+        );
+    }
+}

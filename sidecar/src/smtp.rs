@@ -1,0 +1,4 @@
+//! The SMTP client side: parsing replies and running sessions with MX hosts.
+
+pub mod client;
+pub mod reply;

@@ -1,0 +1,625 @@
+//! One SMTP session with one address of one MX host (RFC 5321), over TLS unless the policy explicitly allows
+//! cleartext and the server offers no STARTTLS.
+//!
+//! - The socket is bound to the pod's source address before connecting: reputation is per address.
+//! - STARTTLS is required; bytes the server sent after its 220 to STARTTLS are discarded before the handshake
+//!   (they could be a man in the middle's injected replies, CVE-2011-0411 style), and EHLO is repeated over TLS.
+//! - PIPELINING (RFC 2920): MAIL and all RCPTs go in one write; DATA waits for their replies.
+//! - Timeouts per RFC 5321 section 4.5.3.2, in [`Timeouts`].
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use securemail_api::tenant::TlsVersion;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::reply::{self, Reply, ReplyError};
+use crate::evidence::{Sha256Hex, Verification};
+use crate::lmtp::{Body, MailParams, Mailbox, Recipient, Ret};
+use crate::policy::PeerAuth;
+use crate::tls::{HandshakeFailure, TlsConfigs, dane};
+
+/// How long to wait for each step. Defaults are RFC 5321 section 4.5.3.2's; tests shorten them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub greeting: Duration,
+    pub ehlo: Duration,
+    /// STARTTLS reply and the handshake.
+    pub starttls: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    /// The 354 after DATA.
+    pub data_init: Duration,
+    /// Each write of message data.
+    pub data_block: Duration,
+    /// The reply after the final dot.
+    pub data_done: Duration,
+    /// RSET before reusing a session, and QUIT.
+    pub rset: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        Self {
+            connect: Duration::from_secs(30),
+            greeting: minutes(5),
+            ehlo: minutes(5),
+            starttls: minutes(2),
+            mail: minutes(5),
+            rcpt: minutes(5),
+            data_init: minutes(2),
+            data_block: minutes(3),
+            data_done: minutes(10),
+            rset: minutes(1),
+        }
+    }
+}
+
+/// What every session of this pod shares.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// Sent with EHLO: the pod's public host name (matching the source address' PTR).
+    pub helo_name: String,
+    /// The pod's pool address; every connection leaves from it.
+    pub source: IpAddr,
+    /// 25, except in tests.
+    pub port: u16,
+    pub timeouts: Timeouts,
+}
+
+/// Where to connect and how the server must authenticate.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    /// The MX host name: SNI and the WebPKI reference name.
+    pub host: &'a str,
+    pub address: IpAddr,
+    pub auth: &'a PeerAuth,
+    pub min_version: TlsVersion,
+    /// Deliver in cleartext when no STARTTLS is offered (approved override only).
+    pub allow_cleartext: bool,
+}
+
+/// Why a session could not be used. None of these is the remote's verdict on the message.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: SocketAddr, reason: String },
+    #[error("timed out waiting for {phase}")]
+    Timeout { phase: &'static str },
+    #[error("connection lost during {phase}: {reason}")]
+    Io { phase: &'static str, reason: String },
+    #[error("unintelligible reply to {phase}: {source}")]
+    Malformed { phase: &'static str, source: ReplyError },
+    #[error("{phase} answered {code}")]
+    Refused {
+        phase: &'static str,
+        code: u16,
+        reply: Reply,
+    },
+    #[error("no STARTTLS offered")]
+    NoStartTls,
+    /// The certificate was refused, or the handshake failed.
+    #[error("{}", .0.reason)]
+    Handshake(HandshakeFailure),
+    #[error("{0}")]
+    TlsSetup(String),
+}
+
+/// The TLS session a delivery ran over, for evidence and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsInfo {
+    pub version: TlsVersion,
+    /// E.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    pub verification: Verification,
+    /// SHA-256 of each presented certificate, leaf first.
+    pub peer_chain_sha256: Vec<Sha256Hex>,
+}
+
+/// Extensions the server announced in its (last) EHLO reply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Extensions {
+    starttls: bool,
+    pipelining: bool,
+    /// `SIZE` with its limit; `Some(0)`: no fixed limit.
+    size: Option<u64>,
+    eight_bit_mime: bool,
+    smtputf8: bool,
+    dsn: bool,
+}
+
+impl Extensions {
+    fn of(ehlo: &Reply) -> Self {
+        let mut ext = Self::default();
+        for line in ehlo.lines().iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let keyword = words.next().unwrap_or_default().to_ascii_uppercase();
+            match keyword.as_str() {
+                "STARTTLS" => ext.starttls = true,
+                "PIPELINING" => ext.pipelining = true,
+                "SIZE" => ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => ext.eight_bit_mime = true,
+                "SMTPUTF8" => ext.smtputf8 = true,
+                "DSN" => ext.dsn = true,
+                _ => {}
+            }
+        }
+        ext
+    }
+}
+
+/// The message for one transaction.
+#[derive(Clone, Copy, Debug)]
+pub struct Transaction<'a> {
+    /// `None`: the null reverse-path.
+    pub sender: Option<&'a Mailbox>,
+    pub params: &'a MailParams,
+    pub recipients: &'a [&'a Recipient],
+    /// The message as it goes after DATA: dot-stuffed and ending in CRLF "." CRLF ([`dot_stuff`]).
+    pub data: &'a [u8],
+    /// The unstuffed size, for SIZE=.
+    pub size: u64,
+}
+
+/// How the server answered a transaction; the session is in step with the server afterwards.
+#[derive(Clone, Debug)]
+pub enum TransactionOutcome {
+    /// MAIL was refused: the reply holds for every recipient.
+    MailRefused(Reply),
+    /// One reply per recipient, in order; `data` is the reply to DATA (if refused) or to the final dot, absent
+    /// when no recipient was accepted.
+    Replies { rcpt: Vec<Reply>, data: Option<Reply> },
+    /// The server lacks an extension the message needs; a permanent refusal made locally.
+    Unsupported {
+        enhanced: (u8, u16, u16),
+        reason: &'static str,
+    },
+}
+
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only between taking the TCP stream for STARTTLS and the end of the handshake.
+    Taken,
+}
+
+/// An open session, greeted, EHLO done, secured (unless cleartext was allowed and TLS was not offered).
+pub struct Session {
+    transport: Transport,
+    /// Received but not yet parsed.
+    buffer: Vec<u8>,
+    extensions: Extensions,
+    tls: Option<TlsInfo>,
+    timeouts: Timeouts,
+    /// The reply to the last command, for evidence when a session fails.
+    last_reply: Option<Reply>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("extensions", &self.extensions)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+const READ_CHUNK: usize = 8 * 1024;
+const DATA_CHUNK: usize = 64 * 1024;
+
+impl Session {
+    /// Connects, reads the greeting, says EHLO, and secures the session as `target` requires.
+    pub async fn open(
+        settings: &SessionSettings,
+        configs: &TlsConfigs,
+        target: Target<'_>,
+    ) -> Result<Self, SessionError> {
+        let timeouts = settings.timeouts;
+        let stream = connect(settings, target.address).await?;
+        let mut session = Self {
+            transport: Transport::Plain(stream),
+            buffer: Vec::new(),
+            extensions: Extensions::default(),
+            tls: None,
+            timeouts,
+            last_reply: None,
+        };
+        session.expect("greeting", timeouts.greeting, 2).await?;
+        session.ehlo(&settings.helo_name).await?;
+        if !session.extensions.starttls {
+            return if target.allow_cleartext {
+                Ok(session)
+            } else {
+                Err(SessionError::NoStartTls)
+            };
+        }
+        session
+            .command("STARTTLS", b"STARTTLS\r\n", timeouts.starttls, 2)
+            .await?;
+        // Anything after the 220 was sent before the handshake, so no one can vouch for it.
+        session.buffer.clear();
+        session.start_tls(configs, target).await?;
+        session.ehlo(&settings.helo_name).await?;
+        Ok(session)
+    }
+
+    /// The TLS session, absent only for an allowed cleartext delivery.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    /// The server's most recent reply.
+    pub fn last_reply(&self) -> Option<&Reply> {
+        self.last_reply.as_ref()
+    }
+
+    /// RSET, to start the next transaction on a reused session.
+    pub async fn reset(&mut self) -> Result<(), SessionError> {
+        self.command("RSET", b"RSET\r\n", self.timeouts.rset, 2).await.map(drop)
+    }
+
+    /// QUIT, best effort: the transaction is already settled.
+    pub async fn quit(mut self) {
+        let _ = self.command("QUIT", b"QUIT\r\n", self.timeouts.rset, 2).await;
+        if let Transport::Tls(stream) = &mut self.transport {
+            let _ = tokio::time::timeout(self.timeouts.rset, stream.shutdown()).await;
+        }
+    }
+
+    /// Runs one transaction. An `Err` leaves the session unusable; `Ok` leaves it ready for RSET and reuse.
+    pub async fn send(&mut self, transaction: &Transaction<'_>) -> Result<TransactionOutcome, SessionError> {
+        let ext = &self.extensions;
+        let params = transaction.params;
+        if params.smtputf8 && !ext.smtputf8 {
+            return Ok(TransactionOutcome::Unsupported {
+                enhanced: (5, 6, 7),
+                reason: "the recipient's MX does not support SMTPUTF8, which this message needs",
+            });
+        }
+        if params.body == Some(Body::EightBitMime) && !ext.eight_bit_mime {
+            return Ok(TransactionOutcome::Unsupported {
+                enhanced: (5, 6, 3),
+                reason: "the recipient's MX does not accept 8-bit content (no 8BITMIME)",
+            });
+        }
+        if ext.size.is_some_and(|limit| limit > 0 && transaction.size > limit) {
+            return Ok(TransactionOutcome::Unsupported {
+                enhanced: (5, 3, 4),
+                reason: "message exceeds the size limit of the recipient's MX",
+            });
+        }
+        let mail = mail_command(transaction, ext);
+        let rcpts: Vec<Vec<u8>> = transaction
+            .recipients
+            .iter()
+            .map(|recipient| rcpt_command(recipient, ext))
+            .collect();
+
+        let (mail_reply, rcpt_replies) = if ext.pipelining {
+            let mut batch = mail;
+            rcpts.iter().for_each(|rcpt| batch.extend_from_slice(rcpt));
+            self.write("MAIL", &batch, self.timeouts.mail).await?;
+            let mail_reply = self.read("MAIL", self.timeouts.mail).await?;
+            let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+            for _ in &rcpts {
+                rcpt_replies.push(self.read("RCPT", self.timeouts.rcpt).await?);
+            }
+            (mail_reply, rcpt_replies)
+        } else {
+            self.write("MAIL", &mail, self.timeouts.mail).await?;
+            let mail_reply = self.read("MAIL", self.timeouts.mail).await?;
+            let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+            if mail_reply.class() == 2 {
+                for rcpt in &rcpts {
+                    self.write("RCPT", rcpt, self.timeouts.rcpt).await?;
+                    rcpt_replies.push(self.read("RCPT", self.timeouts.rcpt).await?);
+                }
+            }
+            (mail_reply, rcpt_replies)
+        };
+        if mail_reply.class() != 2 {
+            return Ok(TransactionOutcome::MailRefused(mail_reply));
+        }
+        if !rcpt_replies.iter().any(|reply| reply.class() == 2) {
+            return Ok(TransactionOutcome::Replies {
+                rcpt: rcpt_replies,
+                data: None,
+            });
+        }
+        self.write("DATA", b"DATA\r\n", self.timeouts.data_init).await?;
+        let go_ahead = self.read("DATA", self.timeouts.data_init).await?;
+        if go_ahead.code() != 354 {
+            return Ok(TransactionOutcome::Replies {
+                rcpt: rcpt_replies,
+                data: Some(go_ahead),
+            });
+        }
+        for chunk in transaction.data.chunks(DATA_CHUNK) {
+            self.write("message data", chunk, self.timeouts.data_block).await?;
+        }
+        let done = self.read("end of data", self.timeouts.data_done).await?;
+        Ok(TransactionOutcome::Replies {
+            rcpt: rcpt_replies,
+            data: Some(done),
+        })
+    }
+
+    async fn ehlo(&mut self, helo_name: &str) -> Result<(), SessionError> {
+        let command = format!("EHLO {helo_name}\r\n");
+        let reply = self.command("EHLO", command.as_bytes(), self.timeouts.ehlo, 2).await?;
+        self.extensions = Extensions::of(&reply);
+        Ok(())
+    }
+
+    async fn start_tls(&mut self, configs: &TlsConfigs, target: Target<'_>) -> Result<(), SessionError> {
+        let config = configs
+            .client_config(target.auth, target.min_version)
+            .map_err(|err| SessionError::TlsSetup(err.to_string()))?;
+        let name = ServerName::try_from(target.host.to_owned())
+            .map_err(|_| SessionError::TlsSetup(format!("MX host {} is not a DNS name", target.host)))?;
+        let Transport::Plain(tcp) = std::mem::replace(&mut self.transport, Transport::Taken) else {
+            return Err(SessionError::TlsSetup("session is already secured".to_owned()));
+        };
+        let handshake = TlsConnector::from(Arc::clone(&config)).connect(name, tcp);
+        let stream = tokio::time::timeout(self.timeouts.starttls, handshake)
+            .await
+            .map_err(|_| SessionError::Timeout { phase: "TLS handshake" })?
+            .map_err(|err| SessionError::Handshake(HandshakeFailure::of(&err)))?;
+        let (_, connection) = stream.get_ref();
+        let version = match connection.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => TlsVersion::Tls13,
+            Some(rustls::ProtocolVersion::TLSv1_2) => TlsVersion::Tls12,
+            other => return Err(SessionError::TlsSetup(format!("unexpected TLS version {other:?}"))),
+        };
+        let cipher = connection
+            .negotiated_cipher_suite()
+            .map(|suite| {
+                let suite = suite.suite();
+                suite.as_str().map_or_else(|| format!("{suite:?}"), str::to_owned)
+            })
+            .unwrap_or_default();
+        let chain: Vec<CertificateDer<'static>> = connection.peer_certificates().unwrap_or_default().to_vec();
+        let verification = match target.auth {
+            PeerAuth::WebPki => Verification::Webpki,
+            PeerAuth::AnyCertificate => Verification::UnverifiedEncrypted,
+            // The verifier passed; with no digest match in the chain the anchor was a bare public key (DANE-TA).
+            PeerAuth::Dane { tlsa, .. } => dane::matching_usage(tlsa, &chain).unwrap_or(Verification::DaneTa),
+        };
+        self.tls = Some(TlsInfo {
+            version,
+            cipher,
+            verification,
+            peer_chain_sha256: chain.iter().map(|cert| Sha256Hex::of(cert)).collect(),
+        });
+        self.transport = Transport::Tls(Box::new(stream));
+        Ok(())
+    }
+
+    /// Sends `line` and expects a reply of class `class`.
+    async fn command(
+        &mut self,
+        phase: &'static str,
+        line: &[u8],
+        timeout: Duration,
+        class: u16,
+    ) -> Result<Reply, SessionError> {
+        self.write(phase, line, timeout).await?;
+        self.expect(phase, timeout, class).await
+    }
+
+    async fn expect(&mut self, phase: &'static str, timeout: Duration, class: u16) -> Result<Reply, SessionError> {
+        let reply = self.read(phase, timeout).await?;
+        if reply.class() == class {
+            Ok(reply)
+        } else {
+            Err(SessionError::Refused {
+                phase,
+                code: reply.code(),
+                reply,
+            })
+        }
+    }
+
+    async fn read(&mut self, phase: &'static str, timeout: Duration) -> Result<Reply, SessionError> {
+        let reply = tokio::time::timeout(timeout, self.read_reply(phase))
+            .await
+            .map_err(|_| SessionError::Timeout { phase })??;
+        self.last_reply = Some(reply.clone());
+        Ok(reply)
+    }
+
+    async fn read_reply(&mut self, phase: &'static str) -> Result<Reply, SessionError> {
+        loop {
+            match reply::parse(&self.buffer) {
+                Ok(Some((reply, used))) => {
+                    self.buffer.drain(..used);
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(source) => return Err(SessionError::Malformed { phase, source }),
+            }
+            let mut chunk = [0; READ_CHUNK];
+            let read = match &mut self.transport {
+                Transport::Plain(stream) => stream.read(&mut chunk).await,
+                Transport::Tls(stream) => stream.read(&mut chunk).await,
+                Transport::Taken => Err(io::Error::from(io::ErrorKind::NotConnected)),
+            };
+            match read {
+                Ok(0) => {
+                    return Err(SessionError::Io {
+                        phase,
+                        reason: "connection closed by the server".to_owned(),
+                    });
+                }
+                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Err(err) => return Err(io_error(phase, &err)),
+            }
+        }
+    }
+
+    async fn write(&mut self, phase: &'static str, data: &[u8], timeout: Duration) -> Result<(), SessionError> {
+        let write = async {
+            match &mut self.transport {
+                Transport::Plain(stream) => {
+                    stream.write_all(data).await?;
+                    stream.flush().await
+                }
+                Transport::Tls(stream) => {
+                    stream.write_all(data).await?;
+                    stream.flush().await
+                }
+                Transport::Taken => Err(io::Error::from(io::ErrorKind::NotConnected)),
+            }
+        };
+        tokio::time::timeout(timeout, write)
+            .await
+            .map_err(|_| SessionError::Timeout { phase })?
+            .map_err(|err| io_error(phase, &err))
+    }
+}
+
+fn io_error(phase: &'static str, err: &io::Error) -> SessionError {
+    SessionError::Io {
+        phase,
+        reason: err.kind().to_string(),
+    }
+}
+
+/// A TCP connection from the pod's source address.
+async fn connect(settings: &SessionSettings, address: IpAddr) -> Result<TcpStream, SessionError> {
+    let remote = SocketAddr::new(address, settings.port);
+    let error = |reason: String| SessionError::Connect {
+        address: remote,
+        reason,
+    };
+    let socket = match address {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|err| error(err.to_string()))?;
+    socket
+        .bind(SocketAddr::new(settings.source, 0))
+        .map_err(|err| error(format!("cannot bind source address {}: {err}", settings.source)))?;
+    tokio::time::timeout(settings.timeouts.connect, socket.connect(remote))
+        .await
+        .map_err(|_| error("timed out".to_owned()))?
+        .map_err(|err| error(err.to_string()))
+}
+
+fn mail_command(transaction: &Transaction<'_>, ext: &Extensions) -> Vec<u8> {
+    let mut line = b"MAIL FROM:".to_vec();
+    push_path(&mut line, transaction.sender);
+    let params = transaction.params;
+    if ext.size.is_some() {
+        line.extend_from_slice(format!(" SIZE={}", transaction.size).as_bytes());
+    }
+    match params.body {
+        Some(Body::EightBitMime) => line.extend_from_slice(b" BODY=8BITMIME"),
+        Some(Body::SevenBit) if ext.eight_bit_mime => line.extend_from_slice(b" BODY=7BIT"),
+        _ => {}
+    }
+    if params.smtputf8 {
+        line.extend_from_slice(b" SMTPUTF8");
+    }
+    if ext.dsn {
+        match params.ret {
+            Some(Ret::Full) => line.extend_from_slice(b" RET=FULL"),
+            Some(Ret::Headers) => line.extend_from_slice(b" RET=HDRS"),
+            None => {}
+        }
+        if let Some(envid) = &params.envid {
+            line.extend_from_slice(format!(" ENVID={envid}").as_bytes());
+        }
+    }
+    line.extend_from_slice(b"\r\n");
+    line
+}
+
+fn rcpt_command(recipient: &Recipient, ext: &Extensions) -> Vec<u8> {
+    let mut line = b"RCPT TO:".to_vec();
+    push_path(&mut line, Some(&recipient.mailbox));
+    if ext.dsn {
+        if let Some(notify) = &recipient.notify {
+            line.extend_from_slice(format!(" NOTIFY={notify}").as_bytes());
+        }
+        if let Some(orcpt) = &recipient.orcpt {
+            line.extend_from_slice(format!(" ORCPT={}", orcpt.as_str()).as_bytes());
+        }
+    }
+    line.extend_from_slice(b"\r\n");
+    line
+}
+
+fn push_path(line: &mut Vec<u8>, mailbox: Option<&Mailbox>) {
+    line.push(b'<');
+    if let Some(mailbox) = mailbox {
+        line.extend_from_slice(mailbox.local_part().as_bytes());
+        line.push(b'@');
+        line.extend_from_slice(mailbox.domain().as_bytes());
+    }
+    line.push(b'>');
+}
+
+/// `parts` concatenated as SMTP DATA content: a '.' added before every line that starts with one, a CRLF added
+/// if the content does not end with one, and the terminating "." CRLF appended.
+pub fn dot_stuff(parts: &[&[u8]]) -> Vec<u8> {
+    let total: usize = parts.iter().map(|part| part.len()).sum();
+    let mut out = Vec::with_capacity(total + total / 64 + 5);
+    let mut at_line_start = true;
+    for &byte in parts.iter().flat_map(|part| part.iter()) {
+        if at_line_start && byte == b'.' {
+            out.push(b'.');
+        }
+        out.push(byte);
+        at_line_start = byte == b'\n';
+    }
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_stuffing_doubles_leading_dots_and_terminates() {
+        let stuffed = dot_stuff(&[b"DKIM: x\r\n", b".hidden\r\nmid.dot\r\n.\r\n..two\r\nend"]);
+        assert_eq!(
+            stuffed,
+            b"DKIM: x\r\n..hidden\r\nmid.dot\r\n..\r\n...two\r\nend\r\n.\r\n"
+        );
+        assert_eq!(dot_stuff(&[b".\r\n"]), b"..\r\n.\r\n");
+        assert_eq!(dot_stuff(&[]), b".\r\n");
+    }
+
+    #[test]
+    fn extensions_are_read_from_ehlo_lines_after_the_first() {
+        let (reply, _) =
+            reply::parse(b"250-mx.example STARTTLS\r\n250-pipelining\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 DSN\r\n")
+                .unwrap()
+                .unwrap();
+        let ext = Extensions::of(&reply);
+        assert_eq!(
+            ext,
+            Extensions {
+                starttls: false,
+                pipelining: true,
+                size: Some(1000),
+                eight_bit_mime: true,
+                smtputf8: false,
+                dsn: true,
+            }
+        );
+    }
+}

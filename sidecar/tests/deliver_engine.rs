@@ -1,0 +1,1016 @@
+//! The delivery engine end to end on loopback: Postfix's side spoken over LMTP into the real LMTP server, the
+//! engine delivering over real TLS (rustls, rcgen certificates) to small in-test SMTP receivers that record every
+//! byte they get. The TLS policy is a fixed in-test `PolicyLookup`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers: a panic is the failure report"
+)]
+
+use std::collections::HashMap;
+use std::io::BufReader as StdBufReader;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::signature::Ed25519KeyPair;
+use base64::Engine as _;
+use prometheus_client::registry::Registry;
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use securemail_api::sidecar_config::{SigningDomain, SigningKey};
+use securemail_api::tenant::{DkimAlgorithm, OnFailure, TlsVersion};
+use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
+use securemail_sidecar::dkim::KeyStore;
+use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, PolicySource};
+use securemail_sidecar::lmtp::{Limits, serve_session};
+use securemail_sidecar::metrics::Metrics;
+use securemail_sidecar::policy::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup, Tlsa};
+use securemail_sidecar::provider::Provider;
+use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
+use securemail_sidecar::tls::TlsConfigs;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+const MESSAGE: &str = "From: Records <records@example.org>\r\nTo: patient@example.net\r\nSubject: Results\r\n\
+    Message-ID: <m1@example.org>\r\n\r\nLine one\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Certificates
+
+struct Pki {
+    ca: CertificateDer<'static>,
+    ca_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+struct ServerCert {
+    chain: Vec<CertificateDer<'static>>,
+    key: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        Self::named("SecureMail test CA")
+    }
+
+    fn named(common_name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        let ca = params.self_signed(&key).unwrap().der().clone();
+        Self {
+            ca,
+            ca_issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    fn leaf(&self, name: &str) -> ServerCert {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &self.ca_issuer)
+            .unwrap();
+        ServerCert {
+            chain: vec![cert.der().clone(), self.ca.clone()],
+            key: key.serialize_der(),
+            spki: rcgen::PublicKeyData::subject_public_key_info(&key),
+        }
+    }
+
+    fn roots(&self) -> RootCertStore {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone()).unwrap();
+        roots
+    }
+}
+
+fn self_signed(name: &str) -> ServerCert {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    ServerCert {
+        chain: vec![cert.der().clone()],
+        key: key.serialize_der(),
+        spki: rcgen::PublicKeyData::subject_public_key_info(&key),
+    }
+}
+
+fn server_config(cert: &ServerCert) -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            cert.chain.clone(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key.clone())),
+        )
+        .unwrap();
+    Arc::new(config)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The receiving MX
+
+#[derive(Clone)]
+struct Behaviour {
+    /// `None`: STARTTLS is not offered.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    starttls_reply: &'static str,
+    /// The reply to a RCPT command line.
+    rcpt: fn(&str) -> &'static str,
+    data_reply: &'static str,
+}
+
+impl Behaviour {
+    fn tls(config: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            tls: Some(config),
+            starttls_reply: "220 2.0.0 ready\r\n",
+            rcpt: |_| "250 2.1.5 ok\r\n",
+            data_reply: "250 2.0.0 Ok: queued as ABC123\r\n",
+        }
+    }
+
+    fn plain() -> Self {
+        Self {
+            tls: None,
+            ..Self::tls(server_config(&self_signed("mx.test")))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    connections: usize,
+    /// Every command line, cleartext and TLS phase alike.
+    commands: Vec<String>,
+    /// Every byte received before TLS.
+    cleartext: Vec<u8>,
+    /// DATA content as received (still dot-stuffed), terminator excluded.
+    messages: Vec<Vec<u8>>,
+}
+
+struct Receiver {
+    port: u16,
+    log: Arc<Mutex<Log>>,
+}
+
+impl Receiver {
+    async fn start(behaviour: Behaviour) -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), behaviour).await
+    }
+
+    async fn start_on(address: SocketAddr, behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind(address).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let shared = Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream, behaviour.clone(), Arc::clone(&shared)));
+            }
+        });
+        Self { port, log }
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap()
+    }
+}
+
+async fn serve(stream: tokio::net::TcpStream, behaviour: Behaviour, log: Arc<Mutex<Log>>) {
+    log.lock().unwrap().connections += 1;
+    let mut plain = BufReader::new(stream);
+    plain.write_all(b"220 mx.test ESMTP test\r\n").await.unwrap();
+    if !commands(&mut plain, &behaviour, &log, true).await {
+        return;
+    }
+    let Some(config) = behaviour.tls.clone() else { return };
+    let Ok(tls) = TlsAcceptor::from(config).accept(plain.into_inner()).await else {
+        return;
+    };
+    commands(&mut BufReader::new(tls), &behaviour, &log, false).await;
+}
+
+/// Answers commands until QUIT or EOF; `true` when the client asked for STARTTLS and got it.
+async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    behaviour: &Behaviour,
+    log: &Mutex<Log>,
+    cleartext: bool,
+) -> bool {
+    loop {
+        let mut line = Vec::new();
+        if stream.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+            return false;
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        {
+            let mut log = log.lock().unwrap();
+            if cleartext {
+                log.cleartext.extend_from_slice(&line);
+            }
+            log.commands.push(text.clone());
+        }
+        let upper = text.to_ascii_uppercase();
+        let reply = if upper.starts_with("EHLO") {
+            let starttls = if cleartext && behaviour.tls.is_some() {
+                "250-STARTTLS\r\n"
+            } else {
+                ""
+            };
+            format!("250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n{starttls}250 SIZE 10000000\r\n")
+        } else if upper == "STARTTLS" && cleartext && behaviour.tls.is_some() {
+            stream.write_all(behaviour.starttls_reply.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+            return true;
+        } else if upper.starts_with("MAIL FROM:") {
+            "250 2.1.0 ok\r\n".to_owned()
+        } else if upper.starts_with("RCPT TO:") {
+            (behaviour.rcpt)(&text).to_owned()
+        } else if upper == "DATA" {
+            stream.write_all(b"354 go ahead\r\n").await.unwrap();
+            stream.flush().await.unwrap();
+            let mut message = Vec::new();
+            loop {
+                let mut data_line = Vec::new();
+                if stream.read_until(b'\n', &mut data_line).await.unwrap_or(0) == 0 {
+                    return false;
+                }
+                if data_line == b".\r\n" {
+                    break;
+                }
+                message.extend_from_slice(&data_line);
+            }
+            log.lock().unwrap().messages.push(message);
+            behaviour.data_reply.to_owned()
+        } else if upper == "RSET" {
+            "250 2.0.0 ok\r\n".to_owned()
+        } else if upper == "QUIT" {
+            let _ = stream.write_all(b"221 2.0.0 bye\r\n").await;
+            return false;
+        } else {
+            "502 5.5.2 unknown\r\n".to_owned()
+        };
+        if stream.write_all(reply.as_bytes()).await.is_err() || stream.flush().await.is_err() {
+            return false;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Policy, engine, and Postfix's side
+
+struct FixedPolicy {
+    policy: Result<DomainPolicy, PolicyError>,
+    addresses: HashMap<String, Vec<IpAddr>>,
+}
+
+impl PolicyLookup for FixedPolicy {
+    async fn resolve(&self, _domain: &str) -> Result<Arc<DomainPolicy>, PolicyError> {
+        self.policy.clone().map(Arc::new)
+    }
+
+    async fn addresses(&self, mx: &MxCandidate) -> Result<Vec<IpAddr>, PolicyError> {
+        let host = String::from(mx.host.clone());
+        self.addresses.get(&host).cloned().ok_or(PolicyError::Temporary {
+            reason: format!("no address for {host}"),
+        })
+    }
+}
+
+fn mx(host: &str, auth: PeerAuth) -> MxCandidate {
+    MxCandidate {
+        host: DomainName::new(host).unwrap(),
+        preference: 10,
+        auth,
+        source: PolicySource::Tenant,
+        policy_id: None,
+    }
+}
+
+fn policy(mx: Vec<MxCandidate>, on_failure: OnFailure) -> FixedPolicy {
+    let addresses = mx
+        .iter()
+        .map(|candidate| {
+            let host = String::from(candidate.host.clone());
+            let address = if host.starts_with("down.") {
+                "127.0.0.2"
+            } else {
+                "127.0.0.1"
+            };
+            (host, vec![address.parse().unwrap()])
+        })
+        .collect();
+    FixedPolicy {
+        policy: Ok(DomainPolicy {
+            mx,
+            min_version: TlsVersion::Tls12,
+            on_failure,
+            allow_cleartext: false,
+        }),
+        addresses,
+    }
+}
+
+struct Harness {
+    engine: Arc<Engine<FixedPolicy>>,
+    metrics: Metrics,
+    dir: tempfile::TempDir,
+}
+
+fn write_dkim_key(path: &Path) {
+    let der: aws_lc_rs::encoding::Pkcs8V1Der = Ed25519KeyPair::generate().unwrap().as_der().unwrap();
+    let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|chunk| std::str::from_utf8(chunk).unwrap())
+        .collect();
+    let pem = format!(
+        "{}\n{}\n{}\n",
+        securemail_api::pkcs8_pem::header(),
+        lines.join("\n"),
+        securemail_api::pkcs8_pem::footer()
+    );
+    std::fs::write(path, pem).unwrap();
+}
+
+fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("dkim.pem");
+    write_dkim_key(&key);
+    let keys = KeyStore::load(&[SigningDomain {
+        domain: "example.org".into(),
+        keys: vec![SigningKey {
+            selector: "sm1".into(),
+            algorithm: DkimAlgorithm::Ed25519Sha256,
+            private_key_file: key,
+        }],
+    }])
+    .unwrap();
+    let clock: Arc<dyn WallClock> = Arc::new(SystemClock);
+    let source: IpAddr = "127.0.0.1".parse().unwrap();
+    let metrics = Metrics::register(
+        &mut Registry::default(),
+        "clinic-a/outbound",
+        source,
+        Arc::clone(&clock),
+    );
+    let seconds = Duration::from_secs(10);
+    let timeouts = Timeouts {
+        connect: seconds,
+        greeting: seconds,
+        ehlo: seconds,
+        starttls: seconds,
+        mail: seconds,
+        rcpt: seconds,
+        data_init: seconds,
+        data_block: seconds,
+        data_done: seconds,
+        rset: seconds,
+    };
+    let session = SessionSettings {
+        helo_name: "mta-0.sender.test".into(),
+        source,
+        port,
+        timeouts,
+    };
+    let config = EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer);
+    let evidence = EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap();
+    let engine = Engine::new(
+        config,
+        policy,
+        Arc::new(keys),
+        Arc::new(TlsConfigs::with_roots(roots)),
+        evidence,
+        metrics.clone(),
+        clock,
+    );
+    Harness {
+        engine: Arc::new(engine),
+        metrics,
+        dir,
+    }
+}
+
+impl Harness {
+    /// Postfix's side of one LMTP transaction; returns one reply line per recipient.
+    async fn send(&self, recipients: &[&str], message: &str) -> Vec<String> {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let engine = Arc::clone(&self.engine);
+        let served = tokio::spawn(async move {
+            serve_session(server, &*engine, &Limits::default(), &CancellationToken::new()).await
+        });
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        let mut commands = String::from("LHLO postfix.test\r\nMAIL FROM:<records@example.org>\r\n");
+        for recipient in recipients {
+            commands.push_str(&format!("RCPT TO:<{recipient}>\r\n"));
+        }
+        commands.push_str("DATA\r\n");
+        to_server.write_all(commands.as_bytes()).await.unwrap();
+        let mut output = String::new();
+        read_until(&mut from_server, &mut output, |out| out.contains("\r\n354 ")).await;
+        let mut stuffed = String::new();
+        for line in message.split_inclusive("\r\n") {
+            if line.starts_with('.') {
+                stuffed.push('.');
+            }
+            stuffed.push_str(line);
+        }
+        stuffed.push_str(".\r\n");
+        to_server.write_all(stuffed.as_bytes()).await.unwrap();
+        let after_354 = |out: &str| {
+            let rest = &out[out.find("\r\n354 ").unwrap() + 2..];
+            rest.split_terminator("\r\n")
+                .skip(1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        read_until(&mut from_server, &mut output, |out| {
+            after_354(out).len() >= recipients.len()
+        })
+        .await;
+        to_server.write_all(b"QUIT\r\n").await.unwrap();
+        drop(to_server);
+        let _ = tokio::time::timeout(Duration::from_secs(30), served).await;
+        after_354(&output)
+    }
+
+    fn evidence(&self) -> (evidence::VerifySummary, Vec<serde_json::Value>) {
+        let path = self.dir.path().join("evidence.jsonl");
+        let summary = evidence::verify(StdBufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
+        let records = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        (summary, records)
+    }
+}
+
+async fn read_until(from: &mut (impl tokio::io::AsyncRead + Unpin), output: &mut String, done: impl Fn(&str) -> bool) {
+    let read = async {
+        while !done(output) {
+            let mut chunk = [0; 4096];
+            let n = from.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "LMTP server closed early; so far: {output}");
+            output.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .unwrap_or_else(|_| panic!("no complete answer; so far: {output}"));
+}
+
+fn sha256(data: &[u8]) -> Vec<u8> {
+    digest::digest(&digest::SHA256, data).as_ref().to_vec()
+}
+
+fn webpki_policy(host: &str) -> FixedPolicy {
+    policy(vec![mx(host, PeerAuth::WebPki)], OnFailure::Defer)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tests
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// What a receiver saw, cleartext and TLS phase, without the STARTTLS prelude.
+fn commands_after_tls(log: &Log) -> Vec<String> {
+    log.commands.iter().skip(2).cloned().collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test]
+async fn webpki_delivery_sends_the_signed_dot_stuffed_message_over_tls_and_records_evidence() {
+    let pki = Pki::new();
+    let cert = pki.leaf("mx.test");
+    let receiver = Receiver::start(Behaviour::tls(server_config(&cert))).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    assert_eq!(replies.len(), 1);
+    assert!(replies[0].starts_with("250 2.0.0 delivered to mx.test"), "{replies:?}");
+    assert!(replies[0].contains("queued as ABC123"), "{replies:?}");
+    let log = receiver.log();
+    // Nothing but EHLO and STARTTLS in cleartext.
+    assert_eq!(
+        String::from_utf8_lossy(&log.cleartext),
+        "EHLO mta-0.sender.test\r\nSTARTTLS\r\n"
+    );
+    let after_tls = commands_after_tls(&log);
+    assert_eq!(after_tls[0], "EHLO mta-0.sender.test");
+    assert!(
+        after_tls[1].starts_with("MAIL FROM:<records@example.org> SIZE="),
+        "{after_tls:?}"
+    );
+    assert_eq!(after_tls[2..4], ["RCPT TO:<patient@example.net>", "DATA"]);
+
+    // Signed, and stuffed exactly once: the receiver's copy unstuffed is the original after the signature.
+    let received = String::from_utf8(log.messages[0].clone()).unwrap();
+    assert!(
+        received.starts_with("DKIM-Signature: v=1; a=ed25519-sha256;"),
+        "{received}"
+    );
+    let body_start = received.find("From: Records").unwrap();
+    assert_eq!(
+        &received[body_start..],
+        "From: Records <records@example.org>\r\nTo: patient@example.net\r\nSubject: Results\r\n\
+         Message-ID: <m1@example.org>\r\n\r\nLine one\r\n..leading dot\r\n...two dots\r\n..\r\nend\r\n"
+    );
+
+    let (summary, records) = harness.evidence();
+    assert_eq!(summary.records, 1);
+    let record = &records[0];
+    assert_eq!(record["outcome"], "delivered");
+    assert_eq!(record["recipientDomain"], "example.net");
+    assert_eq!(record["recipientCount"], 1);
+    assert_eq!(record["mxHost"], "mx.test");
+    assert_eq!(record["mxIp"], "127.0.0.1");
+    assert_eq!(record["sourceIp"], "127.0.0.1");
+    assert_eq!(record["policy"]["source"], "tenant");
+    assert_eq!(record["tls"]["verification"], "webpki");
+    assert_eq!(record["tls"]["version"], "1.3");
+    assert_eq!(record["smtpReply"]["code"], 250);
+    assert_eq!(record["messageIdSha256"], hex(&sha256(b"<m1@example.org>")));
+    assert_eq!(record["tls"]["peerChainSha256"][0], hex(&sha256(&cert.chain[0])));
+    assert_eq!(record["tls"]["peerChainSha256"][1], hex(&sha256(&pki.ca)));
+    assert!(!serde_json::to_string(&records).unwrap().contains("patient"));
+
+    let today = harness.metrics.today();
+    assert_eq!(today.providers[&Provider::Other].delivered, 1);
+}
+
+#[tokio::test]
+async fn without_starttls_nothing_of_the_message_is_sent_and_on_failure_decides() {
+    for (on_failure, expected) in [
+        (
+            OnFailure::Defer,
+            "450 4.7.5 mx.test offers no STARTTLS; secure delivery required",
+        ),
+        (
+            OnFailure::Bounce,
+            "550 5.7.10 mx.test offers no STARTTLS; secure delivery required",
+        ),
+    ] {
+        let receiver = Receiver::start(Behaviour::plain()).await;
+        let harness = harness(
+            policy(vec![mx("mx.test", PeerAuth::WebPki)], on_failure),
+            RootCertStore::empty(),
+            receiver.port,
+        );
+
+        let replies = harness
+            .send(&["patient@example.net", "nurse@example.net"], MESSAGE)
+            .await;
+
+        assert_eq!(replies, [expected, expected]);
+        let log = receiver.log();
+        assert_eq!(log.commands, ["EHLO mta-0.sender.test"]);
+        assert!(log.messages.is_empty());
+        let (_, records) = harness.evidence();
+        assert_eq!(records.len(), 1);
+        assert!(records[0]["tls"].is_null());
+        assert_eq!(records[0]["recipientCount"], 2);
+        let outcome = if on_failure == OnFailure::Defer {
+            "deferred"
+        } else {
+            "bounced"
+        };
+        assert_eq!(records[0]["outcome"], outcome);
+    }
+}
+
+#[tokio::test]
+async fn webpki_refuses_a_certificate_for_another_name() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("other.test")))).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    assert_eq!(
+        replies,
+        ["450 4.7.5 certificate of mx.test failed verification (WebPKI: name mismatch); secure delivery required"]
+    );
+    let log = receiver.log();
+    assert!(
+        !log.commands.iter().any(|c| c.starts_with("MAIL")),
+        "{:?}",
+        log.commands
+    );
+    assert!(log.messages.is_empty());
+}
+
+#[tokio::test]
+async fn webpki_refuses_an_untrusted_issuer() {
+    let receiver = Receiver::start(Behaviour::tls(server_config(&Pki::new().leaf("mx.test")))).await;
+    let harness = harness(
+        webpki_policy("mx.test"),
+        Pki::named("Another CA").roots(),
+        receiver.port,
+    );
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    assert_eq!(
+        replies,
+        ["450 4.7.5 certificate of mx.test failed verification (WebPKI: unknown issuer); secure delivery required"]
+    );
+    assert!(receiver.log().messages.is_empty());
+}
+
+#[tokio::test]
+async fn any_certificate_mode_delivers_to_a_self_signed_server() {
+    let receiver = Receiver::start(Behaviour::tls(server_config(&self_signed("whatever.invalid")))).await;
+    let harness = harness(
+        policy(vec![mx("mx.test", PeerAuth::AnyCertificate)], OnFailure::Defer),
+        RootCertStore::empty(),
+        receiver.port,
+    );
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    assert!(replies[0].starts_with("250 2.0.0 delivered to mx.test"), "{replies:?}");
+    let (_, records) = harness.evidence();
+    assert_eq!(records[0]["tls"]["verification"], "unverified-encrypted");
+}
+
+#[tokio::test]
+async fn dane_ee_delivers_on_a_matching_key_and_refuses_a_mismatch() {
+    let cert = self_signed("unrelated.invalid");
+    let receiver = Receiver::start(Behaviour::tls(server_config(&cert))).await;
+    let dane = |data: Vec<u8>| PeerAuth::Dane {
+        tlsa: vec![Tlsa {
+            usage: 3,
+            selector: 1,
+            matching: 1,
+            data,
+        }],
+        reference_names: vec!["mx.test".into()],
+    };
+
+    let matching = harness(
+        policy(vec![mx("mx.test", dane(sha256(&cert.spki)))], OnFailure::Defer),
+        RootCertStore::empty(),
+        receiver.port,
+    );
+    let replies = matching.send(&["patient@example.net"], MESSAGE).await;
+    assert!(replies[0].starts_with("250 2.0.0 delivered to mx.test"), "{replies:?}");
+    let (_, records) = matching.evidence();
+    assert_eq!(records[0]["tls"]["verification"], "dane-ee");
+
+    let other_key = self_signed("mx.test");
+    let mismatched = harness(
+        policy(vec![mx("mx.test", dane(sha256(&other_key.spki)))], OnFailure::Bounce),
+        RootCertStore::empty(),
+        receiver.port,
+    );
+    let replies = mismatched.send(&["patient@example.net"], MESSAGE).await;
+    assert_eq!(
+        replies,
+        [
+            "550 5.7.10 certificate of mx.test failed verification (DANE: no TLSA record matches the presented \
+             certificates); secure delivery required"
+        ]
+    );
+    assert_eq!(receiver.log().messages.len(), 1, "only the matching engine delivered");
+}
+
+#[tokio::test]
+async fn bytes_injected_after_the_starttls_reply_are_discarded() {
+    let pki = Pki::new();
+    let behaviour = Behaviour {
+        starttls_reply: "220 2.0.0 ready\r\n250 injected\r\n",
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    };
+    let receiver = Receiver::start(behaviour).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    let log = receiver.log();
+    if replies[0].starts_with("250 ") {
+        // In step: every command after TLS got its own reply, and the message arrived once.
+        assert_eq!(log.messages.len(), 1);
+        let after_tls = commands_after_tls(&log);
+        assert_eq!(after_tls[0], "EHLO mta-0.sender.test");
+        assert_eq!(after_tls[2..4], ["RCPT TO:<patient@example.net>", "DATA"]);
+    } else {
+        // The injected bytes reached the TLS layer instead: refused, and nothing was sent.
+        assert!(replies[0].starts_with("450 4.7.5 "), "{replies:?}");
+        assert!(log.messages.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn remote_replies_are_passed_on_per_recipient_with_addresses_redacted() {
+    let pki = Pki::new();
+    let behaviour = Behaviour {
+        rcpt: |line| {
+            if line.contains("<later@") {
+                "451 4.2.0 <later@example.net> try again later\r\n"
+            } else if line.contains("<gone@") {
+                "550 5.1.1 <gone@example.net>: Recipient address rejected: User unknown\r\n"
+            } else {
+                "250 2.1.5 ok\r\n"
+            }
+        },
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    };
+    let receiver = Receiver::start(behaviour).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let replies = harness
+        .send(
+            &["later@example.net", "patient@example.net", "gone@example.net"],
+            MESSAGE,
+        )
+        .await;
+
+    assert_eq!(replies[0], "451 4.2.0 mx.test said: [redacted] try again later");
+    assert!(replies[1].starts_with("250 2.0.0 delivered to mx.test"), "{replies:?}");
+    assert_eq!(
+        replies[2],
+        "550 5.1.1 mx.test said: [redacted] Recipient address rejected: User unknown"
+    );
+    // One transaction, pipelined: all three RCPTs, one DATA.
+    let log = receiver.log();
+    assert_eq!(log.messages.len(), 1);
+    assert_eq!(log.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 3);
+    let today = harness.metrics.today();
+    let counts = today.providers[&Provider::Other];
+    assert_eq!((counts.delivered, counts.deferred, counts.bounced), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn a_data_refusal_applies_to_every_accepted_recipient() {
+    let pki = Pki::new();
+    let behaviour = Behaviour {
+        data_reply: "554 5.7.1 message refused\r\n",
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    };
+    let receiver = Receiver::start(behaviour).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let replies = harness.send(&["a@example.net", "b@example.net"], MESSAGE).await;
+
+    assert_eq!(replies, ["554 5.7.1 mx.test said: message refused"; 2]);
+    let (_, records) = harness.evidence();
+    assert_eq!(records[0]["outcome"], "bounced");
+    assert_eq!(records[0]["smtpReply"]["enhancedStatus"], "5.7.1");
+}
+
+#[tokio::test]
+async fn the_next_mx_is_tried_when_the_first_is_down() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx2.test")))).await;
+    // down.test resolves to 127.0.0.2, where nothing listens on the receiver's port.
+    let harness = harness(
+        policy(
+            vec![mx("down.test", PeerAuth::WebPki), mx("mx2.test", PeerAuth::WebPki)],
+            OnFailure::Defer,
+        ),
+        pki.roots(),
+        receiver.port,
+    );
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    assert!(replies[0].starts_with("250 2.0.0 delivered to mx2.test"), "{replies:?}");
+    let (summary, records) = harness.evidence();
+    assert_eq!(summary.records, 2);
+    assert_eq!(
+        (&records[0]["mxHost"], &records[0]["mxIp"], &records[0]["outcome"]),
+        (&"down.test".into(), &serde_json::Value::Null, &"deferred".into())
+    );
+    assert_eq!(
+        (&records[1]["mxHost"], &records[1]["outcome"]),
+        (&"mx2.test".into(), &"delivered".into())
+    );
+}
+
+#[tokio::test]
+async fn all_mx_down_is_a_temporary_failure() {
+    let harness = harness(
+        policy(vec![mx("down.test", PeerAuth::WebPki)], OnFailure::Bounce),
+        RootCertStore::empty(),
+        // Nothing listens on port 9 of 127.0.0.2.
+        9,
+    );
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    assert!(
+        replies[0].starts_with("451 4.4.1 down.test: cannot connect to 127.0.0.2:9"),
+        "{replies:?}"
+    );
+}
+
+#[tokio::test]
+async fn policy_errors_map_to_their_reply_classes() {
+    for (error, expected) in [
+        (
+            PolicyError::Temporary {
+                reason: "DNS SERVFAIL".into(),
+            },
+            "451 4.4.3 TLS policy of example.net cannot be determined now: DNS SERVFAIL",
+        ),
+        (
+            PolicyError::NoSecurePath {
+                reason: "DANE required, none published".into(),
+            },
+            "450 4.7.5 example.net: DANE required, none published",
+        ),
+        (
+            PolicyError::Permanent {
+                reason: "null MX".into(),
+            },
+            "550 5.1.2 example.net does not accept mail: null MX",
+        ),
+    ] {
+        let fixed = FixedPolicy {
+            policy: Err(error),
+            addresses: HashMap::new(),
+        };
+        let harness = harness(fixed, RootCertStore::empty(), 9);
+        let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+        assert_eq!(replies, [expected]);
+        let (_, records) = harness.evidence();
+        assert!(records[0]["mxHost"].is_null() && records[0]["policy"].is_null());
+    }
+}
+
+#[tokio::test]
+async fn a_message_that_cannot_be_signed_is_deferred_and_never_sent() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+    let foreign = MESSAGE.replace("records@example.org", "someone@unsigned.example");
+
+    let replies = harness.send(&["patient@example.net"], &foreign).await;
+
+    assert_eq!(
+        replies,
+        ["451 4.7.0 DKIM signing failed: no DKIM key for From: domain unsigned.example; the message was not sent"]
+    );
+    assert_eq!(receiver.log().connections, 0);
+}
+
+#[tokio::test]
+async fn a_second_message_to_the_same_mx_reuses_the_verified_session() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let first = harness.send(&["patient@example.net"], MESSAGE).await;
+    let second = harness.send(&["nurse@example.net"], MESSAGE).await;
+
+    assert!(
+        first[0].starts_with("250 ") && second[0].starts_with("250 "),
+        "{first:?} {second:?}"
+    );
+    let log = receiver.log();
+    assert_eq!(log.connections, 1);
+    assert_eq!(log.messages.len(), 2);
+    assert_eq!(log.commands.iter().filter(|c| *c == "RSET").count(), 1);
+    assert_eq!(log.commands.iter().filter(|c| c.starts_with("STARTTLS")).count(), 1);
+    let (summary, records) = harness.evidence();
+    assert_eq!(summary.records, 2);
+    assert_eq!(records[0]["tls"], records[1]["tls"]);
+}
+
+#[tokio::test]
+async fn domains_are_delivered_separately() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let replies = harness
+        .send(&["a@example.net", "b@example.com", "c@example.net"], MESSAGE)
+        .await;
+
+    assert!(replies.iter().all(|reply| reply.starts_with("250 ")), "{replies:?}");
+    let (_, records) = harness.evidence();
+    let mut domains: Vec<(String, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["recipientDomain"].as_str().unwrap().to_owned(),
+                r["recipientCount"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    domains.sort();
+    assert_eq!(domains, [("example.com".to_owned(), 1), ("example.net".to_owned(), 2)]);
+    assert_eq!(receiver.log().messages.len(), 2);
+}
+
+#[tokio::test]
+async fn dane_ta_delivers_when_the_leaf_chains_to_the_published_anchor_and_names_the_mx() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
+    let dane = |reference: &str| PeerAuth::Dane {
+        tlsa: vec![Tlsa {
+            usage: 2,
+            selector: 0,
+            matching: 1,
+            data: sha256(&pki.ca),
+        }],
+        reference_names: vec![reference.into()],
+    };
+
+    let good = harness(
+        policy(vec![mx("mx.test", dane("mx.test"))], OnFailure::Defer),
+        RootCertStore::empty(),
+        receiver.port,
+    );
+    let replies = good.send(&["patient@example.net"], MESSAGE).await;
+    assert!(replies[0].starts_with("250 2.0.0 delivered to mx.test"), "{replies:?}");
+    assert_eq!(good.evidence().1[0]["tls"]["verification"], "dane-ta");
+
+    let wrong_name = harness(
+        policy(vec![mx("mx.test", dane("mx.elsewhere.test"))], OnFailure::Defer),
+        RootCertStore::empty(),
+        receiver.port,
+    );
+    let replies = wrong_name.send(&["patient@example.net"], MESSAGE).await;
+    assert_eq!(
+        replies,
+        [
+            "450 4.7.5 certificate of mx.test failed verification (DANE-TA: the certificate is not valid for the \
+             MX host name); secure delivery required"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_tls_1_3_minimum_refuses_a_tls_1_2_only_server() {
+    let pki = Pki::new();
+    let cert = pki.leaf("mx.test");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls12_only = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            cert.chain.clone(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key.clone())),
+        )
+        .unwrap();
+    let receiver = Receiver::start(Behaviour::tls(Arc::new(tls12_only))).await;
+
+    let mut strict = webpki_policy("mx.test");
+    if let Ok(policy) = &mut strict.policy {
+        policy.min_version = TlsVersion::Tls13;
+    }
+    let harness_13 = harness(strict, pki.roots(), receiver.port);
+    let replies = harness_13.send(&["patient@example.net"], MESSAGE).await;
+    assert!(
+        replies[0].starts_with("450 4.7.5 TLS handshake failed: "),
+        "{replies:?}"
+    );
+    assert!(
+        replies[0].ends_with(" with mx.test; secure delivery required"),
+        "{replies:?}"
+    );
+
+    let harness_12 = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+    let replies = harness_12.send(&["patient@example.net"], MESSAGE).await;
+    assert!(replies[0].starts_with("250 "), "{replies:?}");
+    assert_eq!(harness_12.evidence().1[0]["tls"]["version"], "1.2");
+    assert_eq!(receiver.log().messages.len(), 1);
+}
+
+#[tokio::test]
+async fn an_approved_cleartext_override_delivers_without_starttls_and_says_so_in_evidence() {
+    let receiver = Receiver::start(Behaviour::plain()).await;
+    let mut open = policy(vec![mx("mx.test", PeerAuth::WebPki)], OnFailure::Defer);
+    if let Ok(policy) = &mut open.policy {
+        policy.allow_cleartext = true;
+    }
+    let harness = harness(open, RootCertStore::empty(), receiver.port);
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    assert!(replies[0].starts_with("250 "), "{replies:?}");
+    let (_, records) = harness.evidence();
+    assert!(records[0]["tls"].is_null());
+    assert_eq!(records[0]["outcome"], "delivered");
+}
