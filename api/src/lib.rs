@@ -3,6 +3,7 @@
 
 pub mod dns;
 pub mod pkcs8_pem;
+pub mod provider;
 pub mod sidecar_config;
 pub mod sidecar_status;
 pub mod tenant;

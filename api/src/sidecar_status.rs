@@ -1,9 +1,13 @@
 //! The JSON a sidecar serves on `/status` and the operator reads: the pod's queue (to drain safely) and what the
 //! address sent today (for the warmup loop).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
+
+use crate::provider::Provider;
 
 /// `/status` of one MTA pod.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -13,6 +17,27 @@ pub struct SidecarStatus {
     pub address: IpAddr,
     /// Postfix's queue on this pod's volume.
     pub queue: QueueStatus,
+    /// Recipients this address handled today (UTC), per mailbox provider class; absent from a sidecar that
+    /// cannot count (an older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub today: Option<DeliveryDay>,
+}
+
+/// One UTC day of delivery results.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryDay {
+    pub date: Date,
+    /// Every provider class, zero counts included.
+    pub providers: BTreeMap<Provider, ResultCounts>,
+}
+
+/// Recipients per result for one provider class.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResultCounts {
+    pub delivered: u64,
+    pub deferred: u64,
+    pub bounced: u64,
 }
 
 /// Messages Postfix still holds (active, incoming, deferred and hold queues together).

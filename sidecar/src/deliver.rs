@@ -27,7 +27,7 @@ use crate::evidence::{
 use crate::lmtp::{Backend, Envelope, RcptDecision, Recipient, Reply};
 use crate::metrics::{LookupResult, Metrics};
 use crate::policy::{DomainPolicy, MxCandidate, PolicyError, PolicyLookup};
-use crate::provider::Provider;
+use crate::provider::{self, Provider};
 use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
 use crate::tls::TlsConfigs;
 
@@ -114,7 +114,7 @@ impl<P: PolicyLookup> Engine<P> {
         policy: P,
         keys: Arc<KeyStore>,
         tls: Arc<TlsConfigs>,
-        evidence: EvidenceLog,
+        evidence: Arc<Mutex<EvidenceLog>>,
         metrics: Metrics,
         clock: Arc<dyn WallClock>,
     ) -> Self {
@@ -124,7 +124,7 @@ impl<P: PolicyLookup> Engine<P> {
             policy,
             keys,
             tls,
-            evidence: Arc::new(Mutex::new(evidence)),
+            evidence,
             evidence_broken: AtomicBool::new(false),
             metrics,
             clock,
@@ -228,11 +228,11 @@ impl<P: PolicyLookup> Engine<P> {
             .iter()
             .rev()
             .find_map(|attempt| attempt.mx_host.as_ref())
-            .map_or(Provider::Other, |host| Provider::of_mx(&String::from(host.clone())));
+            .map_or(Provider::Other, |host| provider::of_mx(&String::from(host.clone())));
         for attempt in &attempts {
             let host = attempt.mx_host.clone().map(String::from);
             self.metrics.attempt(
-                host.as_deref().map_or(Provider::Other, Provider::of_mx),
+                host.as_deref().map_or(Provider::Other, provider::of_mx),
                 attempt.outcome,
                 attempt.policy.as_ref().map(|policy| policy.source),
                 attempt.tls.as_ref().map(|tls| tls.version),

@@ -1,12 +1,32 @@
 //! The securemail-sidecar binary.
 use std::fs::File;
 use std::io::BufReader;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 use anyhow::Context;
+use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use securemail_sidecar::evidence;
+use prometheus_client::registry::Registry;
+use securemail_api::sidecar_config::{DnsSettings, SidecarConfig};
+use securemail_api::tenant::TlsPolicySpec;
+use securemail_sidecar::admin::{AdminServer, AdminState, Readiness, pod_status};
+use securemail_sidecar::config::{ConfigWatcher, DEFAULT_POLL_INTERVAL};
+use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
+use securemail_sidecar::dkim::KeyStore;
+use securemail_sidecar::evidence::{self, EvidenceLog};
+use securemail_sidecar::lmtp::{Backend, Envelope, Limits, LmtpListener, RcptDecision, Recipient, Reply};
+use securemail_sidecar::metrics::Metrics;
+use securemail_sidecar::policy::dns::HickoryDns;
+use securemail_sidecar::policy::mta_sts::fetch::HttpsFetcher;
+use securemail_sidecar::policy::{PolicyResolver, check_domain, clock};
+use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
+use securemail_sidecar::tls::TlsConfigs;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,6 +40,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Deliver for one pool address: LMTP from Postfix, the admin server, reload when sidecar.yaml or a key
+    /// changes.
+    Run {
+        /// The sidecar.yaml the operator rendered for this pod.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the TLS policy the sidecar would apply to DOMAIN, with the DNS and MTA-STS facts behind it.
+    CheckDomain {
+        domain: String,
+        /// Use this sidecar.yaml's tenant policy and DNS settings; without it, the default policy and the
+        /// resolvers in /etc/resolv.conf.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Delivery evidence logs.
     Evidence {
         #[command(subcommand)]
@@ -34,8 +69,11 @@ enum EvidenceCommand {
     Verify { file: PathBuf },
 }
 
-fn main() -> anyhow::Result<ExitCode> {
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
+        Command::Run { config } => run(&config).await?,
+        Command::CheckDomain { domain, config } => check(&domain, config.as_deref()).await?,
         Command::Evidence {
             command: EvidenceCommand::Verify { file },
         } => {
@@ -53,4 +91,206 @@ fn main() -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn check(domain: &str, config: Option<&Path>) -> anyhow::Result<()> {
+    let report = match config {
+        Some(path) => {
+            let config = securemail_sidecar::config::load(path)?;
+            check_domain(&PolicyResolver::from_config(&config)?, domain).await
+        }
+        None => {
+            let dns = HickoryDns::from_settings(&DnsSettings::default())?;
+            let fetcher = HttpsFetcher::from_system(dns.clone())?;
+            let resolver = PolicyResolver::new(TlsPolicySpec::default(), dns, fetcher, Arc::new(clock::SystemClock));
+            check_domain(&resolver, domain).await
+        }
+    };
+    print!("{report}");
+    Ok(())
+}
+
+async fn run(config_path: &Path) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_current_span(false)
+        .init();
+    let (watcher, config) = ConfigWatcher::load(config_path)?;
+    let initial = Arc::clone(&config.borrow());
+    let keys = Arc::new(KeyStore::load(&initial.signing)?);
+    let watcher = watcher.with_key_store(Arc::clone(&keys));
+    let clock: Arc<dyn WallClock> = Arc::new(SystemClock);
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(
+        &mut registry,
+        &initial.tenant,
+        initial.source.address,
+        Arc::clone(&clock),
+    );
+    let readiness = Readiness::default();
+    readiness.config_loaded.set(true);
+    let parts = EngineParts {
+        keys,
+        tls: Arc::new(TlsConfigs::with_native_roots()?),
+        evidence: Arc::new(Mutex::new(open_evidence(&initial.evidence.dir)?)),
+        metrics: metrics.clone(),
+        clock,
+    };
+    readiness.evidence_writable.set(true);
+    let backend = Arc::new(LiveEngine {
+        current: RwLock::new(Arc::new(parts.build(&initial)?)),
+    });
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(watcher.run(DEFAULT_POLL_INTERVAL, shutdown.clone(), |_| {}));
+    tokio::spawn(swap_engine_on_change(config.clone(), Arc::clone(&backend), parts));
+
+    let admin = AdminServer::bind(initial.listen.admin).await?;
+    let state = AdminState {
+        readiness: readiness.clone(),
+        registry: Arc::new(registry),
+        status: pod_status(config, SystemTime::now, move || metrics.today()),
+    };
+    let admin = tokio::spawn(admin.serve(state, shutdown.clone()));
+
+    let listener = LmtpListener::bind(&initial.listen.lmtp)?;
+    readiness.lmtp_listening.set(true);
+    tracing::info!(
+        tenant = %initial.tenant,
+        source = %initial.source.address,
+        lmtp = %initial.listen.lmtp.display(),
+        admin = %initial.listen.admin,
+        "sidecar ready"
+    );
+    let limits = Limits {
+        max_message_bytes: initial.max_message_bytes,
+        ..Limits::default()
+    };
+    // Returns after shutdown, once the sessions in progress have had their answers.
+    listener.serve(backend, limits, shutdown.clone()).await;
+    readiness.lmtp_listening.set(false);
+    shutdown.cancel();
+    admin.await.context("admin server task")??;
+    tracing::info!("sidecar stopped");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(err) => {
+            tracing::error!(%err, "cannot listen for SIGTERM; stop the sidecar with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping: no new LMTP sessions; finishing those in progress");
+    shutdown.cancel();
+}
+
+/// The evidence log to continue: the newest `evidence-*.jsonl` in `dir`, or a new file. A file whose last line
+/// is torn (a crash during an append looks exactly like tampering) is left as it is for an auditor and a new file
+/// begins, so a crash never stops delivery nor rewrites evidence.
+fn open_evidence(dir: &Path) -> anyhow::Result<EvidenceLog> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create evidence directory {}", dir.display()))?;
+    let newest = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list evidence directory {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("evidence-") && name.ends_with(".jsonl"))
+        })
+        .max();
+    if let Some(path) = newest {
+        match EvidenceLog::open(&path) {
+            Ok(log) => return Ok(log),
+            Err(err @ securemail_sidecar::Error::BrokenTail { .. }) => {
+                tracing::error!(%err, "starting a new evidence log; the damaged one is kept unchanged");
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    // Names sort by creation time, so the newest file is the one to continue.
+    let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S%.9fZ");
+    Ok(EvidenceLog::open(dir.join(format!("evidence-{stamp}.jsonl")))?)
+}
+
+/// What every engine shares, whichever configuration built it: one evidence writer, one key store, one set of
+/// metrics.
+struct EngineParts {
+    keys: Arc<KeyStore>,
+    tls: Arc<TlsConfigs>,
+    evidence: Arc<Mutex<EvidenceLog>>,
+    metrics: Metrics,
+    clock: Arc<dyn WallClock>,
+}
+
+impl EngineParts {
+    fn build(&self, config: &SidecarConfig) -> anyhow::Result<Engine<PolicyResolver>> {
+        let session = SessionSettings {
+            helo_name: config.source.hostname.clone(),
+            source: config.source.address,
+            port: 25,
+            timeouts: Timeouts::default(),
+        };
+        let engine_config = EngineConfig::new(config.tenant.parse()?, session, config.tls_policy.on_failure);
+        Ok(Engine::new(
+            engine_config,
+            PolicyResolver::from_config(config)?,
+            Arc::clone(&self.keys),
+            Arc::clone(&self.tls),
+            Arc::clone(&self.evidence),
+            self.metrics.clone(),
+            Arc::clone(&self.clock),
+        ))
+    }
+}
+
+/// Builds a new engine for every configuration the watcher accepts. Sockets stay where they were bound: a new
+/// LMTP path or admin address takes a restart, which the operator's config checksum triggers anyway.
+async fn swap_engine_on_change(
+    mut config: watch::Receiver<Arc<SidecarConfig>>,
+    backend: Arc<LiveEngine>,
+    parts: EngineParts,
+) {
+    while config.changed().await.is_ok() {
+        let latest = Arc::clone(&config.borrow_and_update());
+        match parts.build(&latest) {
+            Ok(engine) => {
+                *backend.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(engine);
+                tracing::info!("delivery engine rebuilt from the new configuration");
+            }
+            Err(err) => tracing::error!(%err, "cannot apply the new configuration; keeping the running engine"),
+        }
+    }
+}
+
+/// The backend Postfix talks to. A transaction keeps the engine it started with, so a reload never changes the
+/// rules for mail already in flight.
+struct LiveEngine {
+    current: RwLock<Arc<Engine<PolicyResolver>>>,
+}
+
+impl LiveEngine {
+    fn current(&self) -> Arc<Engine<PolicyResolver>> {
+        Arc::clone(&self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+impl Backend for LiveEngine {
+    async fn check_recipient(&self, envelope: &Envelope, recipient: &Recipient) -> RcptDecision {
+        self.current().check_recipient(envelope, recipient).await
+    }
+
+    async fn deliver(&self, envelope: Envelope, message: Bytes) -> Vec<Reply> {
+        self.current().deliver(envelope, message).await
+    }
 }

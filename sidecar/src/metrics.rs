@@ -14,8 +14,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use securemail_api::sidecar_status::{DeliveryDay, ResultCounts};
 use securemail_api::tenant::TlsVersion;
-use serde::Serialize;
 
 use crate::deliver::WallClock;
 use crate::evidence::{Outcome, PolicySource};
@@ -92,22 +92,6 @@ pub enum LookupResult {
     Temporary,
     NoSecurePath,
     Permanent,
-}
-
-/// Recipients per result for one provider.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ResultCounts {
-    pub delivered: u64,
-    pub deferred: u64,
-    pub bounced: u64,
-}
-
-/// Today's recipient counts (UTC day), as `/status` shows them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TodaySnapshot {
-    pub date: Date,
-    /// Every provider class, zero counts included.
-    pub providers: BTreeMap<Provider, ResultCounts>,
 }
 
 struct Today {
@@ -271,9 +255,9 @@ impl Metrics {
     }
 
     /// Today's recipient counts per provider and result.
-    pub fn today(&self) -> TodaySnapshot {
+    pub fn today(&self) -> DeliveryDay {
         let today = self.lock_today();
-        TodaySnapshot {
+        DeliveryDay {
             date: today.date,
             providers: Provider::ALL
                 .iter()

@@ -1,20 +1,6 @@
-//! Mailbox provider classes, decided by the MX host name. Warmup shares and metrics are kept per class, so the
-//! set is small and fixed (a bounded metric label).
+//! The mailbox provider class of an MX host, by host-name suffix.
 
-use std::fmt;
-
-use serde::Serialize;
-
-/// The mailbox provider behind an MX host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    Gmail,
-    Microsoft,
-    Yahoo,
-    Apple,
-    Other,
-}
+pub use securemail_api::provider::Provider;
 
 /// MX host suffixes per provider; a host matches when it equals a suffix or ends with "." + suffix.
 const SUFFIXES: [(&str, Provider); 9] = [
@@ -29,43 +15,14 @@ const SUFFIXES: [(&str, Provider); 9] = [
     ("apple.com", Provider::Apple),
 ];
 
-impl Provider {
-    /// All classes, in the order `/status` and metrics list them.
-    pub const ALL: [Provider; 5] = [
-        Provider::Gmail,
-        Provider::Microsoft,
-        Provider::Yahoo,
-        Provider::Apple,
-        Provider::Other,
-    ];
-
-    /// Classifies an MX host name (case and a trailing root dot are ignored). `protection.outlook.com` is covered
-    /// by `outlook.com`.
-    pub fn of_mx(host: &str) -> Self {
-        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-        SUFFIXES
-            .iter()
-            .find(|(suffix, _)| {
-                host == *suffix || host.strip_suffix(suffix).is_some_and(|prefix| prefix.ends_with('.'))
-            })
-            .map_or(Provider::Other, |&(_, provider)| provider)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Gmail => "gmail",
-            Provider::Microsoft => "microsoft",
-            Provider::Yahoo => "yahoo",
-            Provider::Apple => "apple",
-            Provider::Other => "other",
-        }
-    }
-}
-
-impl fmt::Display for Provider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// Classifies an MX host name (case and a trailing root dot are ignored). `protection.outlook.com` is covered
+/// by `outlook.com`.
+pub fn of_mx(host: &str) -> Provider {
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    SUFFIXES
+        .iter()
+        .find(|(suffix, _)| host == *suffix || host.strip_suffix(suffix).is_some_and(|prefix| prefix.ends_with('.')))
+        .map_or(Provider::Other, |&(_, provider)| provider)
 }
 
 #[cfg(test)]
@@ -92,7 +49,7 @@ mod tests {
             ("home.com", Provider::Other),
             ("", Provider::Other),
         ] {
-            assert_eq!(Provider::of_mx(host), provider, "{host}");
+            assert_eq!(of_mx(host), provider, "{host}");
         }
     }
 }

@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
+use securemail_api::provider::Provider;
 use securemail_api::sidecar_config::{DnsSettings, EvidenceSettings, Listen, SidecarConfig, SourceAddress, WarmupCaps};
-use securemail_api::sidecar_status::{QueueStatus, SidecarStatus};
+use securemail_api::sidecar_status::{DeliveryDay, QueueStatus, ResultCounts, SidecarStatus};
 use securemail_api::tenant::{ProviderShares, TlsPolicySpec};
-use securemail_sidecar::admin::{AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, queue_status};
+use securemail_sidecar::admin::{AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, pod_status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -77,6 +78,22 @@ fn config(queue_dir: Option<&Path>) -> SidecarConfig {
     }
 }
 
+/// Today's counts as the delivery engine's metrics would report them.
+fn delivery_day() -> DeliveryDay {
+    DeliveryDay {
+        date: jiff::civil::date(2026, 11, 25),
+        providers: [(
+            Provider::Gmail,
+            ResultCounts {
+                delivered: 3,
+                deferred: 1,
+                bounced: 0,
+            },
+        )]
+        .into(),
+    }
+}
+
 struct Running {
     addr: SocketAddr,
     readiness: Readiness,
@@ -91,7 +108,7 @@ async fn start(queue_dir: Option<&Path>, registry: Registry) -> Running {
     let state = AdminState {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
-        status: queue_status(receiver, || SystemTime::UNIX_EPOCH + NOW),
+        status: pod_status(receiver, || SystemTime::UNIX_EPOCH + NOW, delivery_day),
     };
     let server = AdminServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = server.local_addr();
@@ -197,11 +214,19 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
                 messages: 1,
                 oldest_age_seconds: Some(90),
             },
+            today: Some(delivery_day()),
         }
     );
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&response.body).unwrap(),
-        serde_json::json!({"address": "192.0.2.10", "queue": {"messages": 1, "oldestAgeSeconds": 90}})
+        serde_json::json!({
+            "address": "192.0.2.10",
+            "queue": {"messages": 1, "oldestAgeSeconds": 90},
+            "today": {
+                "date": "2026-11-25",
+                "providers": {"gmail": {"delivered": 3, "deferred": 1, "bounced": 0}},
+            },
+        })
     );
 
     // A reload pointing at an empty queue directory is used by the next request.

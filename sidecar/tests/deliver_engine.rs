@@ -387,7 +387,9 @@ fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
         timeouts,
     };
     let config = EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer);
-    let evidence = EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap();
+    let evidence = Arc::new(Mutex::new(
+        EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap(),
+    ));
     let engine = Engine::new(
         config,
         policy,

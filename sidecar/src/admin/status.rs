@@ -1,11 +1,11 @@
-//! How `/status` is put together. The server only calls a [`StatusSource`]; what goes into the status (today the
-//! address and the queue, later the delivery counts) is decided by whoever builds that source.
+//! How `/status` is put together. The server only calls a [`StatusSource`]; what goes into the status (the address,
+//! the queue and the delivery counts) is decided by whoever builds that source.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use securemail_api::sidecar_config::SidecarConfig;
-use securemail_api::sidecar_status::SidecarStatus;
+use securemail_api::sidecar_status::{DeliveryDay, SidecarStatus};
 use tokio::sync::watch;
 
 use crate::queue::{self, QueueError};
@@ -17,11 +17,12 @@ pub type StatusError = Box<dyn std::error::Error + Send + Sync>;
 /// source from [`queue_status`] in another closure.
 pub type StatusSource = Arc<dyn Fn() -> Result<SidecarStatus, StatusError> + Send + Sync>;
 
-/// The pool address and Postfix's queue, both from the configuration in use at each request; `now` dates the
-/// oldest message.
-pub fn queue_status(
+/// The pool address, Postfix's queue (from the configuration in use at each request; `now` dates the oldest
+/// message) and today's delivery counts.
+pub fn pod_status(
     config: watch::Receiver<Arc<SidecarConfig>>,
     now: impl Fn() -> SystemTime + Send + Sync + 'static,
+    today: impl Fn() -> DeliveryDay + Send + Sync + 'static,
 ) -> StatusSource {
     Arc::new(move || {
         let config = Arc::clone(&config.borrow());
@@ -29,6 +30,7 @@ pub fn queue_status(
         Ok(SidecarStatus {
             address: config.source.address,
             queue: queue::scan(queue_dir, now())?,
+            today: Some(today()),
         })
     })
 }
