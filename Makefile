@@ -7,12 +7,13 @@ CLUSTER_DIR ?= /tmp/securemail-cluster
 KUBECONFIG_FILE := $(CLUSTER_DIR)/kubeconfig
 CRD_FILE := crds/securemailtenants.securemail.io.yaml
 DATAPLANE_DIR ?= /tmp/securemail-dataplane
+DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
 .PHONY: test deps fmt-check lint unit crds check-crds cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator
 
-## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites.
-test: deps fmt-check lint unit check-crds e2e
+## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites (control plane, data plane).
+test: deps fmt-check lint unit check-crds e2e e2e-dataplane
 
 ## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
 deps:
@@ -56,12 +57,14 @@ e2e:
 e2e-dataplane: deps
 	$(CARGO) build $(CARGO_FLAGS) -p securemail-operator --bin securemail-operator -p securemail-sidecar \
 	  --bin securemail-sidecar
-	e2e/dataplane/up.sh $(DATAPLANE_DIR) >/dev/null
-	status=0; e2e/dataplane/smoke.sh $(DATAPLANE_DIR) && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
+	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test dataplane
+	# One world per machine (fixed namespace names): the lock serialises suites and benchmarks that need it.
+	flock $(DATAPLANE_LOCK) bash -c 'e2e/dataplane/up.sh $(DATAPLANE_DIR) >/dev/null || exit 1; status=0; \
+	  e2e/dataplane/smoke.sh $(DATAPLANE_DIR) && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
 	  SECUREMAIL_OPERATOR_BIN=$(CURDIR)/target/debug/securemail-operator \
 	  SECUREMAIL_SIDECAR_BIN=$(CURDIR)/target/debug/securemail-sidecar \
 	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test dataplane -- --test-threads=1 \
-	  || status=$$?; e2e/dataplane/down.sh $(DATAPLANE_DIR); exit $$status
+	  || status=$$?; e2e/dataplane/down.sh $(DATAPLANE_DIR); exit $$status'
 
 ## dataplane-up / dataplane-down: the data-plane world alone, for poking at it by hand (see e2e/dataplane/README.md).
 dataplane-up: deps

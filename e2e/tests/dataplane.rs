@@ -516,3 +516,95 @@ fn kill_9_of_the_sidecar_mid_run_loses_nothing() {
         assert!(verify.starts_with("ok"), "{}: {verify}", file.display());
     }
 }
+
+#[test]
+fn check_domain_explains_the_policy_it_would_apply() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "check-domain", &manifest(&world, DEFER));
+    let check = |domain: &str| {
+        run_ok(
+            in_netns(&mta.netns, &sidecar_bin().display().to_string())
+                .args(["check-domain", domain, "--config"])
+                .arg(&mta.sidecar_config)
+                .env("SSL_CERT_FILE", world.get("SMDP_CA_FILE")),
+        )
+    };
+
+    let dane = check(world.get("SMDP_CASE_DANE"));
+    assert!(
+        dane.contains("MX records (DNSSEC-secure)") || dane.contains("secure"),
+        "{dane}"
+    );
+    assert!(
+        dane.contains("TLSA _25._tcp.mx.dane.test (secure, 1 of 1 usable)"),
+        "{dane}"
+    );
+    assert!(dane.contains("3 1 1 "), "{dane}");
+    assert!(dane.contains("DANE (1 TLSA records) [from DANE]"), "{dane}");
+
+    let sts = check(world.get("SMDP_CASE_STS"));
+    let id = world.get("SMDP_STS_POLICY_ID");
+    assert!(sts.contains(&format!("MTA-STS: id {id}, mode enforce")), "{sts}");
+    assert!(sts.contains("mx.sts.test: WebPKI"), "{sts}");
+    assert!(
+        !sts.contains("rogue.sts.test: WebPKI"),
+        "the MX outside the policy is not offered: {sts}"
+    );
+
+    let servfail = check(world.get("SMDP_CASE_DANE_SERVFAIL"));
+    assert!(servfail.contains("TEMPORARY FAILURE"), "{servfail}");
+    assert!(servfail.contains("Policy: none yet, try later"), "{servfail}");
+}
+
+#[test]
+fn a_changed_sidecar_yaml_applies_without_a_restart_and_an_invalid_one_is_refused_by_name() {
+    let world = World::load();
+    let mta = MtaHost::start(&world, "reload", &manifest(&world, DEFER));
+    let id = unique_id("reload");
+    let recipient = format!("patient@{}", world.get("SMDP_CASE_SELFSIGNED"));
+    assert_sent(&mta.submit(SENDER, &[&recipient], &message(&id, &recipient)));
+    assert_eq!(
+        first_attempt(&mta, &id)["outcome"],
+        "deferred",
+        "a self-signed MX fails `verified`"
+    );
+
+    // A typo: refused with the field named, and the running configuration stays.
+    let original = fs::read_to_string(&mta.sidecar_config).unwrap();
+    fs::write(&mta.sidecar_config, format!("{original}tlsPolicyy: {{}}\n")).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the refusal of the invalid sidecar.yaml",
+        || mta.sidecar_log().contains("tlsPolicyy"),
+        || mta.sidecar_log(),
+    );
+    assert_eq!(
+        mta.admin_get("/readyz"),
+        "ok\n",
+        "the sidecar keeps serving with its running configuration"
+    );
+
+    // An approved exception for this domain: `encrypted` accepts its certificate, and Postfix's next retry is
+    // delivered by the rebuilt engine, with no restart.
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&original).unwrap();
+    config["tlsPolicy"]["overrides"] = serde_yaml::from_str(&format!(
+        "[{{domain: {}, mode: encrypted, exception: {{approvedBy: security-office/CHG-7, reason: partner MX \
+         uses a private CA}}}}]",
+        world.get("SMDP_CASE_SELFSIGNED")
+    ))
+    .unwrap();
+    fs::write(&mta.sidecar_config, serde_yaml::to_string(&config).unwrap()).unwrap();
+    wait_until(
+        Duration::from_secs(90),
+        "delivery under the reloaded policy",
+        || !received(&world, "SELFSIGNED", &id).is_empty(),
+        || mta.sidecar_log(),
+    );
+    let delivered = evidence_for(&mta, &id)
+        .into_iter()
+        .find(|record| record["outcome"] == "delivered")
+        .expect("a delivered record");
+    assert_eq!(delivered["policy"]["source"], "override");
+    assert_eq!(delivered["tls"]["verification"], "unverified-encrypted");
+    assert!(mta.sidecar_log().contains("delivery engine rebuilt"));
+}

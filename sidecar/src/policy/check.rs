@@ -8,6 +8,7 @@ use super::mta_sts::{StsFact, StsFetch};
 use super::resolver::PolicyResolver;
 use super::{DomainPolicy, PeerAuth, PolicyError, Tlsa};
 use crate::evidence::PolicySource;
+use securemail_api::tenant::{OnFailure, TlsVersion};
 
 /// Facts and decision for one domain, fresh from DNS (the MTA-STS policy cache still applies).
 #[derive(Clone, Debug)]
@@ -149,9 +150,15 @@ impl Display for DomainReport {
             Some(Ok(policy)) => {
                 writeln!(
                     f,
-                    "Policy: TLS >= {:?}, on failure {:?}{}",
-                    policy.min_version,
-                    policy.on_failure,
+                    "Policy: TLS >= {}, on failure {}{}",
+                    match policy.min_version {
+                        TlsVersion::Tls12 => "1.2",
+                        TlsVersion::Tls13 => "1.3",
+                    },
+                    match policy.on_failure {
+                        OnFailure::Defer => "defer (4.7.x, stays queued)",
+                        OnFailure::Bounce => "bounce (5.7.x)",
+                    },
                     if policy.allow_cleartext {
                         ", cleartext allowed when no STARTTLS (exception)"
                     } else {
