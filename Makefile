@@ -10,7 +10,7 @@ DATAPLANE_DIR ?= /tmp/securemail-dataplane
 DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint unit crds check-crds cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator
+.PHONY: test deps fmt-check lint unit crds check-crds cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator bench-sidecar
 
 ## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites (control plane, data plane).
 test: deps fmt-check lint unit check-crds e2e e2e-dataplane
@@ -78,6 +78,13 @@ demo: deps
 	e2e/demo.sh
 
 ## bench-operator: N tenants to DkimReady+ConfigValid vs the RSA keygen floor, peak RSS, no-op writes (N=1000).
-N ?= 1000
+bench-operator: N ?= 1000
 bench-operator: deps
 	e2e/bench-operator.sh $(N)
+
+## bench-sidecar: Postfix → sidecar → TLS 1.3 receiver vs Postfix direct with TLS, in a data-plane world of its own
+## (holds /tmp/securemail-dataplane.lock while it runs): messages/s, latency, sidecar CPU and RSS, policy cache.
+## N=... overrides the message count (default 2000).
+bench-sidecar: N ?= 2000
+bench-sidecar: deps
+	e2e/bench-sidecar.sh $(N)

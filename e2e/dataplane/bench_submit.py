@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Benchmark submitter: sends COUNT messages of about SIZE bytes on the submission port the way a tenant application
+does (STARTTLS, client certificate), over CONNECTIONS parallel sessions with many messages each. Every message
+carries `Message-ID: <TAG.N@sender.test>` and `X-Bench-Submitted: <unix time>` (taken just before its DATA), so
+arrival latency can be read from the receiver's Maildir. Prints one JSON object: start and end (unix time), sent,
+errors. Exits non-zero when any message was refused."""
+import argparse
+import json
+import smtplib
+import ssl
+import sys
+import threading
+import time
+
+
+def body(size: int) -> str:
+    line = "Your lab results are ready; sign in to the patient portal to read them. 0123456789\r\n"
+    return line * max(1, size // len(line))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, default=587)
+    parser.add_argument("--from", dest="sender", required=True)
+    parser.add_argument("--to", required=True)
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--size", type=int, default=10240)
+    parser.add_argument("--tag", required=True)
+    args = parser.parse_args()
+
+    text = body(args.size)
+    context = ssl.create_default_context(cafile=args.ca)
+    context.check_hostname = False
+    context.load_cert_chain(args.cert, args.key)
+    errors: list[str] = []
+    sent = [0]
+    lock = threading.Lock()
+
+    def worker(first: int, step: int) -> None:
+        try:
+            with smtplib.SMTP(args.host, args.port, local_hostname="app.test", timeout=120) as smtp:
+                smtp.ehlo()
+                smtp.starttls(context=context)
+                smtp.ehlo()
+                for n in range(first, args.count, step):
+                    message = (
+                        f"From: Lakeside Alerts <{args.sender}>\r\nTo: <{args.to}>\r\n"
+                        f"Subject: Benchmark {args.tag} {n}\r\nMessage-ID: <{args.tag}.{n}@sender.test>\r\n"
+                        f"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+                        f"Content-Type: text/plain; charset=utf-8\r\nX-Bench-Submitted: {time.time():.6f}\r\n"
+                        f"\r\n{text}"
+                    )
+                    refused = smtp.sendmail(args.sender, [args.to], message.encode())
+                    if refused:
+                        raise smtplib.SMTPException(f"refused: {refused}")
+                    with lock:
+                        sent[0] += 1
+        except (OSError, smtplib.SMTPException, ssl.SSLError) as err:
+            with lock:
+                errors.append(f"{type(err).__name__}: {err}")
+
+    start = time.time()
+    threads = [threading.Thread(target=worker, args=(i, args.connections)) for i in range(args.connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    end = time.time()
+    print(json.dumps({"start": start, "end": end, "sent": sent[0], "errors": errors}))
+    return 0 if sent[0] == args.count and not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
