@@ -280,7 +280,10 @@ fn no_secure_path_means_nothing_sent_and_the_message_stays_queued() {
     for case in INSECURE_CASES {
         let id = unique_id(case);
         let recipient = format!("patient@{}", world.get(&format!("SMDP_CASE_{case}")));
-        assert_sent(&mta.submit(SENDER, &[&recipient], &message(&id, &recipient)));
+        // A sender's "TLS-Required: No" (RFC 8689) never opens a cleartext or unverified path.
+        let mut message = b"TLS-Required: No\r\n".to_vec();
+        message.extend_from_slice(&self::message(&id, &recipient));
+        assert_sent(&mta.submit(SENDER, &[&recipient], &message));
         ids.push((*case, id, recipient));
     }
     for (case, id, recipient) in &ids {
@@ -582,6 +585,12 @@ fn a_changed_sidecar_yaml_applies_without_a_restart_and_an_invalid_one_is_refuse
         mta.admin_get("/readyz"),
         "ok\n",
         "the sidecar keeps serving with its running configuration"
+    );
+    let metrics = metrics(&mta);
+    assert_eq!(
+        metric_sum(&metrics, "securemail_config_reload_failures_total", &[]),
+        1.0,
+        "{metrics}"
     );
 
     // An approved exception for this domain: `encrypted` accepts its certificate, and Postfix's next retry is

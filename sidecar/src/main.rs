@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use securemail_api::sidecar_config::{DnsSettings, SidecarConfig};
 use securemail_api::tenant::TlsPolicySpec;
 use securemail_sidecar::admin::{AdminServer, AdminState, Readiness, pod_status};
-use securemail_sidecar::config::{ConfigWatcher, DEFAULT_POLL_INTERVAL};
+use securemail_sidecar::config::{ConfigWatcher, DEFAULT_POLL_INTERVAL, WatchEvent};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::dkim::KeyStore;
 use securemail_sidecar::evidence::{self, EvidenceLog};
@@ -144,7 +144,12 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    tokio::spawn(watcher.run(DEFAULT_POLL_INTERVAL, shutdown.clone(), |_| {}));
+    let reload_metrics = metrics.clone();
+    tokio::spawn(watcher.run(DEFAULT_POLL_INTERVAL, shutdown.clone(), move |event| {
+        if matches!(event, WatchEvent::ConfigRejected(_) | WatchEvent::KeysRejected(_)) {
+            reload_metrics.config_rejected();
+        }
+    }));
     tokio::spawn(swap_engine_on_change(config.clone(), Arc::clone(&backend), parts));
 
     let admin = AdminServer::bind(initial.listen.admin).await?;

@@ -34,6 +34,7 @@ struct Inner {
     policy_lookups: Family<LookupLabels, Counter>,
     tls_failures: Family<FailureLabels, Counter>,
     evidence_failures: Counter,
+    config_rejections: Counter,
     today: Mutex<Today>,
     clock: Arc<dyn WallClock>,
 }
@@ -149,6 +150,7 @@ impl Metrics {
             policy_lookups: Family::default(),
             tls_failures: Family::default(),
             evidence_failures: Counter::default(),
+            config_rejections: Counter::default(),
             today: Mutex::new(Today {
                 date,
                 counts: BTreeMap::new(),
@@ -185,6 +187,11 @@ impl Metrics {
             "securemail_evidence_append_failures",
             "Evidence records that could not be written; new deliveries are deferred after one",
             inner.evidence_failures.clone(),
+        );
+        registry.register(
+            "securemail_config_reload_failures",
+            "Changed sidecar.yaml files or DKIM keys that were refused; the running configuration stays",
+            inner.config_rejections.clone(),
         );
         Self { inner: Arc::new(inner) }
     }
@@ -252,6 +259,11 @@ impl Metrics {
 
     pub fn evidence_failure(&self) {
         self.inner.evidence_failures.inc();
+    }
+
+    /// A changed configuration or key file was refused.
+    pub fn config_rejected(&self) {
+        self.inner.config_rejections.inc();
     }
 
     /// Today's recipient counts per provider and result.
