@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use jiff::Timestamp;
 use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +22,57 @@ pub struct SidecarStatus {
     /// cannot count (an older version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub today: Option<DeliveryDay>,
+    /// Remote replies classified and the local circuit breakers; absent from a sidecar without reputation
+    /// sensors (an older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reputation: Option<ReputationStatus>,
+}
+
+/// What the remote MX hosts said to this address today and which providers it is pausing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReputationStatus {
+    /// The UTC day `replies` counts.
+    pub date: Date,
+    /// Remote 4xx and 5xx replies per provider class and reason; every provider class, zero counts included.
+    pub replies: BTreeMap<Provider, ReplyCounts>,
+    /// The local circuit breaker per provider class; `other` (many unrelated receivers) has none.
+    pub circuits: BTreeMap<Provider, CircuitStatus>,
+}
+
+/// Remote 4xx and 5xx replies by reason.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplyCounts {
+    pub rate_limited: u64,
+    pub reputation_block: u64,
+    pub policy: u64,
+    pub authentication: u64,
+    pub unknown: u64,
+}
+
+/// One provider's circuit breaker.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitStatus {
+    pub state: CircuitState,
+    /// When an open breaker lets its next probe through; absent unless open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Timestamp>,
+    /// The pause the next opening starts; doubles on every failed probe up to its maximum.
+    pub pause_seconds: u64,
+    /// Times the breaker opened since the sidecar started.
+    pub opens: u64,
+}
+
+/// Closed: deliveries flow. Open: recipients for the provider are refused with 451 4.7.1 and nothing is sent to
+/// it. Half-open: one delivery goes through as a probe.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum CircuitState {
+    Closed,
+    HalfOpen,
+    Open,
 }
 
 /// One UTC day of delivery results.
@@ -54,5 +106,45 @@ impl QueueStatus {
     /// True when nothing is left that a pod removal could lose.
     pub fn is_empty(&self) -> bool {
         self.messages == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reputation_is_optional_on_the_wire_and_camel_cased() {
+        let old = r#"{"address":"192.0.2.10","queue":{"messages":0}}"#;
+        let status: SidecarStatus = serde_json::from_str(old).unwrap();
+        assert_eq!(status.reputation, None);
+        assert_eq!(serde_json::to_string(&status).unwrap(), old);
+
+        let circuit = CircuitStatus {
+            state: CircuitState::HalfOpen,
+            retry_at: None,
+            pause_seconds: 120,
+            opens: 2,
+        };
+        let reputation = ReputationStatus {
+            date: Date::constant(2026, 1, 1),
+            replies: [(
+                Provider::Gmail,
+                ReplyCounts {
+                    rate_limited: 8,
+                    ..ReplyCounts::default()
+                },
+            )]
+            .into(),
+            circuits: [(Provider::Gmail, circuit)].into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&reputation).unwrap(),
+            serde_json::json!({
+                "date": "2026-01-01",
+                "replies": {"gmail": {"rateLimited": 8, "reputationBlock": 0, "policy": 0, "authentication": 0, "unknown": 0}},
+                "circuits": {"gmail": {"state": "halfOpen", "pauseSeconds": 120, "opens": 2}},
+            })
+        );
     }
 }

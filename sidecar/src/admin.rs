@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
-pub use status::{StatusError, StatusSource, pod_status};
+pub use status::{StatusError, StatusSource, pod_status, with_reputation};
 
 /// Content type of `/metrics`.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

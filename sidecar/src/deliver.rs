@@ -5,6 +5,9 @@
 //! timeouts and connection failures 4xx (Postfix retries); remote 5xx passed on with the remote's enhanced
 //! code and redacted text; no secure path per the domain's `onFailure` (4.7.5 defer or 5.7.10 bounce). A signing
 //! failure defers the whole message: it is never sent unsigned.
+//!
+//! Remote refusals are classified ([`crate::reputation`]); while a provider's circuit breaker is open its
+//! recipients are refused at RCPT time and deliveries to it are deferred without connecting (451 4.7.1).
 
 mod outcome;
 mod pool;
@@ -12,8 +15,8 @@ mod pool;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,12 +25,13 @@ use securemail_api::tenant::OnFailure;
 
 use crate::dkim::KeyStore;
 use crate::evidence::{
-    Attempt, DomainName, EvidenceLog, MessageIdHash, Outcome, Policy, SmtpReply, TenantRef, TlsSession, Token,
+    Attempt, DomainName, EvidenceWriter, MessageIdHash, Outcome, Policy, SmtpReply, TenantRef, TlsSession, Token,
 };
 use crate::lmtp::{Backend, Envelope, RcptDecision, Recipient, Reply};
 use crate::metrics::{LookupResult, Metrics};
-use crate::policy::{DomainPolicy, MxCandidate, PolicyError, PolicyLookup};
+use crate::policy::{DomainPolicy, MxCandidate, PolicyError, PolicyLookup, clock};
 use crate::provider::{self, Provider};
+use crate::reputation::{Admission, BreakerSettings, Breakers, Heard};
 use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
 use crate::tls::TlsConfigs;
 
@@ -84,13 +88,18 @@ pub struct Engine<P> {
     policy: P,
     keys: Arc<KeyStore>,
     tls: Arc<TlsConfigs>,
-    evidence: Arc<Mutex<EvidenceLog>>,
+    evidence: EvidenceWriter,
     /// Set after an evidence append failed: nothing more is delivered until a restart reopens the log.
     evidence_broken: AtomicBool,
     metrics: Metrics,
     clock: Arc<dyn WallClock>,
     pool: SessionPool,
+    breakers: Arc<Breakers>,
 }
+
+/// How long RCPT waits for a recipient domain's policy while a breaker is not closed; a slower look-up accepts
+/// the recipient and the delivery decides. Postfix waits 300 s for a RCPT reply (`lmtp_rcpt_timeout`).
+const RCPT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl<P> std::fmt::Debug for Engine<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,11 +123,17 @@ impl<P: PolicyLookup> Engine<P> {
         policy: P,
         keys: Arc<KeyStore>,
         tls: Arc<TlsConfigs>,
-        evidence: Arc<Mutex<EvidenceLog>>,
+        evidence: EvidenceWriter,
         metrics: Metrics,
         clock: Arc<dyn WallClock>,
     ) -> Self {
         let pool = SessionPool::new(config.idle_session_ttl, config.max_idle_sessions);
+        let breakers = Breakers::new(
+            BreakerSettings::default(),
+            Arc::new(clock::SystemClock),
+            Arc::clone(&clock),
+            metrics.clone(),
+        );
         Self {
             config,
             policy,
@@ -129,7 +144,15 @@ impl<P: PolicyLookup> Engine<P> {
             metrics,
             clock,
             pool,
+            breakers: Arc::new(breakers),
         }
+    }
+
+    /// Uses `breakers` instead of this engine's own, so their state outlives the engine (a reload builds a new
+    /// one) and tests can drive their clock.
+    pub fn with_breakers(mut self, breakers: Arc<Breakers>) -> Self {
+        self.breakers = breakers;
+        self
     }
 
     fn prepare(&self, message: &[u8]) -> Result<Prepared, Answer> {
@@ -182,6 +205,8 @@ impl<P: PolicyLookup> Engine<P> {
         };
 
         let mut attempts = Vec::new();
+        let mut heard = Heard::default();
+        let mut breaker: Option<(Provider, Option<u64>)> = None;
         let lookup = tokio::time::timeout(
             deadline.saturating_duration_since(Instant::now()),
             self.policy.resolve(domain),
@@ -203,15 +228,30 @@ impl<P: PolicyLookup> Engine<P> {
             }
             Ok(policy) => {
                 self.metrics.policy_lookup(LookupResult::Ok);
-                let transaction = Transaction {
-                    sender: envelope.sender.as_ref(),
-                    params: &envelope.params,
-                    recipients,
-                    data: &prepared.data,
-                    size: prepared.size,
-                };
-                self.try_candidates(&policy, &transaction, deadline, &record, &mut attempts)
-                    .await
+                let guarded = provider_of(&policy);
+                match self.breakers.admit_delivery(guarded) {
+                    Admission::Paused { retry_at } => {
+                        // Nothing is sent: the record names the MX but no address, as no connection was made.
+                        attempts.push(record(policy.mx.first()));
+                        Verdict::All(paused(guarded, retry_at))
+                    }
+                    admission => {
+                        let probe = match admission {
+                            Admission::Probe(id) => Some(id),
+                            _ => None,
+                        };
+                        breaker = Some((guarded, probe));
+                        let transaction = Transaction {
+                            sender: envelope.sender.as_ref(),
+                            params: &envelope.params,
+                            recipients,
+                            data: &prepared.data,
+                            size: prepared.size,
+                        };
+                        self.try_candidates(&policy, &transaction, deadline, &record, &mut attempts, &mut heard)
+                            .await
+                    }
+                }
             }
         };
         let answers = verdict.answers(recipients.len());
@@ -222,6 +262,9 @@ impl<P: PolicyLookup> Engine<P> {
         }
         if let Some(last) = attempts.last_mut() {
             last.outcome = final_outcome;
+        }
+        if let Some((guarded, probe)) = breaker {
+            self.breakers.record(guarded, heard.signal(final_outcome), probe);
         }
 
         let provider = attempts
@@ -262,6 +305,7 @@ impl<P: PolicyLookup> Engine<P> {
         deadline: Instant,
         record: &impl Fn(Option<&MxCandidate>) -> Attempt,
         attempts: &mut Vec<Attempt>,
+        heard: &mut Heard,
     ) -> Verdict {
         let mut failures = Vec::new();
         for mx in &policy.mx {
@@ -303,7 +347,8 @@ impl<P: PolicyLookup> Engine<P> {
                     min_version: policy.min_version,
                     allow_cleartext: policy.allow_cleartext,
                 };
-                let result = tokio::time::timeout(remaining, self.attempt(target, transaction, &mut attempt)).await;
+                let result =
+                    tokio::time::timeout(remaining, self.attempt(target, transaction, &mut attempt, heard)).await;
                 attempt.time = self.clock.now();
                 attempts.push(attempt);
                 match result {
@@ -332,7 +377,14 @@ impl<P: PolicyLookup> Engine<P> {
         target: Target<'_>,
         transaction: &Transaction<'_>,
         attempt: &mut Attempt,
+        heard: &mut Heard,
     ) -> Result<Verdict, Failure> {
+        let provider = provider::of_mx(target.host);
+        let mut hear = |reply: &crate::smtp::reply::Reply| {
+            if let Some(reason) = heard.note(reply) {
+                self.metrics.remote_reply(provider, reason);
+            }
+        };
         let key = pool::key(&target);
         let mut session = match self.reuse(&key).await {
             Some(session) => session,
@@ -344,6 +396,7 @@ impl<P: PolicyLookup> Engine<P> {
                     }
                     if let SessionError::Refused { reply, .. } = &err {
                         attempt.smtp_reply = remote_reply(reply);
+                        hear(reply);
                     }
                     return Err(Failure::of_session(&target, &err));
                 }
@@ -362,6 +415,11 @@ impl<P: PolicyLookup> Engine<P> {
         });
         let sent = session.send(transaction).await;
         attempt.smtp_reply = session.last_reply().and_then(remote_reply);
+        match &sent {
+            Ok(TransactionOutcome::MailRefused(reply)) | Err(SessionError::Refused { reply, .. }) => hear(reply),
+            Ok(TransactionOutcome::Replies { rcpt, data }) => rcpt.iter().chain(data).for_each(&mut hear),
+            Ok(TransactionOutcome::Unsupported { .. }) | Err(_) => {}
+        }
         match sent {
             Ok(outcome) => {
                 let verdict = Verdict::of_transaction(target.host, &outcome);
@@ -387,17 +445,8 @@ impl<P: PolicyLookup> Engine<P> {
     }
 
     async fn append_evidence(&self, attempts: Vec<Attempt>) {
-        let log = Arc::clone(&self.evidence);
-        let written = tokio::task::spawn_blocking(move || {
-            // A poisoned lock only means another append panicked; the log itself refuses appends after a failure.
-            let mut log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            attempts.iter().try_for_each(|attempt| log.append(attempt).map(drop))
-        })
-        .await;
-        let error = match written {
-            Ok(Ok(())) => return,
-            Ok(Err(err)) => err.to_string(),
-            Err(join) => join.to_string(),
+        let Err(error) = self.evidence.append(attempts).await else {
+            return;
         };
         // The remote already has what it accepted: answering 4xx now would deliver it twice. New messages are
         // deferred instead until the log is reopened.
@@ -408,8 +457,29 @@ impl<P: PolicyLookup> Engine<P> {
 }
 
 impl<P: PolicyLookup> Backend for Engine<P> {
-    async fn check_recipient(&self, _envelope: &Envelope, _recipient: &Recipient) -> RcptDecision {
-        RcptDecision::Accept
+    /// Refuses recipients of a provider whose breaker is open. Only then is the domain's policy looked up here
+    /// (from the resolver's cache, or a look-up the delivery would make anyway); when every breaker is closed,
+    /// RCPT costs nothing.
+    async fn check_recipient(&self, _envelope: &Envelope, recipient: &Recipient) -> RcptDecision {
+        if self.breakers.all_closed() {
+            return RcptDecision::Accept;
+        }
+        let domain = recipient.domain();
+        let Ok(Ok(policy)) = tokio::time::timeout(RCPT_LOOKUP_TIMEOUT, self.policy.resolve(domain)).await else {
+            // The delivery looks again and answers properly.
+            return RcptDecision::Accept;
+        };
+        let provider = provider_of(&policy);
+        let Err(retry_at) = self.breakers.admit_recipient(provider) else {
+            return RcptDecision::Accept;
+        };
+        match paused(provider, retry_at).reply() {
+            Ok(reply) => RcptDecision::Refuse(reply),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot build the RCPT refusal; accepting");
+                RcptDecision::Accept
+            }
+        }
     }
 
     async fn deliver(&self, envelope: Envelope, message: Bytes) -> Vec<Reply> {
@@ -462,6 +532,27 @@ impl<P: PolicyLookup> Engine<P> {
             .map(|answer| answer.unwrap_or_else(|| Answer::local(451, (4, 3, 0), "internal error: no answer")))
             .collect()
     }
+}
+
+/// The provider class a domain's deliveries count against: that of its first MX, the one normally used.
+fn provider_of(policy: &DomainPolicy) -> Provider {
+    policy
+        .mx
+        .first()
+        .map_or(Provider::Other, |mx| provider::of_mx(&String::from(mx.host.clone())))
+}
+
+/// The answer while `provider`'s breaker keeps deliveries from this address paused.
+fn paused(provider: Provider, retry_at: jiff::Timestamp) -> Answer {
+    Answer::local(
+        451,
+        (4, 7, 1),
+        format!(
+            "deliveries to {provider} from this address are paused after repeated deferrals (local circuit \
+             breaker); retry after {}",
+            retry_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        ),
+    )
 }
 
 /// A remote reply for evidence (redacted there); 1xx and 3xx replies are not final and not recorded.

@@ -39,6 +39,9 @@ pub enum Error {
     #[error("evidence log {} refuses appends after a failed one; reopen it", path.display())]
     Poisoned { path: PathBuf },
 
+    #[error("evidence could not be written: {0}")]
+    EvidenceWriter(String),
+
     #[error("evidence record of {size} bytes exceeds the {limit}-byte line limit")]
     RecordTooLarge { size: usize, limit: usize },
 

@@ -5,6 +5,7 @@
 mod chain;
 mod log;
 mod record;
+mod writer;
 
 use std::fmt;
 use std::str::FromStr;
@@ -20,6 +21,7 @@ pub use record::{
     Attempt, DomainName, EnhancedStatus, MAX_REPLY_TEXT_CHARS, MessageIdHash, Outcome, Policy, PolicySource, ReplyCode,
     ReplyText, SmtpReply, TenantRef, TlsSession, Token, Verification,
 };
+pub use writer::EvidenceWriter;
 
 /// Longest line (without its newline) the writer produces and the verifier reads. Real records are well under
 /// 2 KiB; the cap keeps a corrupt or hostile file from making the verifier buffer without bound.

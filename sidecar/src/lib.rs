@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod policy;
 pub mod provider;
 pub mod queue;
+pub mod reputation;
 pub mod smtp;
 pub mod tls;
 

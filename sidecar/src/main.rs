@@ -3,7 +3,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use anyhow::Context;
@@ -12,16 +12,17 @@ use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
 use securemail_api::sidecar_config::{DnsSettings, SidecarConfig};
 use securemail_api::tenant::TlsPolicySpec;
-use securemail_sidecar::admin::{AdminServer, AdminState, Readiness, pod_status};
+use securemail_sidecar::admin::{AdminServer, AdminState, Readiness, pod_status, with_reputation};
 use securemail_sidecar::config::{ConfigWatcher, DEFAULT_POLL_INTERVAL, WatchEvent};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::dkim::KeyStore;
-use securemail_sidecar::evidence::{self, EvidenceLog};
+use securemail_sidecar::evidence::{self, EvidenceLog, EvidenceWriter};
 use securemail_sidecar::lmtp::{Backend, Envelope, Limits, LmtpListener, RcptDecision, Recipient, Reply};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::dns::HickoryDns;
 use securemail_sidecar::policy::mta_sts::fetch::HttpsFetcher;
 use securemail_sidecar::policy::{PolicyResolver, check_domain, clock};
+use securemail_sidecar::reputation::{self, BreakerSettings, Breakers};
 use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
 use securemail_sidecar::tls::TlsConfigs;
 use tokio::sync::watch;
@@ -128,14 +129,21 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         initial.source.address,
         Arc::clone(&clock),
     );
+    let breakers = Arc::new(Breakers::new(
+        BreakerSettings::default(),
+        Arc::new(clock::SystemClock),
+        Arc::clone(&clock),
+        metrics.clone(),
+    ));
     let readiness = Readiness::default();
     readiness.config_loaded.set(true);
     let parts = EngineParts {
         keys,
         tls: Arc::new(TlsConfigs::with_native_roots()?),
-        evidence: Arc::new(Mutex::new(open_evidence(&initial.evidence.dir)?)),
+        evidence: EvidenceWriter::spawn(open_evidence(&initial.evidence.dir)?)?,
         metrics: metrics.clone(),
         clock,
+        breakers: Arc::clone(&breakers),
     };
     readiness.evidence_writable.set(true);
     let backend = Arc::new(LiveEngine {
@@ -156,7 +164,13 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     let state = AdminState {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
-        status: pod_status(config, SystemTime::now, move || metrics.today()),
+        status: with_reputation(
+            pod_status(config, SystemTime::now, {
+                let metrics = metrics.clone();
+                move || metrics.today()
+            }),
+            move || reputation::status(&metrics, &breakers),
+        ),
     };
     let admin = tokio::spawn(admin.serve(state, shutdown.clone()));
 
@@ -229,13 +243,14 @@ fn open_evidence(dir: &Path) -> anyhow::Result<EvidenceLog> {
 }
 
 /// What every engine shares, whichever configuration built it: one evidence writer, one key store, one set of
-/// metrics.
+/// metrics, one set of circuit breakers.
 struct EngineParts {
     keys: Arc<KeyStore>,
     tls: Arc<TlsConfigs>,
-    evidence: Arc<Mutex<EvidenceLog>>,
+    evidence: EvidenceWriter,
     metrics: Metrics,
     clock: Arc<dyn WallClock>,
+    breakers: Arc<Breakers>,
 }
 
 impl EngineParts {
@@ -252,10 +267,11 @@ impl EngineParts {
             PolicyResolver::from_config(config)?,
             Arc::clone(&self.keys),
             Arc::clone(&self.tls),
-            Arc::clone(&self.evidence),
+            self.evidence.clone(),
             self.metrics.clone(),
             Arc::clone(&self.clock),
-        ))
+        )
+        .with_breakers(Arc::clone(&self.breakers)))
     }
 }
 

@@ -12,14 +12,16 @@ use jiff::tz::TimeZone;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use securemail_api::sidecar_status::{DeliveryDay, ResultCounts};
+use securemail_api::sidecar_status::{CircuitState, DeliveryDay, ReplyCounts, ResultCounts};
 use securemail_api::tenant::TlsVersion;
 
 use crate::deliver::WallClock;
 use crate::evidence::{Outcome, PolicySource};
 use crate::provider::Provider;
+use crate::reputation::{self, Reason};
 
 /// Cheap to clone: every clone updates the same series.
 #[derive(Clone)]
@@ -35,6 +37,9 @@ struct Inner {
     tls_failures: Family<FailureLabels, Counter>,
     evidence_failures: Counter,
     config_rejections: Counter,
+    remote_replies: Family<ReplyLabels, Counter>,
+    circuit_state: Family<ProviderLabels, Gauge>,
+    circuit_opens: Family<ProviderLabels, Counter>,
     today: Mutex<Today>,
     clock: Arc<dyn WallClock>,
 }
@@ -51,6 +56,17 @@ struct AttemptLabels {
 struct ResultLabels {
     provider: &'static str,
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplyLabels {
+    provider: &'static str,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +114,7 @@ pub enum LookupResult {
 struct Today {
     date: Date,
     counts: BTreeMap<Provider, ResultCounts>,
+    replies: BTreeMap<Provider, ReplyCounts>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -151,9 +168,13 @@ impl Metrics {
             tls_failures: Family::default(),
             evidence_failures: Counter::default(),
             config_rejections: Counter::default(),
+            remote_replies: Family::default(),
+            circuit_state: Family::default(),
+            circuit_opens: Family::default(),
             today: Mutex::new(Today {
                 date,
                 counts: BTreeMap::new(),
+                replies: BTreeMap::new(),
             }),
             clock,
         };
@@ -193,6 +214,30 @@ impl Metrics {
             "Changed sidecar.yaml files or DKIM keys that were refused; the running configuration stays",
             inner.config_rejections.clone(),
         );
+        registry.register(
+            "securemail_remote_replies",
+            "Remote 4xx and 5xx replies by provider class and reason",
+            inner.remote_replies.clone(),
+        );
+        registry.register(
+            "securemail_circuit_state",
+            "Local circuit breaker per provider class: 0 closed, 1 half-open, 2 open",
+            inner.circuit_state.clone(),
+        );
+        registry.register(
+            "securemail_circuit_opens",
+            "Times the local circuit breaker of a provider class opened",
+            inner.circuit_opens.clone(),
+        );
+        // Every breaker starts closed; the series exist before the first transition.
+        for provider in reputation::GUARDED {
+            inner
+                .circuit_state
+                .get_or_create(&ProviderLabels {
+                    provider: provider.as_str(),
+                })
+                .set(0);
+        }
         Self { inner: Arc::new(inner) }
     }
 
@@ -266,6 +311,45 @@ impl Metrics {
         self.inner.config_rejections.inc();
     }
 
+    /// A remote 4xx or 5xx reply from `provider`'s MX; also counted for today.
+    pub fn remote_reply(&self, provider: Provider, reason: Reason) {
+        let labels = ReplyLabels {
+            provider: provider.as_str(),
+            class: reason.as_str(),
+        };
+        self.inner.remote_replies.get_or_create(&labels).inc();
+        reason.count(self.lock_today().replies.entry(provider).or_default());
+    }
+
+    pub fn circuit_state(&self, provider: Provider, state: CircuitState) {
+        let value = match state {
+            CircuitState::Closed => 0,
+            CircuitState::HalfOpen => 1,
+            CircuitState::Open => 2,
+        };
+        let labels = ProviderLabels {
+            provider: provider.as_str(),
+        };
+        self.inner.circuit_state.get_or_create(&labels).set(value);
+    }
+
+    pub fn circuit_opened(&self, provider: Provider) {
+        let labels = ProviderLabels {
+            provider: provider.as_str(),
+        };
+        self.inner.circuit_opens.get_or_create(&labels).inc();
+    }
+
+    /// Today's classified remote replies per provider, every provider listed.
+    pub fn replies_today(&self) -> (Date, BTreeMap<Provider, ReplyCounts>) {
+        let today = self.lock_today();
+        let replies = Provider::ALL
+            .iter()
+            .map(|&provider| (provider, today.replies.get(&provider).copied().unwrap_or_default()))
+            .collect();
+        (today.date, replies)
+    }
+
     /// Today's recipient counts per provider and result.
     pub fn today(&self) -> DeliveryDay {
         let today = self.lock_today();
@@ -286,6 +370,7 @@ impl Metrics {
         if date != today.date {
             today.date = date;
             today.counts.clear();
+            today.replies.clear();
         }
         today
     }

@@ -215,6 +215,7 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
                 oldest_age_seconds: Some(90),
             },
             today: Some(delivery_day()),
+            reputation: None,
         }
     );
     assert_eq!(

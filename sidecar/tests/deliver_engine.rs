@@ -25,7 +25,7 @@ use securemail_api::sidecar_config::{SigningDomain, SigningKey};
 use securemail_api::tenant::{DkimAlgorithm, OnFailure, TlsVersion};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::dkim::KeyStore;
-use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, PolicySource};
+use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, EvidenceWriter, PolicySource};
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup, Tlsa};
@@ -387,9 +387,7 @@ fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
         timeouts,
     };
     let config = EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer);
-    let evidence = Arc::new(Mutex::new(
-        EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap(),
-    ));
+    let evidence = EvidenceWriter::spawn(EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap()).unwrap();
     let engine = Engine::new(
         config,
         policy,

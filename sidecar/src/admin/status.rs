@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use securemail_api::sidecar_config::SidecarConfig;
-use securemail_api::sidecar_status::{DeliveryDay, SidecarStatus};
+use securemail_api::sidecar_status::{DeliveryDay, ReputationStatus, SidecarStatus};
 use tokio::sync::watch;
 
 use crate::queue::{self, QueueError};
@@ -31,6 +31,19 @@ pub fn pod_status(
             address: config.source.address,
             queue: queue::scan(queue_dir, now())?,
             today: Some(today()),
+            reputation: None,
         })
+    })
+}
+
+/// `source`'s status with the reputation sensors' part added.
+pub fn with_reputation(
+    source: StatusSource,
+    reputation: impl Fn() -> ReputationStatus + Send + Sync + 'static,
+) -> StatusSource {
+    Arc::new(move || {
+        let mut status = source()?;
+        status.reputation = Some(reputation());
+        Ok(status)
     })
 }

@@ -80,28 +80,43 @@ impl EvidenceLog {
     /// Appends one record and returns once it is on disk (written in one `write` and `fdatasync`ed). Only then
     /// may the delivery be acknowledged. After any failure the log refuses further appends until reopened.
     pub fn append(&mut self, attempt: &Attempt) -> Result<Head> {
+        self.append_all(std::slice::from_ref(attempt))
+    }
+
+    /// Appends `attempts` in order with one `write` and one `fdatasync` for all of them (group commit: the cost
+    /// of a disk flush is shared by every delivery that finished while the previous one ran). All or nothing:
+    /// a failure rolls the file back to its previous length and poisons the log.
+    pub fn append_all(&mut self, attempts: &[Attempt]) -> Result<Head> {
         if self.poisoned {
             return Err(Error::Poisoned {
                 path: self.path.clone(),
             });
         }
-        let entry = Entry {
-            seq: self.head.seq + 1,
-            prev: self.head.hash,
-            attempt,
-        };
-        let mut line = serde_json::to_vec(&entry)?;
-        if line.len() > MAX_LINE_BYTES {
-            return Err(Error::RecordTooLarge {
-                size: line.len(),
-                limit: MAX_LINE_BYTES,
-            });
+        let mut head = self.head;
+        let mut lines = Vec::new();
+        for attempt in attempts {
+            let entry = Entry {
+                seq: head.seq + 1,
+                prev: head.hash,
+                attempt,
+            };
+            let line = serde_json::to_vec(&entry)?;
+            if line.len() > MAX_LINE_BYTES {
+                return Err(Error::RecordTooLarge {
+                    size: line.len(),
+                    limit: MAX_LINE_BYTES,
+                });
+            }
+            head = Head {
+                seq: entry.seq,
+                hash: Sha256Hex::of(&line),
+            };
+            lines.extend_from_slice(&line);
+            lines.push(b'\n');
         }
-        let head = Head {
-            seq: entry.seq,
-            hash: Sha256Hex::of(&line),
-        };
-        line.push(b'\n');
+        if lines.is_empty() {
+            return Ok(head);
+        }
 
         // Poisoned unless this append completes: every early return below leaves the file in doubt.
         self.poisoned = true;
@@ -117,13 +132,13 @@ impl EvidenceLog {
                 found,
             });
         }
-        if let Err(source) = self.file.write_all(&line).and_then(|()| self.file.sync_data()) {
+        if let Err(source) = self.file.write_all(&lines).and_then(|()| self.file.sync_data()) {
             // Best effort: if the truncation fails too, the next open reports the broken tail.
             let _ = self.file.set_len(self.len).and_then(|()| self.file.sync_data());
             return Err(self.io_error("append to", source));
         }
         self.poisoned = false;
-        self.len += line.len() as u64;
+        self.len += lines.len() as u64;
         self.head = head;
         Ok(head)
     }
