@@ -34,6 +34,7 @@ use crate::provider::{self, Provider};
 use crate::reputation::{Admission, BreakerSettings, Breakers, Heard};
 use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
 use crate::tls::TlsConfigs;
+use crate::warmup::{CapReached, Reservation, WarmupLimiter};
 
 use outcome::{Answer, Failure, Verdict};
 use pool::SessionPool;
@@ -95,6 +96,8 @@ pub struct Engine<P> {
     clock: Arc<dyn WallClock>,
     pool: SessionPool,
     breakers: Arc<Breakers>,
+    /// Today's warmup caps; none in tests that do not exercise them.
+    warmup: Option<Arc<WarmupLimiter>>,
 }
 
 /// How long RCPT waits for a recipient domain's policy while a breaker is not closed; a slower look-up accepts
@@ -145,7 +148,14 @@ impl<P: PolicyLookup> Engine<P> {
             clock,
             pool,
             breakers: Arc::new(breakers),
+            warmup: None,
         }
+    }
+
+    /// Enforces the warmup caps counted by `limiter` (shared across reloads, like the breakers).
+    pub fn with_warmup(mut self, limiter: Arc<WarmupLimiter>) -> Self {
+        self.warmup = Some(limiter);
+        self
     }
 
     /// Uses `breakers` instead of this engine's own, so their state outlives the engine (a reload builds a new
@@ -207,6 +217,7 @@ impl<P: PolicyLookup> Engine<P> {
         let mut attempts = Vec::new();
         let mut heard = Heard::default();
         let mut breaker: Option<(Provider, Option<u64>)> = None;
+        let mut warmup: Option<(Arc<WarmupLimiter>, Reservation)> = None;
         let lookup = tokio::time::timeout(
             deadline.saturating_duration_since(Instant::now()),
             self.policy.resolve(domain),
@@ -229,33 +240,58 @@ impl<P: PolicyLookup> Engine<P> {
             Ok(policy) => {
                 self.metrics.policy_lookup(LookupResult::Ok);
                 let guarded = provider_of(&policy);
-                match self.breakers.admit_delivery(guarded) {
-                    Admission::Paused { retry_at } => {
+                let reserved = match &self.warmup {
+                    Some(limiter) => limiter
+                        .reserve(guarded, count.get(), self.clock.now())
+                        .map(|reservation| Some((Arc::clone(limiter), reservation))),
+                    None => Ok(None),
+                };
+                match reserved {
+                    Err(reached) => {
                         // Nothing is sent: the record names the MX but no address, as no connection was made.
                         attempts.push(record(policy.mx.first()));
-                        Verdict::All(paused(guarded, retry_at))
+                        Verdict::All(cap_reached(&reached))
                     }
-                    admission => {
-                        let probe = match admission {
-                            Admission::Probe(id) => Some(id),
-                            _ => None,
-                        };
-                        breaker = Some((guarded, probe));
-                        let transaction = Transaction {
-                            sender: envelope.sender.as_ref(),
-                            params: &envelope.params,
-                            recipients,
-                            data: &prepared.data,
-                            size: prepared.size,
-                        };
-                        self.try_candidates(&policy, &transaction, deadline, &record, &mut attempts, &mut heard)
-                            .await
+                    Ok(reservation) => {
+                        warmup = reservation;
+                        match self.breakers.admit_delivery(guarded) {
+                            Admission::Paused { retry_at } => {
+                                // Nothing is sent: the record names the MX but no address, as no connection was
+                                // made.
+                                attempts.push(record(policy.mx.first()));
+                                Verdict::All(paused(guarded, retry_at))
+                            }
+                            admission => {
+                                let probe = match admission {
+                                    Admission::Probe(id) => Some(id),
+                                    _ => None,
+                                };
+                                breaker = Some((guarded, probe));
+                                let transaction = Transaction {
+                                    sender: envelope.sender.as_ref(),
+                                    params: &envelope.params,
+                                    recipients,
+                                    data: &prepared.data,
+                                    size: prepared.size,
+                                };
+                                self.try_candidates(&policy, &transaction, deadline, &record, &mut attempts, &mut heard)
+                                    .await
+                            }
+                        }
                     }
                 }
             }
         };
         let answers = verdict.answers(recipients.len());
         let final_outcome = outcome::outcome_of(&answers);
+        if let Some((limiter, reservation)) = warmup {
+            // Recipients the provider answered (2xx or 5xx) count against the cap; deferred ones return to it.
+            let sent = answers
+                .iter()
+                .filter(|answer| outcome::of_code(answer.code()) != Outcome::Deferred)
+                .count();
+            limiter.settle(reservation, u32::try_from(sent).unwrap_or(u32::MAX));
+        }
         if attempts.is_empty() {
             // A policy without MX hosts: still one record, so every answer to Postfix has its evidence.
             attempts.push(record(None));
@@ -461,7 +497,8 @@ impl<P: PolicyLookup> Backend for Engine<P> {
     /// (from the resolver's cache, or a look-up the delivery would make anyway); when every breaker is closed,
     /// RCPT costs nothing.
     async fn check_recipient(&self, _envelope: &Envelope, recipient: &Recipient) -> RcptDecision {
-        if self.breakers.all_closed() {
+        let warmup = self.warmup.as_ref().filter(|limiter| limiter.is_active());
+        if self.breakers.all_closed() && warmup.is_none() {
             return RcptDecision::Accept;
         }
         let domain = recipient.domain();
@@ -470,10 +507,14 @@ impl<P: PolicyLookup> Backend for Engine<P> {
             return RcptDecision::Accept;
         };
         let provider = provider_of(&policy);
-        let Err(retry_at) = self.breakers.admit_recipient(provider) else {
-            return RcptDecision::Accept;
+        let refusal = match warmup.map(|limiter| limiter.check(provider, self.clock.now())) {
+            Some(Err(reached)) => cap_reached(&reached),
+            _ => match self.breakers.admit_recipient(provider) {
+                Ok(()) => return RcptDecision::Accept,
+                Err(retry_at) => paused(provider, retry_at),
+            },
         };
-        match paused(provider, retry_at).reply() {
+        match refusal.reply() {
             Ok(reply) => RcptDecision::Refuse(reply),
             Err(err) => {
                 tracing::error!(error = %err, "cannot build the RCPT refusal; accepting");
@@ -540,6 +581,11 @@ fn provider_of(policy: &DomainPolicy) -> Provider {
         .mx
         .first()
         .map_or(Provider::Other, |mx| provider::of_mx(&String::from(mx.host.clone())))
+}
+
+/// The answer while a provider's warmup allowance is used up: Postfix keeps the mail and retries.
+fn cap_reached(reached: &CapReached) -> Answer {
+    Answer::local(452, (4, 7, 1), reached.to_string())
 }
 
 /// The answer while `provider`'s breaker keeps deliveries from this address paused.

@@ -15,5 +15,6 @@ pub mod queue;
 pub mod reputation;
 pub mod smtp;
 pub mod tls;
+pub mod warmup;
 
 pub use error::{Error, Result};

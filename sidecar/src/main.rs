@@ -25,6 +25,7 @@ use securemail_sidecar::policy::{PolicyResolver, check_domain, clock};
 use securemail_sidecar::reputation::{self, BreakerSettings, Breakers};
 use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
 use securemail_sidecar::tls::TlsConfigs;
+use securemail_sidecar::warmup::WarmupLimiter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -144,6 +145,11 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         clock,
         breakers: Arc::clone(&breakers),
+        warmup: Arc::new(WarmupLimiter::load(
+            &initial.state_dir,
+            initial.warmup.clone(),
+            jiff::Timestamp::now(),
+        )?),
     };
     readiness.evidence_writable.set(true);
     let backend = Arc::new(LiveEngine {
@@ -243,7 +249,7 @@ fn open_evidence(dir: &Path) -> anyhow::Result<EvidenceLog> {
 }
 
 /// What every engine shares, whichever configuration built it: one evidence writer, one key store, one set of
-/// metrics, one set of circuit breakers.
+/// metrics, one set of circuit breakers, one set of warmup counters.
 struct EngineParts {
     keys: Arc<KeyStore>,
     tls: Arc<TlsConfigs>,
@@ -251,6 +257,7 @@ struct EngineParts {
     metrics: Metrics,
     clock: Arc<dyn WallClock>,
     breakers: Arc<Breakers>,
+    warmup: Arc<WarmupLimiter>,
 }
 
 impl EngineParts {
@@ -271,7 +278,8 @@ impl EngineParts {
             self.metrics.clone(),
             Arc::clone(&self.clock),
         )
-        .with_breakers(Arc::clone(&self.breakers)))
+        .with_breakers(Arc::clone(&self.breakers))
+        .with_warmup(Arc::clone(&self.warmup)))
     }
 }
 
@@ -286,6 +294,7 @@ async fn swap_engine_on_change(
         let latest = Arc::clone(&config.borrow_and_update());
         match parts.build(&latest) {
             Ok(engine) => {
+                parts.warmup.set_caps(latest.warmup.clone());
                 *backend.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(engine);
                 tracing::info!("delivery engine rebuilt from the new configuration");
             }

@@ -1,0 +1,320 @@
+//! Warmup caps at send time. The operator renders today's limit for this address into sidecar.yaml; the limiter
+//! splits it per provider class (`provider_caps`) and smooths it over the UTC day (`hourly_allowance`), counts what
+//! this address sent, and refuses beyond the allowance with 452 4.7.1 so Postfix keeps the mail and retries.
+//!
+//! Counts live in `<stateDir>/warmup-counters.json`, replaced atomically after every change, so a restart or a
+//! pod moving to another node (the volume moves with it) does not hand out the day's allowance twice. A delivery
+//! reserves its recipients before it connects, so concurrent deliveries can never overshoot a cap together.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use jiff::Timestamp;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use securemail_api::provider::Provider;
+use securemail_api::sidecar_config::WarmupCaps;
+use securemail_api::warmup::{hourly_allowance, provider_caps};
+use serde::{Deserialize, Serialize};
+
+const COUNTERS_FILE: &str = "warmup-counters.json";
+
+/// What one address sent on one UTC day, per provider class: the durable part.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct Counters {
+    date: Date,
+    sent: BTreeMap<Provider, u32>,
+}
+
+#[derive(Debug)]
+struct State {
+    caps: WarmupCaps,
+    counters: Counters,
+    /// Recipients of deliveries in progress; not persisted (a crash ends those deliveries).
+    reserved: BTreeMap<Provider, u32>,
+}
+
+/// Shared by every engine a reload builds, so counts and reservations outlive configuration changes.
+#[derive(Debug)]
+pub struct WarmupLimiter {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+/// Why a recipient may not be sent now: its provider's allowance for this hour is used up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapReached {
+    pub provider: Provider,
+    pub allowance: u32,
+    pub daily_cap: u32,
+    pub hour: u8,
+    pub day: Option<u32>,
+}
+
+impl std::fmt::Display for CapReached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "warmup cap reached: {} may receive {} of today's {} messages from this address by {:02}:59 UTC",
+            self.provider, self.allowance, self.daily_cap, self.hour
+        )?;
+        if let Some(day) = self.day {
+            write!(f, " (warmup day {day})")?;
+        }
+        f.write_str("; retrying later")
+    }
+}
+
+/// Recipients counted against a provider's allowance until the delivery settles.
+#[derive(Debug)]
+#[must_use = "a reservation must be settled"]
+pub struct Reservation {
+    provider: Provider,
+    count: u32,
+}
+
+impl WarmupLimiter {
+    /// Loads today's counts from `state_dir` (a file from another day, or none, starts at zero). An unreadable
+    /// or corrupt file is an error: starting from zero could send a whole day's allowance twice.
+    pub fn load(state_dir: &Path, caps: WarmupCaps, now: Timestamp) -> Result<Self, WarmupError> {
+        let path = state_dir.join(COUNTERS_FILE);
+        let today = utc_date(now);
+        let counters = match fs::read(&path) {
+            Ok(bytes) => {
+                let stored: Counters = serde_json::from_slice(&bytes).map_err(|err| WarmupError::Corrupt {
+                    path: path.clone(),
+                    reason: err.to_string(),
+                })?;
+                if stored.date == today { stored } else { empty(today) }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => empty(today),
+            Err(source) => return Err(WarmupError::Io { path, source }),
+        };
+        Ok(Self {
+            path,
+            state: Mutex::new(State {
+                caps,
+                counters,
+                reserved: BTreeMap::new(),
+            }),
+        })
+    }
+
+    /// Applies the caps of a new configuration (the operator renders a new limit each day).
+    pub fn set_caps(&self, caps: WarmupCaps) {
+        self.lock().caps = caps;
+    }
+
+    /// True when a limit applies (the address is still warming up).
+    pub fn is_active(&self) -> bool {
+        self.lock().caps.daily_limit.is_some()
+    }
+
+    /// At RCPT: refuses when the provider's allowance is already used up by sent and reserved recipients.
+    pub fn check(&self, provider: Provider, now: Timestamp) -> Result<(), CapReached> {
+        let mut state = self.lock();
+        roll_over(&mut state, now);
+        state.room(provider, now).map(drop)
+    }
+
+    /// At delivery: reserves `count` recipients, or refuses when they do not all fit this hour's allowance.
+    pub fn reserve(&self, provider: Provider, count: u32, now: Timestamp) -> Result<Reservation, CapReached> {
+        let mut state = self.lock();
+        roll_over(&mut state, now);
+        if let Some(room) = state.room(provider, now)?
+            && room < count
+        {
+            return Err(state.cap_reached(provider, now));
+        }
+        *state.reserved.entry(provider).or_default() += count;
+        Ok(Reservation { provider, count })
+    }
+
+    /// Ends a delivery: `sent` of the reserved recipients went to the provider (answered 2xx or 5xx by it), the
+    /// rest return to the allowance. The new count is on disk before this returns.
+    pub fn settle(&self, reservation: Reservation, sent: u32) {
+        let mut state = self.lock();
+        let reserved = state.reserved.entry(reservation.provider).or_default();
+        *reserved = reserved.saturating_sub(reservation.count);
+        if sent == 0 {
+            return;
+        }
+        *state.counters.sent.entry(reservation.provider).or_default() += sent.min(reservation.count);
+        if let Err(err) = persist(&self.path, &state.counters) {
+            // The count still holds in memory; only a restart before the next successful write could forget it.
+            tracing::error!(%err, "cannot store the warmup counters");
+        }
+    }
+
+    /// What was sent today, per provider.
+    pub fn sent_today(&self, now: Timestamp) -> BTreeMap<Provider, u32> {
+        let mut state = self.lock();
+        roll_over(&mut state, now);
+        state.counters.sent.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Plain counters: a panic elsewhere cannot leave them half-updated.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    /// Recipients the provider may still take this hour; `None` when no limit applies.
+    fn room(&self, provider: Provider, now: Timestamp) -> Result<Option<u32>, CapReached> {
+        let Some(daily_limit) = self.caps.daily_limit else {
+            return Ok(None);
+        };
+        let cap = provider_caps(daily_limit, &self.caps.provider_shares)
+            .get(&provider)
+            .copied()
+            .unwrap_or(0);
+        let allowance = hourly_allowance(cap, utc_hour(now));
+        let used = self.counters.sent.get(&provider).copied().unwrap_or(0)
+            + self.reserved.get(&provider).copied().unwrap_or(0);
+        match allowance.checked_sub(used) {
+            Some(room) if room > 0 => Ok(Some(room)),
+            _ => Err(self.cap_reached(provider, now)),
+        }
+    }
+
+    fn cap_reached(&self, provider: Provider, now: Timestamp) -> CapReached {
+        let daily_cap = self
+            .caps
+            .daily_limit
+            .map(|limit| provider_caps(limit, &self.caps.provider_shares))
+            .and_then(|caps| caps.get(&provider).copied())
+            .unwrap_or(0);
+        CapReached {
+            provider,
+            allowance: hourly_allowance(daily_cap, utc_hour(now)),
+            daily_cap,
+            hour: utc_hour(now),
+            day: self.caps.day,
+        }
+    }
+}
+
+/// Why the counters could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmupError {
+    #[error("warmup counters {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "warmup counters {} are not valid ({reason}); refusing to start from zero, which could exceed today's \
+         warmup limit. Inspect the file, then remove it to accept the risk",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+fn empty(date: Date) -> Counters {
+    Counters {
+        date,
+        sent: BTreeMap::new(),
+    }
+}
+
+fn roll_over(state: &mut State, now: Timestamp) {
+    let today = utc_date(now);
+    if state.counters.date != today {
+        state.counters = empty(today);
+    }
+}
+
+fn utc_date(now: Timestamp) -> Date {
+    now.to_zoned(TimeZone::UTC).date()
+}
+
+fn utc_hour(now: Timestamp) -> u8 {
+    u8::try_from(now.to_zoned(TimeZone::UTC).hour()).unwrap_or(23)
+}
+
+/// Write to a temporary file, flush it to disk, rename it over the old one: a crash leaves either version whole.
+fn persist(path: &Path, counters: &Counters) -> std::io::Result<()> {
+    let json = serde_json::to_vec(counters).map_err(std::io::Error::other)?;
+    let temporary = path.with_extension("json.tmp");
+    let mut file = fs::File::create(&temporary)?;
+    file.write_all(&json)?;
+    file.sync_all()?;
+    fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use securemail_api::tenant::ProviderShares;
+
+    use super::*;
+
+    fn caps(limit: u32) -> WarmupCaps {
+        WarmupCaps {
+            day: Some(1),
+            daily_limit: Some(limit),
+            provider_shares: ProviderShares::default(),
+        }
+    }
+
+    fn at(time: &str) -> Timestamp {
+        time.parse().unwrap()
+    }
+
+    #[test]
+    fn reservations_never_exceed_the_allowance_and_counts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let noon = at("2026-11-26T12:00:00Z");
+        let limiter = WarmupLimiter::load(dir.path(), caps(100), noon).unwrap();
+        // Default shares give gmail 40 of 100; by 12:59 the smoothed allowance is ceil(40 × 13 / 24) = 22.
+        let first = limiter.reserve(Provider::Gmail, 20, noon).unwrap();
+        let refused = limiter.reserve(Provider::Gmail, 3, noon).unwrap_err();
+        assert_eq!(refused.allowance, 22);
+        assert_eq!(refused.daily_cap, 40);
+        assert!(
+            refused.to_string().contains("gmail may receive 22 of today's 40"),
+            "{refused}"
+        );
+        let second = limiter.reserve(Provider::Gmail, 2, noon).unwrap();
+        limiter.settle(first, 20);
+        limiter.settle(second, 0);
+        assert_eq!(limiter.sent_today(noon)[&Provider::Gmail], 20);
+        assert!(
+            limiter.check(Provider::Gmail, noon).is_ok(),
+            "2 left after a deferred delivery"
+        );
+        assert!(limiter.check(Provider::Microsoft, noon).is_ok());
+
+        let restarted = WarmupLimiter::load(dir.path(), caps(100), noon).unwrap();
+        assert_eq!(restarted.sent_today(noon)[&Provider::Gmail], 20);
+        assert!(restarted.reserve(Provider::Gmail, 3, noon).is_err());
+
+        let tomorrow = at("2026-11-27T00:30:00Z");
+        let next_day = WarmupLimiter::load(dir.path(), caps(100), tomorrow).unwrap();
+        assert!(next_day.sent_today(tomorrow).is_empty());
+        assert!(next_day.reserve(Provider::Gmail, 10, tomorrow).is_ok());
+    }
+
+    #[test]
+    fn a_warm_address_has_no_limit_and_a_corrupt_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = at("2026-11-26T00:00:00Z");
+        let warm = WarmupCaps {
+            day: None,
+            daily_limit: None,
+            provider_shares: ProviderShares::default(),
+        };
+        let limiter = WarmupLimiter::load(dir.path(), warm, now).unwrap();
+        assert!(!limiter.is_active());
+        let reservation = limiter.reserve(Provider::Gmail, 1_000_000, now).unwrap();
+        limiter.settle(reservation, 1_000_000);
+
+        fs::write(dir.path().join(COUNTERS_FILE), b"{not json").unwrap();
+        let err = WarmupLimiter::load(dir.path(), caps(10), now).unwrap_err();
+        assert!(err.to_string().contains("refusing to start from zero"), "{err}");
+    }
+}
