@@ -669,6 +669,13 @@ fn a_warmup_cap_of_n_delivers_exactly_n_and_keeps_the_rest_queued_across_a_resta
         || context(&mta),
     );
 
+    let refusals = metric_sum(
+        &metrics(&mta),
+        "securemail_warmup_refusals_total",
+        &["provider=\"other\""],
+    );
+    assert!(refusals >= (SENT - CAP) as f64, "{refusals} refusals counted");
+
     // The count is on the state volume: a restarted sidecar does not hand out the allowance again, while Postfix
     // keeps retrying (every few seconds in this suite).
     mta.kill_sidecar();

@@ -248,6 +248,7 @@ impl<P: PolicyLookup> Engine<P> {
                 };
                 match reserved {
                     Err(reached) => {
+                        self.metrics.warmup_refused(guarded);
                         // Nothing is sent: the record names the MX but no address, as no connection was made.
                         attempts.push(record(policy.mx.first()));
                         Verdict::All(cap_reached(&reached))
@@ -508,7 +509,10 @@ impl<P: PolicyLookup> Backend for Engine<P> {
         };
         let provider = provider_of(&policy);
         let refusal = match warmup.map(|limiter| limiter.check(provider, self.clock.now())) {
-            Some(Err(reached)) => cap_reached(&reached),
+            Some(Err(reached)) => {
+                self.metrics.warmup_refused(provider);
+                cap_reached(&reached)
+            }
             _ => match self.breakers.admit_recipient(provider) {
                 Ok(()) => return RcptDecision::Accept,
                 Err(retry_at) => paused(provider, retry_at),

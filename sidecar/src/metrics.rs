@@ -40,6 +40,7 @@ struct Inner {
     remote_replies: Family<ReplyLabels, Counter>,
     circuit_state: Family<ProviderLabels, Gauge>,
     circuit_opens: Family<ProviderLabels, Counter>,
+    warmup_refusals: Family<ProviderLabels, Counter>,
     today: Mutex<Today>,
     clock: Arc<dyn WallClock>,
 }
@@ -171,6 +172,7 @@ impl Metrics {
             remote_replies: Family::default(),
             circuit_state: Family::default(),
             circuit_opens: Family::default(),
+            warmup_refusals: Family::default(),
             today: Mutex::new(Today {
                 date,
                 counts: BTreeMap::new(),
@@ -228,6 +230,11 @@ impl Metrics {
             "securemail_circuit_opens",
             "Times the local circuit breaker of a provider class opened",
             inner.circuit_opens.clone(),
+        );
+        registry.register(
+            "securemail_warmup_refusals",
+            "Recipients refused with 452 4.7.1 because this hour's warmup allowance for their provider is used up",
+            inner.warmup_refusals.clone(),
         );
         // Every breaker starts closed; the series exist before the first transition.
         for provider in reputation::GUARDED {
@@ -331,6 +338,14 @@ impl Metrics {
             provider: provider.as_str(),
         };
         self.inner.circuit_state.get_or_create(&labels).set(value);
+    }
+
+    /// A recipient was refused because its provider's warmup allowance is used up.
+    pub fn warmup_refused(&self, provider: Provider) {
+        let labels = ProviderLabels {
+            provider: provider.as_str(),
+        };
+        self.inner.warmup_refusals.get_or_create(&labels).inc();
     }
 
     pub fn circuit_opened(&self, provider: Provider) {
