@@ -129,6 +129,8 @@ struct Behaviour {
     /// The reply to a RCPT command line.
     rcpt: fn(&str) -> &'static str,
     data_reply: &'static str,
+    /// Extra EHLO keywords, each line ending in CRLF, e.g. "250-REQUIRETLS\r\n".
+    extensions: &'static str,
 }
 
 impl Behaviour {
@@ -138,6 +140,7 @@ impl Behaviour {
             starttls_reply: "220 2.0.0 ready\r\n",
             rcpt: |_| "250 2.1.5 ok\r\n",
             data_reply: "250 2.0.0 Ok: queued as ABC123\r\n",
+            extensions: "",
         }
     }
 
@@ -229,7 +232,10 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
             } else {
                 ""
             };
-            format!("250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n{starttls}250 SIZE 10000000\r\n")
+            format!(
+                "250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n{starttls}{}250 SIZE 10000000\r\n",
+                behaviour.extensions
+            )
         } else if upper == "STARTTLS" && cleartext && behaviour.tls.is_some() {
             stream.write_all(behaviour.starttls_reply.as_bytes()).await.unwrap();
             stream.flush().await.unwrap();
@@ -407,13 +413,18 @@ fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
 impl Harness {
     /// Postfix's side of one LMTP transaction; returns one reply line per recipient.
     async fn send(&self, recipients: &[&str], message: &str) -> Vec<String> {
+        self.send_with(recipients, message, "").await
+    }
+
+    /// The same with `mail_params` (e.g. " REQUIRETLS") after the MAIL FROM path.
+    async fn send_with(&self, recipients: &[&str], message: &str, mail_params: &str) -> Vec<String> {
         let (client, server) = tokio::io::duplex(1 << 20);
         let engine = Arc::clone(&self.engine);
         let served = tokio::spawn(async move {
             serve_session(server, &*engine, &Limits::default(), &CancellationToken::new()).await
         });
         let (mut from_server, mut to_server) = tokio::io::split(client);
-        let mut commands = String::from("LHLO postfix.test\r\nMAIL FROM:<records@example.org>\r\n");
+        let mut commands = format!("LHLO postfix.test\r\nMAIL FROM:<records@example.org>{mail_params}\r\n");
         for recipient in recipients {
             commands.push_str(&format!("RCPT TO:<{recipient}>\r\n"));
         }
@@ -1013,4 +1024,56 @@ async fn an_approved_cleartext_override_delivers_without_starttls_and_says_so_in
     let (_, records) = harness.evidence();
     assert!(records[0]["tls"].is_null());
     assert_eq!(records[0]["outcome"], "delivered");
+}
+
+#[tokio::test]
+async fn requiretls_goes_only_to_a_verified_mx_that_offers_it() {
+    let ca = Pki::new();
+    let offering = Behaviour {
+        extensions: "250-REQUIRETLS\r\n",
+        ..Behaviour::tls(server_config(&ca.leaf("mx.test")))
+    };
+    let receiver = Receiver::start(offering).await;
+    let first = harness(webpki_policy("mx.test"), ca.roots(), receiver.port);
+    let replies = first.send_with(&["patient@example.net"], MESSAGE, " REQUIRETLS").await;
+    assert!(replies[0].starts_with("250 "), "{replies:?}");
+    let mail = commands_after_tls(&receiver.log())
+        .into_iter()
+        .find(|command| command.starts_with("MAIL FROM:"))
+        .unwrap();
+    assert!(mail.ends_with(" REQUIRETLS"), "{mail}");
+
+    // A verified MX that does not offer REQUIRETLS: RFC 8689's 5.7.30, and no transaction is started.
+    let silent = Receiver::start(Behaviour::tls(server_config(&ca.leaf("mx.test")))).await;
+    let second = harness(webpki_policy("mx.test"), ca.roots(), silent.port);
+    let replies = second.send_with(&["patient@example.net"], MESSAGE, " REQUIRETLS").await;
+    assert!(replies[0].starts_with("554 5.7.30 "), "{replies:?}");
+    assert!(
+        !silent
+            .log()
+            .commands
+            .iter()
+            .any(|command| command.starts_with("MAIL FROM:"))
+    );
+
+    // An MX that offers it, but whose certificate the tenant's `encrypted` mode does not verify.
+    let unverified = Receiver::start(Behaviour {
+        extensions: "250-REQUIRETLS\r\n",
+        ..Behaviour::tls(server_config(&self_signed("whatever.invalid")))
+    })
+    .await;
+    let third = harness(
+        policy(vec![mx("mx.test", PeerAuth::AnyCertificate)], OnFailure::Defer),
+        RootCertStore::empty(),
+        unverified.port,
+    );
+    let replies = third.send_with(&["patient@example.net"], MESSAGE, " REQUIRETLS").await;
+    assert!(replies[0].starts_with("554 5.7.30 "), "{replies:?}");
+    assert!(
+        !unverified
+            .log()
+            .commands
+            .iter()
+            .any(|command| command.starts_with("MAIL FROM:"))
+    );
 }

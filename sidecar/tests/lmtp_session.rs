@@ -14,12 +14,13 @@ use securemail_sidecar::lmtp::{Backend, Body, Envelope, Limits, RcptDecision, Re
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-const LHLO_REPLY: [&str; 6] = [
+const LHLO_REPLY: [&str; 7] = [
     "250-localhost",
     "250-PIPELINING",
     "250-ENHANCEDSTATUSCODES",
     "250-8BITMIME",
     "250-SMTPUTF8",
+    "250-REQUIRETLS",
     "250 SIZE 33554432",
 ];
 const GREETING: &str = "220 localhost LMTP SecureMail sidecar ready";
@@ -114,8 +115,8 @@ fn reply_lines(output: &[u8]) -> Vec<String> {
 /// The replies after the greeting and the LHLO reply.
 fn after_lhlo(lines: Vec<String>) -> Vec<String> {
     assert_eq!(lines[0], GREETING);
-    assert_eq!(lines[1..7], LHLO_REPLY);
-    lines[7..].to_vec()
+    assert_eq!(lines[1..8], LHLO_REPLY);
+    lines[8..].to_vec()
 }
 
 fn transaction(recipients: &[&str], content: &str) -> String {
@@ -296,7 +297,7 @@ async fn commands_out_of_sequence_get_503_and_smtp_greetings_500() {
         ]
     );
     assert_eq!(
-        lines[10..],
+        lines[11..],
         [
             "503 5.5.1 send MAIL first",
             "503 5.5.1 send MAIL first",
@@ -337,8 +338,8 @@ async fn rset_and_lhlo_end_the_transaction() {
             "250 2.1.0 sender OK",
         ]
     );
-    assert_eq!(lines[6..12], LHLO_REPLY);
-    assert_eq!(lines[12..], ["503 5.5.1 send MAIL first"]);
+    assert_eq!(lines[6..13], LHLO_REPLY);
+    assert_eq!(lines[13..], ["503 5.5.1 send MAIL first"]);
 }
 
 #[tokio::test]
@@ -456,10 +457,10 @@ async fn oversize_messages_get_552_at_mail_or_after_the_end_marker() {
         transaction(&["ok@dest.example"], "small\r\n.\r\n")
     );
     let lines = run(&backend, limits, input.as_bytes()).await;
-    assert_eq!(lines[6], "250 SIZE 100");
+    assert_eq!(lines[7], "250 SIZE 100");
     let too_big = "552 5.3.4 message size exceeds fixed maximum message size";
     assert_eq!(
-        lines[7..],
+        lines[8..],
         [
             too_big,
             "250 2.1.0 sender OK",

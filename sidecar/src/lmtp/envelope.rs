@@ -30,6 +30,8 @@ pub struct MailParams {
     pub ret: Option<Ret>,
     /// `ENVID=` (RFC 3461), as received (xtext).
     pub envid: Option<String>,
+    /// `REQUIRETLS` (RFC 8689): every hop must use verified TLS and support REQUIRETLS, or the message bounces.
+    pub requiretls: bool,
 }
 
 /// `BODY=`.
@@ -138,6 +140,7 @@ pub(super) fn parse_mail_from(argument: &[u8]) -> Result<(Option<Mailbox>, MailP
                 params.body.replace(body).is_some()
             }
             ("SMTPUTF8", None) => std::mem::replace(&mut params.smtputf8, true),
+            ("REQUIRETLS", None) => std::mem::replace(&mut params.requiretls, true),
             ("RET", Some(value)) => {
                 let ret = match value.to_ascii_uppercase().as_str() {
                     "FULL" => Ret::Full,
@@ -149,7 +152,7 @@ pub(super) fn parse_mail_from(argument: &[u8]) -> Result<(Option<Mailbox>, MailP
             ("ENVID", Some(value)) if value.len() <= MAX_ENVID_OCTETS && is_xtext(value) => {
                 params.envid.replace(value.to_owned()).is_some()
             }
-            ("SIZE" | "BODY" | "SMTPUTF8" | "RET" | "ENVID", _) => return Err(BAD_PARAMETER),
+            ("SIZE" | "BODY" | "SMTPUTF8" | "REQUIRETLS" | "RET" | "ENVID", _) => return Err(BAD_PARAMETER),
             _ => return Err(UNKNOWN_PARAMETER),
         };
         if duplicate {
@@ -474,7 +477,7 @@ mod tests {
     #[test]
     fn mail_parameters_are_parsed_and_checked() {
         let (_, params) =
-            sender("<a@example.org> size=1234  BODY=8bitmime SMTPUTF8 RET=HDRS ENVID=QQ314159+2B1").unwrap();
+            sender("<a@example.org> size=1234  BODY=8bitmime SMTPUTF8 RET=HDRS ENVID=QQ314159+2B1 requiretls").unwrap();
         assert_eq!(
             params,
             MailParams {
@@ -483,6 +486,7 @@ mod tests {
                 smtputf8: true,
                 ret: Some(Ret::Headers),
                 envid: Some("QQ314159+2B1".to_owned()),
+                requiretls: true,
             }
         );
         for bad in [
@@ -492,6 +496,8 @@ mod tests {
             "<a@example.org> SIZE=1 SIZE=2",
             "<a@example.org> BODY=BINARYMIME",
             "<a@example.org> SMTPUTF8=yes",
+            "<a@example.org> REQUIRETLS=yes",
+            "<a@example.org> REQUIRETLS REQUIRETLS",
             "<a@example.org> RET=ALL",
             "<a@example.org> ENVID=a+zz",
             "<a@example.org> ENVID=a=b",

@@ -298,6 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             "ENHANCEDSTATUSCODES".to_owned(),
             "8BITMIME".to_owned(),
             "SMTPUTF8".to_owned(),
+            "REQUIRETLS".to_owned(),
             format!("SIZE {max_message_bytes}"),
         ];
         for (i, line) in lines.iter().enumerate() {

@@ -134,6 +134,7 @@ struct Extensions {
     eight_bit_mime: bool,
     smtputf8: bool,
     dsn: bool,
+    requiretls: bool,
 }
 
 impl Extensions {
@@ -149,6 +150,7 @@ impl Extensions {
                 "8BITMIME" => ext.eight_bit_mime = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
                 "DSN" => ext.dsn = true,
+                "REQUIRETLS" => ext.requiretls = true,
                 _ => {}
             }
         }
@@ -282,6 +284,24 @@ impl Session {
             return Ok(TransactionOutcome::Unsupported {
                 enhanced: (5, 6, 7),
                 reason: "the recipient's MX does not support SMTPUTF8, which this message needs",
+            });
+        }
+        // RFC 8689 section 4.2.1: a REQUIRETLS message goes only to a hop that promises the same, over a session
+        // whose certificate was verified (DANE or WebPKI).
+        if params.requiretls && !ext.requiretls {
+            return Ok(TransactionOutcome::Unsupported {
+                enhanced: (5, 7, 30),
+                reason: "REQUIRETLS support required: the recipient's MX does not offer it, which the sender required",
+            });
+        }
+        let verified = self
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.verification != Verification::UnverifiedEncrypted);
+        if params.requiretls && !verified {
+            return Ok(TransactionOutcome::Unsupported {
+                enhanced: (5, 7, 30),
+                reason: "REQUIRETLS needs a verified TLS session; the recipient's MX certificate was not verified",
             });
         }
         if params.body == Some(Body::EightBitMime) && !ext.eight_bit_mime {
@@ -529,6 +549,9 @@ fn mail_command(transaction: &Transaction<'_>, ext: &Extensions) -> Vec<u8> {
     if params.smtputf8 {
         line.extend_from_slice(b" SMTPUTF8");
     }
+    if params.requiretls {
+        line.extend_from_slice(b" REQUIRETLS");
+    }
     if ext.dsn {
         match params.ret {
             Some(Ret::Full) => line.extend_from_slice(b" RET=FULL"),
@@ -606,7 +629,7 @@ mod tests {
     #[test]
     fn extensions_are_read_from_ehlo_lines_after_the_first() {
         let (reply, _) =
-            reply::parse(b"250-mx.example STARTTLS\r\n250-pipelining\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 DSN\r\n")
+            reply::parse(b"250-mx.example STARTTLS\r\n250-pipelining\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-REQUIRETLS\r\n250 DSN\r\n")
                 .unwrap()
                 .unwrap();
         let ext = Extensions::of(&reply);
@@ -619,6 +642,7 @@ mod tests {
                 eight_bit_mime: true,
                 smtputf8: false,
                 dsn: true,
+                requiretls: true,
             }
         );
     }
