@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use securemail_e2e::dataplane::{MtaHost, World, in_netns, run_ok, wait_until};
+use securemail_e2e::dataplane::{MtaHost, World, in_netns, run_ok, tenant_manifest, wait_until};
 use securemail_e2e::repo_root;
 
 const SENDER: &str = "alerts@sender.test";
@@ -32,33 +32,11 @@ const SESSIONS: usize = 500;
 /// The tenant of the data-plane suites (verified TLS, defer on failure), with a warmup schedule high enough that
 /// caps never decide a benchmark.
 fn manifest(world: &World) -> String {
-    format!(
-        "apiVersion: securemail.io/v1alpha1
-kind: SecureMailTenant
-metadata:
-  name: bench
-  namespace: e2e
-spec:
-  domains:
-    - name: sender.test
-  ipPool:
-    addresses:
-      - address: {address}
-        hostname: {hostname}
-    warmup:
-      schedule:
-        - day: 1
-          dailyLimit: 10000000
-  submission:
-    tls:
-      secretName: submission-tls
-    clientCertificates:
-      caSecretName: apps-ca
-  tlsPolicy:
-    onFailure: defer
-",
-        address = world.get("SMDP_MTA_ADDR"),
-        hostname = world.get("SMDP_MTA_HOSTNAME"),
+    tenant_manifest(
+        world,
+        "bench",
+        "    warmup:\n      schedule:\n        - day: 1\n          dailyLimit: 10000000\n",
+        "    onFailure: defer\n",
     )
 }
 

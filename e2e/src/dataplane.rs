@@ -61,6 +61,34 @@ pub fn in_netns(netns: &str, program: &str) -> Command {
     command
 }
 
+/// A tenant named `name` sending from the world's MTA address as `sender.test`, with `warmup` (YAML indented for
+/// `spec.ipPool.warmup`, or empty) and `tls_policy` (YAML indented for `spec.tlsPolicy`).
+pub fn tenant_manifest(world: &World, name: &str, warmup: &str, tls_policy: &str) -> String {
+    format!(
+        "apiVersion: securemail.io/v1alpha1
+kind: SecureMailTenant
+metadata:
+  name: {name}
+  namespace: e2e
+spec:
+  domains:
+    - name: sender.test
+  ipPool:
+    addresses:
+      - address: {address}
+        hostname: {hostname}
+{warmup}  submission:
+    tls:
+      secretName: submission-tls
+    clientCertificates:
+      caSecretName: apps-ca
+  tlsPolicy:
+{tls_policy}",
+        address = world.get("SMDP_MTA_ADDR"),
+        hostname = world.get("SMDP_MTA_HOSTNAME"),
+    )
+}
+
 /// Runs `command`, panics with its output unless it succeeds, and returns its stdout.
 pub fn run_ok(command: &mut Command) -> String {
     let output = command

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use securemail_e2e::dataplane::{MtaHost, Submission, World, in_netns, run_ok, sidecar_bin, wait_until};
+use securemail_e2e::dataplane::{
+    MtaHost, Submission, World, in_netns, run_ok, sidecar_bin, tenant_manifest, wait_until,
+};
 use serde_json::Value;
 
 const SENDER: &str = "alerts@sender.test";
@@ -28,29 +30,7 @@ fn manifest(world: &World, tls_policy: &str) -> String {
 
 /// The same with `warmup` (YAML, indented for `spec.ipPool.warmup`).
 fn manifest_with_warmup(world: &World, tls_policy: &str, warmup: &str) -> String {
-    format!(
-        "apiVersion: securemail.io/v1alpha1
-kind: SecureMailTenant
-metadata:
-  name: dataplane
-  namespace: e2e
-spec:
-  domains:
-    - name: sender.test
-  ipPool:
-    addresses:
-      - address: {address}
-        hostname: {hostname}
-{warmup}  submission:
-    tls:
-      secretName: submission-tls
-    clientCertificates:
-      caSecretName: apps-ca
-  tlsPolicy:
-{tls_policy}",
-        address = world.get("SMDP_MTA_ADDR"),
-        hostname = world.get("SMDP_MTA_HOSTNAME"),
-    )
+    tenant_manifest(world, "dataplane", warmup, tls_policy)
 }
 
 const DEFER: &str = "    onFailure: defer\n";
