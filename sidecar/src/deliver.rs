@@ -423,21 +423,28 @@ impl<P: PolicyLookup> Engine<P> {
             }
         };
         let key = pool::key(&target);
-        let mut session = match self.reuse(&key).await {
-            Some(session) => session,
-            None => match Session::open(&self.config.session, &self.tls, target).await {
-                Ok(session) => session,
-                Err(err) => {
-                    if !matches!(err, SessionError::Connect { .. }) {
-                        attempt.mx_ip = Some(target.address);
+        let (session, sent) = loop {
+            let mut session = match self.pool.take(&key) {
+                Some(session) => session,
+                None => match Session::open(&self.config.session, &self.tls, target).await {
+                    Ok(session) => session,
+                    Err(err) => {
+                        if !matches!(err, SessionError::Connect { .. }) {
+                            attempt.mx_ip = Some(target.address);
+                        }
+                        if let SessionError::Refused { reply, .. } = &err {
+                            attempt.smtp_reply = remote_reply(reply);
+                            hear(reply);
+                        }
+                        return Err(Failure::of_session(&target, &err));
                     }
-                    if let SessionError::Refused { reply, .. } = &err {
-                        attempt.smtp_reply = remote_reply(reply);
-                        hear(reply);
-                    }
-                    return Err(Failure::of_session(&target, &err));
-                }
-            },
+                },
+            };
+            match session.send(transaction).await {
+                // Closed while idle, before taking anything: the next idle session, or a fresh one, goes instead.
+                Err(SessionError::Stale { .. }) => continue,
+                sent => break (session, sent),
+            }
         };
         attempt.mx_ip = Some(target.address);
         attempt.tls = session.tls().and_then(|tls| {
@@ -450,7 +457,6 @@ impl<P: PolicyLookup> Engine<P> {
                 peer_chain_sha256: tls.peer_chain_sha256.clone(),
             })
         });
-        let sent = session.send(transaction).await;
         attempt.smtp_reply = session.last_reply().and_then(remote_reply);
         match &sent {
             Ok(TransactionOutcome::MailRefused(reply)) | Err(SessionError::Refused { reply, .. }) => hear(reply),
@@ -469,16 +475,6 @@ impl<P: PolicyLookup> Engine<P> {
             }
             Err(err) => Err(Failure::of_session(&target, &err)),
         }
-    }
-
-    /// An idle session for `key` that still answers RSET.
-    async fn reuse(&self, key: &str) -> Option<Session> {
-        while let Some(mut session) = self.pool.take(key) {
-            if session.reset().await.is_ok() {
-                return Some(session);
-            }
-        }
-        None
     }
 
     async fn append_evidence(&self, attempts: Vec<Attempt>) {

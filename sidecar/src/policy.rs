@@ -94,6 +94,7 @@ pub mod check;
 pub mod clock;
 pub mod decide;
 pub mod dns;
+pub mod expiring;
 pub mod mta_sts;
 pub mod resolver;
 

@@ -2,15 +2,20 @@
 //! splits it per provider class (`provider_caps`) and smooths it over the UTC day (`hourly_allowance`), counts what
 //! this address sent, and refuses beyond the allowance with 452 4.7.1 so Postfix keeps the mail and retries.
 //!
-//! Counts live in `<stateDir>/warmup-counters.json`, replaced atomically after every change, so a restart or a
-//! pod moving to another node (the volume moves with it) does not hand out the day's allowance twice. A delivery
-//! reserves its recipients before it connects, so concurrent deliveries can never overshoot a cap together.
+//! Counts live in `<stateDir>/warmup-counters.json`, replaced atomically, so a restart or a pod moving to another
+//! node (the volume moves with it) does not hand out the day's allowance twice. One thread stores them, at once when
+//! idle and at most every [`WRITE_INTERVAL`] under load, so a busy address pays for a few flushes a second rather
+//! than one per delivery; a crash can forget at most the deliveries of the last interval (a counted delivery is
+//! never answered twice either way: Postfix retries what it had no answer for). A delivery reserves its recipients
+//! before it connects, so concurrent deliveries can never overshoot a cap together.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use jiff::civil::Date;
@@ -21,6 +26,8 @@ use securemail_api::warmup::{hourly_allowance, provider_caps};
 use serde::{Deserialize, Serialize};
 
 const COUNTERS_FILE: &str = "warmup-counters.json";
+/// The shortest time between two writes of the counters: changes within it share the next write.
+pub const WRITE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What one address sent on one UTC day, per provider class: the durable part.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -35,13 +42,27 @@ struct State {
     counters: Counters,
     /// Recipients of deliveries in progress; not persisted (a crash ends those deliveries).
     reserved: BTreeMap<Provider, u32>,
+    /// Changes to `counters` so far; the writer thread stores until it has caught up.
+    changes: u64,
+    /// The writer is waiting for a change (not pausing between writes): a change must wake it.
+    writer_idle: bool,
+    /// Set when the limiter is dropped: the writer stores what is left and ends.
+    closing: bool,
+}
+
+/// The state and the signal that wakes the writer thread.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
 }
 
 /// Shared by every engine a reload builds, so counts and reservations outlive configuration changes.
 #[derive(Debug)]
 pub struct WarmupLimiter {
-    path: PathBuf,
-    state: Mutex<State>,
+    shared: Arc<Shared>,
+    /// Joined on drop, so the last counts are stored when the sidecar stops.
+    writer: Option<JoinHandle<()>>,
 }
 
 /// Why a recipient may not be sent now: its provider's allowance for this hour is used up.
@@ -77,8 +98,9 @@ pub struct Reservation {
 }
 
 impl WarmupLimiter {
-    /// Loads today's counts from `state_dir` (a file from another day, or none, starts at zero). An unreadable
-    /// or corrupt file is an error: starting from zero could send a whole day's allowance twice.
+    /// Loads today's counts from `state_dir` (a file from another day, or none, starts at zero) and starts the
+    /// thread that stores them. An unreadable or corrupt file is an error: starting from zero could send a whole
+    /// day's allowance twice.
     pub fn load(state_dir: &Path, caps: WarmupCaps, now: Timestamp) -> Result<Self, WarmupError> {
         let path = state_dir.join(COUNTERS_FILE);
         let today = utc_date(now);
@@ -93,13 +115,26 @@ impl WarmupLimiter {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => empty(today),
             Err(source) => return Err(WarmupError::Io { path, source }),
         };
-        Ok(Self {
-            path,
+        let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 caps,
                 counters,
                 reserved: BTreeMap::new(),
+                changes: 0,
+                writer_idle: false,
+                closing: false,
             }),
+            changed: Condvar::new(),
+        });
+        let writer_shared = Arc::clone(&shared);
+        let counters_path = path.clone();
+        let writer = thread::Builder::new()
+            .name("warmup-writer".to_owned())
+            .spawn(move || store_changes(&counters_path, &writer_shared))
+            .map_err(|source| WarmupError::Io { path, source })?;
+        Ok(Self {
+            shared,
+            writer: Some(writer),
         })
     }
 
@@ -134,7 +169,7 @@ impl WarmupLimiter {
     }
 
     /// Ends a delivery: `sent` of the reserved recipients went to the provider (answered 2xx or 5xx by it), the
-    /// rest return to the allowance. The new count is on disk before this returns.
+    /// rest return to the allowance. The new count holds at once and reaches the disk within [`WRITE_INTERVAL`].
     pub fn settle(&self, reservation: Reservation, sent: u32) {
         let mut state = self.lock();
         let reserved = state.reserved.entry(reservation.provider).or_default();
@@ -143,9 +178,12 @@ impl WarmupLimiter {
             return;
         }
         *state.counters.sent.entry(reservation.provider).or_default() += sent.min(reservation.count);
-        if let Err(err) = persist(&self.path, &state.counters) {
-            // The count still holds in memory; only a restart before the next successful write could forget it.
-            tracing::error!(%err, "cannot store the warmup counters");
+        state.changes += 1;
+        // Waking a writer that is pausing between writes would only cost a context switch.
+        let wake = state.writer_idle;
+        drop(state);
+        if wake {
+            self.shared.changed.notify_one();
         }
     }
 
@@ -156,9 +194,71 @@ impl WarmupLimiter {
         state.counters.sent.clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+}
+
+impl Drop for WarmupLimiter {
+    fn drop(&mut self) {
+        self.lock().closing = true;
+        self.shared.changed.notify_one();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("the warmup counter writer panicked; the last counts may not be stored");
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // Plain counters: a panic elsewhere cannot leave them half-updated.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wait<'a>(&self, state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed
+            .wait(state)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wait_until<'a>(&self, state: MutexGuard<'a, State>, deadline: Instant) -> MutexGuard<'a, State> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match self.changed.wait_timeout(state, timeout) {
+            Ok((state, _)) => state,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+}
+
+/// The writer thread: waits for a change, stores the latest counts with one atomic replace, pauses for
+/// [`WRITE_INTERVAL`] so the changes made meanwhile share the next write, and ends once the limiter is dropped and
+/// everything is stored.
+fn store_changes(path: &Path, shared: &Shared) {
+    let mut written = 0;
+    loop {
+        let mut state = shared.lock();
+        state.writer_idle = true;
+        while state.changes == written && !state.closing {
+            state = shared.wait(state);
+        }
+        state.writer_idle = false;
+        if state.changes == written {
+            return;
+        }
+        let (counters, changes) = (state.counters.clone(), state.changes);
+        drop(state);
+        if let Err(err) = persist(path, &counters) {
+            // The count still holds in memory; only a restart before the next successful write could forget it.
+            tracing::error!(%err, path = %path.display(), "cannot store the warmup counters");
+        }
+        written = changes;
+        let resume = Instant::now() + WRITE_INTERVAL;
+        let mut state = shared.lock();
+        while !state.closing && Instant::now() < resume {
+            state = shared.wait_until(state, resume);
+        }
     }
 }
 
@@ -289,6 +389,7 @@ mod tests {
         );
         assert!(limiter.check(Provider::Microsoft, noon).is_ok());
 
+        drop(limiter);
         let restarted = WarmupLimiter::load(dir.path(), caps(100), noon).unwrap();
         assert_eq!(restarted.sent_today(noon)[&Provider::Gmail], 20);
         assert!(restarted.reserve(Provider::Gmail, 3, noon).is_err());
@@ -297,6 +398,43 @@ mod tests {
         let next_day = WarmupLimiter::load(dir.path(), caps(100), tomorrow).unwrap();
         assert!(next_day.sent_today(tomorrow).is_empty());
         assert!(next_day.reserve(Provider::Gmail, 10, tomorrow).is_ok());
+    }
+
+    #[test]
+    fn counts_reach_the_disk_while_running_and_when_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(COUNTERS_FILE);
+        let stored = || -> u32 {
+            fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Counters>(&bytes).ok())
+                .and_then(|counters| counters.sent.get(&Provider::Other).copied())
+                .unwrap_or(0)
+        };
+        let now = at("2026-11-26T23:00:00Z");
+        let limiter = Arc::new(WarmupLimiter::load(dir.path(), caps(10_000), now).unwrap());
+        let settle_one = move |limiter: &WarmupLimiter| {
+            let reservation = limiter.reserve(Provider::Other, 1, now).unwrap();
+            limiter.settle(reservation, 1);
+        };
+        settle_one(&limiter);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stored() != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "a settled count is not stored while the limiter runs"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let limiter = Arc::clone(&limiter);
+                thread::spawn(move || (0..25).for_each(|_| settle_one(&limiter)))
+            })
+            .collect();
+        threads.into_iter().for_each(|thread| thread.join().unwrap());
+        drop(Arc::into_inner(limiter).unwrap());
+        assert_eq!(stored(), 201, "every count is stored once the limiter stops");
     }
 
     #[test]
@@ -312,6 +450,7 @@ mod tests {
         assert!(!limiter.is_active());
         let reservation = limiter.reserve(Provider::Gmail, 1_000_000, now).unwrap();
         limiter.settle(reservation, 1_000_000);
+        drop(limiter);
 
         fs::write(dir.path().join(COUNTERS_FILE), b"{not json").unwrap();
         let err = WarmupLimiter::load(dir.path(), caps(10), now).unwrap_err();

@@ -131,6 +131,8 @@ struct Behaviour {
     data_reply: &'static str,
     /// Extra EHLO keywords, each line ending in CRLF, e.g. "250-REQUIRETLS\r\n".
     extensions: &'static str,
+    /// Close the connection silently after this many messages, as a server ending an idle session does.
+    messages_per_connection: Option<usize>,
 }
 
 impl Behaviour {
@@ -141,6 +143,7 @@ impl Behaviour {
             rcpt: |_| "250 2.1.5 ok\r\n",
             data_reply: "250 2.0.0 Ok: queued as ABC123\r\n",
             extensions: "",
+            messages_per_connection: None,
         }
     }
 
@@ -212,6 +215,7 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
     log: &Mutex<Log>,
     cleartext: bool,
 ) -> bool {
+    let mut messages = 0;
     loop {
         let mut line = Vec::new();
         if stream.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
@@ -259,6 +263,12 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
                 message.extend_from_slice(&data_line);
             }
             log.lock().unwrap().messages.push(message);
+            messages += 1;
+            if behaviour.messages_per_connection == Some(messages) {
+                let _ = stream.write_all(behaviour.data_reply.as_bytes()).await;
+                let _ = stream.flush().await;
+                return false;
+            }
             behaviour.data_reply.to_owned()
         } else if upper == "RSET" {
             "250 2.0.0 ok\r\n".to_owned()
@@ -900,11 +910,76 @@ async fn a_second_message_to_the_same_mx_reuses_the_verified_session() {
     let log = receiver.log();
     assert_eq!(log.connections, 1);
     assert_eq!(log.messages.len(), 2);
-    assert_eq!(log.commands.iter().filter(|c| *c == "RSET").count(), 1);
+    // A finished transaction leaves the session ready: no RSET, the next MAIL goes in the same write as RCPT
+    // and DATA.
+    assert_eq!(log.commands.iter().filter(|c| *c == "RSET").count(), 0);
     assert_eq!(log.commands.iter().filter(|c| c.starts_with("STARTTLS")).count(), 1);
     let (summary, records) = harness.evidence();
     assert_eq!(summary.records, 2);
     assert_eq!(records[0]["tls"], records[1]["tls"]);
+}
+
+#[tokio::test]
+async fn a_session_the_server_closed_while_idle_is_replaced_and_the_message_still_goes() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour {
+        messages_per_connection: Some(1),
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    })
+    .await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let first = harness.send(&["patient@example.net"], MESSAGE).await;
+    // Let the close arrive, so the idle session is known-dead only when it is written to.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = harness.send(&["nurse@example.net"], MESSAGE).await;
+
+    assert!(
+        first[0].starts_with("250 ") && second[0].starts_with("250 "),
+        "{first:?} {second:?}"
+    );
+    let log = receiver.log();
+    assert_eq!((log.connections, log.messages.len()), (2, 2));
+    let (summary, _) = harness.evidence();
+    assert_eq!(
+        summary.records, 2,
+        "one attempt per message: the dead session is not an attempt"
+    );
+}
+
+#[tokio::test]
+async fn after_refused_recipients_the_next_transaction_starts_with_rset() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour {
+        rcpt: |line| {
+            if line.contains("unknown@") {
+                "550 5.1.1 no such user\r\n"
+            } else {
+                "250 2.1.5 ok\r\n"
+            }
+        },
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    })
+    .await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let refused = harness.send(&["unknown@example.net"], MESSAGE).await;
+    let accepted = harness.send(&["nurse@example.net"], MESSAGE).await;
+
+    assert!(refused[0].starts_with("550 "), "{refused:?}");
+    assert!(accepted[0].starts_with("250 "), "{accepted:?}");
+    let log = receiver.log();
+    // This receiver answers DATA with 354 even without a recipient: the client ends that data at once, empty.
+    assert_eq!(log.connections, 1);
+    assert!(log.messages[0].is_empty() && !log.messages[1].is_empty());
+    let commands: Vec<&str> = log
+        .commands
+        .iter()
+        .map(String::as_str)
+        .skip_while(|c| !c.starts_with("RCPT TO:<unknown@"))
+        .collect();
+    assert_eq!(commands[1..3], ["DATA", "RSET"][..], "{commands:?}");
+    assert!(commands[3].starts_with("MAIL FROM:"), "{commands:?}");
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use securemail_sidecar::policy::{PeerAuth, PolicyError, PolicyLookup, PolicyReso
 
 type Reply<T> = Result<Answer<T>, DnsFailure>;
 
-/// Answers from tables; counts MX lookups; optionally slow so concurrent callers overlap.
+/// Answers from tables; counts MX and address lookups; optionally slow so concurrent callers overlap.
 #[derive(Default)]
 struct FakeDns {
     mx: Mutex<HashMap<String, Reply<MxRecord>>>,
@@ -25,6 +25,7 @@ struct FakeDns {
     txt: Mutex<HashMap<String, Reply<String>>>,
     ips: Mutex<HashMap<String, Reply<IpAddr>>>,
     mx_lookups: AtomicUsize,
+    address_lookups: AtomicUsize,
     delay: Duration,
 }
 
@@ -66,6 +67,7 @@ impl DnsLookup for FakeDns {
         get(&self.txt, name)
     }
     async fn addresses(&self, host: &str) -> Reply<IpAddr> {
+        self.address_lookups.fetch_add(1, Ordering::SeqCst);
         get(&self.ips, host)
     }
 }
@@ -269,10 +271,41 @@ async fn dane_addresses_must_be_secure() {
         "mx.dane.example".into(),
         answer(vec!["192.0.2.1".parse().unwrap()], Security::Secure, 300),
     );
+    // The insecure answer holds for its TTL, and is refused each time.
+    assert!(s.resolver.addresses(&policy.mx[0]).await.is_err());
+    s.clock.advance(Duration::from_secs(301));
     assert_eq!(
         s.resolver.addresses(&policy.mx[0]).await.unwrap(),
         vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
     );
+    assert_eq!(s.dns.address_lookups.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn addresses_are_cached_for_their_ttl_and_failures_are_not() {
+    let dns = FakeDns::default();
+    dane_domain(&dns, 300);
+    dns.ips
+        .lock()
+        .unwrap()
+        .insert("mx.dane.example".into(), failure("mx.dane.example"));
+    let s = setup(dns);
+    let policy = s.resolver.resolve("dane.example").await.unwrap();
+    let lookups = || s.dns.address_lookups.load(Ordering::SeqCst);
+    assert!(s.resolver.addresses(&policy.mx[0]).await.is_err());
+    assert!(s.resolver.addresses(&policy.mx[0]).await.is_err());
+    assert_eq!(lookups(), 2, "a failure is asked again");
+    s.dns.ips.lock().unwrap().insert(
+        "mx.dane.example".into(),
+        answer(vec!["192.0.2.1".parse().unwrap()], Security::Secure, 120),
+    );
+    for _ in 0..3 {
+        s.resolver.addresses(&policy.mx[0]).await.unwrap();
+    }
+    assert_eq!(lookups(), 3, "one lookup serves the TTL");
+    s.clock.advance(Duration::from_secs(121));
+    s.resolver.addresses(&policy.mx[0]).await.unwrap();
+    assert_eq!(lookups(), 4, "asked again once the TTL ran out");
 }
 
 const POLICY_V1: &str = "version: STSv1\nmode: enforce\nmx: mx.sts.example\nmax_age: 3600\n";

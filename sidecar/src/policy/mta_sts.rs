@@ -2,14 +2,14 @@
 
 pub mod fetch;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::clock::Clock;
 use super::dns::{DnsLookup, Found};
+use super::expiring::ExpiringMap;
 
 /// Longest `max_age` RFC 8461 allows (about one year), in seconds.
 pub const MAX_MAX_AGE: u64 = 31_557_600;
@@ -234,14 +234,13 @@ pub enum StsFact {
 struct Cached {
     id: String,
     policy: Arc<StsPolicy>,
-    expires: Instant,
 }
 
 /// Policies by domain, refreshed when the TXT id changes or `max_age` runs out.
 pub struct MtaSts<F> {
     fetcher: F,
     clock: Arc<dyn Clock>,
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: Mutex<ExpiringMap<Cached>>,
 }
 
 /// Bound on cached policies; beyond it the entry closest to expiry goes.
@@ -252,29 +251,21 @@ impl<F: StsFetch> MtaSts<F> {
         Self {
             fetcher,
             clock,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(ExpiringMap::new(CACHE_CAPACITY)),
         }
     }
 
     fn cached(&self, domain: &str) -> Option<Cached> {
         let now = self.clock.now();
         let cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache.get(domain).filter(|c| c.expires > now).cloned()
+        cache.get(domain, now).cloned()
     }
 
     fn store(&self, domain: &str, id: String, policy: Arc<StsPolicy>) {
         let now = self.clock.now();
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if cache.len() >= CACHE_CAPACITY && !cache.contains_key(domain) {
-            cache.retain(|_, c| c.expires > now);
-            if cache.len() >= CACHE_CAPACITY
-                && let Some(oldest) = cache.iter().min_by_key(|(_, c)| c.expires).map(|(d, _)| d.clone())
-            {
-                cache.remove(&oldest);
-            }
-        }
         let expires = now + Duration::from_secs(policy.max_age);
-        cache.insert(domain.to_owned(), Cached { id, policy, expires });
+        cache.insert(domain.to_owned(), Cached { id, policy }, expires, now);
     }
 
     /// The policy for `domain`: TXT first, then cache or HTTPS fetch (RFC 8461 section 5).

@@ -1,11 +1,11 @@
 //! [`PolicyResolver`]: gathers DNS and MTA-STS facts, decides, caches the decision per domain and shares one
-//! lookup among concurrent callers.
+//! lookup among concurrent callers; caches MX hosts' addresses for their TTL.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -14,7 +14,8 @@ use securemail_api::tenant::{OverrideTlsMode, TlsPolicySpec};
 
 use super::clock::{Clock, SystemClock};
 use super::decide::{DomainFacts, MxFacts, TlsaFact, dane_wanted, decide, find_override, mx_hosts, tlsa_fact};
-use super::dns::{DnsLookup, DnsSetupError, Found, HickoryDns, Security};
+use super::dns::{Answer, DnsLookup, DnsSetupError, Found, HickoryDns, Security};
+use super::expiring::ExpiringMap;
 use super::mta_sts::fetch::HttpsFetcher;
 use super::mta_sts::{FetchError, MtaSts, StsFact, StsFetch};
 use super::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup};
@@ -25,7 +26,7 @@ pub const MIN_CACHE_TTL: Duration = Duration::from_secs(30);
 pub const MAX_CACHE_TTL: Duration = Duration::from_secs(3600);
 /// Temporary failures are remembered briefly, so a burst of mail does not hammer a failing server.
 pub const TEMPORARY_CACHE_TTL: Duration = Duration::from_secs(5);
-/// Most domains whose decision is kept.
+/// Most domains whose decision is kept, and most MX hosts whose addresses are.
 pub const CACHE_CAPACITY: usize = 10_000;
 
 type Outcome = Result<Arc<DomainPolicy>, PolicyError>;
@@ -50,8 +51,11 @@ pub struct CacheStats {
 }
 
 struct State {
-    cache: HashMap<String, (Instant, Outcome)>,
+    cache: ExpiringMap<Outcome>,
     inflight: HashMap<String, Shared<BoxFuture<'static, Outcome>>>,
+    /// Answers with addresses, by MX host: every delivery needs them, and a resolver may not cache them (hickory
+    /// does not keep validated negative answers, such as an IPv4-only host's AAAA).
+    addresses: ExpiringMap<Answer<IpAddr>>,
 }
 
 struct Inner<D, F> {
@@ -107,8 +111,9 @@ impl<D: DnsLookup, F: StsFetch> PolicyResolver<D, F> {
                 sts: MtaSts::new(fetcher, clock.clone()),
                 clock,
                 state: Mutex::new(State {
-                    cache: HashMap::new(),
+                    cache: ExpiringMap::new(CACHE_CAPACITY),
                     inflight: HashMap::new(),
+                    addresses: ExpiringMap::new(CACHE_CAPACITY),
                 }),
                 hits: AtomicU64::new(0),
                 lookups: AtomicU64::new(0),
@@ -122,7 +127,7 @@ impl<D: DnsLookup, F: StsFetch> PolicyResolver<D, F> {
     }
 
     pub fn cache_stats(&self) -> CacheStats {
-        let entries = self.inner.lock().cache.len();
+        let entries = self.inner.lock().cache.count();
         CacheStats {
             hits: self.inner.hits.load(Ordering::Relaxed),
             lookups: self.inner.lookups.load(Ordering::Relaxed),
@@ -233,21 +238,26 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
         };
         let now = self.clock.now();
         let mut state = self.lock();
-        if state.cache.len() >= CACHE_CAPACITY && !state.cache.contains_key(&domain) {
-            state.cache.retain(|_, (expires, _)| *expires > now);
-            if state.cache.len() >= CACHE_CAPACITY
-                && let Some(oldest) = state
-                    .cache
-                    .iter()
-                    .min_by_key(|(_, (expires, _))| *expires)
-                    .map(|(d, _)| d.clone())
-            {
-                state.cache.remove(&oldest);
-            }
-        }
-        state.cache.insert(domain.clone(), (now + ttl, outcome.clone()));
+        state.cache.insert(domain.clone(), outcome.clone(), now + ttl, now);
         state.inflight.remove(&domain);
         outcome
+    }
+
+    /// A host's addresses, from the cache while their TTL (clamped like decisions) lasts. Failures and empty
+    /// answers are not kept: the next delivery asks again.
+    async fn addresses(&self, host: &str) -> Result<Answer<IpAddr>, PolicyError> {
+        if let Some(answer) = self.lock().addresses.get(host, self.clock.now()) {
+            return Ok(answer.clone());
+        }
+        let answer = self.dns.addresses(host).await.map_err(temporary)?;
+        if !answer.records().is_empty() {
+            let ttl = Duration::from_secs(u64::from(answer.ttl)).clamp(MIN_CACHE_TTL, MAX_CACHE_TTL);
+            let now = self.clock.now();
+            self.lock()
+                .addresses
+                .insert(host.to_owned(), answer.clone(), now + ttl, now);
+        }
+        Ok(answer)
     }
 }
 
@@ -260,9 +270,7 @@ impl<D: DnsLookup, F: StsFetch> PolicyLookup for PolicyResolver<D, F> {
             let shared = {
                 let mut state = inner.lock();
                 let now = inner.clock.now();
-                if let Some((expires, outcome)) = state.cache.get(&domain)
-                    && *expires > now
-                {
+                if let Some(outcome) = state.cache.get(&domain, now) {
                     inner.hits.fetch_add(1, Ordering::Relaxed);
                     return outcome.clone();
                 }
@@ -285,7 +293,7 @@ impl<D: DnsLookup, F: StsFetch> PolicyLookup for PolicyResolver<D, F> {
         let host = String::from(mx.host.clone());
         let dane = matches!(mx.auth, PeerAuth::Dane { .. });
         async move {
-            let answer = inner.dns.addresses(&host).await.map_err(temporary)?;
+            let answer = inner.addresses(&host).await?;
             let addresses = answer.records().to_vec();
             if addresses.is_empty() {
                 return Err(PolicyError::Temporary {

@@ -41,7 +41,7 @@ pub struct Timeouts {
     pub data_block: Duration,
     /// The reply after the final dot.
     pub data_done: Duration,
-    /// RSET before reusing a session, and QUIT.
+    /// RSET after a transaction that ended early, and QUIT.
     pub rset: Duration,
 }
 
@@ -106,6 +106,9 @@ pub enum SessionError {
     },
     #[error("no STARTTLS offered")]
     NoStartTls,
+    /// The idle session had been closed by the server: nothing of the transaction reached it.
+    #[error("the reused session was closed by the server ({reason})")]
+    Stale { reason: String },
     /// The certificate was refused, or the handshake failed.
     #[error("{}", .0.reason)]
     Handshake(HandshakeFailure),
@@ -203,6 +206,10 @@ pub struct Session {
     timeouts: Timeouts,
     /// The reply to the last command, for evidence when a session fails.
     last_reply: Option<Reply>,
+    /// Transactions started on this session; a session with any is a reused one.
+    transactions: u32,
+    /// The last transaction ended before its final reply (refused MAIL, no recipient, DATA refused).
+    needs_reset: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -233,6 +240,8 @@ impl Session {
             tls: None,
             timeouts,
             last_reply: None,
+            transactions: 0,
+            needs_reset: false,
         };
         session.expect("greeting", timeouts.greeting, 2).await?;
         session.ehlo(&settings.helo_name).await?;
@@ -263,11 +272,6 @@ impl Session {
         self.last_reply.as_ref()
     }
 
-    /// RSET, to start the next transaction on a reused session.
-    pub async fn reset(&mut self) -> Result<(), SessionError> {
-        self.command("RSET", b"RSET\r\n", self.timeouts.rset, 2).await.map(drop)
-    }
-
     /// QUIT, best effort: the transaction is already settled.
     pub async fn quit(mut self) {
         let _ = self.command("QUIT", b"QUIT\r\n", self.timeouts.rset, 2).await;
@@ -276,7 +280,9 @@ impl Session {
         }
     }
 
-    /// Runs one transaction. An `Err` leaves the session unusable; `Ok` leaves it ready for RSET and reuse.
+    /// Runs one transaction. An `Err` leaves the session unusable; `Ok` leaves it ready for the next one.
+    /// [`SessionError::Stale`]: a reused session turned out closed before anything was sent; a fresh one may
+    /// carry the same transaction.
     pub async fn send(&mut self, transaction: &Transaction<'_>) -> Result<TransactionOutcome, SessionError> {
         let ext = &self.extensions;
         let params = transaction.params;
@@ -323,30 +329,111 @@ impl Session {
             .map(|recipient| rcpt_command(recipient, ext))
             .collect();
 
-        let (mail_reply, rcpt_replies) = if ext.pipelining {
-            let mut batch = mail;
-            rcpts.iter().for_each(|rcpt| batch.extend_from_slice(rcpt));
-            self.write("MAIL", &batch, self.timeouts.mail).await?;
-            let mail_reply = self.read("MAIL", self.timeouts.mail).await?;
-            let mut rcpt_replies = Vec::with_capacity(rcpts.len());
-            for _ in &rcpts {
-                rcpt_replies.push(self.read("RCPT", self.timeouts.rcpt).await?);
-            }
-            (mail_reply, rcpt_replies)
+        let reused = self.transactions > 0;
+        self.transactions += 1;
+        // Until the final reply arrives the server is mid-transaction: the next transaction starts with RSET.
+        let reset = std::mem::replace(&mut self.needs_reset, true);
+        if ext.pipelining {
+            self.send_pipelined(transaction, &mail, &rcpts, reset, reused).await
         } else {
-            self.write("MAIL", &mail, self.timeouts.mail).await?;
-            let mail_reply = self.read("MAIL", self.timeouts.mail).await?;
-            let mut rcpt_replies = Vec::with_capacity(rcpts.len());
-            if mail_reply.class() == 2 {
-                for rcpt in &rcpts {
-                    self.write("RCPT", rcpt, self.timeouts.rcpt).await?;
-                    rcpt_replies.push(self.read("RCPT", self.timeouts.rcpt).await?);
-                }
+            self.send_in_steps(transaction, &mail, &rcpts, reset, reused).await
+        }
+    }
+
+    /// RFC 2920: [RSET,] MAIL, every RCPT and DATA in one write, then their replies; the message follows the 354.
+    /// Two round trips per message on a reused session.
+    async fn send_pipelined(
+        &mut self,
+        transaction: &Transaction<'_>,
+        mail: &[u8],
+        rcpts: &[Vec<u8>],
+        reset: bool,
+        reused: bool,
+    ) -> Result<TransactionOutcome, SessionError> {
+        let mut batch = Vec::with_capacity(128 + rcpts.iter().map(Vec::len).sum::<usize>());
+        if reset {
+            batch.extend_from_slice(b"RSET\r\n");
+        }
+        batch.extend_from_slice(mail);
+        rcpts.iter().for_each(|rcpt| batch.extend_from_slice(rcpt));
+        batch.extend_from_slice(b"DATA\r\n");
+        let first_phase = if reset { "RSET" } else { "MAIL" };
+        self.write(first_phase, &batch, self.timeouts.mail)
+            .await
+            .map_err(|err| stale_if(reused, err))?;
+        if reset {
+            let reply = self
+                .read("RSET", self.timeouts.rset)
+                .await
+                .map_err(|err| stale_if(reused, err))?;
+            if reply.class() != 2 {
+                return Err(SessionError::Refused {
+                    phase: "RSET",
+                    code: reply.code(),
+                    reply,
+                });
             }
-            (mail_reply, rcpt_replies)
-        };
+        }
+        let mail_reply = self
+            .read("MAIL", self.timeouts.mail)
+            .await
+            .map_err(|err| stale_if(reused && !reset, err))?;
+        let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+        for _ in rcpts {
+            rcpt_replies.push(self.read("RCPT", self.timeouts.rcpt).await?);
+        }
+        let data_reply = self.read("DATA", self.timeouts.data_init).await?;
+        let accepted = mail_reply.class() == 2 && rcpt_replies.iter().any(|reply| reply.class() == 2);
+        if data_reply.code() == 354 && !accepted {
+            // A server that lets DATA through without a recipient gets an empty message it cannot deliver.
+            self.write("end of data", b".\r\n", self.timeouts.data_block).await?;
+            self.read("end of data", self.timeouts.data_done).await?;
+        } else if data_reply.code() == 354 {
+            return self.send_data(transaction, rcpt_replies).await;
+        }
+        Ok(if mail_reply.class() != 2 {
+            TransactionOutcome::MailRefused(mail_reply)
+        } else if !accepted {
+            TransactionOutcome::Replies {
+                rcpt: rcpt_replies,
+                data: None,
+            }
+        } else {
+            TransactionOutcome::Replies {
+                rcpt: rcpt_replies,
+                data: Some(data_reply),
+            }
+        })
+    }
+
+    /// Without PIPELINING: one command, one reply.
+    async fn send_in_steps(
+        &mut self,
+        transaction: &Transaction<'_>,
+        mail: &[u8],
+        rcpts: &[Vec<u8>],
+        reset: bool,
+        reused: bool,
+    ) -> Result<TransactionOutcome, SessionError> {
+        if reset {
+            self.command("RSET", b"RSET\r\n", self.timeouts.rset, 2)
+                .await
+                .map_err(|err| stale_if(reused, err))?;
+        }
+        self.write("MAIL", mail, self.timeouts.mail)
+            .await
+            .map_err(|err| stale_if(reused, err))?;
+        let mail_reply = self
+            .read("MAIL", self.timeouts.mail)
+            .await
+            .map_err(|err| stale_if(reused && !reset, err))?;
         if mail_reply.class() != 2 {
             return Ok(TransactionOutcome::MailRefused(mail_reply));
+        }
+        let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+        for rcpt in rcpts {
+            self.write("RCPT", rcpt, self.timeouts.rcpt).await?;
+            rcpt_replies.push(self.read("RCPT", self.timeouts.rcpt).await?);
         }
         if !rcpt_replies.iter().any(|reply| reply.class() == 2) {
             return Ok(TransactionOutcome::Replies {
@@ -362,10 +449,20 @@ impl Session {
                 data: Some(go_ahead),
             });
         }
+        self.send_data(transaction, rcpt_replies).await
+    }
+
+    /// After the 354: the message, then the server's verdict on it, which ends the transaction.
+    async fn send_data(
+        &mut self,
+        transaction: &Transaction<'_>,
+        rcpt_replies: Vec<Reply>,
+    ) -> Result<TransactionOutcome, SessionError> {
         for chunk in transaction.data.chunks(DATA_CHUNK) {
             self.write("message data", chunk, self.timeouts.data_block).await?;
         }
         let done = self.read("end of data", self.timeouts.data_done).await?;
+        self.needs_reset = false;
         Ok(TransactionOutcome::Replies {
             rcpt: rcpt_replies,
             data: Some(done),
@@ -506,6 +603,17 @@ impl Session {
     }
 }
 
+/// A reused session whose server is gone (it closed the idle connection) fails its first write or read with an I/O
+/// error; before any reply nothing was accepted, so the transaction may go again on a fresh session.
+fn stale_if(reused: bool, err: SessionError) -> SessionError {
+    match err {
+        SessionError::Io { phase, reason } if reused => SessionError::Stale {
+            reason: format!("{phase}: {reason}"),
+        },
+        other => other,
+    }
+}
+
 fn io_error(phase: &'static str, err: &io::Error) -> SessionError {
     SessionError::Io {
         phase,
@@ -597,12 +705,19 @@ pub fn dot_stuff(parts: &[&[u8]]) -> Vec<u8> {
     let total: usize = parts.iter().map(|part| part.len()).sum();
     let mut out = Vec::with_capacity(total + total / 64 + 5);
     let mut at_line_start = true;
-    for &byte in parts.iter().flat_map(|part| part.iter()) {
-        if at_line_start && byte == b'.' {
-            out.push(b'.');
+    for part in parts {
+        // Whole lines are copied at once: only a line's first byte needs a look.
+        let mut rest = *part;
+        while !rest.is_empty() {
+            if at_line_start && rest[0] == b'.' {
+                out.push(b'.');
+            }
+            let line_end = memchr::memchr(b'\n', rest).map_or(rest.len(), |newline| newline + 1);
+            let (line, after) = rest.split_at(line_end);
+            out.extend_from_slice(line);
+            at_line_start = line.ends_with(b"\n");
+            rest = after;
         }
-        out.push(byte);
-        at_line_start = byte == b'\n';
     }
     if !out.is_empty() && !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
@@ -624,6 +739,12 @@ mod tests {
         );
         assert_eq!(dot_stuff(&[b".\r\n"]), b"..\r\n.\r\n");
         assert_eq!(dot_stuff(&[]), b".\r\n");
+        // A line split across parts is stuffed once, where it starts.
+        assert_eq!(
+            dot_stuff(&[b"a\r\n", b".", b"b\r\n", b"", b".c"]),
+            b"a\r\n..b\r\n..c\r\n.\r\n"
+        );
+        assert_eq!(dot_stuff(&[b"x.", b".y\r\n"]), b"x..y\r\n.\r\n");
     }
 
     #[test]
