@@ -37,6 +37,8 @@ impl Operator {
         let log_file = std::fs::File::create(&log).unwrap_or_else(|err| panic!("{}: {err}", log.display()));
         let child = Command::new(binary)
             .args(["run", "--admin-address", &format!("127.0.0.1:{admin_port}")])
+            // Short, so drain cases finish quickly; long enough for a test to change the queue in between.
+            .args(["--drain-confirmation-seconds", "5"])
             .args(leader_election.then_some("--leader-election"))
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", "securemail-system")

@@ -478,6 +478,40 @@ async fn a_shrinking_pool_drains_before_the_pod_and_volume_go(client: &Client) {
     );
     assert!(!claim_gone(client, &namespace, &format!("data-{sts}-2")).await);
 
+    // One empty reading is not enough: mail that shows up during the confirmation keeps the pod.
+    top.set_queued(0);
+    let draining_message =
+        || async { condition(&api.get(&name).await.ok()?, "Draining").map(|(_, _, message)| message) };
+    eventually("the empty queue being confirmed", WAIT, || async {
+        draining_message()
+            .await
+            .filter(|m| m.contains("queue empty, confirming at"))
+    })
+    .await;
+    let marked = pods
+        .get(&format!("{sts}-2"))
+        .await
+        .ok()
+        .and_then(|pod| pod.annotations().get("securemail.io/queue-empty-since").cloned());
+    assert!(marked.is_some(), "the first empty reading is kept on the pod");
+    top.set_queued(1);
+    eventually("the late message seen", WAIT, || async {
+        draining_message().await.filter(|m| m.contains("1 message(s) queued"))
+    })
+    .await;
+    assert_eq!(
+        replicas(client, &namespace, &sts).await,
+        Some(3),
+        "a late message keeps the pod"
+    );
+    assert!(!claim_gone(client, &namespace, &format!("data-{sts}-2")).await);
+    let cleared = pods
+        .get(&format!("{sts}-2"))
+        .await
+        .ok()
+        .and_then(|pod| pod.annotations().get("securemail.io/queue-empty-since").cloned());
+    assert_eq!(cleared, None, "a non-empty reading restarts the confirmation");
+
     top.set_queued(0);
     eventually("the drained pod removed", WAIT, || async {
         (replicas(client, &namespace, &sts).await == Some(2)).then_some(())

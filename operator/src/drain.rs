@@ -1,4 +1,8 @@
-//! Never lose queued mail: a pod goes (and its volume with it) only after its sidecar reports an empty queue.
+//! Never lose queued mail: a pod goes (and its volume with it) only after its sidecar reports an empty queue, and
+//! reports it again at least the confirmation period later (`--drain-confirmation-seconds`). One empty reading is
+//! not enough: a submission accepted just before the pod left the Service, or a message Postfix is moving between
+//! queues, can show up after it. The first empty reading is kept on the pod as an annotation, so an operator
+//! restart neither loses nor shortens the wait; any non-empty or unknown reading clears it.
 //!
 //! Pods are removed from the top of the StatefulSet. When the pool shrinks, the surplus top pods keep running as
 //! *draining* pods: they leave the submission Service and deliver what they hold, each from one of the addresses
@@ -8,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -31,6 +35,8 @@ pub const MAX_DRAIN: Duration = Duration::from_secs(6 * 24 * 3600);
 pub const DATA_CLAIM: &str = "data";
 /// How long a sidecar may take to answer `/status`.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// On a draining pod: when its sidecar first reported an empty queue (RFC 3339), cleared by any other reading.
+pub const QUEUE_EMPTY_SINCE: &str = "securemail.io/queue-empty-since";
 
 /// What is known about one pod's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +47,8 @@ pub enum QueueState {
     NoVolume,
     /// The sidecar reported this many queued messages.
     Holding(u64),
+    /// Empty, but not yet for the whole confirmation period; confirmed at `until`.
+    Confirming { until: Timestamp },
     /// The queue could not be read; it may hold mail.
     Unknown(String),
 }
@@ -55,6 +63,7 @@ impl QueueState {
         match self {
             Self::Empty | Self::NoVolume => "queue empty".to_owned(),
             Self::Holding(messages) => format!("{messages} message(s) queued"),
+            Self::Confirming { until } => format!("queue empty, confirming at {until:.0}"),
             Self::Unknown(reason) => format!("queue unknown ({reason})"),
         }
     }
@@ -156,6 +165,20 @@ pub fn draining_status(plan: &PoolPlan, recorded: &[PoolAddressStatus], now: Tim
         .collect()
 }
 
+/// When to look at the draining pods again: just after the earliest pending confirmation, at the latest after
+/// `recheck`.
+pub fn recheck_after(plan: &PoolPlan, now: Timestamp, recheck: Duration) -> Duration {
+    plan.draining
+        .iter()
+        .filter_map(|(_, _, state)| match state {
+            QueueState::Confirming { until } => {
+                Some(Duration::try_from(until.duration_since(now)).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
+            }
+            _ => None,
+        })
+        .fold(recheck, Duration::min)
+}
+
 /// True when a draining pod has waited longer than [`MAX_DRAIN`].
 pub fn overdue(status: &[PoolAddressStatus], now: Timestamp) -> Vec<String> {
     status
@@ -171,8 +194,9 @@ pub fn overdue(status: &[PoolAddressStatus], now: Timestamp) -> Vec<String> {
         .collect()
 }
 
-/// Reads the queue of each pod in `ordinals`: the pod's sidecar `/status`, or `NoVolume` when neither pod nor
-/// volume exists. Draining pods are also taken out of the submission Service.
+/// Reads the queue of each pod in `ordinals`: the pod's sidecar `/status` (an empty queue confirmed as described
+/// in the module docs), or `NoVolume` when neither pod nor volume exists. Draining pods are also taken out of the
+/// submission Service.
 pub async fn probe(
     ctx: &Context,
     namespace: &str,
@@ -187,7 +211,16 @@ pub async fn probe(
         let state = match pods.get_opt(&pod_name).await? {
             Some(pod) => {
                 stop_submissions(&pods, &pod).await?;
-                read_queue(&pod).await
+                let reading = read_queue(&pod).await;
+                let empty_since = pod
+                    .annotations()
+                    .get(QUEUE_EMPTY_SINCE)
+                    .and_then(|since| since.parse::<Timestamp>().ok());
+                let (state, mark) = confirm(reading, empty_since, ctx.clock.now(), ctx.settings.drain_confirmation);
+                if mark != empty_since {
+                    mark_empty_since(&pods, &pod_name, mark).await?;
+                }
+                state
             }
             None if claims.get_opt(&claim_name(names, ordinal)).await?.is_none() => QueueState::NoVolume,
             None => QueueState::Unknown("the pod is gone but its volume is still there".to_owned()),
@@ -214,6 +247,38 @@ pub async fn delete_volumes(ctx: &Context, namespace: &str, names: &TenantNames,
 /// The volume claim of pod `ordinal` (StatefulSet naming: `<template>-<statefulset>-<ordinal>`).
 pub fn claim_name(names: &TenantNames, ordinal: u32) -> String {
     format!("{DATA_CLAIM}-{}-{ordinal}", names.mta())
+}
+
+/// Turns one reading into a queue state, given when the queue was first seen empty (`empty_since`). Returns the
+/// state and the first-empty time to keep on the pod.
+pub fn confirm(
+    reading: QueueState,
+    empty_since: Option<Timestamp>,
+    now: Timestamp,
+    confirmation: Duration,
+) -> (QueueState, Option<Timestamp>) {
+    if reading != QueueState::Empty {
+        return (reading, None);
+    }
+    // A first-empty time in the future (a clock set back) restarts the wait rather than shortening it.
+    let since = empty_since.filter(|since| *since <= now).unwrap_or(now);
+    let until = since
+        .checked_add(SignedDuration::try_from(confirmation).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX);
+    let state = if now >= until {
+        QueueState::Empty
+    } else {
+        QueueState::Confirming { until }
+    };
+    (state, Some(since))
+}
+
+async fn mark_empty_since(pods: &Api<Pod>, pod_name: &str, since: Option<Timestamp>) -> Result<()> {
+    let value = since.map(|since| format!("{since:.0}"));
+    let patch = json!({"metadata": {"annotations": {QUEUE_EMPTY_SINCE: value}}});
+    pods.patch(pod_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }
 
 async fn stop_submissions(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
@@ -283,6 +348,41 @@ pub fn still_draining(states: &BTreeMap<u32, QueueState>) -> Option<Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_queue_counts_only_after_a_second_reading_the_confirmation_period_later() {
+        let minute = Duration::from_secs(60);
+        let t0: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
+        let at = |secs: i64| t0.checked_add(SignedDuration::from_secs(secs)).unwrap();
+        let until = at(60);
+
+        // First empty reading: remembered, not drained yet.
+        assert_eq!(
+            confirm(QueueState::Empty, None, t0, minute),
+            (QueueState::Confirming { until }, Some(t0))
+        );
+        assert_eq!(
+            confirm(QueueState::Empty, Some(t0), at(59), minute),
+            (QueueState::Confirming { until }, Some(t0))
+        );
+        assert_eq!(
+            confirm(QueueState::Empty, Some(t0), at(60), minute),
+            (QueueState::Empty, Some(t0))
+        );
+        // Mail in between starts the wait over.
+        assert_eq!(
+            confirm(QueueState::Holding(2), Some(t0), at(30), minute),
+            (QueueState::Holding(2), None)
+        );
+        let unknown = QueueState::Unknown("timeout".into());
+        assert_eq!(confirm(unknown.clone(), Some(t0), at(90), minute), (unknown, None));
+        // A first-empty time from the future (clock moved back) does not shorten the wait.
+        assert_eq!(
+            confirm(QueueState::Empty, Some(at(3600)), t0, minute),
+            (QueueState::Confirming { until }, Some(t0))
+        );
+        assert!(!QueueState::Confirming { until }.is_drained());
+    }
 
     fn pod(ordinal: u32, address: &str) -> PodAssignment {
         PodAssignment {

@@ -2,13 +2,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use jiff::civil::Date;
 use securemail_api::SecureMailTenant;
 use securemail_operator::admin::{self, Health};
-use securemail_operator::build::Settings;
+use securemail_operator::build::{DEFAULT_DRAIN_CONFIRMATION, Settings};
 use securemail_operator::context::{Metrics, SystemClock};
 use securemail_operator::controller::{self, LeaderElection};
 use tracing_subscriber::EnvFilter;
@@ -72,6 +73,9 @@ struct RunArgs {
     /// Namespace whose pods may scrape the MTA pods' metrics.
     #[arg(long, env = "SECUREMAIL_MONITORING_NAMESPACE", default_value = "monitoring")]
     monitoring_namespace: String,
+    /// A draining pod's queue must read empty twice, this many seconds apart, before the pod and its volume go.
+    #[arg(long, env = "SECUREMAIL_DRAIN_CONFIRMATION_SECONDS", default_value_t = DEFAULT_DRAIN_CONFIRMATION.as_secs())]
+    drain_confirmation_seconds: u64,
     #[command(flatten)]
     images: ImageArgs,
 }
@@ -123,6 +127,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.images.settings(Settings {
         monitoring_namespace: args.monitoring_namespace,
         operator_namespace: args.namespace.clone(),
+        drain_confirmation: Duration::from_secs(args.drain_confirmation_seconds),
         ..Settings::default()
     });
     let metrics = Arc::new(Metrics::default());

@@ -246,7 +246,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         .get_or_create(&crate::context::ResultLabels { result: "success" })
         .inc();
     Ok(Action::requeue(if !pool_plan.draining.is_empty() {
-        DRAIN_RECHECK
+        drain::recheck_after(&pool_plan, now, DRAIN_RECHECK)
     } else if crd_missing {
         CRD_RECHECK
     } else {

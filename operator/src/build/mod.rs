@@ -5,6 +5,8 @@ pub mod config;
 mod network;
 mod statefulset;
 
+use std::time::Duration;
+
 use jiff::civil::Date;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -32,7 +34,14 @@ pub struct Settings {
     pub monitoring_namespace: String,
     /// Namespace the operator runs in; it reads each pod's `/status`.
     pub operator_namespace: String,
+    /// How long a draining pod's queue must stay empty (two readings this far apart) before the pod and its
+    /// volume go.
+    pub drain_confirmation: Duration,
 }
+
+/// Default of [`Settings::drain_confirmation`]: longer than Postfix's queue manager takes to move a message
+/// between queues, and than a submission accepted just before the pod left the Service takes to land.
+pub const DEFAULT_DRAIN_CONFIRMATION: Duration = Duration::from_secs(60);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -42,6 +51,7 @@ impl Default for Settings {
             sidecar_image: format!("ghcr.io/securemail/sidecar:{version}"),
             monitoring_namespace: "monitoring".to_owned(),
             operator_namespace: "securemail-system".to_owned(),
+            drain_confirmation: DEFAULT_DRAIN_CONFIRMATION,
         }
     }
 }
