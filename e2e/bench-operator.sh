@@ -40,6 +40,11 @@ spec:
   ipPool: {{addresses: [{{address: 10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}, hostname: mta.tenant-{i}.example}}]}}
   submission: {{tls: {{secretName: submission-tls}}, clientCertificates: {{caSecretName: apps-ca}}}}""")
 PY
+# Every tenant names the same two Secrets; the operator checks that they exist (ConfigValid).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj "/CN=bench" \
+  -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null
+kubectl -n "$namespace" create secret tls submission-tls --cert="$dir/tls.crt" --key="$dir/tls.key" >/dev/null
+kubectl -n "$namespace" create secret generic apps-ca --from-file=ca.crt="$dir/tls.crt" >/dev/null
 kubectl apply --server-side -f "$dir/tenants.yaml" >/dev/null
 
 # Cheap progress signal: the operator's own tenants-by-condition gauge (from its cache), so polling does not load

@@ -21,12 +21,26 @@ kubectl apply --server-side --force-conflicts -f "$root/crds/securemailtenants.s
 kubectl wait --for=condition=Established --timeout=60s crd/securemailtenants.securemail.io
 SECUREMAIL_OPERATOR_BIN=$operator "$here/operator-up.sh"
 
-step "Applying the example tenants"
+step "Applying the example tenants, with the submission certificate and client CA Secrets they name"
+certs=$(mktemp -d)
+trap 'rm -rf "$certs"' EXIT
+# A throwaway self-signed certificate stands in for both the submission certificate and the apps' CA.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=securemail demo" \
+  -keyout "$certs/tls.key" -out "$certs/tls.crt" 2>/dev/null
 for example in "$root"/examples/*.yaml; do
   namespace=$(sed -n 's/^  namespace: //p' "$example" | head -n 1)
   kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  for secret in $(sed -n 's/^ *secretName: //p' "$example"); do
+    kubectl -n "$namespace" create secret tls "$secret" --cert="$certs/tls.crt" --key="$certs/tls.key" \
+      --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  done
+  for secret in $(sed -n 's/^ *caSecretName: //p' "$example"); do
+    kubectl -n "$namespace" create secret generic "$secret" --from-file=ca.crt="$certs/tls.crt" \
+      --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  done
   kubectl apply -f "$example"
 done
+echo "(a tenant whose certificate comes from a cert-manager issuer reports ConfigValid=False until its Secret exists)"
 
 step "A spec that would weaken transport security is refused by the apiserver"
 if kubectl apply --dry-run=server -f "$here/testdata/invalid/cleartext-without-exception.yaml" 2>&1; then

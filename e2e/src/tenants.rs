@@ -54,12 +54,52 @@ pub fn condition(tenant: &SecureMailTenant, type_: &str) -> Option<(String, Stri
         })
 }
 
+/// Creates `tenant` and, first, the Secrets it names (submission certificate, client CA) unless they exist; their
+/// content is a placeholder: the operator only checks that the keys the pods mount are there.
 pub async fn create(client: &Client, tenant: &SecureMailTenant) -> SecureMailTenant {
+    let namespace = tenant.metadata.namespace.as_deref().unwrap_or_default();
+    let submission = &tenant.spec.submission;
+    let tls_secret = submission
+        .tls
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-submission-tls", tenant.name_any()));
+    create_secret(
+        client,
+        namespace,
+        &tls_secret,
+        "kubernetes.io/tls",
+        &["tls.crt", "tls.key"],
+    )
+    .await;
+    let ca_secret = &submission.client_certificates.ca_secret_name;
+    create_secret(client, namespace, ca_secret, "Opaque", &["ca.crt"]).await;
+    create_tenant(client, tenant).await
+}
+
+/// Creates `tenant` alone.
+pub async fn create_tenant(client: &Client, tenant: &SecureMailTenant) -> SecureMailTenant {
     let api: Api<SecureMailTenant> =
         Api::namespaced(client.clone(), tenant.metadata.namespace.as_deref().unwrap_or_default());
     api.create(&PostParams::default(), tenant)
         .await
         .unwrap_or_else(|err| panic!("cannot create {}: {err}", tenant.name_any()))
+}
+
+/// A Secret of `type_` with a placeholder value under each of `keys`; an existing one is left as it is.
+pub async fn create_secret(client: &Client, namespace: &str, name: &str, type_: &str, keys: &[&str]) {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "type": type_,
+        "stringData": keys.iter().map(|key| (*key, "placeholder")).collect::<BTreeMap<_, _>>(),
+    }))
+    .unwrap_or_else(|err| panic!("{err}"));
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(err) => panic!("cannot create Secret {namespace}/{name}: {err}"),
+    }
 }
 
 /// Waits until the operator has written status for the tenant's current generation.

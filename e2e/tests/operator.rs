@@ -19,7 +19,8 @@ use securemail_api::SecureMailTenant;
 use securemail_api::tenant::{DkimSelectorState, PoolAddress};
 use securemail_e2e::operator::{OPERATOR_USER, Operator};
 use securemail_e2e::tenants::{
-    WAIT, assert_children, condition, create, example, key_secrets, pods_become_ready, reconcile_count, reconciled,
+    WAIT, assert_children, condition, create, create_secret, create_tenant, example, key_secrets, pods_become_ready,
+    reconcile_count, reconciled,
 };
 use securemail_e2e::{client, ensure_crd, eventually, unique_namespace, writes_by};
 use serde_json::json;
@@ -36,6 +37,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     a_deleted_key_secret_gets_a_new_selector(&client, &namespace).await;
     the_later_tenant_loses_a_shared_address(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
+    a_missing_secret_makes_the_config_invalid_until_it_appears(&client).await;
     deletion_follows_the_deletion_policy(&client).await;
     a_shrinking_pool_drains_before_the_pod_and_volume_go(&client).await;
     deleting_a_drain_tenant_waits_for_empty_queues(&client).await;
@@ -298,6 +300,47 @@ async fn a_paused_tenant_is_left_alone(client: &Client) {
         1,
         "no key generated for the domain added while paused"
     );
+}
+
+async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Client) {
+    let namespace = unique_namespace("missing-secret");
+    let tenant = example("minimal.yaml", &namespace);
+    let ca = tenant.spec.submission.client_certificates.ca_secret_name.clone();
+    let tls = tenant.spec.submission.tls.secret_name.clone().unwrap_or_default();
+    create_secret(client, &namespace, &tls, "Opaque", &["tls.crt", "tls.key"]).await;
+    let name = create_tenant(client, &tenant).await.name_any();
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+
+    let tenant = reconciled(client, &namespace, &name).await;
+    let (status, reason, message) = condition(&tenant, "ConfigValid").unwrap_or_default();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "SecretMissing"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "Secret {ca} (spec.submission.clientCertificates.caSecretName) does not exist"
+        )) && message.contains(&format!(
+            "Secret {tls} (spec.submission.tls.secretName) must be of type kubernetes.io/tls"
+        )),
+        "{message}"
+    );
+    assert_eq!(condition(&tenant, "Ready").map(|c| c.0).as_deref(), Some("False"));
+    assert_children(client, &tenant).await;
+
+    // Fixed without touching the tenant: the operator looks again by itself.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    secrets
+        .delete(&tls, &DeleteParams::default())
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    create_secret(client, &namespace, &tls, "kubernetes.io/tls", &["tls.crt", "tls.key"]).await;
+    create_secret(client, &namespace, &ca, "Opaque", &["ca.crt"]).await;
+    eventually("ConfigValid once the Secrets exist", WAIT, || async {
+        (condition(&api.get(&name).await.ok()?, "ConfigValid")?.0 == "True").then_some(())
+    })
+    .await;
 }
 
 async fn deletion_follows_the_deletion_policy(client: &Client) {

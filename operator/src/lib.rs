@@ -11,6 +11,7 @@ pub mod dkim;
 pub mod dkim_keys;
 pub mod dns_endpoint;
 pub mod drain;
+pub mod inputs;
 mod error;
 pub mod names;
 pub mod postfix;

@@ -31,7 +31,7 @@ use crate::context::Context;
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
-use crate::{Error, Result, apply, dkim_keys, dns_endpoint, drain};
+use crate::{Error, Result, apply, dkim_keys, dns_endpoint, drain, inputs};
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
 pub const FINALIZER: &str = "securemail.io/drain";
@@ -39,6 +39,8 @@ pub const FINALIZER: &str = "securemail.io/drain";
 const RESYNC: Duration = Duration::from_secs(3600);
 /// How often a tenant that wants DNSEndpoints checks whether external-dns's CRD has been installed.
 const CRD_RECHECK: Duration = Duration::from_secs(60);
+/// How soon a tenant whose referenced Secrets are missing is looked at again.
+const INPUT_RECHECK: Duration = Duration::from_secs(15);
 /// How often queues of draining pods are checked.
 const DRAIN_RECHECK: Duration = Duration::from_secs(15);
 
@@ -169,14 +171,20 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     let public_keys = public_keys(ctx, &namespace, &names, &plan).await?;
     let dns_records = build::dns_records(tenant, &public_keys)?;
 
-    let pods = i32::try_from(observed.pods.len()).unwrap_or(i32::MAX);
-    let mut updates = vec![
+    let missing_inputs = inputs::check(ctx, tenant, &namespace, &names).await?;
+    let config_valid = if missing_inputs.is_empty() {
         ConditionUpdate::new(
             status::CONFIG_VALID,
             true,
             "Rendered",
-            "Postfix and sidecar configuration rendered",
-        ),
+            "Postfix and sidecar configuration rendered; referenced Secrets present",
+        )
+    } else {
+        ConditionUpdate::new(status::CONFIG_VALID, false, "SecretMissing", missing_inputs.join("; "))
+    };
+    let pods = i32::try_from(observed.pods.len()).unwrap_or(i32::MAX);
+    let mut updates = vec![
+        config_valid,
         dkim_condition(&plan, now),
         mta_condition(ready_replicas, pods),
         conflict_condition(&conflicts),
@@ -247,6 +255,9 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         .inc();
     Ok(Action::requeue(if !pool_plan.draining.is_empty() {
         drain::recheck_after(&pool_plan, now, DRAIN_RECHECK)
+    } else if !missing_inputs.is_empty() {
+        // Secrets are not watched (they are not ours): look again soon.
+        INPUT_RECHECK
     } else if crd_missing {
         CRD_RECHECK
     } else {

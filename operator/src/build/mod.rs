@@ -39,6 +39,18 @@ pub struct Settings {
     pub drain_confirmation: Duration,
 }
 
+/// The Secret holding the submission server certificate: the one the spec names, or with a cert-manager issuer
+/// the one its Certificate is issued into.
+pub fn submission_tls_secret(tenant: &SecureMailTenant, names: &TenantNames) -> String {
+    tenant
+        .spec
+        .submission
+        .tls
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| names.submission_service() + "-tls")
+}
+
 /// Default of [`Settings::drain_confirmation`]: longer than Postfix's queue manager takes to move a message
 /// between queues, and than a submission accepted just before the pod left the Service takes to land.
 pub const DEFAULT_DRAIN_CONFIRMATION: Duration = Duration::from_secs(60);

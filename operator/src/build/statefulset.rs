@@ -260,12 +260,7 @@ fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
 
 fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames) -> Vec<Volume> {
     let submission = &tenant.spec.submission;
-    // With a cert-manager issuer the operator requests a Certificate whose Secret has this name.
-    let submission_secret = submission
-        .tls
-        .secret_name
-        .clone()
-        .unwrap_or_else(|| names.submission_service() + "-tls");
+    let submission_secret = super::submission_tls_secret(tenant, names);
     let key_projections = observed
         .signing_keys
         .iter()
