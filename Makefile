@@ -10,10 +10,10 @@ DATAPLANE_DIR ?= /tmp/securemail-dataplane
 DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint unit crds check-crds cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator bench-sidecar
+.PHONY: test deps fmt-check lint unit crds check-crds check-alerts cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator bench-sidecar
 
 ## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites (control plane, data plane).
-test: deps fmt-check lint unit check-crds e2e e2e-dataplane
+test: deps fmt-check lint unit check-crds check-alerts e2e e2e-dataplane
 
 ## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
 deps:
@@ -37,6 +37,10 @@ crds:
 check-crds:
 	@$(CARGO) run $(CARGO_FLAGS) -q -p securemail-operator --bin crdgen > target/crd.generated.yaml
 	@diff -u $(CRD_FILE) target/crd.generated.yaml || { echo "$(CRD_FILE) is stale: run 'make crds' and commit it" >&2; exit 1; }
+
+## check-alerts: promtool check and unit tests of the alert pack (alerts/); promtool built once, pinned, from Go.
+check-alerts:
+	alerts/check.sh
 
 cluster-up:
 	e2e/cluster-up.sh

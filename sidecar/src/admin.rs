@@ -1,5 +1,6 @@
-//! The admin HTTP server on `listen.admin`: `/livez`, `/readyz`, `/metrics` (OpenMetrics) and `/status` (the
-//! [`SidecarStatus`](securemail_api::sidecar_status::SidecarStatus) JSON the operator reads to warm up and drain).
+//! The admin HTTP server on `listen.admin`: `/livez`, `/readyz`, `/metrics` (OpenMetrics; Postfix's queue is
+//! counted at each scrape) and `/status` (the [`SidecarStatus`](securemail_api::sidecar_status::SidecarStatus)
+//! JSON the operator reads to warm up and drain).
 
 mod status;
 
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
-pub use status::{StatusError, StatusSource, pod_status, with_reputation};
+pub use status::{MetricsRefresh, StatusError, StatusSource, pod_status, queue_metrics, with_reputation};
 
 /// Content type of `/metrics`.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -70,6 +71,8 @@ pub struct AdminState {
     pub readiness: Readiness,
     /// Complete before the server starts: registering needs `&mut`.
     pub registry: Arc<Registry>,
+    /// Run before each `/metrics` encoding, for gauges read from outside the process (Postfix's queue).
+    pub refresh_metrics: MetricsRefresh,
     pub status: StatusSource,
 }
 
@@ -148,12 +151,22 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
-        Err(err) => {
+    // The refresh walks Postfix's queue directory: blocking I/O that must not hold an executor thread.
+    let encoded = tokio::task::spawn_blocking(move || {
+        (state.refresh_metrics)();
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &state.registry).map(|()| body)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
+        Ok(Err(err)) => {
             tracing::error!(%err, "cannot encode metrics");
             (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response()
+        }
+        Err(err) => {
+            tracing::error!(%err, "metrics refresh did not finish");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot refresh metrics\n").into_response()
         }
     }
 }

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
 use securemail_api::sidecar_config::{DnsSettings, SidecarConfig};
 use securemail_api::tenant::TlsPolicySpec;
-use securemail_sidecar::admin::{AdminServer, AdminState, Readiness, pod_status, with_reputation};
+use securemail_sidecar::admin::{AdminServer, AdminState, Readiness, pod_status, queue_metrics, with_reputation};
 use securemail_sidecar::config::{ConfigWatcher, DEFAULT_POLL_INTERVAL, WatchEvent};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::dkim::KeyStore;
@@ -170,6 +170,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     let state = AdminState {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
+        refresh_metrics: queue_metrics(config.clone(), SystemTime::now, metrics.clone()),
         status: with_reputation(
             pod_status(config, SystemTime::now, {
                 let metrics = metrics.clone();

@@ -1,6 +1,7 @@
 //! Delivery metrics for Prometheus and today's counts for `/status`. Labels are bounded (DESIGN.md): the
 //! tenant and source address (constant per pod), provider class, result, policy source, TLS version, failure
-//! class; never a recipient domain or address. Every family is listed in docs/metrics.md.
+//! class; never a recipient domain or address. The queue gauges are set by whoever counts Postfix's queue (the
+//! admin server, at each scrape). Every family is listed in docs/metrics.md.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use securemail_api::sidecar_status::{CircuitState, DeliveryDay, ReplyCounts, ResultCounts};
+use securemail_api::sidecar_status::{CircuitState, DeliveryDay, QueueStatus, ReplyCounts, ResultCounts};
 use securemail_api::tenant::TlsVersion;
 
 use crate::deliver::WallClock;
@@ -41,6 +42,9 @@ struct Inner {
     circuit_state: Family<ProviderLabels, Gauge>,
     circuit_opens: Family<ProviderLabels, Counter>,
     warmup_refusals: Family<ProviderLabels, Counter>,
+    queue_messages: Family<NoLabels, Gauge>,
+    queue_oldest_age: Family<NoLabels, Gauge>,
+    queue_scan_failures: Counter,
     today: Mutex<Today>,
     clock: Arc<dyn WallClock>,
 }
@@ -69,6 +73,11 @@ struct ReplyLabels {
 struct ProviderLabels {
     provider: &'static str,
 }
+
+/// A gauge without labels of its own, kept in a family so that its one series can be removed while its value is
+/// unknown.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NoLabels {}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LookupLabels {
@@ -173,6 +182,9 @@ impl Metrics {
             circuit_state: Family::default(),
             circuit_opens: Family::default(),
             warmup_refusals: Family::default(),
+            queue_messages: Family::default(),
+            queue_oldest_age: Family::default(),
+            queue_scan_failures: Counter::default(),
             today: Mutex::new(Today {
                 date,
                 counts: BTreeMap::new(),
@@ -235,6 +247,23 @@ impl Metrics {
             "securemail_warmup_refusals",
             "Recipients refused with 452 4.7.1 because this hour's warmup allowance for their provider is used up",
             inner.warmup_refusals.clone(),
+        );
+        registry.register(
+            "securemail_queue_messages",
+            "Messages in Postfix's incoming, active, deferred, hold and maildrop queues at the last scrape; absent \
+             while the queue cannot be counted",
+            inner.queue_messages.clone(),
+        );
+        registry.register(
+            "securemail_queue_oldest_message_age_seconds",
+            "Age of the oldest message in Postfix's queue at the last scrape, 0 when empty; absent while the queue \
+             cannot be counted",
+            inner.queue_oldest_age.clone(),
+        );
+        registry.register(
+            "securemail_queue_scan_failures",
+            "Scrapes at which Postfix's queue directory could not be counted",
+            inner.queue_scan_failures.clone(),
         );
         // Every breaker starts closed; the series exist before the first transition.
         for provider in reputation::GUARDED {
@@ -355,6 +384,27 @@ impl Metrics {
         self.inner.circuit_opens.get_or_create(&labels).inc();
     }
 
+    /// Postfix's queue as just counted.
+    pub fn queue_counted(&self, queue: &QueueStatus) {
+        let age = queue.oldest_age_seconds.unwrap_or(0);
+        self.inner
+            .queue_messages
+            .get_or_create(&NoLabels {})
+            .set(i64::try_from(queue.messages).unwrap_or(i64::MAX));
+        self.inner
+            .queue_oldest_age
+            .get_or_create(&NoLabels {})
+            .set(i64::try_from(age).unwrap_or(i64::MAX));
+    }
+
+    /// The queue could not be counted. Its gauges go absent: a stale or zero value would read as a queue that is
+    /// fine, and alerts on the gauges would stay silent while the queue grows.
+    pub fn queue_scan_failed(&self) {
+        self.inner.queue_messages.clear();
+        self.inner.queue_oldest_age.clear();
+        self.inner.queue_scan_failures.inc();
+    }
+
     /// Today's classified remote replies per provider, every provider listed.
     pub fn replies_today(&self) -> (Date, BTreeMap<Provider, ReplyCounts>) {
         let today = self.lock_today();
@@ -470,5 +520,44 @@ mod tests {
                 .values()
                 .all(|counts| *counts == ResultCounts::default())
         );
+    }
+    #[test]
+    fn queue_gauges_follow_the_last_count_and_go_absent_when_it_fails() {
+        let clock = Arc::new(FixedClock(AtomicI64::new(1_767_225_600)));
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry, "clinic-a/outbound", "192.0.2.10".parse().unwrap(), clock);
+        let encoded = || {
+            let mut text = String::new();
+            encode(&mut text, &registry).unwrap();
+            text
+        };
+        let messages = r#"securemail_queue_messages{tenant="clinic-a/outbound",source_ip="192.0.2.10"}"#;
+        let age = r#"securemail_queue_oldest_message_age_seconds{tenant="clinic-a/outbound",source_ip="192.0.2.10"}"#;
+        let failures = r#"securemail_queue_scan_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10"}"#;
+
+        // Not counted yet: unknown, not empty.
+        let text = encoded();
+        assert!(!text.contains(messages) && !text.contains(age), "{text}");
+        assert!(text.contains(&format!("{failures} 0\n")), "{text}");
+
+        metrics.queue_counted(&QueueStatus {
+            messages: 5,
+            oldest_age_seconds: Some(7200),
+        });
+        let text = encoded();
+        assert!(text.contains(&format!("{messages} 5\n")), "{text}");
+        assert!(text.contains(&format!("{age} 7200\n")), "{text}");
+
+        metrics.queue_scan_failed();
+        let text = encoded();
+        assert!(!text.contains(messages) && !text.contains(age), "{text}");
+        assert!(text.contains(&format!("{failures} 1\n")), "{text}");
+
+        // An empty queue has no oldest message: age 0, so an age alert reads it as healthy.
+        metrics.queue_counted(&QueueStatus::default());
+        let text = encoded();
+        assert!(text.contains(&format!("{messages} 0\n")), "{text}");
+        assert!(text.contains(&format!("{age} 0\n")), "{text}");
+        assert!(text.contains(&format!("{failures} 1\n")), "{text}");
     }
 }

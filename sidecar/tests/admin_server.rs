@@ -13,7 +13,11 @@ use securemail_api::provider::Provider;
 use securemail_api::sidecar_config::{DnsSettings, EvidenceSettings, Listen, SidecarConfig, SourceAddress, WarmupCaps};
 use securemail_api::sidecar_status::{DeliveryDay, QueueStatus, ResultCounts, SidecarStatus};
 use securemail_api::tenant::{ProviderShares, TlsPolicySpec};
-use securemail_sidecar::admin::{AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, pod_status};
+use securemail_sidecar::admin::{
+    AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, pod_status, queue_metrics,
+};
+use securemail_sidecar::deliver::SystemClock;
+use securemail_sidecar::metrics::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -102,12 +106,20 @@ struct Running {
     server: JoinHandle<securemail_sidecar::Result<()>>,
 }
 
-async fn start(queue_dir: Option<&Path>, registry: Registry) -> Running {
+/// Serves `registry` with the sidecar's own metrics added, as `run` does.
+async fn start(queue_dir: Option<&Path>, mut registry: Registry) -> Running {
     let (config, receiver) = watch::channel(Arc::new(config(queue_dir)));
     let readiness = Readiness::default();
+    let metrics = Metrics::register(
+        &mut registry,
+        "tenant-a/clinic",
+        "192.0.2.10".parse().unwrap(),
+        Arc::new(SystemClock),
+    );
     let state = AdminState {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
+        refresh_metrics: queue_metrics(receiver.clone(), || SystemTime::UNIX_EPOCH + NOW, metrics),
         status: pod_status(receiver, || SystemTime::UNIX_EPOCH + NOW, delivery_day),
     };
     let server = AdminServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
@@ -271,6 +283,103 @@ async fn status_is_503_with_the_reason_when_the_queue_cannot_be_counted() {
     let response = get(running.addr, "/status").await;
     assert_eq!(response.status, 503);
     assert!(response.body.contains("not-mounted"), "{}", response.body);
+}
+
+/// The value of the one series of `name` in a scrape, `None` when the series is absent.
+fn series(body: &str, name: &str) -> Option<String> {
+    let prefix = format!("{name}{{tenant=\"tenant-a/clinic\",source_ip=\"192.0.2.10\"}} ");
+    body.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn each_scrape_counts_the_queue_and_a_failed_count_is_absent_never_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = dir.path().join("spool");
+    let deferred = queue.join("deferred/4");
+    std::fs::create_dir_all(&deferred).unwrap();
+    File::create(deferred.join("42F00D"))
+        .unwrap()
+        .set_modified(SystemTime::UNIX_EPOCH + NOW - Duration::from_secs(5400))
+        .unwrap();
+    let running = start(Some(&queue), Registry::default()).await;
+    let scrape = || async { get(running.addr, "/metrics").await.body };
+
+    let body = scrape().await;
+    assert_eq!(
+        series(&body, "securemail_queue_messages").as_deref(),
+        Some("1"),
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "securemail_queue_oldest_message_age_seconds").as_deref(),
+        Some("5400"),
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "securemail_queue_scan_failures_total").as_deref(),
+        Some("0"),
+        "{body}"
+    );
+
+    // A message queued since the last scrape shows in the next one.
+    File::create(queue.join("deferred/4/43F00D")).unwrap();
+    let body = scrape().await;
+    assert_eq!(
+        series(&body, "securemail_queue_messages").as_deref(),
+        Some("2"),
+        "{body}"
+    );
+
+    // A queue the sidecar cannot list: unknown, not empty.
+    let unreadable = dir.path().join("unreadable-spool");
+    std::fs::create_dir(&unreadable).unwrap();
+    std::fs::write(unreadable.join("active"), "").unwrap();
+    running.config.send_replace(Arc::new(config(Some(&unreadable))));
+    let body = scrape().await;
+    assert_eq!(series(&body, "securemail_queue_messages"), None, "{body}");
+    assert_eq!(
+        series(&body, "securemail_queue_oldest_message_age_seconds"),
+        None,
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "securemail_queue_scan_failures_total").as_deref(),
+        Some("1"),
+        "{body}"
+    );
+
+    // So is a queue directory missing from the configuration.
+    running.config.send_replace(Arc::new(config(None)));
+    let body = scrape().await;
+    assert_eq!(series(&body, "securemail_queue_messages"), None, "{body}");
+    assert_eq!(
+        series(&body, "securemail_queue_scan_failures_total").as_deref(),
+        Some("2"),
+        "{body}"
+    );
+
+    // Back to a readable, empty queue: counted again, the oldest age 0.
+    let empty = dir.path().join("empty-spool");
+    std::fs::create_dir(&empty).unwrap();
+    running.config.send_replace(Arc::new(config(Some(&empty))));
+    let body = scrape().await;
+    assert_eq!(
+        series(&body, "securemail_queue_messages").as_deref(),
+        Some("0"),
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "securemail_queue_oldest_message_age_seconds").as_deref(),
+        Some("0"),
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "securemail_queue_scan_failures_total").as_deref(),
+        Some("2"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -1,13 +1,15 @@
-//! How `/status` is put together. The server only calls a [`StatusSource`]; what goes into the status (the address,
-//! the queue and the delivery counts) is decided by whoever builds that source.
+//! How `/status` and the queue gauges of `/metrics` are put together. The server only calls a [`StatusSource`] and
+//! a [`MetricsRefresh`]; what goes into them (the address, the queue and the delivery counts) is decided by whoever
+//! builds them.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use securemail_api::sidecar_config::SidecarConfig;
-use securemail_api::sidecar_status::{DeliveryDay, ReputationStatus, SidecarStatus};
+use securemail_api::sidecar_status::{DeliveryDay, QueueStatus, ReputationStatus, SidecarStatus};
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
 use crate::queue::{self, QueueError};
 
 /// Why a status could not be built; its message is the 503 body.
@@ -16,6 +18,10 @@ pub type StatusError = Box<dyn std::error::Error + Send + Sync>;
 /// Builds the current status. Called off the async executor, so it may block on file I/O. To add fields, wrap the
 /// source from [`queue_status`] in another closure.
 pub type StatusSource = Arc<dyn Fn() -> Result<SidecarStatus, StatusError> + Send + Sync>;
+
+/// Brings gauges up to date just before `/metrics` is encoded. Called off the async executor, so it may block on
+/// file I/O.
+pub type MetricsRefresh = Arc<dyn Fn() + Send + Sync>;
 
 /// The pool address, Postfix's queue (from the configuration in use at each request; `now` dates the oldest
 /// message) and today's delivery counts.
@@ -26,14 +32,37 @@ pub fn pod_status(
 ) -> StatusSource {
     Arc::new(move || {
         let config = Arc::clone(&config.borrow());
-        let queue_dir = config.postfix_queue_dir.as_deref().ok_or(QueueError::NotConfigured)?;
         Ok(SidecarStatus {
             address: config.source.address,
-            queue: queue::scan(queue_dir, now())?,
+            queue: scan_queue(&config, now())?,
             today: Some(today()),
             reputation: None,
         })
     })
+}
+
+/// Counts Postfix's queue (from the configuration in use at each scrape) into `metrics`' queue gauges; a failed
+/// count is counted as such and leaves the gauges absent.
+pub fn queue_metrics(
+    config: watch::Receiver<Arc<SidecarConfig>>,
+    now: impl Fn() -> SystemTime + Send + Sync + 'static,
+    metrics: Metrics,
+) -> MetricsRefresh {
+    Arc::new(move || {
+        let config = Arc::clone(&config.borrow());
+        match scan_queue(&config, now()) {
+            Ok(queue) => metrics.queue_counted(&queue),
+            Err(err) => {
+                tracing::warn!(%err, "cannot count Postfix's queue for /metrics");
+                metrics.queue_scan_failed();
+            }
+        }
+    })
+}
+
+fn scan_queue(config: &SidecarConfig, now: SystemTime) -> Result<QueueStatus, QueueError> {
+    let queue_dir = config.postfix_queue_dir.as_deref().ok_or(QueueError::NotConfigured)?;
+    queue::scan(queue_dir, now)
 }
 
 /// `source`'s status with the reputation sensors' part added.

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Checks the alert pack with promtool: rule syntax, then the unit tests in alerts/tests/ (every alert fires in one
+# case and stays quiet in another). promtool is built once from its pinned Go module through the Go module proxy
+# and cached outside the repository, keyed by version, like the control-plane binaries of e2e/.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# The Prometheus Go module's version for Prometheus 3.16.0 (3.x releases are published as v0.3XX.Y).
+PROMETHEUS_MODULE_VERSION=v0.316.0
+cache=${SECUREMAIL_CACHE:-$HOME/.cache/securemail}
+
+die() { echo "check-alerts: $*" >&2; exit 1; }
+
+promtool_bin() {
+  local dir="$cache/promtool-$PROMETHEUS_MODULE_VERSION"
+  if [ ! -x "$dir/bin/promtool" ]; then
+    command -v go >/dev/null || die "Go is not installed; it is needed to build promtool"
+    echo "check-alerts: building promtool $PROMETHEUS_MODULE_VERSION (first run only, several minutes)" >&2
+    # Built into a scratch directory and moved into place, so an interrupted build never leaves a binary behind.
+    rm -rf "$dir/bin.tmp"; mkdir -p "$dir/bin.tmp"
+    GOBIN="$dir/bin.tmp" CGO_ENABLED=0 go install -trimpath \
+      "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION" \
+      || die "go install of promtool $PROMETHEUS_MODULE_VERSION failed"
+    rm -rf "${dir:?}/bin"; mv "$dir/bin.tmp" "$dir/bin"
+  fi
+  echo "$dir/bin/promtool"
+}
+
+# What promtool cannot see: each alert's runbook section exists, each metric it reads is documented, and its unit
+# tests include a case where it fires and one where it does not.
+check_links() {
+  local rules="$here/securemail.rules.yaml" docs="$here/../docs" failed=0 alert anchor cases metric
+  while read -r alert; do
+    anchor=${alert,,}
+    grep -q "runbook_url: docs/operations.md#$anchor\$" "$rules" \
+      || { echo "check-alerts: $alert has no runbook_url docs/operations.md#$anchor" >&2; failed=1; }
+    grep -qix "## $anchor" "$docs/operations.md" \
+      || { echo "check-alerts: docs/operations.md has no section '## $alert'" >&2; failed=1; }
+    cases=$(grep -h -A1 "alertname: $alert\$" "$here"/tests/*.yaml || true)
+    grep -q 'exp_alerts:$' <<<"$cases" \
+      || { echo "check-alerts: no test in alerts/tests/ where $alert fires" >&2; failed=1; }
+    grep -q 'exp_alerts: \[\]' <<<"$cases" \
+      || { echo "check-alerts: no test in alerts/tests/ where $alert stays quiet" >&2; failed=1; }
+  done < <(sed -n 's/^ *- alert: *//p' "$rules")
+  # Metric names in expressions only: the comments mention name prefixes.
+  while read -r metric; do
+    grep -q "\`$metric\`" "$docs/metrics.md" \
+      || { echo "check-alerts: $metric is not documented in docs/metrics.md" >&2; failed=1; }
+  done < <(grep -v '^ *#' "$rules" | grep -o 'securemail_[a-z_]*' | sort -u)
+  return "$failed"
+}
+
+check_links
+promtool=$(promtool_bin)
+"$promtool" check rules "$here/securemail.rules.yaml"
+"$promtool" test rules "$here"/tests/*.yaml
