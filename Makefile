@@ -23,7 +23,7 @@ fmt-check:
 	$(CARGO) fmt --all -- --check
 
 lint:
-	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/dataplane/*.sh .ci/run
+	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/dataplane/*.sh alerts/*.sh .ci/run
 	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 unit:

@@ -22,6 +22,10 @@ pub struct SidecarStatus {
     /// cannot count (an older version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub today: Option<DeliveryDay>,
+    /// The day before `today` this address has counts for (kept on the state volume across restarts): what the
+    /// operator's warmup loop judges after midnight. Absent before the first full day, or from an older sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yesterday: Option<DeliveryDay>,
     /// Remote replies classified and the local circuit breakers; absent from a sidecar without reputation
     /// sensors (an older version).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -861,6 +861,9 @@ pub struct PoolAddressStatus {
     /// When the warmup loop last evaluated this address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_evaluated: Option<Time>,
+    /// Last UTC day the address attempted a delivery (`YYYY-MM-DD`); an address idle long enough re-warms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sent: Option<String>,
 }
 
 /// Lifecycle of a pool address.

@@ -38,6 +38,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     the_later_tenant_loses_a_shared_address(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
     a_missing_secret_makes_the_config_invalid_until_it_appears(&client).await;
+    the_warmup_loop_judges_yesterday_from_the_pods_status(&client).await;
     deletion_follows_the_deletion_policy(&client).await;
     a_shrinking_pool_drains_before_the_pod_and_volume_go(&client).await;
     deleting_a_drain_tenant_waits_for_empty_queues(&client).await;
@@ -343,6 +344,97 @@ async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Cli
     .await;
 }
 
+async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client) {
+    let namespace = unique_namespace("warmup-loop");
+    let tenant = create(client, &example("minimal.yaml", &namespace)).await;
+    let name = tenant.name_any();
+    let spec = tenant.spec.ip_pool.warmup.clone();
+    let address = tenant.spec.ip_pool.addresses[0].address.clone();
+    let tenant = reconciled(client, &namespace, &name).await;
+    let first = tenant.status.clone().unwrap_or_default().ip_pool;
+    assert_eq!(first[0].warmup_day, Some(1), "{first:?}");
+    let pod = FakeMtaPod::start(client, &namespace, &format!("{name}-mta"), 0, "127.0.0.78", 0).await;
+    pod.set_field("address", json!(address));
+
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let yesterday = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date()
+        .yesterday()
+        .unwrap_or_else(|err| panic!("{err}"));
+    let results = |delivered: u64, bounced: u64| json!({"date": yesterday.to_string(), "providers": {"gmail": {"delivered": delivered, "deferred": 0, "bounced": bounced}}});
+    // As if the address had reached day 5 and was last judged yesterday: the next reconcile judges again.
+    let day_five_judged_yesterday = || {
+        let mut entry = serde_json::to_value(&first[0]).unwrap_or_default();
+        entry["warmupDay"] = json!(5);
+        entry["dailyLimit"] = json!(securemail_api::warmup::daily_limit(&spec, 5));
+        entry["lastEvaluated"] = json!(format!("{yesterday}T00:00:30Z"));
+        json!({"status": {"ipPool": [entry]}})
+    };
+    let judged = |expected_state: &'static str| {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            eventually(&format!("the address {expected_state}"), WAIT, || async {
+                let tenant = api.get(&name).await.ok()?;
+                let entry = tenant.status?.ip_pool.into_iter().next()?;
+                (serde_json::to_value(entry.state).ok()? == json!(expected_state)).then_some(entry)
+            })
+            .await
+        }
+    };
+
+    // 10% bounces, five times the threshold: rolled back three days.
+    pod.set_field("yesterday", results(90, 10));
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&day_five_judged_yesterday()),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("{err}"));
+    let rolled_back = judged("RolledBack").await;
+    assert_eq!(rolled_back.warmup_day, Some(2), "{rolled_back:?}");
+    assert!(
+        rolled_back
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("bounce rate 10.0%")),
+        "{rolled_back:?}"
+    );
+    assert_eq!(rolled_back.last_sent.as_deref(), Some(yesterday.to_string().as_str()));
+    let limit = securemail_api::warmup::daily_limit(&spec, 2).unwrap_or_default();
+    let config: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    eventually("the rolled-back limit in sidecar.yaml", WAIT, || async {
+        let sidecar = config
+            .get(&format!("{name}-mta-config"))
+            .await
+            .ok()?
+            .data?
+            .remove("sidecar-0.yaml")?;
+        sidecar.contains(&format!("dailyLimit: {limit}")).then_some(())
+    })
+    .await;
+
+    // A clean day advances it.
+    pod.set_field("yesterday", results(100, 0));
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&day_five_judged_yesterday()),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("{err}"));
+    let advanced = eventually("a clean day advancing the address to day 6", WAIT, || async {
+        let entry = api.get(&name).await.ok()?.status?.ip_pool.into_iter().next()?;
+        (entry.warmup_day == Some(6)).then_some(entry)
+    })
+    .await;
+    assert_eq!(serde_json::to_value(advanced.state).ok(), Some(json!("Warming")));
+    assert_eq!(advanced.daily_limit, securemail_api::warmup::daily_limit(&spec, 6));
+    drop(pod);
+}
+
 async fn deletion_follows_the_deletion_policy(client: &Client) {
     for (policy, keeps_owner) in [("Orphan", false), ("Drain", true)] {
         let namespace = unique_namespace(&policy.to_lowercase());
@@ -377,9 +469,10 @@ async fn deletion_follows_the_deletion_policy(client: &Client) {
 }
 
 /// Stands in for the kubelet and a sidecar: a Pod object with an IP on loopback, its volume claim, and an HTTP
-/// server on that IP answering `/status` with a queue depth the test controls.
+/// server on that IP answering `/status` with a queue depth and further fields (`report`) the test controls.
 struct FakeMtaPod {
     queued: Arc<AtomicU64>,
+    report: Arc<std::sync::Mutex<serde_json::Value>>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -417,13 +510,15 @@ impl FakeMtaPod {
         let listener = tokio::net::TcpListener::bind((ip, 9090))
             .await
             .unwrap_or_else(|err| panic!("cannot listen on {ip}:9090: {err}"));
-        let (depth, address) = (queued.clone(), ip.to_owned());
+        let report = Arc::new(std::sync::Mutex::new(json!({"address": ip})));
+        let (depth, fields) = (queued.clone(), report.clone());
         let server = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let mut request = [0u8; 1024];
                 let _ = stream.read(&mut request).await;
-                let body =
-                    json!({"address": address, "queue": {"messages": depth.load(Ordering::Relaxed)}}).to_string();
+                let mut body = fields.lock().map(|fields| fields.clone()).unwrap_or_default();
+                body["queue"] = json!({"messages": depth.load(Ordering::Relaxed)});
+                let body = body.to_string();
                 let response = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
@@ -431,11 +526,18 @@ impl FakeMtaPod {
                 let _ = stream.write_all(response.as_bytes()).await;
             }
         });
-        Self { queued, server }
+        Self { queued, report, server }
     }
 
     fn set_queued(&self, messages: u64) {
         self.queued.store(messages, Ordering::Relaxed);
+    }
+
+    /// Sets a top-level field of `/status`, e.g. the address the sidecar sends from or yesterday's results.
+    fn set_field(&self, field: &str, value: serde_json::Value) {
+        if let Ok(mut report) = self.report.lock() {
+            report[field] = value;
+        }
     }
 }
 

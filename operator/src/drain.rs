@@ -17,15 +17,14 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use securemail_api::sidecar_status::SidecarStatus;
 use securemail_api::tenant::{PoolAddress, PoolAddressState, PoolAddressStatus};
 use serde_json::json;
 use tracing::info;
 
 use crate::build::PodAssignment;
-use crate::build::config::SIDECAR_ADMIN_PORT;
 use crate::context::Context;
 use crate::names::{SUBMISSION_LABEL, TenantNames};
+use crate::pod_status;
 use crate::{Error, Result};
 
 /// Postfix bounces anything it could not deliver within 5 days (`maximal_queue_lifetime`), so a queue that is still
@@ -33,8 +32,6 @@ use crate::{Error, Result};
 pub const MAX_DRAIN: Duration = Duration::from_secs(6 * 24 * 3600);
 /// Name of the StatefulSet's volume claim template.
 pub const DATA_CLAIM: &str = "data";
-/// How long a sidecar may take to answer `/status`.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// On a draining pod: when its sidecar first reported an empty queue (RFC 3339), cleared by any other reading.
 pub const QUEUE_EMPTY_SINCE: &str = "securemail.io/queue-empty-since";
 
@@ -160,6 +157,7 @@ pub fn draining_status(plan: &PoolPlan, recorded: &[PoolAddressStatus], now: Tim
                 reason: Some(reason),
                 // Draining since: kept from the first time the address was seen draining.
                 last_evaluated: Some(since),
+                last_sent: previous.and_then(|status| status.last_sent.clone()),
             }
         })
         .collect()
@@ -292,28 +290,10 @@ async fn stop_submissions(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
 }
 
 async fn read_queue(pod: &Pod) -> QueueState {
-    let Some(ip) = pod.status.as_ref().and_then(|status| status.pod_ip.as_deref()) else {
-        return QueueState::Unknown("the pod has no IP yet".to_owned());
-    };
-    let host = if ip.contains(':') {
-        format!("[{ip}]")
-    } else {
-        ip.to_owned()
-    };
-    let url = format!("http://{host}:{SIDECAR_ADMIN_PORT}/status");
-    let client = match reqwest::Client::builder().timeout(STATUS_TIMEOUT).build() {
-        Ok(client) => client,
-        Err(err) => return QueueState::Unknown(format!("HTTP client: {err}")),
-    };
-    let response = match client.get(&url).send().await {
-        Ok(response) if response.status().is_success() => response,
-        Ok(response) => return QueueState::Unknown(format!("/status answered {}", response.status())),
-        Err(err) => return QueueState::Unknown(format!("/status unreachable: {err}")),
-    };
-    match response.json::<SidecarStatus>().await {
+    match pod_status::read(pod).await {
         Ok(status) if status.queue.is_empty() => QueueState::Empty,
         Ok(status) => QueueState::Holding(status.queue.messages),
-        Err(err) => QueueState::Unknown(format!("/status is not valid: {err}")),
+        Err(reason) => QueueState::Unknown(reason),
     }
 }
 
@@ -408,6 +388,7 @@ mod tests {
             state: PoolAddressState::Warming,
             reason: None,
             last_evaluated: None,
+            last_sent: None,
         }
     }
 

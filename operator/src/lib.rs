@@ -14,6 +14,7 @@ pub mod drain;
 pub mod inputs;
 mod error;
 pub mod names;
+pub mod pod_status;
 pub mod postfix;
 pub mod reconcile;
 pub mod render;

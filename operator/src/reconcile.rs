@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
+use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -19,6 +20,7 @@ use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use securemail_api::SecureMailTenant;
+use securemail_api::warmup::state::{DayResults, Transition};
 use securemail_api::tenant::{
     DeletionPolicy, DkimSelectorState, DkimSelectorStatus, PoolAddress, PoolAddressState, PoolAddressStatus,
     SecureMailTenantStatus,
@@ -31,7 +33,7 @@ use crate::context::Context;
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
-use crate::{Error, Result, apply, dkim_keys, dns_endpoint, drain, inputs};
+use crate::{Error, Result, apply, dkim_keys, dns_endpoint, drain, inputs, pod_status};
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
 pub const FINALIZER: &str = "securemail.io/drain";
@@ -39,6 +41,8 @@ pub const FINALIZER: &str = "securemail.io/drain";
 const RESYNC: Duration = Duration::from_secs(3600);
 /// How often a tenant that wants DNSEndpoints checks whether external-dns's CRD has been installed.
 const CRD_RECHECK: Duration = Duration::from_secs(60);
+/// How soon pods that could not report yesterday's results are asked again.
+const WARMUP_RECHECK: Duration = Duration::from_secs(60);
 /// How soon a tenant whose referenced Secrets are missing is looked at again.
 const INPUT_RECHECK: Duration = Duration::from_secs(15);
 /// How often queues of draining pods are checked.
@@ -139,7 +143,17 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         .filter(|address| !conflicts.contains_key(&address.address))
         .collect();
     let today = now.to_zoned(TimeZone::UTC).date();
-    let assignments = status::assign_pods(&tenant.spec.ip_pool.warmup, &usable, &previous.ip_pool, today);
+    // The warmup loop: once per UTC day each address's pod reports yesterday's results, and its day advances,
+    // holds or rolls back on them.
+    let due = status::due_for_evaluation(&previous.ip_pool, today);
+    let (yesterday, unread) = yesterday_results(ctx, &namespace, &names, &due, today).await?;
+    let assignments = status::assign_pods(
+        &tenant.spec.ip_pool.warmup,
+        &usable,
+        &previous.ip_pool,
+        today,
+        &yesterday,
+    );
 
     // DKIM keys: adopt what is stored, generate what is missing, retire what is done.
     let stored = stored_keys(ctx, &namespace, &names)?;
@@ -153,7 +167,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     let pool_size = u32::try_from(assignments.len()).unwrap_or(u32::MAX);
     let queues = drain::probe(ctx, &namespace, &names, pool_size..live_replicas).await?;
     let pool_plan = drain::plan(
-        assignments.iter().map(|(pod, _)| pod.clone()).collect(),
+        assignments.iter().map(|assigned| assigned.pod.clone()).collect(),
         live_replicas,
         &previous.ip_pool,
         &queues,
@@ -234,12 +248,17 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         let message = format!("generated DKIM key {} for {}", key.selector, key.domain);
         publish(ctx, tenant, EventType::Normal, "DkimKeyGenerated", &message).await;
     }
+    for assigned in &assignments {
+        if let Some((kind, reason, message)) = warmup_event(assigned) {
+            publish(ctx, tenant, kind, reason, &message).await;
+        }
+    }
 
     let status = SecureMailTenantStatus {
         observed_generation: generation,
         conditions,
         ips: Some(format!("{}/{}", assignments.len(), tenant.spec.ip_pool.addresses.len())),
-        warmup_day: assignments.iter().filter_map(|(pod, _)| pod.warmup_day).min(),
+        warmup_day: assignments.iter().filter_map(|assigned| assigned.pod.warmup_day).min(),
         dns_records,
         ip_pool,
         dkim_selectors: plan.selectors.clone(),
@@ -255,6 +274,9 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         .inc();
     Ok(Action::requeue(if !pool_plan.draining.is_empty() {
         drain::recheck_after(&pool_plan, now, DRAIN_RECHECK)
+    } else if !unread.is_empty() {
+        // A pod that could not report yesterday is asked again soon; its address is judged once it answers.
+        WARMUP_RECHECK
     } else if !missing_inputs.is_empty() {
         // Secrets are not watched (they are not ours): look again soon.
         INPUT_RECHECK
@@ -654,6 +676,80 @@ async fn publish(ctx: &Context, tenant: &SecureMailTenant, type_: EventType, rea
 }
 
 /// Next wakeup: the next UTC day boundary (warmup day changes), at most [`RESYNC`] away.
+/// Yesterday's results of each due address, from its pod's `/status`. A pod that reports no results for yesterday
+/// (new, or down all day) sent nothing; a pod that cannot be read is returned in the second list and its address
+/// is not judged yet.
+async fn yesterday_results(
+    ctx: &Context,
+    namespace: &str,
+    names: &TenantNames,
+    due: &[(String, u32)],
+    today: Date,
+) -> Result<(BTreeMap<String, DayResults>, Vec<String>)> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let day_before = today.yesterday().unwrap_or(today);
+    let mut results = BTreeMap::new();
+    let mut unread = Vec::new();
+    for (address, ordinal) in due {
+        let pod_name = format!("{}-{ordinal}", names.mta());
+        let reading = match pods.get_opt(&pod_name).await? {
+            Some(pod) => pod_status::read(&pod).await,
+            None => Err("no pod".to_owned()),
+        };
+        match reading {
+            // A pod serving another address (the pool changed) says nothing about this one.
+            Ok(status) if status.address.to_string() == *address => {
+                let day = status.yesterday.filter(|day| day.date == day_before);
+                results.insert(address.clone(), day.as_ref().map(DayResults::from_delivery_day).unwrap_or_default());
+            }
+            Ok(_) => unread.push(address.clone()),
+            Err(reason) => {
+                info!(tenant = %names.tenant, %namespace, %address, %reason, "warmup: yesterday's results not readable yet");
+                unread.push(address.clone());
+            }
+        }
+    }
+    Ok((results, unread))
+}
+
+/// The event a warmup evaluation deserves, if any.
+fn warmup_event(assigned: &status::Assigned) -> Option<(EventType, &'static str, String)> {
+    let address = &assigned.pod.address.address;
+    let limit = assigned
+        .pod
+        .daily_limit
+        .map_or_else(|| "no limit".to_owned(), |limit| format!("{limit} messages/day"));
+    let reason = assigned.warmup.state.reason().unwrap_or_default();
+    Some(match assigned.transition? {
+        Transition::Advanced { from, to } => (
+            EventType::Normal,
+            "WarmupAdvanced",
+            format!("{address}: warmup day {from} -> {to} ({limit})"),
+        ),
+        Transition::BecameWarm => (
+            EventType::Normal,
+            "WarmupComplete",
+            format!("{address}: warmup schedule complete, no warmup limit"),
+        ),
+        Transition::Held => (
+            EventType::Warning,
+            "WarmupHeld",
+            format!("{address}: warmup day {} held ({limit}): {reason}", assigned.warmup.day),
+        ),
+        Transition::RolledBack { from, to } => (
+            EventType::Warning,
+            "WarmupRolledBack",
+            format!("{address}: warmup day {from} -> {to} ({limit}): {reason}"),
+        ),
+        Transition::Rewarmed { idle_days } => (
+            EventType::Normal,
+            "WarmupRestarted",
+            format!("{address}: idle for {idle_days} days, warmup restarts at day 1 ({limit})"),
+        ),
+        Transition::StayedWarm | Transition::AlreadyEvaluated => return None,
+    })
+}
+
 fn next_wakeup(now: Timestamp) -> Duration {
     let zoned = now.to_zoned(TimeZone::UTC);
     let until_midnight = zoned

@@ -1,6 +1,7 @@
 //! Offline rendering of a tenant's children, DNS records and warmup caps through the same builders as the
 //! reconcile loop — for GitOps previews and diffs. Nothing here talks to a cluster.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -12,9 +13,10 @@ use securemail_api::tenant::{DkimSelectorStatus, PoolAddress, ProviderShares, Wa
 use securemail_api::warmup;
 use serde::Serialize;
 
-use crate::build::{self, Observed, PodAssignment, Settings};
+use crate::build::{self, Observed, Settings};
 use crate::dkim::{self, algorithm_tag};
 use crate::names::TenantNames;
+use crate::status::Assigned;
 use crate::{Error, Result, dkim_keys, status};
 
 /// Placeholder for a public key the operator generates at reconcile time.
@@ -36,11 +38,11 @@ pub fn render(tenant: &SecureMailTenant, today: Date, keys_dir: Option<&Path>, s
 
     let plan = dkim::plan(&tenant.spec.domains, &[], &[], now);
     let usable: Vec<&PoolAddress> = tenant.spec.ip_pool.addresses.iter().collect();
-    let assignments = status::assign_pods(&tenant.spec.ip_pool.warmup, &usable, &[], today);
+    let assignments = status::assign_pods(&tenant.spec.ip_pool.warmup, &usable, &[], today, &BTreeMap::new());
     let observed = Observed {
         today,
         signing_keys: build::signing_keys(&plan.selectors, &names),
-        pods: assignments.iter().map(|(pod, _)| pod.clone()).collect(),
+        pods: assignments.iter().map(|assigned| assigned.pod.clone()).collect(),
     };
     let children = build::children(&tenant, &observed, settings)?;
 
@@ -86,12 +88,12 @@ pub fn render(tenant: &SecureMailTenant, today: Date, keys_dir: Option<&Path>, s
 }
 
 /// Today's limit and provider caps per address, then the whole schedule: day, limit per address, cap per provider.
-fn push_warmup(out: &mut String, spec: &WarmupSpec, assignments: &[(PodAssignment, Date)], today: Date) {
+fn push_warmup(out: &mut String, spec: &WarmupSpec, assignments: &[Assigned], today: Date) {
     let _ = writeln!(
         out,
         "# Warmup on {today} (per address: daily limit, then the cap per provider)"
     );
-    for (pod, start) in assignments {
+    for Assigned { pod, start, .. } in assignments {
         let day = pod.warmup_day.map_or_else(|| "-".to_owned(), |day| day.to_string());
         let limit = pod.daily_limit.map_or_else(
             || "warm, no warmup limit".to_owned(),

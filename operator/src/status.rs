@@ -7,8 +7,10 @@ use jiff::Timestamp;
 use jiff::civil::Date;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use securemail_api::SecureMailTenant;
+use jiff::tz::TimeZone;
 use securemail_api::tenant::{PoolAddress, PoolAddressState, PoolAddressStatus, WarmupSpec};
 use securemail_api::warmup;
+use securemail_api::warmup::state::{AddressWarmup, DayResults, Transition, WarmupState, evaluate};
 
 use crate::build::PodAssignment;
 
@@ -126,25 +128,52 @@ pub fn claimed_elsewhere(tenant: &SecureMailTenant, all: &[impl AsRef<SecureMail
     claimed
 }
 
-/// Assigns pods to the usable addresses in pool order and works out each address's warmup day and limit.
+/// One usable address with its pod and where it is in its warmup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assigned {
+    pub pod: PodAssignment,
+    /// First day of the address's schedule.
+    pub start: Date,
+    pub warmup: AddressWarmup,
+    /// What today's evaluation did, when one ran on this pass.
+    pub transition: Option<Transition>,
+}
+
+/// Addresses whose warmup has not been evaluated today, with the ordinal of the pod that sent from them: the
+/// reconcile loop asks those pods for yesterday's results.
+pub fn due_for_evaluation(recorded: &[PoolAddressStatus], today: Date) -> Vec<(String, u32)> {
+    recorded
+        .iter()
+        .filter(|status| status.state != PoolAddressState::Draining)
+        .filter_map(|status| {
+            let warmup = recorded_warmup(status)?;
+            let due = warmup.last_evaluated.is_none_or(|evaluated| evaluated < today);
+            Some((status.address.clone(), status.ordinal?)).filter(|_| due)
+        })
+        .collect()
+}
+
+/// Assigns pods to the usable addresses in pool order and decides each address's warmup day and limit.
 ///
-/// An address keeps the warmup start recorded in status. On the tenant's first reconcile (nothing recorded yet)
-/// addresses start on the spec's start date, which may lie in the past for addresses already warming elsewhere;
-/// an address added later starts today, or on the start date if that is still ahead.
+/// A new address begins its schedule: on the tenant's first reconcile (nothing recorded yet) on the spec's start
+/// date, which may lie in the past for addresses already warming elsewhere; an address added later starts today, or
+/// on the start date if that is still ahead. A recorded address keeps its day until the once-a-day evaluation
+/// (`warmup::state::evaluate`) judges yesterday's results, which `yesterday` holds for each address whose pod
+/// reported them; an address without results keeps its state until they can be read.
 pub fn assign_pods(
-    warmup: &WarmupSpec,
+    spec: &WarmupSpec,
     usable: &[&PoolAddress],
     recorded: &[PoolAddressStatus],
     today: Date,
-) -> Vec<(PodAssignment, Date)> {
-    let spec_start = warmup.start_date.as_deref().and_then(|date| date.parse::<Date>().ok());
+    yesterday: &BTreeMap<String, DayResults>,
+) -> Vec<Assigned> {
+    let spec_start = spec.start_date.as_deref().and_then(|date| date.parse::<Date>().ok());
     usable
         .iter()
         .zip(0u32..)
         .map(|(address, ordinal)| {
-            let start = recorded
-                .iter()
-                .find(|status| status.address == address.address)
+            let previous = recorded.iter().find(|status| status.address == address.address);
+            let start = previous
                 .and_then(|status| status.warmup_start.as_deref()?.parse::<Date>().ok())
                 .unwrap_or_else(|| {
                     let first_reconcile = recorded.is_empty();
@@ -152,24 +181,69 @@ pub fn assign_pods(
                         .filter(|start| first_reconcile || *start > today)
                         .unwrap_or(today)
                 });
-            let day = warmup::day_on(start, today);
-            let daily_limit = warmup::daily_limit(warmup, day);
-            let assignment = PodAssignment {
+            let (warmup, transition) = match previous.and_then(recorded_warmup) {
+                None => (AddressWarmup::begin(spec, start, today), None),
+                Some(recorded) => match yesterday.get(&address.address) {
+                    Some(results) => {
+                        // No DNSBL watch yet: nothing is reported listed.
+                        let (next, transition) = evaluate(&recorded, results, false, spec, today);
+                        (next, Some(transition).filter(|t| *t != Transition::AlreadyEvaluated))
+                    }
+                    None => (recorded, None),
+                },
+            };
+            let daily_limit = match warmup.state {
+                WarmupState::Warm => None,
+                _ => warmup::daily_limit(spec, warmup.day),
+            };
+            let pod = PodAssignment {
                 ordinal,
                 address: (*address).clone(),
-                warmup_day: daily_limit.map(|_| day),
+                warmup_day: daily_limit.map(|_| warmup.day),
                 daily_limit,
                 draining: false,
             };
-            (assignment, start)
+            Assigned {
+                pod,
+                start,
+                warmup,
+                transition,
+            }
         })
         .collect()
+}
+
+/// The warmup an address's status entry records; `None` for an entry without one (a conflicting address, or a
+/// draining pod's).
+fn recorded_warmup(status: &PoolAddressStatus) -> Option<AddressWarmup> {
+    let reason = status.reason.clone().unwrap_or_default();
+    let day = status.warmup_day;
+    let state = match status.state {
+        PoolAddressState::Warm => WarmupState::Warm,
+        PoolAddressState::Warming => WarmupState::Warming { reason: None },
+        PoolAddressState::Held if day.is_some() => WarmupState::Held { reason },
+        PoolAddressState::RolledBack => WarmupState::RolledBack {
+            from: day.unwrap_or(1),
+            reason,
+        },
+        PoolAddressState::Held | PoolAddressState::Draining => return None,
+    };
+    Some(AddressWarmup {
+        // A warm address records no day; `evaluate` goes by its state.
+        day: day.unwrap_or(1),
+        state,
+        last_sent: status.last_sent.as_deref().and_then(|date| date.parse().ok()),
+        last_evaluated: status
+            .last_evaluated
+            .as_ref()
+            .map(|time| time.0.to_zoned(TimeZone::UTC).date()),
+    })
 }
 
 /// `status.ipPool`: usable addresses with their pod and warmup, conflicting ones without a pod.
 pub fn pool_status(
     addresses: &[PoolAddress],
-    assignments: &[(PodAssignment, Date)],
+    assigned: &[Assigned],
     conflicts: &BTreeMap<String, String>,
     recorded: &[PoolAddressStatus],
     now: Timestamp,
@@ -188,41 +262,45 @@ pub fn pool_status(
                     state: PoolAddressState::Held,
                     reason: Some(format!("address is already used by tenant {owner}")),
                     last_evaluated: Some(Time(now)),
+                    last_sent: None,
                 };
             }
-            let assigned = assignments
-                .iter()
-                .find(|(pod, _)| pod.address.address == address.address);
+            let assigned = assigned.iter().find(|entry| entry.pod.address.address == address.address);
             let previous = recorded.iter().find(|status| status.address == address.address);
             let (state, reason) = match assigned {
-                Some((pod, _)) if pod.daily_limit.is_none() => (PoolAddressState::Warm, None),
-                Some((pod, _)) => (
-                    PoolAddressState::Warming,
-                    pod.warmup_day.map(|day| format!("warmup day {day}")),
-                ),
+                Some(entry) => {
+                    let reason = entry.warmup.state.reason().map(str::to_owned).or_else(|| {
+                        entry.pod.warmup_day.map(|day| format!("warmup day {day}"))
+                    });
+                    (PoolAddressState::from(&entry.warmup.state), reason)
+                }
                 None => (PoolAddressState::Held, None),
             };
+            // Only an evaluation or a change is news; rewriting the time on every pass would make every reconcile
+            // a status write.
+            let evaluated = assigned.is_some_and(|entry| entry.transition.is_some());
             let unchanged = previous.is_some_and(|previous| {
                 previous.state == state
-                    && previous.warmup_day == assigned.and_then(|(pod, _)| pod.warmup_day)
-                    && previous.daily_limit == assigned.and_then(|(pod, _)| pod.daily_limit)
+                    && previous.warmup_day == assigned.and_then(|entry| entry.pod.warmup_day)
+                    && previous.daily_limit == assigned.and_then(|entry| entry.pod.daily_limit)
             });
             PoolAddressStatus {
                 address: address.address.clone(),
                 hostname: Some(address.hostname.clone()),
-                ordinal: assigned.map(|(pod, _)| pod.ordinal),
-                warmup_start: assigned.map(|(_, start)| start.to_string()),
-                warmup_day: assigned.and_then(|(pod, _)| pod.warmup_day),
-                daily_limit: assigned.and_then(|(pod, _)| pod.daily_limit),
+                ordinal: assigned.map(|entry| entry.pod.ordinal),
+                warmup_start: assigned.map(|entry| entry.start.to_string()),
+                warmup_day: assigned.and_then(|entry| entry.pod.warmup_day),
+                daily_limit: assigned.and_then(|entry| entry.pod.daily_limit),
                 state,
                 reason,
-                // Only a change is a new evaluation; rewriting the time on every pass would make every reconcile a
-                // status write.
-                last_evaluated: if unchanged {
+                last_evaluated: if unchanged && !evaluated {
                     previous.and_then(|previous| previous.last_evaluated.clone())
                 } else {
                     Some(Time(now))
                 },
+                last_sent: assigned
+                    .and_then(|entry| entry.warmup.last_sent)
+                    .map(|date| date.to_string()),
             }
         })
         .collect()
@@ -302,29 +380,88 @@ mod tests {
         assert_eq!(summary.reason, "AddressInUse");
     }
 
+    fn no_results() -> BTreeMap<String, DayResults> {
+        BTreeMap::new()
+    }
+
     #[test]
-    fn new_addresses_start_today_and_keep_their_recorded_start() {
+    fn new_addresses_begin_their_schedule_and_recorded_ones_keep_their_day_until_judged() {
         let pool = tenant("t", 1, &["192.0.2.1", "192.0.2.2"]);
+        let spec = &pool.spec.ip_pool.warmup;
         let addresses: Vec<&PoolAddress> = pool.spec.ip_pool.addresses.iter().collect();
         let recorded = [PoolAddressStatus {
             address: "192.0.2.1".into(),
             hostname: None,
             ordinal: Some(0),
             warmup_start: Some("2026-11-20".into()),
-            warmup_day: Some(1),
-            daily_limit: Some(100),
+            warmup_day: Some(5),
+            daily_limit: warmup::daily_limit(spec, 5),
             state: PoolAddressState::Warming,
             reason: None,
-            last_evaluated: None,
+            last_evaluated: Some(Time("2026-11-24T00:00:10Z".parse().unwrap())),
+            last_sent: None,
         }];
-        let assigned = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &recorded, date(2026, 11, 25));
-        assert_eq!(assigned[0].0.warmup_day, Some(6));
-        assert_eq!(assigned[1].0.warmup_day, Some(1));
-        assert_eq!(assigned[1].1, date(2026, 11, 25));
-        assert_eq!(
-            assigned[0].0.daily_limit,
-            warmup::daily_limit(&pool.spec.ip_pool.warmup, 6)
+        let today = date(2026, 11, 25);
+        assert_eq!(due_for_evaluation(&recorded, today), [("192.0.2.1".to_owned(), 0)]);
+
+        // Yesterday's results not read yet: the recorded day holds, nothing is news.
+        let assigned = assign_pods(spec, &addresses, &recorded, today, &no_results());
+        assert_eq!((assigned[0].pod.warmup_day, assigned[0].transition), (Some(5), None));
+        assert_eq!(assigned[1].pod.warmup_day, Some(1), "an address added later starts today");
+        assert_eq!(assigned[1].start, today);
+
+        // A clean yesterday advances the day and its limit.
+        let clean = DayResults {
+            attempts: 100,
+            delivered: 99,
+            deferred: 1,
+            ..DayResults::default()
+        };
+        let results = BTreeMap::from([("192.0.2.1".to_owned(), clean)]);
+        let assigned = assign_pods(spec, &addresses, &recorded, today, &results);
+        assert_eq!(assigned[0].transition, Some(Transition::Advanced { from: 5, to: 6 }));
+        assert_eq!(assigned[0].pod.daily_limit, warmup::daily_limit(spec, 6));
+        let status = pool_status(
+            &pool.spec.ip_pool.addresses,
+            &assigned,
+            &BTreeMap::new(),
+            &recorded,
+            "2026-11-25T00:01:00Z".parse().unwrap(),
         );
+        assert_eq!(status[0].warmup_day, Some(6));
+        assert_eq!(status[0].last_sent.as_deref(), Some("2026-11-24"));
+        // Evaluated today: not due again until tomorrow.
+        assert!(due_for_evaluation(&status, today).is_empty());
+        assert_eq!(due_for_evaluation(&status, date(2026, 11, 26)).len(), 2);
+
+        // Bounces over the threshold hold the day, and status says why.
+        let bouncing = DayResults {
+            attempts: 100,
+            delivered: 97,
+            bounced: 3,
+            ..DayResults::default()
+        };
+        let results = BTreeMap::from([("192.0.2.1".to_owned(), bouncing)]);
+        let assigned = assign_pods(spec, &addresses, &recorded, today, &results);
+        assert_eq!((assigned[0].transition, assigned[0].pod.warmup_day), (Some(Transition::Held), Some(5)));
+        let status = pool_status(
+            &pool.spec.ip_pool.addresses,
+            &assigned,
+            &BTreeMap::new(),
+            &recorded,
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(status[0].state, PoolAddressState::Held);
+        assert!(status[0].reason.as_deref().is_some_and(|r| r.contains("bounce rate 3.0% over")), "{status:?}");
+        // Held is read back as held: the next day's clean results advance it again.
+        let next = assign_pods(
+            spec,
+            &addresses,
+            &status,
+            date(2026, 11, 26),
+            &BTreeMap::from([("192.0.2.1".to_owned(), clean)]),
+        );
+        assert_eq!(next[0].transition, Some(Transition::Advanced { from: 5, to: 6 }));
     }
 
     #[test]
@@ -332,8 +469,9 @@ mod tests {
         let mut pool = tenant("t", 1, &["192.0.2.1", "192.0.2.2"]);
         pool.spec.ip_pool.warmup.start_date = Some("2026-11-20".into());
         let addresses: Vec<&PoolAddress> = pool.spec.ip_pool.addresses.iter().collect();
-        let first = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &[], date(2026, 11, 25));
-        assert_eq!(first[0].0.warmup_day, Some(6), "already warming since the start date");
+        let today = date(2026, 11, 25);
+        let first = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &[], today, &no_results());
+        assert_eq!(first[0].pod.warmup_day, Some(6), "already warming since the start date");
         let recorded = pool_status(
             &pool.spec.ip_pool.addresses[..1],
             &first[..1],
@@ -341,8 +479,8 @@ mod tests {
             &[],
             Timestamp::UNIX_EPOCH,
         );
-        let later = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &recorded, date(2026, 11, 25));
-        assert_eq!(later[0].0.warmup_day, Some(6));
-        assert_eq!(later[1].0.warmup_day, Some(1), "an address added later starts today");
+        let later = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &recorded, today, &no_results());
+        assert_eq!(later[0].pod.warmup_day, Some(6));
+        assert_eq!(later[1].pod.warmup_day, Some(1), "an address added later starts today");
     }
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use jiff::Timestamp;
+use securemail_api::sidecar_status::ResultCounts;
 use securemail_api::tenant::OnFailure;
 
 use crate::dkim::KeyStore;
@@ -318,8 +319,26 @@ impl<P: PolicyLookup> Engine<P> {
                 attempt.tls.as_ref().map(|tls| tls.version),
             );
         }
+        let mut answered = ResultCounts::default();
         for answer in &answers {
-            self.metrics.recipients(provider, outcome::of_code(answer.code()), 1);
+            match outcome::of_code(answer.code()) {
+                Outcome::Delivered => answered.delivered += 1,
+                Outcome::Deferred => answered.deferred += 1,
+                Outcome::Bounced => answered.bounced += 1,
+            }
+        }
+        for (result, count) in [
+            (Outcome::Delivered, answered.delivered),
+            (Outcome::Deferred, answered.deferred),
+            (Outcome::Bounced, answered.bounced),
+        ] {
+            if count > 0 {
+                self.metrics.recipients(provider, result, count);
+            }
+        }
+        if let Some(ledger) = &self.warmup {
+            // The durable day counts /status reports and the operator's warmup loop judges.
+            ledger.record(provider, answered, self.clock.now());
         }
         self.metrics
             .duration(provider, final_outcome, started.elapsed().as_secs_f64());

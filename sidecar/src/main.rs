@@ -164,6 +164,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             reload_metrics.config_rejected();
         }
     }));
+    let day_counts = Arc::clone(&parts.warmup);
     tokio::spawn(swap_engine_on_change(config.clone(), Arc::clone(&backend), parts));
 
     let admin = AdminServer::bind(initial.listen.admin).await?;
@@ -172,9 +173,8 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         registry: Arc::new(registry),
         refresh_metrics: queue_metrics(config.clone(), SystemTime::now, metrics.clone()),
         status: with_reputation(
-            pod_status(config, SystemTime::now, {
-                let metrics = metrics.clone();
-                move || metrics.today()
+            pod_status(config, SystemTime::now, move || {
+                day_counts.results(jiff::Timestamp::now())
             }),
             move || reputation::status(&metrics, &breakers),
         ),

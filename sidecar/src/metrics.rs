@@ -1,4 +1,4 @@
-//! Delivery metrics for Prometheus and today's counts for `/status`. Labels are bounded (DESIGN.md): the
+//! Delivery metrics for Prometheus and today's classified remote replies for `/status`. Labels are bounded (DESIGN.md): the
 //! tenant and source address (constant per pod), provider class, result, policy source, TLS version, failure
 //! class; never a recipient domain or address. The queue gauges are set by whoever counts Postfix's queue (the
 //! admin server, at each scrape). Every family is listed in docs/metrics.md.
@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use securemail_api::sidecar_status::{CircuitState, DeliveryDay, QueueStatus, ReplyCounts, ResultCounts};
+use securemail_api::sidecar_status::{CircuitState, QueueStatus, ReplyCounts};
 use securemail_api::tenant::TlsVersion;
 
 use crate::deliver::WallClock;
@@ -123,7 +123,6 @@ pub enum LookupResult {
 
 struct Today {
     date: Date,
-    counts: BTreeMap<Provider, ResultCounts>,
     replies: BTreeMap<Provider, ReplyCounts>,
 }
 
@@ -160,7 +159,7 @@ fn tls_label(version: Option<TlsVersion>) -> &'static str {
 
 impl Metrics {
     /// Registers the families in `registry` with `tenant` and `source_ip` as constant labels; `clock` decides
-    /// when today's counts start over (UTC midnight).
+    /// when today's reply counts start over (UTC midnight).
     pub fn register(registry: &mut Registry, tenant: &str, source_ip: IpAddr, clock: Arc<dyn WallClock>) -> Self {
         let registry = registry.sub_registry_with_labels(
             [
@@ -187,7 +186,6 @@ impl Metrics {
             queue_scan_failures: Counter::default(),
             today: Mutex::new(Today {
                 date,
-                counts: BTreeMap::new(),
                 replies: BTreeMap::new(),
             }),
             clock,
@@ -302,13 +300,6 @@ impl Metrics {
             result: outcome_label(outcome),
         };
         self.inner.recipients.get_or_create(&labels).inc_by(count);
-        let mut today = self.lock_today();
-        let counts = today.counts.entry(provider).or_default();
-        match outcome {
-            Outcome::Delivered => counts.delivered += count,
-            Outcome::Deferred => counts.deferred += count,
-            Outcome::Bounced => counts.bounced += count,
-        }
     }
 
     pub fn duration(&self, provider: Provider, outcome: Outcome, seconds: f64) {
@@ -415,18 +406,6 @@ impl Metrics {
         (today.date, replies)
     }
 
-    /// Today's recipient counts per provider and result.
-    pub fn today(&self) -> DeliveryDay {
-        let today = self.lock_today();
-        DeliveryDay {
-            date: today.date,
-            providers: Provider::ALL
-                .iter()
-                .map(|&provider| (provider, today.counts.get(&provider).copied().unwrap_or_default()))
-                .collect(),
-        }
-    }
-
     /// Today's counts, started over if the UTC date changed since the last use.
     fn lock_today(&self) -> std::sync::MutexGuard<'_, Today> {
         // Counts are plain integers: a panic elsewhere cannot leave them half-updated.
@@ -434,7 +413,6 @@ impl Metrics {
         let date = utc_date(self.inner.clock.as_ref());
         if date != today.date {
             today.date = date;
-            today.counts.clear();
             today.replies.clear();
         }
         today
@@ -504,22 +482,9 @@ mod tests {
             assert!(text.contains(expected), "{expected} missing from\n{text}");
         }
 
-        let today = metrics.today();
-        assert_eq!(today.date, Date::constant(2026, 1, 1));
-        assert_eq!(today.providers.len(), 5);
-        assert_eq!(today.providers[&Provider::Gmail].delivered, 2);
-        assert_eq!(today.providers[&Provider::Other].bounced, 1);
-        assert_eq!(today.providers[&Provider::Apple], ResultCounts::default());
-
+        assert_eq!(metrics.replies_today().0, Date::constant(2026, 1, 1));
         clock.0.fetch_add(1, Ordering::SeqCst);
-        let tomorrow = metrics.today();
-        assert_eq!(tomorrow.date, Date::constant(2026, 1, 2));
-        assert!(
-            tomorrow
-                .providers
-                .values()
-                .all(|counts| *counts == ResultCounts::default())
-        );
+        assert_eq!(metrics.replies_today().0, Date::constant(2026, 1, 2));
     }
     #[test]
     fn queue_gauges_follow_the_last_count_and_go_absent_when_it_fails() {

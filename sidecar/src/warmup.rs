@@ -2,6 +2,9 @@
 //! splits it per provider class (`provider_caps`) and smooths it over the UTC day (`hourly_allowance`), counts what
 //! this address sent, and refuses beyond the allowance with 452 4.7.1 so Postfix keeps the mail and retries.
 //!
+//! The same file keeps the day's recipients per provider and result, and the previous day's: `/status` reports both,
+//! and after midnight the operator's warmup loop judges the day that just ended, even across a restart.
+//!
 //! Counts live in `<stateDir>/warmup-counters.json`, replaced atomically, so a restart or a pod moving to another
 //! node (the volume moves with it) does not hand out the day's allowance twice. One thread stores them, at once when
 //! idle and at most every [`WRITE_INTERVAL`] under load, so a busy address pays for a few flushes a second rather
@@ -22,6 +25,7 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use securemail_api::provider::Provider;
 use securemail_api::sidecar_config::WarmupCaps;
+use securemail_api::sidecar_status::{DeliveryDay, ResultCounts};
 use securemail_api::warmup::{hourly_allowance, provider_caps};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +38,34 @@ pub const WRITE_INTERVAL: Duration = Duration::from_millis(500);
 struct Counters {
     date: Date,
     sent: BTreeMap<Provider, u32>,
+    /// Recipients answered today per provider and result (a file from an older sidecar has none).
+    #[serde(default)]
+    results: BTreeMap<Provider, ResultCounts>,
+    /// The last earlier day this address counted, kept across midnight and restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<DeliveryDay>,
+}
+
+impl Counters {
+    /// A new day: nothing sent yet, the day before kept as `previous`.
+    fn next_day(self, date: Date) -> Self {
+        Self {
+            date,
+            sent: BTreeMap::new(),
+            results: BTreeMap::new(),
+            previous: Some(self.delivery_day()),
+        }
+    }
+
+    fn delivery_day(&self) -> DeliveryDay {
+        DeliveryDay {
+            date: self.date,
+            providers: Provider::ALL
+                .iter()
+                .map(|&provider| (provider, self.results.get(&provider).copied().unwrap_or_default()))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -110,7 +142,11 @@ impl WarmupLimiter {
                     path: path.clone(),
                     reason: err.to_string(),
                 })?;
-                if stored.date == today { stored } else { empty(today) }
+                if stored.date == today {
+                    stored
+                } else {
+                    stored.next_day(today)
+                }
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => empty(today),
             Err(source) => return Err(WarmupError::Io { path, source }),
@@ -178,6 +214,29 @@ impl WarmupLimiter {
             return;
         }
         *state.counters.sent.entry(reservation.provider).or_default() += sent.min(reservation.count);
+        self.changed(state);
+    }
+
+    /// Counts recipients the sidecar answered for `provider`, for today's results.
+    pub fn record(&self, provider: Provider, answered: ResultCounts, now: Timestamp) {
+        let mut state = self.lock();
+        roll_over(&mut state, now);
+        let counts = state.counters.results.entry(provider).or_default();
+        counts.delivered = counts.delivered.saturating_add(answered.delivered);
+        counts.deferred = counts.deferred.saturating_add(answered.deferred);
+        counts.bounced = counts.bounced.saturating_add(answered.bounced);
+        self.changed(state);
+    }
+
+    /// Today's results and the previous day's (absent before this address's first full day).
+    pub fn results(&self, now: Timestamp) -> (DeliveryDay, Option<DeliveryDay>) {
+        let mut state = self.lock();
+        roll_over(&mut state, now);
+        (state.counters.delivery_day(), state.counters.previous.clone())
+    }
+
+    /// Hands the counters changed under `state` to the writer thread.
+    fn changed(&self, mut state: MutexGuard<'_, State>) {
         state.changes += 1;
         // Waking a writer that is pausing between writes would only cost a context switch.
         let wake = state.writer_idle;
@@ -315,13 +374,16 @@ fn empty(date: Date) -> Counters {
     Counters {
         date,
         sent: BTreeMap::new(),
+        results: BTreeMap::new(),
+        previous: None,
     }
 }
 
 fn roll_over(state: &mut State, now: Timestamp) {
     let today = utc_date(now);
     if state.counters.date != today {
-        state.counters = empty(today);
+        let ended = std::mem::replace(&mut state.counters, empty(today));
+        state.counters = ended.next_day(today);
     }
 }
 
@@ -435,6 +497,43 @@ mod tests {
         threads.into_iter().for_each(|thread| thread.join().unwrap());
         drop(Arc::into_inner(limiter).unwrap());
         assert_eq!(stored(), 201, "every count is stored once the limiter stops");
+    }
+
+    #[test]
+    fn day_results_survive_restarts_and_after_midnight_become_the_previous_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let evening = at("2026-11-26T23:00:00Z");
+        let counts = ResultCounts {
+            delivered: 5,
+            deferred: 2,
+            bounced: 1,
+        };
+        let limiter = WarmupLimiter::load(dir.path(), caps(100), evening).unwrap();
+        limiter.record(Provider::Gmail, counts, evening);
+        drop(limiter);
+
+        let restarted = WarmupLimiter::load(dir.path(), caps(100), evening).unwrap();
+        let (today, previous) = restarted.results(evening);
+        assert_eq!((today.providers[&Provider::Gmail], previous), (counts, None));
+        assert_eq!(today.providers.len(), Provider::ALL.len());
+
+        let after_midnight = at("2026-11-27T00:10:00Z");
+        let (today, previous) = restarted.results(after_midnight);
+        assert_eq!(today.date, "2026-11-27".parse::<Date>().unwrap());
+        assert!(today.providers.values().all(|c| *c == ResultCounts::default()));
+        let previous = previous.unwrap();
+        assert_eq!(
+            (previous.date, previous.providers[&Provider::Gmail]),
+            ("2026-11-26".parse().unwrap(), counts)
+        );
+        drop(restarted);
+
+        // A sidecar first started after midnight finds the same previous day in the file.
+        let next = WarmupLimiter::load(dir.path(), caps(100), after_midnight).unwrap();
+        assert_eq!(
+            next.results(after_midnight).1.unwrap().providers[&Provider::Gmail],
+            counts
+        );
     }
 
     #[test]

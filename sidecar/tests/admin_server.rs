@@ -83,9 +83,9 @@ fn config(queue_dir: Option<&Path>) -> SidecarConfig {
 }
 
 /// Today's counts as the delivery engine's metrics would report them.
-fn delivery_day() -> DeliveryDay {
+fn delivery_day(date: jiff::civil::Date) -> DeliveryDay {
     DeliveryDay {
-        date: jiff::civil::date(2026, 11, 25),
+        date,
         providers: [(
             Provider::Gmail,
             ResultCounts {
@@ -120,7 +120,16 @@ async fn start(queue_dir: Option<&Path>, mut registry: Registry) -> Running {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
         refresh_metrics: queue_metrics(receiver.clone(), || SystemTime::UNIX_EPOCH + NOW, metrics),
-        status: pod_status(receiver, || SystemTime::UNIX_EPOCH + NOW, delivery_day),
+        status: pod_status(
+            receiver,
+            || SystemTime::UNIX_EPOCH + NOW,
+            || {
+                (
+                    delivery_day(jiff::civil::date(2026, 11, 25)),
+                    Some(delivery_day(jiff::civil::date(2026, 11, 24))),
+                )
+            },
+        ),
     };
     let server = AdminServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = server.local_addr();
@@ -226,7 +235,8 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
                 messages: 1,
                 oldest_age_seconds: Some(90),
             },
-            today: Some(delivery_day()),
+            today: Some(delivery_day(jiff::civil::date(2026, 11, 25))),
+            yesterday: Some(delivery_day(jiff::civil::date(2026, 11, 24))),
             reputation: None,
         }
     );
@@ -237,6 +247,10 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
             "queue": {"messages": 1, "oldestAgeSeconds": 90},
             "today": {
                 "date": "2026-11-25",
+                "providers": {"gmail": {"delivered": 3, "deferred": 1, "bounced": 0}},
+            },
+            "yesterday": {
+                "date": "2026-11-24",
                 "providers": {"gmail": {"delivered": 3, "deferred": 1, "bounced": 0}},
             },
         })

@@ -21,8 +21,8 @@ use base64::Engine as _;
 use prometheus_client::registry::Registry;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use securemail_api::sidecar_config::{SigningDomain, SigningKey};
-use securemail_api::tenant::{DkimAlgorithm, OnFailure, TlsVersion};
+use securemail_api::sidecar_config::{SigningDomain, SigningKey, WarmupCaps};
+use securemail_api::tenant::{DkimAlgorithm, OnFailure, ProviderShares, TlsVersion};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::dkim::KeyStore;
 use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, EvidenceWriter, PolicySource};
@@ -32,6 +32,7 @@ use securemail_sidecar::policy::{DomainPolicy, MxCandidate, PeerAuth, PolicyErro
 use securemail_sidecar::provider::Provider;
 use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
 use securemail_sidecar::tls::TlsConfigs;
+use securemail_sidecar::warmup::WarmupLimiter;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -341,7 +342,8 @@ fn policy(mx: Vec<MxCandidate>, on_failure: OnFailure) -> FixedPolicy {
 
 struct Harness {
     engine: Arc<Engine<FixedPolicy>>,
-    metrics: Metrics,
+    /// A warm address's limiter (no caps), keeping the day's counts as in production.
+    day_counts: Arc<WarmupLimiter>,
     dir: tempfile::TempDir,
 }
 
@@ -404,18 +406,25 @@ fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
     };
     let config = EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer);
     let evidence = EvidenceWriter::spawn(EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap()).unwrap();
+    let warm = WarmupCaps {
+        day: None,
+        daily_limit: None,
+        provider_shares: ProviderShares::default(),
+    };
+    let day_counts = Arc::new(WarmupLimiter::load(dir.path(), warm, jiff::Timestamp::now()).unwrap());
     let engine = Engine::new(
         config,
         policy,
         Arc::new(keys),
         Arc::new(TlsConfigs::with_roots(roots)),
         evidence,
-        metrics.clone(),
+        metrics,
         clock,
-    );
+    )
+    .with_warmup(Arc::clone(&day_counts));
     Harness {
         engine: Arc::new(engine),
-        metrics,
+        day_counts,
         dir,
     }
 }
@@ -574,7 +583,7 @@ async fn webpki_delivery_sends_the_signed_dot_stuffed_message_over_tls_and_recor
     assert_eq!(record["tls"]["peerChainSha256"][1], hex(&sha256(&pki.ca)));
     assert!(!serde_json::to_string(&records).unwrap().contains("patient"));
 
-    let today = harness.metrics.today();
+    let (today, _) = harness.day_counts.results(jiff::Timestamp::now());
     assert_eq!(today.providers[&Provider::Other].delivered, 1);
 }
 
@@ -775,7 +784,7 @@ async fn remote_replies_are_passed_on_per_recipient_with_addresses_redacted() {
     let log = receiver.log();
     assert_eq!(log.messages.len(), 1);
     assert_eq!(log.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 3);
-    let today = harness.metrics.today();
+    let (today, _) = harness.day_counts.results(jiff::Timestamp::now());
     let counts = today.providers[&Provider::Other];
     assert_eq!((counts.delivered, counts.deferred, counts.bounced), (1, 1, 1));
 }

@@ -24,18 +24,20 @@ pub type StatusSource = Arc<dyn Fn() -> Result<SidecarStatus, StatusError> + Sen
 pub type MetricsRefresh = Arc<dyn Fn() + Send + Sync>;
 
 /// The pool address, Postfix's queue (from the configuration in use at each request; `now` dates the oldest
-/// message) and today's delivery counts.
+/// message), and the delivery counts of today and of the previous day (`days`).
 pub fn pod_status(
     config: watch::Receiver<Arc<SidecarConfig>>,
     now: impl Fn() -> SystemTime + Send + Sync + 'static,
-    today: impl Fn() -> DeliveryDay + Send + Sync + 'static,
+    days: impl Fn() -> (DeliveryDay, Option<DeliveryDay>) + Send + Sync + 'static,
 ) -> StatusSource {
     Arc::new(move || {
         let config = Arc::clone(&config.borrow());
+        let (today, yesterday) = days();
         Ok(SidecarStatus {
             address: config.source.address,
             queue: scan_queue(&config, now())?,
-            today: Some(today()),
+            today: Some(today),
+            yesterday,
             reputation: None,
         })
     })
