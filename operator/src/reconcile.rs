@@ -20,11 +20,11 @@ use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use securemail_api::SecureMailTenant;
-use securemail_api::warmup::state::{DayResults, Transition};
 use securemail_api::tenant::{
     DeletionPolicy, DkimSelectorState, DkimSelectorStatus, PoolAddress, PoolAddressState, PoolAddressStatus,
     SecureMailTenantStatus,
 };
+use securemail_api::warmup::state::{DayResults, Transition};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -700,7 +700,10 @@ async fn yesterday_results(
             // A pod serving another address (the pool changed) says nothing about this one.
             Ok(status) if status.address.to_string() == *address => {
                 let day = status.yesterday.filter(|day| day.date == day_before);
-                results.insert(address.clone(), day.as_ref().map(DayResults::from_delivery_day).unwrap_or_default());
+                results.insert(
+                    address.clone(),
+                    day.as_ref().map(DayResults::from_delivery_day).unwrap_or_default(),
+                );
             }
             Ok(_) => unread.push(address.clone()),
             Err(reason) => {

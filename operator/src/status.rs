@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use jiff::civil::Date;
+use jiff::tz::TimeZone;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use securemail_api::SecureMailTenant;
-use jiff::tz::TimeZone;
 use securemail_api::tenant::{PoolAddress, PoolAddressState, PoolAddressStatus, WarmupSpec};
 use securemail_api::warmup;
 use securemail_api::warmup::state::{AddressWarmup, DayResults, Transition, WarmupState, evaluate};
@@ -265,13 +265,18 @@ pub fn pool_status(
                     last_sent: None,
                 };
             }
-            let assigned = assigned.iter().find(|entry| entry.pod.address.address == address.address);
+            let assigned = assigned
+                .iter()
+                .find(|entry| entry.pod.address.address == address.address);
             let previous = recorded.iter().find(|status| status.address == address.address);
             let (state, reason) = match assigned {
                 Some(entry) => {
-                    let reason = entry.warmup.state.reason().map(str::to_owned).or_else(|| {
-                        entry.pod.warmup_day.map(|day| format!("warmup day {day}"))
-                    });
+                    let reason = entry
+                        .warmup
+                        .state
+                        .reason()
+                        .map(str::to_owned)
+                        .or_else(|| entry.pod.warmup_day.map(|day| format!("warmup day {day}")));
                     (PoolAddressState::from(&entry.warmup.state), reason)
                 }
                 None => (PoolAddressState::Held, None),
@@ -407,7 +412,11 @@ mod tests {
         // Yesterday's results not read yet: the recorded day holds, nothing is news.
         let assigned = assign_pods(spec, &addresses, &recorded, today, &no_results());
         assert_eq!((assigned[0].pod.warmup_day, assigned[0].transition), (Some(5), None));
-        assert_eq!(assigned[1].pod.warmup_day, Some(1), "an address added later starts today");
+        assert_eq!(
+            assigned[1].pod.warmup_day,
+            Some(1),
+            "an address added later starts today"
+        );
         assert_eq!(assigned[1].start, today);
 
         // A clean yesterday advances the day and its limit.
@@ -443,7 +452,10 @@ mod tests {
         };
         let results = BTreeMap::from([("192.0.2.1".to_owned(), bouncing)]);
         let assigned = assign_pods(spec, &addresses, &recorded, today, &results);
-        assert_eq!((assigned[0].transition, assigned[0].pod.warmup_day), (Some(Transition::Held), Some(5)));
+        assert_eq!(
+            (assigned[0].transition, assigned[0].pod.warmup_day),
+            (Some(Transition::Held), Some(5))
+        );
         let status = pool_status(
             &pool.spec.ip_pool.addresses,
             &assigned,
@@ -452,7 +464,13 @@ mod tests {
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(status[0].state, PoolAddressState::Held);
-        assert!(status[0].reason.as_deref().is_some_and(|r| r.contains("bounce rate 3.0% over")), "{status:?}");
+        assert!(
+            status[0]
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("bounce rate 3.0% over")),
+            "{status:?}"
+        );
         // Held is read back as held: the next day's clean results advance it again.
         let next = assign_pods(
             spec,
