@@ -30,14 +30,14 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -s
 for example in "$root"/examples/*.yaml; do
   namespace=$(sed -n 's/^  namespace: //p' "$example" | head -n 1)
   kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  for secret in $(sed -n 's/^ *secretName: //p' "$example"); do
+  while read -r secret; do
     kubectl -n "$namespace" create secret tls "$secret" --cert="$certs/tls.crt" --key="$certs/tls.key" \
-      --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  done
-  for secret in $(sed -n 's/^ *caSecretName: //p' "$example"); do
+      --dry-run=client -o yaml </dev/null | kubectl apply -f - >/dev/null
+  done < <(sed -n 's/^ *secretName: //p' "$example")
+  while read -r secret; do
     kubectl -n "$namespace" create secret generic "$secret" --from-file=ca.crt="$certs/tls.crt" \
-      --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  done
+      --dry-run=client -o yaml </dev/null | kubectl apply -f - >/dev/null
+  done < <(sed -n 's/^ *caSecretName: //p' "$example")
   kubectl apply -f "$example"
 done
 echo "(a tenant whose certificate comes from a cert-manager issuer reports ConfigValid=False until its Secret exists)"
