@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dataplane;
+pub mod dnsbl;
 pub mod operator;
 pub mod tenants;
 

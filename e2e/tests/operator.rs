@@ -17,6 +17,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_api::tenant::{DkimSelectorState, PoolAddress};
+use securemail_e2e::dnsbl::BlocklistServer;
 use securemail_e2e::operator::{OPERATOR_USER, Operator};
 use securemail_e2e::tenants::{
     WAIT, assert_children, condition, create, create_secret, create_tenant, example, key_secrets, pods_become_ready,
@@ -29,6 +30,7 @@ use serde_json::json;
 async fn operator_reconciles_tenants_against_a_real_apiserver() {
     ensure_crd();
     let client = client().await;
+    let blocklist = BlocklistServer::start().await;
     let mut operator = Operator::start(18_181);
 
     every_example_reconciles_to_owned_children_and_a_truthful_status(&client).await;
@@ -39,6 +41,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     a_paused_tenant_is_left_alone(&client).await;
     a_missing_secret_makes_the_config_invalid_until_it_appears(&client).await;
     the_warmup_loop_judges_yesterday_from_the_pods_status(&client).await;
+    a_listed_address_is_named_with_its_zone(&client, &blocklist).await;
     deletion_follows_the_deletion_policy(&client).await;
     a_shrinking_pool_drains_before_the_pod_and_volume_go(&client).await;
     deleting_a_drain_tenant_waits_for_empty_queues(&client).await;
@@ -433,6 +436,43 @@ async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client) 
     assert_eq!(serde_json::to_value(advanced.state).ok(), Some(json!("Warming")));
     assert_eq!(advanced.daily_limit, securemail_api::warmup::daily_limit(&spec, 6));
     drop(pod);
+}
+
+async fn a_listed_address_is_named_with_its_zone(client: &Client, blocklist: &BlocklistServer) {
+    let namespace = unique_namespace("dnsbl");
+    let mut tenant = example("dedicated-warmup.yaml", &namespace);
+    tenant.spec.ip_pool.dnsbl.zones = vec!["bl.e2e.test".into(), "clean.e2e.test".into()];
+    let listed = tenant.spec.ip_pool.addresses[1].address.clone();
+    blocklist.list(
+        listed.parse().unwrap_or_else(|err| panic!("{err}")),
+        "bl.e2e.test",
+        "127.0.0.2".parse().unwrap_or_else(|err| panic!("{err}")),
+    );
+    let name = create(client, &tenant).await.name_any();
+    let tenant = reconciled(client, &namespace, &name).await;
+    let (status, reason, message) = condition(&tenant, "IpListed").unwrap_or_default();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Listed"), "{message}");
+    assert_eq!(message, format!("{listed} is listed on bl.e2e.test (127.0.0.2)"));
+    assert_eq!(
+        condition(&tenant, "Ready").map(|c| c.1),
+        condition(&tenant, "MtaAvailable").map(|c| c.1),
+        "a listing is reported beside Ready, not in it"
+    );
+
+    // A zone that cannot answer is Unknown, never "not listed".
+    let namespace = unique_namespace("dnsbl-broken");
+    let mut tenant = example("minimal.yaml", &namespace);
+    tenant.spec.ip_pool.dnsbl.zones = vec!["broken.e2e.test".into()];
+    blocklist.break_zone("broken.e2e.test");
+    let name = create(client, &tenant).await.name_any();
+    let tenant = reconciled(client, &namespace, &name).await;
+    let (status, reason, message) = condition(&tenant, "IpListed").unwrap_or_default();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("Unknown", "CheckFailed"),
+        "{message}"
+    );
+    assert!(message.contains("on broken.e2e.test"), "{message}");
 }
 
 async fn deletion_follows_the_deletion_policy(client: &Client) {

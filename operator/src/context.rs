@@ -22,6 +22,7 @@ use securemail_api::SecureMailTenant;
 use tokio::sync::Semaphore;
 
 use crate::build::Settings;
+use crate::dnsbl::DnsblWatch;
 use crate::names::MANAGER;
 
 /// Where reconciles get the time; tests set it.
@@ -81,6 +82,7 @@ pub struct Context {
     pub keygen: Arc<Semaphore>,
     /// Consecutive failures per tenant, for exponential backoff.
     pub failures: Arc<Mutex<HashMap<ObjectRef<SecureMailTenant>, u32>>>,
+    pub dnsbl: Arc<DnsblWatch>,
 }
 
 impl std::fmt::Debug for Context {
@@ -98,6 +100,7 @@ impl Context {
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         stores: Stores,
+        dnsbl: Arc<DnsblWatch>,
         instance: Option<String>,
     ) -> Self {
         let reporter = Reporter {
@@ -115,6 +118,7 @@ impl Context {
                 std::thread::available_parallelism().map_or(1, usize::from),
             )),
             failures: Arc::default(),
+            dnsbl,
         }
     }
 }

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::admin::Health;
 use crate::build::Settings;
 use crate::context::{Clock, Context, Metrics, Stores};
+use crate::dnsbl::DnsblWatch;
 use crate::names::{MANAGED_SELECTOR, MANAGER};
 use crate::reconcile::{error_policy, reconcile};
 
@@ -99,12 +100,14 @@ pub async fn run(
         disruption_budgets,
         network_policies,
     };
+    let dnsbl = Arc::new(DnsblWatch::new(settings.dnsbl_nameserver).map_err(anyhow::Error::msg)?);
     let context = Arc::new(Context::new(
         client.clone(),
         settings,
         metrics,
         clock,
         stores,
+        dnsbl,
         leader_election.as_ref().map(|election| election.identity.clone()),
     ));
     let reconciling = controller

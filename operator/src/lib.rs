@@ -10,6 +10,7 @@ pub mod crd;
 pub mod dkim;
 pub mod dkim_keys;
 pub mod dns_endpoint;
+pub mod dnsbl;
 pub mod drain;
 mod error;
 pub mod inputs;

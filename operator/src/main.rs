@@ -76,6 +76,10 @@ struct RunArgs {
     /// A draining pod's queue must read empty twice, this many seconds apart, before the pod and its volume go.
     #[arg(long, env = "SECUREMAIL_DRAIN_CONFIRMATION_SECONDS", default_value_t = DEFAULT_DRAIN_CONFIRMATION.as_secs())]
     drain_confirmation_seconds: u64,
+    /// Resolver (address:port) for the DNSBL checks of pool addresses; default: /etc/resolv.conf's. Blocklists
+    /// refuse queries from large public resolvers: point this at a recursive resolver of your own.
+    #[arg(long, env = "SECUREMAIL_DNSBL_NAMESERVER")]
+    dnsbl_nameserver: Option<SocketAddr>,
     #[command(flatten)]
     images: ImageArgs,
 }
@@ -128,6 +132,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         monitoring_namespace: args.monitoring_namespace,
         operator_namespace: args.namespace.clone(),
         drain_confirmation: Duration::from_secs(args.drain_confirmation_seconds),
+        dnsbl_nameserver: args.dnsbl_nameserver,
         ..Settings::default()
     });
     let metrics = Arc::new(Metrics::default());

@@ -1,6 +1,7 @@
 //! The reconcile loop: finalizer first, then gather facts, decide (pure), apply, sweep and write status.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_api::tenant::{
-    DeletionPolicy, DkimSelectorState, DkimSelectorStatus, PoolAddress, PoolAddressState, PoolAddressStatus,
+    DeletionPolicy, DkimSelectorState, DkimSelectorStatus, DnsblSpec, PoolAddress, PoolAddressState, PoolAddressStatus,
     SecureMailTenantStatus,
 };
 use securemail_api::warmup::state::{DayResults, Transition};
@@ -33,7 +34,7 @@ use crate::context::Context;
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
-use crate::{Error, Result, apply, dkim_keys, dns_endpoint, drain, inputs, pod_status};
+use crate::{Error, Result, apply, dkim_keys, dns_endpoint, dnsbl, drain, inputs, pod_status};
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
 pub const FINALIZER: &str = "securemail.io/drain";
@@ -147,12 +148,21 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     // holds or rolls back on them.
     let due = status::due_for_evaluation(&previous.ip_pool, today);
     let (yesterday, unread) = yesterday_results(ctx, &namespace, &names, &due, today).await?;
+    let dnsbl_spec = &tenant.spec.ip_pool.dnsbl;
+    let pool_ips: Vec<IpAddr> = usable
+        .iter()
+        .filter_map(|address| address.address.parse().ok())
+        .collect();
+    let blocklists = ctx.dnsbl.check(&pool_ips, dnsbl_spec, now).await;
+    let (listings, unchecked) = dnsbl::findings(&blocklists);
+    let listed: BTreeSet<String> = listings.iter().map(|listing| listing.address.to_string()).collect();
     let assignments = status::assign_pods(
         &tenant.spec.ip_pool.warmup,
         &usable,
         &previous.ip_pool,
         today,
         &yesterday,
+        &listed,
     );
 
     // DKIM keys: adopt what is stored, generate what is missing, retire what is done.
@@ -204,6 +214,8 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         conflict_condition(&conflicts),
     ];
     updates.push(status::ready(&updates));
+    // Beside Ready: a listing hurts delivery, but the tenant's infrastructure is as configured.
+    updates.push(listing_condition(dnsbl_spec, &listings, &unchecked));
     // Draining is reported beside Ready, not in it: the pool itself can be fine while an old pod empties.
     let mut ip_pool = status::pool_status(
         &tenant.spec.ip_pool.addresses,
@@ -227,7 +239,8 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         );
         // A condition's first appearance is news only for an address conflict; pods not ready yet at creation is not.
         let existed = conditions.iter().any(|condition| condition.type_ == type_);
-        let news = existed || (type_ == status::IP_POOL_CONFLICT && status_now);
+        let news =
+            existed || (matches!(type_, status::IP_POOL_CONFLICT | status::IP_LISTED) && status_now == Some(true));
         if status::set_condition(&mut conditions, update, generation, now) && news {
             let kind = if transition_is_bad(type_, status_now, &reason) {
                 EventType::Warning
@@ -272,7 +285,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         .reconciles
         .get_or_create(&crate::context::ResultLabels { result: "success" })
         .inc();
-    Ok(Action::requeue(if !pool_plan.draining.is_empty() {
+    let requeue = if !pool_plan.draining.is_empty() {
         drain::recheck_after(&pool_plan, now, DRAIN_RECHECK)
     } else if !unread.is_empty() {
         // A pod that could not report yesterday is asked again soon; its address is judged once it answers.
@@ -284,7 +297,48 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         CRD_RECHECK
     } else {
         next_wakeup(now)
+    };
+    Ok(Action::requeue(if dnsbl_spec.zones.is_empty() {
+        requeue
+    } else {
+        requeue.min(Duration::from_secs(u64::from(dnsbl_spec.interval_minutes) * 60))
     }))
+}
+
+/// `IpListed`: True naming each listed address and zone, Unknown when a zone could not be asked (never "not
+/// listed" on a failure), False otherwise.
+fn listing_condition(
+    spec: &DnsblSpec,
+    listings: &[dnsbl::Listing<'_>],
+    unchecked: &[dnsbl::Unchecked<'_>],
+) -> ConditionUpdate {
+    if spec.zones.is_empty() {
+        return ConditionUpdate::new(status::IP_LISTED, false, "NotChecked", "no DNSBL zones configured");
+    }
+    if !listings.is_empty() {
+        let found: Vec<String> = listings
+            .iter()
+            .map(|listing| format!("{} is listed on {} ({})", listing.address, listing.zone, listing.code))
+            .collect();
+        return ConditionUpdate::new(status::IP_LISTED, true, "Listed", found.join("; "));
+    }
+    if !unchecked.is_empty() {
+        let failed: Vec<String> = unchecked
+            .iter()
+            .map(|failed| format!("{} on {}: {}", failed.address, failed.zone, failed.reason))
+            .collect();
+        return ConditionUpdate::unknown(
+            status::IP_LISTED,
+            "CheckFailed",
+            format!("could not check {}", failed.join("; ")),
+        );
+    }
+    ConditionUpdate::new(
+        status::IP_LISTED,
+        false,
+        "NotListed",
+        format!("no pool address is listed on {}", spec.zones.join(", ")),
+    )
 }
 
 /// Deletion. Orphan: every child loses its owner reference, so pods, keys and volumes stay. Drain: every pod
@@ -626,12 +680,14 @@ fn conflict_condition(conflicts: &BTreeMap<String, String>) -> ConditionUpdate {
     )
 }
 
-fn transition_is_bad(type_: &str, status_now: bool, reason: &str) -> bool {
+fn transition_is_bad(type_: &str, status_now: Option<bool>, reason: &str) -> bool {
     match type_ {
-        status::IP_POOL_CONFLICT | status::DRAINING => status_now,
+        status::IP_POOL_CONFLICT | status::DRAINING => status_now == Some(true),
+        // Listed, or not known whether listed.
+        status::IP_LISTED => status_now != Some(false),
         // Publishing DNS by hand is a choice, not a problem.
         status::DNS_PUBLISHED => reason == "CrdMissing",
-        _ => !status_now,
+        _ => status_now != Some(true),
     }
 }
 

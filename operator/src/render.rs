@@ -1,7 +1,7 @@
 //! Offline rendering of a tenant's children, DNS records and warmup caps through the same builders as the
 //! reconcile loop — for GitOps previews and diffs. Nothing here talks to a cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -38,7 +38,14 @@ pub fn render(tenant: &SecureMailTenant, today: Date, keys_dir: Option<&Path>, s
 
     let plan = dkim::plan(&tenant.spec.domains, &[], &[], now);
     let usable: Vec<&PoolAddress> = tenant.spec.ip_pool.addresses.iter().collect();
-    let assignments = status::assign_pods(&tenant.spec.ip_pool.warmup, &usable, &[], today, &BTreeMap::new());
+    let assignments = status::assign_pods(
+        &tenant.spec.ip_pool.warmup,
+        &usable,
+        &[],
+        today,
+        &BTreeMap::new(),
+        &BTreeSet::new(),
+    );
     let observed = Observed {
         today,
         signing_keys: build::signing_keys(&plan.selectors, &names),

@@ -1,7 +1,7 @@
 //! Pure status logic: conditions shaped like metav1.Condition, the address conflict rule and per-address warmup
 //! assignment. The reconcile loop gathers facts, these functions decide what status says.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
 use jiff::civil::Date;
@@ -22,12 +22,14 @@ pub const IP_POOL_CONFLICT: &str = "IpPoolConflict";
 pub const PAUSED: &str = "Paused";
 pub const DRAINING: &str = "Draining";
 pub const DNS_PUBLISHED: &str = "DnsPublished";
+pub const IP_LISTED: &str = "IpListed";
 
 /// The desired state of one condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConditionUpdate {
     pub type_: &'static str,
-    pub status: bool,
+    /// `None`: Unknown (the facts could not be established).
+    pub status: Option<bool>,
     pub reason: String,
     pub message: String,
 }
@@ -36,9 +38,17 @@ impl ConditionUpdate {
     pub fn new(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Self {
         Self {
             type_,
-            status,
+            status: Some(status),
             reason: reason.to_owned(),
             message: message.into(),
+        }
+    }
+
+    /// A condition whose status could not be established.
+    pub fn unknown(type_: &'static str, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: None,
+            ..Self::new(type_, false, reason, message)
         }
     }
 }
@@ -51,7 +61,12 @@ pub fn set_condition(
     generation: Option<i64>,
     now: Timestamp,
 ) -> bool {
-    let status = if update.status { "True" } else { "False" }.to_owned();
+    let status = match update.status {
+        Some(true) => "True",
+        Some(false) => "False",
+        None => "Unknown",
+    }
+    .to_owned();
     match conditions.iter_mut().find(|condition| condition.type_ == update.type_) {
         Some(existing) => {
             let transitioned = existing.status != status;
@@ -82,7 +97,7 @@ pub fn set_condition(
 pub fn ready(updates: &[ConditionUpdate]) -> ConditionUpdate {
     let bad = updates.iter().find(|update| {
         let healthy_when_true = update.type_ != IP_POOL_CONFLICT;
-        update.status != healthy_when_true
+        update.status != Some(healthy_when_true)
     });
     match bad {
         Some(update) => ConditionUpdate::new(READY, false, &update.reason, update.message.clone()),
@@ -166,6 +181,7 @@ pub fn assign_pods(
     recorded: &[PoolAddressStatus],
     today: Date,
     yesterday: &BTreeMap<String, DayResults>,
+    listed: &BTreeSet<String>,
 ) -> Vec<Assigned> {
     let spec_start = spec.start_date.as_deref().and_then(|date| date.parse::<Date>().ok());
     usable
@@ -185,8 +201,8 @@ pub fn assign_pods(
                 None => (AddressWarmup::begin(spec, start, today), None),
                 Some(recorded) => match yesterday.get(&address.address) {
                     Some(results) => {
-                        // No DNSBL watch yet: nothing is reported listed.
-                        let (next, transition) = evaluate(&recorded, results, false, spec, today);
+                        let listed = listed.contains(&address.address);
+                        let (next, transition) = evaluate(&recorded, results, listed, spec, today);
                         (next, Some(transition).filter(|t| *t != Transition::AlreadyEvaluated))
                     }
                     None => (recorded, None),
@@ -381,7 +397,7 @@ mod tests {
             ConditionUpdate::new(IP_POOL_CONFLICT, true, "AddressInUse", "192.0.2.2 is used by ns/first"),
         ];
         let summary = ready(&updates);
-        assert!(!summary.status);
+        assert_eq!(summary.status, Some(false));
         assert_eq!(summary.reason, "AddressInUse");
     }
 
@@ -410,7 +426,7 @@ mod tests {
         assert_eq!(due_for_evaluation(&recorded, today), [("192.0.2.1".to_owned(), 0)]);
 
         // Yesterday's results not read yet: the recorded day holds, nothing is news.
-        let assigned = assign_pods(spec, &addresses, &recorded, today, &no_results());
+        let assigned = assign_pods(spec, &addresses, &recorded, today, &no_results(), &BTreeSet::new());
         assert_eq!((assigned[0].pod.warmup_day, assigned[0].transition), (Some(5), None));
         assert_eq!(
             assigned[1].pod.warmup_day,
@@ -427,7 +443,7 @@ mod tests {
             ..DayResults::default()
         };
         let results = BTreeMap::from([("192.0.2.1".to_owned(), clean)]);
-        let assigned = assign_pods(spec, &addresses, &recorded, today, &results);
+        let assigned = assign_pods(spec, &addresses, &recorded, today, &results, &BTreeSet::new());
         assert_eq!(assigned[0].transition, Some(Transition::Advanced { from: 5, to: 6 }));
         assert_eq!(assigned[0].pod.daily_limit, warmup::daily_limit(spec, 6));
         let status = pool_status(
@@ -451,7 +467,7 @@ mod tests {
             ..DayResults::default()
         };
         let results = BTreeMap::from([("192.0.2.1".to_owned(), bouncing)]);
-        let assigned = assign_pods(spec, &addresses, &recorded, today, &results);
+        let assigned = assign_pods(spec, &addresses, &recorded, today, &results, &BTreeSet::new());
         assert_eq!(
             (assigned[0].transition, assigned[0].pod.warmup_day),
             (Some(Transition::Held), Some(5))
@@ -478,8 +494,16 @@ mod tests {
             &status,
             date(2026, 11, 26),
             &BTreeMap::from([("192.0.2.1".to_owned(), clean)]),
+            &BTreeSet::new(),
         );
         assert_eq!(next[0].transition, Some(Transition::Advanced { from: 5, to: 6 }));
+
+        // Clean results, but the address is on a blocklist: rolled back.
+        let results = BTreeMap::from([("192.0.2.1".to_owned(), clean)]);
+        let listed = BTreeSet::from(["192.0.2.1".to_owned()]);
+        let assigned = assign_pods(spec, &addresses, &recorded, today, &results, &listed);
+        assert_eq!(assigned[0].transition, Some(Transition::RolledBack { from: 5, to: 2 }));
+        assert_eq!(assigned[0].warmup.state.reason(), Some("listed on a DNS blocklist"));
     }
 
     #[test]
@@ -488,7 +512,14 @@ mod tests {
         pool.spec.ip_pool.warmup.start_date = Some("2026-11-20".into());
         let addresses: Vec<&PoolAddress> = pool.spec.ip_pool.addresses.iter().collect();
         let today = date(2026, 11, 25);
-        let first = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &[], today, &no_results());
+        let first = assign_pods(
+            &pool.spec.ip_pool.warmup,
+            &addresses,
+            &[],
+            today,
+            &no_results(),
+            &BTreeSet::new(),
+        );
         assert_eq!(first[0].pod.warmup_day, Some(6), "already warming since the start date");
         let recorded = pool_status(
             &pool.spec.ip_pool.addresses[..1],
@@ -497,7 +528,14 @@ mod tests {
             &[],
             Timestamp::UNIX_EPOCH,
         );
-        let later = assign_pods(&pool.spec.ip_pool.warmup, &addresses, &recorded, today, &no_results());
+        let later = assign_pods(
+            &pool.spec.ip_pool.warmup,
+            &addresses,
+            &recorded,
+            today,
+            &no_results(),
+            &BTreeSet::new(),
+        );
         assert_eq!(later[0].pod.warmup_day, Some(6));
         assert_eq!(later[1].pod.warmup_day, Some(1), "an address added later starts today");
     }

@@ -5,6 +5,7 @@ pub mod config;
 mod network;
 mod statefulset;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use jiff::civil::Date;
@@ -37,6 +38,8 @@ pub struct Settings {
     /// How long a draining pod's queue must stay empty (two readings this far apart) before the pod and its
     /// volume go.
     pub drain_confirmation: Duration,
+    /// Resolver for DNSBL lookups; `None`: the ones in /etc/resolv.conf.
+    pub dnsbl_nameserver: Option<SocketAddr>,
 }
 
 /// The Secret holding the submission server certificate: the one the spec names, or with a cert-manager issuer
@@ -64,6 +67,7 @@ impl Default for Settings {
             monitoring_namespace: "monitoring".to_owned(),
             operator_namespace: "securemail-system".to_owned(),
             drain_confirmation: DEFAULT_DRAIN_CONFIRMATION,
+            dnsbl_nameserver: None,
         }
     }
 }
