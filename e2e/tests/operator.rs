@@ -45,8 +45,9 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     deletion_follows_the_deletion_policy(&client).await;
     a_shrinking_pool_drains_before_the_pod_and_volume_go(&client).await;
     deleting_a_drain_tenant_waits_for_empty_queues(&client).await;
-    // Last: it installs the external-dns CRD into the shared control plane.
+    // Last: they install the external-dns and cert-manager CRDs into the shared control plane.
     dns_endpoints_follow_the_external_dns_crd(&client).await;
+    the_submission_certificate_comes_from_cert_manager(&client).await;
     drop(operator);
 }
 
@@ -748,6 +749,82 @@ async fn deleting_a_drain_tenant_waits_for_empty_queues(client: &Client) {
         claim_gone(client, &namespace, &format!("data-{sts}-0")).await,
         "the drained volume was not deleted"
     );
+}
+
+async fn the_submission_certificate_comes_from_cert_manager(client: &Client) {
+    let namespace = unique_namespace("cert-manager");
+    let tenant = example("dedicated-warmup.yaml", &namespace);
+    let issuer = tenant
+        .spec
+        .submission
+        .tls
+        .issuer_ref
+        .clone()
+        .unwrap_or_else(|| panic!("the example uses an issuer"));
+    let ca = tenant.spec.submission.client_certificates.ca_secret_name.clone();
+    create_secret(client, &namespace, &ca, "Opaque", &["ca.crt"]).await;
+    let name = create_tenant(client, &tenant).await.name_any();
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let tenant = reconciled(client, &namespace, &name).await;
+    let (status, reason, message) = condition(&tenant, "ConfigValid").unwrap_or_default();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "CertManagerMissing"),
+        "{message}"
+    );
+    assert!(message.contains("cert-manager.io/v1"), "{message}");
+
+    // The real CRD, from cert-manager's own Go module.
+    let script = securemail_e2e::repo_root().join("e2e/fetch-crd.sh");
+    let output = std::process::Command::new(&script)
+        .arg("cert-manager")
+        .output()
+        .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let crd = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    securemail_e2e::kubectl_ok(&["apply", "--server-side", "-f", &crd]);
+    securemail_e2e::kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/certificates.cert-manager.io",
+    ]);
+    let patch = json!({"metadata": {"labels": {"crd-installed": "yes"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let service = format!("{name}-submission");
+    let certificate = eventually("the Certificate", WAIT, || async {
+        let output = securemail_e2e::kubectl(&["get", "certificates", "-n", &namespace, &service, "-o", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).ok()
+    })
+    .await;
+    let spec = &certificate["spec"];
+    assert_eq!(spec["secretName"], format!("{service}-tls"));
+    assert_eq!(spec["issuerRef"]["name"], issuer.name.as_str());
+    assert_eq!(spec["dnsNames"][1], format!("{service}.{namespace}.svc"));
+    assert_eq!(spec["privateKey"]["rotationPolicy"], "Always");
+    assert_eq!(certificate["metadata"]["ownerReferences"][0]["name"], name.as_str());
+    // Requested, not issued yet: the Secret is what is missing now.
+    eventually("ConfigValid waiting for the issued Secret", WAIT, || async {
+        let (status, reason, _) = condition(&api.get(&name).await.ok()?, "ConfigValid")?;
+        (status == "False" && reason == "SecretMissing").then_some(())
+    })
+    .await;
+
+    // cert-manager's part, played by the test: the issued Secret appears.
+    create_secret(
+        client,
+        &namespace,
+        &format!("{service}-tls"),
+        "kubernetes.io/tls",
+        &["tls.crt", "tls.key"],
+    )
+    .await;
+    eventually("ConfigValid once the certificate is issued", WAIT, || async {
+        (condition(&api.get(&name).await.ok()?, "ConfigValid")?.0 == "True").then_some(())
+    })
+    .await;
 }
 
 async fn dns_endpoints_follow_the_external_dns_crd(client: &Client) {

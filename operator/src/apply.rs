@@ -1,10 +1,13 @@
 //! Server-side apply of children under one field manager, skipping objects whose last applied content is
 //! unchanged (a no-op reconcile makes zero writes), and the orphan sweep of labelled children not built this pass.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::sync::{Mutex, PoisonError};
 
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
+use kube::core::ApiResource;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -121,4 +124,32 @@ where
         }
     }
     Ok(())
+}
+
+/// How long an answer to "is this CRD installed" is reused.
+const DISCOVERY_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether the API serves `gvk` (a third-party CRD), asked at most every ten seconds per kind: it changes rarely and
+/// every tenant's reconcile needs the answer. A tenant that wants the kind (`wanted`) never takes a cached "missing"
+/// for granted, so installing the CRD shows up at its next reconcile.
+pub async fn discover(client: &Client, gvk: &GroupVersionKind, wanted: bool) -> Option<ApiResource> {
+    type Cache = BTreeMap<String, (std::time::Instant, Option<ApiResource>)>;
+    static CACHE: Mutex<Cache> = Mutex::new(BTreeMap::new());
+    let key = format!("{}/{}/{}", gvk.group, gvk.version, gvk.kind);
+    let cached = CACHE.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
+    if let Some((at, answer)) = cached
+        && at.elapsed() < DISCOVERY_TTL
+        && (answer.is_some() || !wanted)
+    {
+        return answer;
+    }
+    let answer = kube::discovery::oneshot::pinned_kind(client, gvk)
+        .await
+        .ok()
+        .map(|(resource, _)| resource);
+    CACHE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key, (std::time::Instant::now(), answer.clone()));
+    answer
 }

@@ -1,12 +1,8 @@
 //! Publishing `status.dnsRecords` through external-dns: one `DNSEndpoint` per tenant when `spec.dns.externalDns`
 //! is set and the external-dns CRD is installed. Without the CRD, a condition says so instead of failing.
 
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
-
 use kube::api::{DynamicObject, GroupVersionKind};
 use kube::core::ApiResource;
-use kube::discovery::oneshot;
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_api::dns;
@@ -18,8 +14,6 @@ use crate::names::TenantNames;
 use crate::status::{self, ConditionUpdate};
 use crate::{Result, apply};
 
-/// How long the answer to "is the DNSEndpoint CRD installed" is reused.
-const DISCOVERY_TTL: Duration = Duration::from_secs(10);
 /// TTL of published records: short enough that a rotated DKIM key or a changed pool shows up within the hour.
 const RECORD_TTL_SECONDS: u32 = 3600;
 
@@ -67,8 +61,8 @@ pub async fn reconcile(
     records: &[DnsRecord],
 ) -> Result<ConditionUpdate> {
     let namespace = tenant.namespace().unwrap_or_default();
-    let installed = discover(client, tenant.spec.dns.external_dns).await;
-    let Some((resource, _)) = installed else {
+    let installed = apply::discover(client, &gvk(), tenant.spec.dns.external_dns).await;
+    let Some(resource) = installed else {
         return Ok(if tenant.spec.dns.external_dns {
             ConditionUpdate::new(
                 status::DNS_PUBLISHED,
@@ -107,21 +101,4 @@ fn manual() -> ConditionUpdate {
         "Manual",
         "publish status.dnsRecords in the tenant's DNS (or set spec.dns.externalDns)",
     )
-}
-
-/// Whether the DNSEndpoint CRD is installed, asked at most every ten seconds: it changes rarely and every tenant's
-/// reconcile needs the answer. A tenant that wants DNSEndpoints never takes a cached "missing" for granted, so
-/// installing external-dns shows up at its next reconcile.
-async fn discover(client: &Client, wanted: bool) -> Option<(ApiResource, kube::discovery::ApiCapabilities)> {
-    type Cached = Option<(Instant, Option<(ApiResource, kube::discovery::ApiCapabilities)>)>;
-    static CACHE: Mutex<Cached> = Mutex::new(None);
-    if let Some((at, answer)) = CACHE.lock().unwrap_or_else(PoisonError::into_inner).as_ref()
-        && at.elapsed() < DISCOVERY_TTL
-        && (answer.is_some() || !wanted)
-    {
-        return answer.clone();
-    }
-    let answer = oneshot::pinned_kind(client, &gvk()).await.ok();
-    *CACHE.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), answer.clone()));
-    answer
 }

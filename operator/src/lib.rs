@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod apply;
 pub mod build;
+pub mod certificate;
 pub mod context;
 pub mod controller;
 pub mod crd;

@@ -34,7 +34,7 @@ use crate::context::Context;
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
-use crate::{Error, Result, apply, dkim_keys, dns_endpoint, dnsbl, drain, inputs, pod_status};
+use crate::{Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, inputs, pod_status};
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
 pub const FINALIZER: &str = "securemail.io/drain";
@@ -195,7 +195,12 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     let public_keys = public_keys(ctx, &namespace, &names, &plan).await?;
     let dns_records = build::dns_records(tenant, &public_keys)?;
 
-    let missing_inputs = inputs::check(ctx, tenant, &namespace, &names).await?;
+    // Without cert-manager nothing will issue the submission Secret; a Secret that exists anyway still serves.
+    let mut missing_inputs = inputs::check(ctx, tenant, &namespace, &names).await?;
+    let cert_manager_missing = certificate::reconcile(&ctx.client, tenant, &names)
+        .await?
+        .filter(|_| !missing_inputs.is_empty());
+    missing_inputs.extend(cert_manager_missing.clone());
     let config_valid = if missing_inputs.is_empty() {
         ConditionUpdate::new(
             status::CONFIG_VALID,
@@ -204,7 +209,12 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             "Postfix and sidecar configuration rendered; referenced Secrets present",
         )
     } else {
-        ConditionUpdate::new(status::CONFIG_VALID, false, "SecretMissing", missing_inputs.join("; "))
+        let reason = if cert_manager_missing.is_some() {
+            "CertManagerMissing"
+        } else {
+            "SecretMissing"
+        };
+        ConditionUpdate::new(status::CONFIG_VALID, false, reason, missing_inputs.join("; "))
     };
     let pods = i32::try_from(observed.pods.len()).unwrap_or(i32::MAX);
     let mut updates = vec![
