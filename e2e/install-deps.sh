@@ -21,6 +21,8 @@ declare -A packages=(
   [unbound]=unbound
   [nginx]=nginx
   [swaks]=swaks
+  # Moves the sidecar's clock forward (LD_PRELOAD of libfaketime) for the warmup day-boundary case.
+  [faketime]=faketime
 )
 missing=()
 for cmd in "${!packages[@]}"; do

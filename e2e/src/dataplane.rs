@@ -231,6 +231,25 @@ impl MtaHost {
 
     /// Starts (or restarts) the sidecar and waits for its LMTP socket.
     pub fn start_sidecar(&mut self, world: &World) {
+        self.launch_sidecar(world, &[]);
+    }
+
+    /// Starts the sidecar with its wall clock `days` ahead (libfaketime; the monotonic clock is left alone), as if
+    /// it ran on a later UTC day.
+    pub fn start_sidecar_days_ahead(&mut self, world: &World, days: u32) {
+        let library = faketime_library();
+        let offset = format!("+{days}d");
+        self.launch_sidecar(
+            world,
+            &[
+                ("LD_PRELOAD", library.to_str().expect("libfaketime path")),
+                ("FAKETIME", &offset),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ],
+        );
+    }
+
+    fn launch_sidecar(&mut self, world: &World, env: &[(&str, &str)]) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -243,6 +262,7 @@ impl MtaHost {
             .arg(&self.sidecar_config)
             .env("SSL_CERT_FILE", world.get("SMDP_CA_FILE"))
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()
@@ -591,4 +611,14 @@ fn sidecar_yaml_for_host(rendered: &str, world: &World, dir: &Path, address: IpA
         }
     }
     serde_yaml::to_string(&config).expect("serialize sidecar.yaml")
+}
+
+/// Debian's libfaketime (package faketime), under the machine's multiarch directory.
+fn faketime_library() -> PathBuf {
+    fs::read_dir("/usr/lib")
+        .expect("/usr/lib")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
+        .find(|path| path.exists())
+        .expect("libfaketime.so.1 under /usr/lib/*/faketime (Debian package faketime; run make deps)")
 }

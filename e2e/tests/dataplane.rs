@@ -610,7 +610,7 @@ fn a_changed_sidecar_yaml_applies_without_a_restart_and_an_invalid_one_is_refuse
 }
 
 #[test]
-fn a_warmup_cap_of_n_delivers_exactly_n_and_keeps_the_rest_queued_across_a_restart() {
+fn a_warmup_cap_of_n_delivers_exactly_n_keeps_the_rest_queued_and_sends_it_the_next_day() {
     const CAP: usize = 5;
     const SENT: usize = 8;
     let world = World::load();
@@ -680,16 +680,22 @@ fn a_warmup_cap_of_n_delivers_exactly_n_and_keeps_the_rest_queued_across_a_resta
         "today's results are kept on the state volume too: {status}"
     );
 
-    // The next day's limit (rendered by the operator, here written directly): the rest goes out.
-    fs::write(
-        &mta.sidecar_config,
-        rendered.replace(&format!("dailyLimit: {CAP}"), "dailyLimit: 10"),
-    )
-    .unwrap();
+    // The next UTC day (the sidecar's clock moved forward): the count starts over, the rest goes out under the same
+    // cap, and the day before is what /status reports as `yesterday`, the input of the operator's evaluation.
+    mta.kill_sidecar();
+    mta.start_sidecar_days_ahead(&world, 1);
     wait_until(
         Duration::from_secs(90),
-        "the remaining messages under the raised limit",
+        "the remaining messages on the next day",
         || delivered() == SENT && queued_for(&mta, &recipient).is_empty(),
         || context(&mta),
     );
+    let status: Value = serde_json::from_str(&mta.admin_get("/status")).unwrap();
+    assert_eq!(status["yesterday"]["providers"]["other"]["delivered"], CAP, "{status}");
+    assert_eq!(
+        status["today"]["providers"]["other"]["delivered"],
+        SENT - CAP,
+        "{status}"
+    );
+    assert_ne!(status["today"]["date"], status["yesterday"]["date"], "{status}");
 }

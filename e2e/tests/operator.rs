@@ -366,7 +366,10 @@ async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client) 
         .date()
         .yesterday()
         .unwrap_or_else(|err| panic!("{err}"));
-    let results = |delivered: u64, bounced: u64| json!({"date": yesterday.to_string(), "providers": {"gmail": {"delivered": delivered, "deferred": 0, "bounced": bounced}}});
+    let results = |delivered: u64, deferred: u64, bounced: u64| {
+        let counts = json!({"delivered": delivered, "deferred": deferred, "bounced": bounced});
+        json!({"date": yesterday.to_string(), "providers": {"gmail": counts}})
+    };
     // As if the address had reached day 5 and was last judged yesterday: the next reconcile judges again.
     let day_five_judged_yesterday = || {
         let mut entry = serde_json::to_value(&first[0]).unwrap_or_default();
@@ -389,7 +392,7 @@ async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client) 
     };
 
     // 10% bounces, five times the threshold: rolled back three days.
-    pod.set_field("yesterday", results(90, 10));
+    pod.set_field("yesterday", results(90, 0, 10));
     api.patch_status(
         &name,
         &PatchParams::default(),
@@ -421,7 +424,7 @@ async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client) 
     .await;
 
     // A clean day advances it.
-    pod.set_field("yesterday", results(100, 0));
+    pod.set_field("yesterday", results(100, 0, 0));
     api.patch_status(
         &name,
         &PatchParams::default(),
@@ -436,6 +439,24 @@ async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client) 
     .await;
     assert_eq!(serde_json::to_value(advanced.state).ok(), Some(json!("Warming")));
     assert_eq!(advanced.daily_limit, securemail_api::warmup::daily_limit(&spec, 6));
+
+    // A day a provider mostly deferred (its circuit breaker's 421 4.7.28 storm, as the sidecar counts it): held.
+    pod.set_field("yesterday", results(60, 40, 0));
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&day_five_judged_yesterday()),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("{err}"));
+    let held = judged("Held").await;
+    assert_eq!(held.warmup_day, Some(5), "{held:?}");
+    assert!(
+        held.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("deferral rate 40.0% over")),
+        "{held:?}"
+    );
     drop(pod);
 }
 
