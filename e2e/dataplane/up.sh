@@ -227,6 +227,8 @@ host_addr() {
       *.plain.test)
         echo "${rx_domains%.plain.test} IN MX 10 $rx_host."
         echo "${rx_host%.plain.test} IN A $rx_addr" ;;
+      # A plain.test domain whose MX lives in another zone (the rate-limiting "Gmail" host).
+      *) [[ $rx_domains == *.plain.test ]] && echo "${rx_domains%.plain.test} IN MX 10 $rx_host." ;;
     esac
   done
 } >"$dns/plain.test.db"
@@ -234,9 +236,14 @@ host_addr() {
   zone_head sender.test.
   echo "${SMDP_MTA_HOSTNAME%.sender.test} IN A $SMDP_MTA_ADDR"
 } >"$dns/sender.test.db"
+# Under the test root, not the Internet's: gives the rate-limiting receiver a Gmail MX host name.
+{
+  zone_head google.com.
+  echo "gmail-smtp-in.l IN A $(host_addr ratelimited)"
+} >"$dns/google.com.db"
 
 signed_zones=(dane.test. dane-ta.test. dane-mismatch.test. dane-servfail.test.)
-unsigned_zones=(sts.test. sts-nomatch.test. plain.test. sender.test.)
+unsigned_zones=(sts.test. sts-nomatch.test. plain.test. sender.test. google.com.)
 # The root holds ns.test itself (no zone cut at test.), delegations with DS to the signed zones and without DS to
 # the unsigned ones, which makes those provably insecure.
 {
@@ -450,6 +457,12 @@ EOF
         echo "smtpd_tls_protocols = >=TLSv1.2" ;;
       none)
         echo "smtpd_tls_security_level = none" ;;
+      ratelimit)
+        echo "smtpd_tls_security_level = may"
+        echo "smtpd_tls_protocols = >=TLSv1.2"
+        # Gmail's rate-limit reply; Postfix closes the session after a 421, as Gmail does.
+        echo "smtpd_recipient_restrictions = check_recipient_access inline:{ { busy@$rx_domains = 421 4.7.28" \
+          "Our system has detected an unusual rate of unsolicited mail originating from your IP address } }" ;;
       tls11)
         # Debian's OpenSSL refuses TLS 1.1 at its default security level; this instance gets its own config.
         echo "smtpd_tls_security_level = may"
@@ -641,7 +654,8 @@ done
   # Recipient domain per policy case, for tests that think in cases rather than hosts.
   # SMDP_CASE_<CASE>=domain and SMDP_CASE_<CASE>_RX=the receiver (SMDP_RX_<RX>_*) its mail should reach, or not.
   for pair in DANE=dane.test:dane DANE_TA=dane-ta.test:daneta DANE_MISMATCH=dane-mismatch.test:danemismatch \
-    DANE_SERVFAIL=dane-servfail.test:daneservfail STS=sts.test:sts STS_NOMATCH=sts-nomatch.test:rogue; do
+    DANE_SERVFAIL=dane-servfail.test:daneservfail STS=sts.test:sts STS_NOMATCH=sts-nomatch.test:rogue \
+    RATELIMITED=ratelimited.plain.test:ratelimited; do
     echo "SMDP_CASE_${pair%%=*}=$(cut -d: -f1 <<<"${pair#*=}")"
     echo "SMDP_CASE_${pair%%=*}_RX=${pair##*:}"
   done

@@ -699,3 +699,79 @@ fn a_warmup_cap_of_n_delivers_exactly_n_keeps_the_rest_queued_and_sends_it_the_n
     );
     assert_ne!(status["today"]["date"], status["yesterday"]["date"], "{status}");
 }
+
+#[test]
+fn a_provider_rate_limiting_the_address_opens_its_breaker_and_the_next_evaluation_holds_it() {
+    use securemail_api::SecureMailTenant;
+    use securemail_api::sidecar_status::DeliveryDay;
+    use securemail_api::warmup::state::{AddressWarmup, DayResults, Transition, WarmupState, evaluate};
+
+    const SENT: usize = 8;
+    let world = World::load();
+    let manifest = manifest(&world, DEFER);
+    let mut mta = MtaHost::start(&world, "ratelimit", &manifest);
+    let run = unique_id("ratelimit");
+    // The receiver answers RCPT for busy@ with Gmail's 421 4.7.28; its MX name is Gmail's.
+    let recipient = format!("busy@{}", world.get("SMDP_CASE_RATELIMITED"));
+    for n in 0..SENT {
+        assert_sent(&mta.submit(SENDER, &[&recipient], &message(&format!("{run}.{n}"), &recipient)));
+    }
+    let context = |mta: &MtaHost| format!("queue {:?}\n{}", mta.queue(), mta.sidecar_log());
+    // Five rate-limit refusals in a row open the gmail breaker.
+    wait_until(
+        Duration::from_secs(90),
+        "gmail's circuit breaker to open",
+        || {
+            metric_sum(
+                &metrics(&mta),
+                "securemail_circuit_opens_total",
+                &["provider=\"gmail\""],
+            ) >= 1.0
+        },
+        || context(&mta),
+    );
+    let text = metrics(&mta);
+    let rate_limited = metric_sum(
+        &text,
+        "securemail_remote_replies_total",
+        &["provider=\"gmail\"", "class=\"rate_limited\""],
+    );
+    assert!(rate_limited >= 5.0, "{rate_limited} rate-limit replies counted\n{text}");
+    let status: Value = serde_json::from_str(&mta.admin_get("/status")).unwrap();
+    let circuit = &status["reputation"]["circuits"]["gmail"];
+    assert!(circuit["state"] == "open" || circuit["state"] == "halfOpen", "{status}");
+    assert!(circuit["opens"].as_u64().is_some_and(|opens| opens >= 1), "{status}");
+    // Nothing lost: Postfix holds every message for a later try.
+    assert_eq!(queued_for(&mta, &recipient).len(), SENT, "{}", context(&mta));
+
+    // The next UTC day: the sidecar reports the day it was rate limited as `yesterday`, and the operator's warmup
+    // evaluation (the same function its reconcile loop runs) holds the address on it.
+    mta.kill_sidecar();
+    mta.start_sidecar_days_ahead(&world, 1);
+    let status: Value = serde_json::from_str(&mta.admin_get("/status")).unwrap();
+    let yesterday: DeliveryDay = serde_json::from_value(status["yesterday"].clone()).unwrap();
+    let results = DayResults::from_delivery_day(&yesterday);
+    assert!(results.deferred >= 5 && results.delivered == 0, "{status}");
+    let tenant: SecureMailTenant = serde_yaml::from_str(&manifest).unwrap();
+    let evaluated_day_before = AddressWarmup {
+        day: 1,
+        state: WarmupState::Warming { reason: None },
+        last_sent: None,
+        last_evaluated: Some(yesterday.date),
+    };
+    let today = yesterday.date.tomorrow().unwrap();
+    let (next, transition) = evaluate(
+        &evaluated_day_before,
+        &results,
+        false,
+        &tenant.spec.ip_pool.warmup,
+        today,
+    );
+    assert_eq!(transition, Transition::Held);
+    assert!(
+        next.state
+            .reason()
+            .is_some_and(|reason| reason.contains("deferral rate 100.0% over")),
+        "{next:?}"
+    );
+}

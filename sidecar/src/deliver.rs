@@ -488,6 +488,8 @@ impl<P: PolicyLookup> Engine<P> {
                 match outcome {
                     // The session is useless for this message anyway; a fresh one costs little.
                     TransactionOutcome::Unsupported { .. } => session.quit().await,
+                    // The server ended the session with a 421.
+                    _ if session.is_closed() => {}
                     _ => self.pool.put(key, session),
                 }
                 verdict

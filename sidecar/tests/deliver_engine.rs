@@ -957,6 +957,34 @@ async fn a_session_the_server_closed_while_idle_is_replaced_and_the_message_stil
 }
 
 #[tokio::test]
+async fn a_421_at_rcpt_defers_with_the_remote_text_and_the_session_is_not_reused() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour {
+        rcpt: |_| "421 4.7.28 unusual rate of unsolicited mail\r\n",
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    })
+    .await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let first = harness
+        .send(&["patient@example.net", "nurse@example.net"], MESSAGE)
+        .await;
+    let second = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    // Both recipients get the closing reply, though the server answered only the first before it closed.
+    assert_eq!(first.len(), 2);
+    for reply in first.iter().chain(&second) {
+        assert!(
+            reply.starts_with("421 4.7.28") && reply.contains("unusual rate"),
+            "{reply}"
+        );
+    }
+    let log = receiver.log();
+    assert_eq!(log.connections, 2, "a session the server closed with 421 is not reused");
+    assert!(log.messages.is_empty(), "no message content was sent");
+}
+
+#[tokio::test]
 async fn after_refused_recipients_the_next_transaction_starts_with_rset() {
     let pki = Pki::new();
     let receiver = Receiver::start(Behaviour {

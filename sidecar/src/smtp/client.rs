@@ -210,6 +210,8 @@ pub struct Session {
     transactions: u32,
     /// The last transaction ended before its final reply (refused MAIL, no recipient, DATA refused).
     needs_reset: bool,
+    /// The server said 421: it is closing the session.
+    closed: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -242,6 +244,7 @@ impl Session {
             last_reply: None,
             transactions: 0,
             needs_reset: false,
+            closed: false,
         };
         session.expect("greeting", timeouts.greeting, 2).await?;
         session.ehlo(&settings.helo_name).await?;
@@ -270,6 +273,17 @@ impl Session {
     /// The server's most recent reply.
     pub fn last_reply(&self) -> Option<&Reply> {
         self.last_reply.as_ref()
+    }
+
+    /// The server announced it is closing the session (421): it cannot carry another transaction.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Notes a 421 (RFC 5321 section 3.8: the server closes the channel after it); true when `reply` is one.
+    fn closing(&mut self, reply: &Reply) -> bool {
+        self.closed |= reply.code() == 421;
+        reply.code() == 421
     }
 
     /// QUIT, best effort: the transaction is already settled.
@@ -378,11 +392,24 @@ impl Session {
             .read("MAIL", self.timeouts.mail)
             .await
             .map_err(|err| stale_if(reused && !reset, err))?;
+        if self.closing(&mail_reply) {
+            return Ok(TransactionOutcome::MailRefused(mail_reply));
+        }
         let mut rcpt_replies = Vec::with_capacity(rcpts.len());
         for _ in rcpts {
-            rcpt_replies.push(self.read("RCPT", self.timeouts.rcpt).await?);
+            let reply = self.read("RCPT", self.timeouts.rcpt).await?;
+            if self.closing(&reply) {
+                // Nothing more comes: the recipients not answered share the closing reply.
+                rcpt_replies.resize(rcpts.len(), reply);
+                return Ok(TransactionOutcome::Replies {
+                    rcpt: rcpt_replies,
+                    data: None,
+                });
+            }
+            rcpt_replies.push(reply);
         }
         let data_reply = self.read("DATA", self.timeouts.data_init).await?;
+        self.closing(&data_reply);
         let accepted = mail_reply.class() == 2 && rcpt_replies.iter().any(|reply| reply.class() == 2);
         if data_reply.code() == 354 && !accepted {
             // A server that lets DATA through without a recipient gets an empty message it cannot deliver.
@@ -428,12 +455,21 @@ impl Session {
             .await
             .map_err(|err| stale_if(reused && !reset, err))?;
         if mail_reply.class() != 2 {
+            self.closing(&mail_reply);
             return Ok(TransactionOutcome::MailRefused(mail_reply));
         }
         let mut rcpt_replies = Vec::with_capacity(rcpts.len());
         for rcpt in rcpts {
             self.write("RCPT", rcpt, self.timeouts.rcpt).await?;
-            rcpt_replies.push(self.read("RCPT", self.timeouts.rcpt).await?);
+            let reply = self.read("RCPT", self.timeouts.rcpt).await?;
+            if self.closing(&reply) {
+                rcpt_replies.resize(rcpts.len(), reply);
+                return Ok(TransactionOutcome::Replies {
+                    rcpt: rcpt_replies,
+                    data: None,
+                });
+            }
+            rcpt_replies.push(reply);
         }
         if !rcpt_replies.iter().any(|reply| reply.class() == 2) {
             return Ok(TransactionOutcome::Replies {
@@ -462,6 +498,7 @@ impl Session {
             self.write("message data", chunk, self.timeouts.data_block).await?;
         }
         let done = self.read("end of data", self.timeouts.data_done).await?;
+        self.closing(&done);
         self.needs_reset = false;
         Ok(TransactionOutcome::Replies {
             rcpt: rcpt_replies,
