@@ -1,7 +1,12 @@
 //! What a tenant references but does not own: the submission server certificate Secret and the client CA Secret.
 //! The pods cannot start without them, so a missing or malformed one makes `ConfigValid` False naming it (the
 //! children are still applied, so the pods start as soon as it appears). Only the presence of the keys the pods
-//! mount is checked; their content stays with Kubernetes and Postfix.
+//! mount is checked; their content stays with Kubernetes and Postfix. What a Secret looks like is remembered for
+//! [`SHAPE_TTL`], so tenants sharing a Secret, and repeated reconciles, do not each read it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
@@ -11,6 +16,34 @@ use crate::Result;
 use crate::build::submission_tls_secret;
 use crate::context::Context;
 use crate::names::TenantNames;
+
+/// How long a Secret's shape is reused: a Secret created, fixed or deleted shows up within this.
+const SHAPE_TTL: Duration = Duration::from_secs(15);
+
+/// What the check needs of a Secret: its type and the keys with a non-empty value. Never its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shape {
+    type_: Option<String>,
+    keys: BTreeSet<String>,
+}
+
+impl Shape {
+    fn of(secret: &Secret) -> Self {
+        let data = secret.data.iter().flatten().filter(|(_, value)| !value.0.is_empty());
+        let string_data = secret
+            .string_data
+            .iter()
+            .flatten()
+            .filter(|(_, value)| !value.is_empty());
+        Self {
+            type_: secret.type_.clone(),
+            keys: data
+                .map(|(key, _)| key.clone())
+                .chain(string_data.map(|(key, _)| key.clone()))
+                .collect(),
+        }
+    }
+}
 
 /// One referenced Secret and the keys the pods mount from it.
 struct Reference {
@@ -32,10 +65,34 @@ pub async fn check(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let mut problems = Vec::new();
     for reference in references(tenant, names) {
-        let secret = secrets.get_opt(&reference.name).await?;
-        problems.extend(problem(&reference, secret.as_ref()));
+        let shape = shape(&secrets, namespace, &reference.name).await?;
+        problems.extend(problem(&reference, shape.as_ref()));
     }
     Ok(problems)
+}
+
+/// The Secret's shape, `None` when it does not exist; from the cache while it is fresh.
+async fn shape(secrets: &Api<Secret>, namespace: &str, name: &str) -> Result<Option<Shape>> {
+    type Cache = HashMap<(String, String), (Instant, Option<Shape>)>;
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+    let key = (namespace.to_owned(), name.to_owned());
+    let cached = CACHE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .and_then(|cache| cache.get(&key).cloned());
+    if let Some((at, shape)) = cached
+        && at.elapsed() < SHAPE_TTL
+    {
+        return Ok(shape);
+    }
+    let shape = secrets.get_opt(name).await?.as_ref().map(Shape::of);
+    let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    let cache = cache.get_or_insert_with(HashMap::new);
+    // Bounded by the Secrets tenants name: entries of Secrets no longer named go once stale.
+    cache.retain(|_, (at, _)| at.elapsed() < SHAPE_TTL);
+    cache.insert(key, (Instant::now(), shape.clone()));
+    Ok(shape)
 }
 
 fn references(tenant: &SecureMailTenant, names: &TenantNames) -> [Reference; 2] {
@@ -61,7 +118,7 @@ fn references(tenant: &SecureMailTenant, names: &TenantNames) -> [Reference; 2] 
     ]
 }
 
-fn problem(reference: &Reference, secret: Option<&Secret>) -> Option<String> {
+fn problem(reference: &Reference, secret: Option<&Shape>) -> Option<String> {
     let Reference { name, field, .. } = reference;
     let Some(secret) = secret else {
         return Some(format!("Secret {name} ({field}) does not exist"));
@@ -72,19 +129,12 @@ fn problem(reference: &Reference, secret: Option<&Secret>) -> Option<String> {
             secret.type_.as_deref().unwrap_or("Opaque")
         ));
     }
-    let has = |key: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|data| data.get(key))
-            .is_some_and(|value| !value.0.is_empty())
-            || secret
-                .string_data
-                .as_ref()
-                .and_then(|data| data.get(key))
-                .is_some_and(|value| !value.is_empty())
-    };
-    let missing: Vec<&str> = reference.keys.iter().copied().filter(|key| !has(key)).collect();
+    let missing: Vec<&str> = reference
+        .keys
+        .iter()
+        .copied()
+        .filter(|key| !secret.keys.contains(*key))
+        .collect();
     (!missing.is_empty()).then(|| format!("Secret {name} ({field}) has no {}", missing.join(" or ")))
 }
 
@@ -96,16 +146,16 @@ mod tests {
 
     use super::*;
 
-    fn secret(type_: &str, keys: &[&str]) -> Secret {
-        Secret {
+    fn secret(type_: &str, keys: &[&str]) -> Shape {
+        let data: BTreeMap<String, ByteString> = keys
+            .iter()
+            .map(|key| ((*key).to_owned(), ByteString(b"pem".to_vec())))
+            .collect();
+        Shape::of(&Secret {
             type_: Some(type_.to_owned()),
-            data: Some(
-                keys.iter()
-                    .map(|key| ((*key).to_owned(), ByteString(b"pem".to_vec())))
-                    .collect::<BTreeMap<_, _>>(),
-            ),
+            data: Some(data),
             ..Secret::default()
-        }
+        })
     }
 
     #[test]
@@ -132,6 +182,16 @@ mod tests {
             problem(&tls, Some(&secret("kubernetes.io/tls", &["tls.crt", "tls.key"]))),
             None
         );
+        // An empty value counts as missing.
+        let empty_key = Shape::of(&Secret {
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(BTreeMap::from([
+                ("tls.crt".into(), ByteString(b"pem".to_vec())),
+                ("tls.key".into(), ByteString(Vec::new())),
+            ])),
+            ..Secret::default()
+        });
+        assert!(problem(&tls, Some(&empty_key)).is_some_and(|p| p.ends_with("has no tls.key")));
         let ca = Reference {
             name: "apps-ca".into(),
             field: "spec.submission.clientCertificates.caSecretName",
