@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::provider::ProviderSuffix;
 use crate::tenant::{DkimAlgorithm, ProviderShares, TlsPolicySpec};
 
 /// Everything one sidecar needs to deliver for one pool address.
@@ -39,6 +40,9 @@ pub struct SidecarConfig {
     /// access to the queue subdirectories; granting it (group, modes) is up to the deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postfix_queue_dir: Option<PathBuf>,
+    /// The tenant's MX host suffixes per provider, checked before the built-in table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provider_suffixes: Vec<ProviderSuffix>,
 }
 
 /// DNS resolution for MX, TLSA, MTA-STS and DNSBL lookups.
@@ -157,6 +161,7 @@ mod tests {
             max_message_bytes: 25 * 1024 * 1024,
             dns: DnsSettings::default(),
             postfix_queue_dir: Some("/var/spool/postfix".into()),
+            provider_suffixes: Vec::new(),
         }
     }
 

@@ -11,8 +11,11 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::provider::ProviderSuffix;
+
 /// A DNS name such as `mail.example.org`: labels of letters, digits and hyphens, no trailing dot.
-const DNS_NAME_PATTERN: &str = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+pub(crate) const DNS_NAME_PATTERN: &str =
+    r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// A single lower-case DNS label such as `sm` or `billing-app`.
 const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// A mail address for DMARC reports (`mailto:` is added when the record is rendered).
@@ -350,6 +353,12 @@ pub struct WarmupSpec {
     #[serde(default = "default_idle_rewarm_days")]
     #[schemars(range(min = 1, max = 365))]
     pub idle_rewarm_days: u32,
+
+    /// MX host suffixes classed as a provider before the built-in table (Google, Microsoft, Yahoo and Apple MX
+    /// domains), for caps, counts and circuit breakers; e.g. a provider's MX domain the table lacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub provider_suffixes: Vec<ProviderSuffix>,
 }
 
 impl Default for WarmupSpec {
@@ -362,6 +371,7 @@ impl Default for WarmupSpec {
             thresholds: WarmupThresholds::default(),
             rollback_days: default_rollback_days(),
             idle_rewarm_days: default_idle_rewarm_days(),
+            provider_suffixes: Vec::new(),
         }
     }
 }

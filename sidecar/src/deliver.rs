@@ -31,7 +31,7 @@ use crate::evidence::{
 use crate::lmtp::{Backend, Envelope, RcptDecision, Recipient, Reply};
 use crate::metrics::{LookupResult, Metrics};
 use crate::policy::{DomainPolicy, MxCandidate, PolicyError, PolicyLookup, clock};
-use crate::provider::{self, Provider};
+use crate::provider::{self, Provider, ProviderSuffix};
 use crate::reputation::{Admission, BreakerSettings, Breakers, Heard};
 use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
 use crate::tls::TlsConfigs;
@@ -68,6 +68,8 @@ pub struct EngineConfig {
     /// How long an idle verified session is kept for the next message to the same MX.
     pub idle_session_ttl: Duration,
     pub max_idle_sessions: usize,
+    /// The tenant's MX host suffixes per provider, before the built-in table.
+    pub provider_suffixes: Vec<ProviderSuffix>,
 }
 
 impl EngineConfig {
@@ -80,7 +82,21 @@ impl EngineConfig {
             deadline: Duration::from_secs(1000),
             idle_session_ttl: Duration::from_secs(30),
             max_idle_sessions: 32,
+            provider_suffixes: Vec::new(),
         }
+    }
+
+    /// The provider class of an MX host.
+    pub fn provider(&self, mx_host: &str) -> Provider {
+        provider::classify(mx_host, &self.provider_suffixes)
+    }
+
+    /// The provider class a domain's deliveries count against: that of its first MX, the one normally used.
+    fn provider_of(&self, policy: &DomainPolicy) -> Provider {
+        policy
+            .mx
+            .first()
+            .map_or(Provider::Other, |mx| self.provider(&String::from(mx.host.clone())))
     }
 }
 
@@ -240,7 +256,7 @@ impl<P: PolicyLookup> Engine<P> {
             }
             Ok(policy) => {
                 self.metrics.policy_lookup(LookupResult::Ok);
-                let guarded = provider_of(&policy);
+                let guarded = self.config.provider_of(&policy);
                 let reserved = match &self.warmup {
                     Some(limiter) => limiter
                         .reserve(guarded, count.get(), self.clock.now())
@@ -309,11 +325,14 @@ impl<P: PolicyLookup> Engine<P> {
             .iter()
             .rev()
             .find_map(|attempt| attempt.mx_host.as_ref())
-            .map_or(Provider::Other, |host| provider::of_mx(&String::from(host.clone())));
+            .map_or(Provider::Other, |host| {
+                self.config.provider(&String::from(host.clone()))
+            });
         for attempt in &attempts {
             let host = attempt.mx_host.clone().map(String::from);
             self.metrics.attempt(
-                host.as_deref().map_or(Provider::Other, provider::of_mx),
+                host.as_deref()
+                    .map_or(Provider::Other, |host| self.config.provider(host)),
                 attempt.outcome,
                 attempt.policy.as_ref().map(|policy| policy.source),
                 attempt.tls.as_ref().map(|tls| tls.version),
@@ -435,7 +454,7 @@ impl<P: PolicyLookup> Engine<P> {
         attempt: &mut Attempt,
         heard: &mut Heard,
     ) -> Result<Verdict, Failure> {
-        let provider = provider::of_mx(target.host);
+        let provider = self.config.provider(target.host);
         let mut hear = |reply: &crate::smtp::reply::Reply| {
             if let Some(reason) = heard.note(reply) {
                 self.metrics.remote_reply(provider, reason);
@@ -524,7 +543,7 @@ impl<P: PolicyLookup> Backend for Engine<P> {
             // The delivery looks again and answers properly.
             return RcptDecision::Accept;
         };
-        let provider = provider_of(&policy);
+        let provider = self.config.provider_of(&policy);
         let refusal = match warmup.map(|limiter| limiter.check(provider, self.clock.now())) {
             Some(Err(reached)) => {
                 self.metrics.warmup_refused(provider);
@@ -594,14 +613,6 @@ impl<P: PolicyLookup> Engine<P> {
             .map(|answer| answer.unwrap_or_else(|| Answer::local(451, (4, 3, 0), "internal error: no answer")))
             .collect()
     }
-}
-
-/// The provider class a domain's deliveries count against: that of its first MX, the one normally used.
-fn provider_of(policy: &DomainPolicy) -> Provider {
-    policy
-        .mx
-        .first()
-        .map_or(Provider::Other, |mx| provider::of_mx(&String::from(mx.host.clone())))
 }
 
 /// The answer while a provider's warmup allowance is used up: Postfix keeps the mail and retries.

@@ -269,7 +269,10 @@ impl EngineParts {
             port: 25,
             timeouts: Timeouts::default(),
         };
-        let engine_config = EngineConfig::new(config.tenant.parse()?, session, config.tls_policy.on_failure);
+        let engine_config = EngineConfig {
+            provider_suffixes: config.provider_suffixes.clone(),
+            ..EngineConfig::new(config.tenant.parse()?, session, config.tls_policy.on_failure)
+        };
         Ok(Engine::new(
             engine_config,
             PolicyResolver::from_config(config)?,

@@ -79,6 +79,7 @@ fn config(queue_dir: Option<&Path>) -> SidecarConfig {
         max_message_bytes: 1024,
         dns: DnsSettings::default(),
         postfix_queue_dir: queue_dir.map(Path::to_owned),
+        provider_suffixes: Vec::new(),
     }
 }
 

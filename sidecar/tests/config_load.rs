@@ -46,6 +46,7 @@ fn sample(dir: &Path) -> SidecarConfig {
         max_message_bytes: 25 * 1024 * 1024,
         dns: DnsSettings::default(),
         postfix_queue_dir: Some(dir.join("spool")),
+        provider_suffixes: Vec::new(),
     }
 }
 

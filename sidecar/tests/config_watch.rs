@@ -56,6 +56,7 @@ fn sample(data_dir: &Path, key_file: PathBuf) -> SidecarConfig {
         max_message_bytes: 1024,
         dns: DnsSettings::default(),
         postfix_queue_dir: None,
+        provider_suffixes: Vec::new(),
     }
 }
 

@@ -29,7 +29,7 @@ use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, EvidenceWriter
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup, Tlsa};
-use securemail_sidecar::provider::Provider;
+use securemail_sidecar::provider::{Provider, ProviderSuffix};
 use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
 use securemail_sidecar::tls::TlsConfigs;
 use securemail_sidecar::warmup::WarmupLimiter;
@@ -365,6 +365,16 @@ fn write_dkim_key(path: &Path) {
 }
 
 fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
+    harness_classing(policy, roots, port, Vec::new())
+}
+
+/// The same, with the tenant's MX host suffixes per provider.
+fn harness_classing(
+    policy: FixedPolicy,
+    roots: RootCertStore,
+    port: u16,
+    provider_suffixes: Vec<ProviderSuffix>,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("dkim.pem");
     write_dkim_key(&key);
@@ -404,7 +414,10 @@ fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
         port,
         timeouts,
     };
-    let config = EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer);
+    let config = EngineConfig {
+        provider_suffixes,
+        ..EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer)
+    };
     let evidence = EvidenceWriter::spawn(EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap()).unwrap();
     let warm = WarmupCaps {
         day: None,
@@ -954,6 +967,24 @@ async fn a_session_the_server_closed_while_idle_is_replaced_and_the_message_stil
         summary.records, 2,
         "one attempt per message: the dead session is not an attempt"
     );
+}
+
+#[tokio::test]
+async fn the_tenants_suffixes_class_an_mx_before_the_built_in_table() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
+    let suffixes = vec![ProviderSuffix {
+        suffix: "mx.test".into(),
+        provider: Provider::Microsoft,
+    }];
+    let harness = harness_classing(webpki_policy("mx.test"), pki.roots(), receiver.port, suffixes);
+
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+
+    assert!(replies[0].starts_with("250 "), "{replies:?}");
+    let (today, _) = harness.day_counts.results(jiff::Timestamp::now());
+    assert_eq!(today.providers[&Provider::Microsoft].delivered, 1);
+    assert_eq!(today.providers[&Provider::Other].delivered, 0);
 }
 
 #[tokio::test]

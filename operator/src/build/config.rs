@@ -104,5 +104,6 @@ pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodA
         max_message_bytes: postfix::MESSAGE_SIZE_LIMIT_BYTES,
         dns: DnsSettings::default(),
         postfix_queue_dir: Some(SIDECAR_POSTFIX_QUEUE_DIR.into()),
+        provider_suffixes: tenant.spec.ip_pool.warmup.provider_suffixes.clone(),
     })
 }
