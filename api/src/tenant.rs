@@ -886,6 +886,27 @@ pub enum PoolAddressState {
     Draining,
 }
 
+impl PoolAddressState {
+    pub const ALL: [PoolAddressState; 5] = [
+        PoolAddressState::Warming,
+        PoolAddressState::Held,
+        PoolAddressState::RolledBack,
+        PoolAddressState::Warm,
+        PoolAddressState::Draining,
+    ];
+
+    /// The name status and metrics use (the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolAddressState::Warming => "Warming",
+            PoolAddressState::Held => "Held",
+            PoolAddressState::RolledBack => "RolledBack",
+            PoolAddressState::Warm => "Warm",
+            PoolAddressState::Draining => "Draining",
+        }
+    }
+}
+
 /// A DKIM selector and where it is in rotation.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -992,6 +1013,13 @@ impl Default for DkimSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_address_state_names_are_their_serialized_form() {
+        for state in PoolAddressState::ALL {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
+    }
 
     fn examples() -> Vec<(std::path::PathBuf, String)> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");

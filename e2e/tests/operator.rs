@@ -40,7 +40,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     the_later_tenant_loses_a_shared_address(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
     a_missing_secret_makes_the_config_invalid_until_it_appears(&client).await;
-    the_warmup_loop_judges_yesterday_from_the_pods_status(&client).await;
+    the_warmup_loop_judges_yesterday_from_the_pods_status(&client, &operator).await;
     a_listed_address_is_named_with_its_zone(&client, &blocklist).await;
     deletion_follows_the_deletion_policy(&client).await;
     a_shrinking_pool_drains_before_the_pod_and_volume_go(&client).await;
@@ -348,7 +348,7 @@ async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Cli
     .await;
 }
 
-async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client) {
+async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client, operator: &Operator) {
     let namespace = unique_namespace("warmup-loop");
     let tenant = create(client, &example("minimal.yaml", &namespace)).await;
     let name = tenant.name_any();
@@ -410,6 +410,15 @@ async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client) 
         "{rolled_back:?}"
     );
     assert_eq!(rolled_back.last_sent.as_deref(), Some(yesterday.to_string().as_str()));
+    // The alerts' source: addresses by state across tenants.
+    eventually("a rolled-back address in the operator's metrics", WAIT, || async {
+        let text = operator.metrics().await;
+        text.lines()
+            .filter(|line| line.starts_with("securemail_operator_pool_addresses{state=\"RolledBack\"}"))
+            .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+            .find(|count| *count >= 1.0)
+    })
+    .await;
     let limit = securemail_api::warmup::daily_limit(&spec, 2).unwrap_or_default();
     let config: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     eventually("the rolled-back limit in sidecar.yaml", WAIT, || async {

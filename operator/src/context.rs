@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use securemail_api::SecureMailTenant;
+use securemail_api::tenant::PoolAddressState;
 use tokio::sync::Semaphore;
 
 use crate::build::Settings;
@@ -136,12 +137,19 @@ pub struct ConditionLabels {
     pub status: String,
 }
 
+/// A pool address's state (`status.ipPool[].state`), for the addresses-by-state gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
 /// Operator metrics; every label set is bounded (no tenant names, no domains).
 #[derive(Debug)]
 pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub tenants: Family<ConditionLabels, Gauge>,
+    pub pool_addresses: Family<StateLabels, Gauge>,
     pub registry: Registry,
 }
 
@@ -150,6 +158,7 @@ impl Default for Metrics {
         let reconciles = Family::<ResultLabels, Counter>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let tenants = Family::<ConditionLabels, Gauge>::default();
+        let pool_addresses = Family::<StateLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("securemail_operator");
         // The text encoder appends `_total` to counters.
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
@@ -159,20 +168,37 @@ impl Default for Metrics {
             reconcile_duration.clone(),
         );
         registry.register("tenants", "Tenants by condition type and status", tenants.clone());
+        registry.register(
+            "pool_addresses",
+            "Pool addresses of all tenants by warmup state",
+            pool_addresses.clone(),
+        );
         Self {
             reconciles,
             reconcile_duration,
             tenants,
+            pool_addresses,
             registry,
         }
     }
 }
 
 impl Metrics {
-    /// Recounts tenants per condition from the controller's cache.
+    /// Recounts tenants per condition, and pool addresses per warmup state, from the controller's cache.
     pub fn count_tenants(&self, tenants: &Store<SecureMailTenant>) {
         let mut counts: HashMap<ConditionLabels, i64> = HashMap::new();
-        for tenant in tenants.state() {
+        let mut states: HashMap<&'static str, i64> =
+            PoolAddressState::ALL.iter().map(|state| (state.as_str(), 0)).collect();
+        let tenants = tenants.state();
+        for tenant in &tenants {
+            for address in tenant.status.iter().flat_map(|status| &status.ip_pool) {
+                *states.entry(address.state.as_str()).or_default() += 1;
+            }
+        }
+        for (state, count) in states {
+            self.pool_addresses.get_or_create(&StateLabels { state }).set(count);
+        }
+        for tenant in tenants {
             for condition in tenant.status.iter().flat_map(|status| &status.conditions) {
                 let labels = ConditionLabels {
                     condition: condition.type_.clone(),
