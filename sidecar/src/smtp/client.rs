@@ -376,17 +376,9 @@ impl Session {
             .await
             .map_err(|err| stale_if(reused, err))?;
         if reset {
-            let reply = self
-                .read("RSET", self.timeouts.rset)
+            self.expect("RSET", self.timeouts.rset, 2)
                 .await
                 .map_err(|err| stale_if(reused, err))?;
-            if reply.class() != 2 {
-                return Err(SessionError::Refused {
-                    phase: "RSET",
-                    code: reply.code(),
-                    reply,
-                });
-            }
         }
         let mail_reply = self
             .read("MAIL", self.timeouts.mail)
@@ -399,12 +391,7 @@ impl Session {
         for _ in rcpts {
             let reply = self.read("RCPT", self.timeouts.rcpt).await?;
             if self.closing(&reply) {
-                // Nothing more comes: the recipients not answered share the closing reply.
-                rcpt_replies.resize(rcpts.len(), reply);
-                return Ok(TransactionOutcome::Replies {
-                    rcpt: rcpt_replies,
-                    data: None,
-                });
+                return Ok(closed_at_rcpt(rcpt_replies, reply, rcpts.len()));
             }
             rcpt_replies.push(reply);
         }
@@ -463,11 +450,7 @@ impl Session {
             self.write("RCPT", rcpt, self.timeouts.rcpt).await?;
             let reply = self.read("RCPT", self.timeouts.rcpt).await?;
             if self.closing(&reply) {
-                rcpt_replies.resize(rcpts.len(), reply);
-                return Ok(TransactionOutcome::Replies {
-                    rcpt: rcpt_replies,
-                    data: None,
-                });
+                return Ok(closed_at_rcpt(rcpt_replies, reply, rcpts.len()));
             }
             rcpt_replies.push(reply);
         }
@@ -637,6 +620,15 @@ impl Session {
             .await
             .map_err(|_| SessionError::Timeout { phase })?
             .map_err(|err| io_error(phase, &err))
+    }
+}
+
+/// The outcome when a RCPT got a 421: nothing more comes, so the recipients not answered share that reply.
+fn closed_at_rcpt(mut replies: Vec<Reply>, closing: Reply, recipients: usize) -> TransactionOutcome {
+    replies.resize(recipients, closing);
+    TransactionOutcome::Replies {
+        rcpt: replies,
+        data: None,
     }
 }
 
