@@ -68,6 +68,25 @@ pub fn ensure_crd() {
     });
 }
 
+/// Installs a third-party CRD taken from its project's pinned Go module (`e2e/fetch-crd.sh SOURCE`) and waits until
+/// the apiserver serves `crd` (its `plural.group` name).
+pub fn install_third_party_crd(source: &str, crd: &str) {
+    let script = repo_root().join("e2e/fetch-crd.sh");
+    let output = Command::new(&script)
+        .arg(source)
+        .output()
+        .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let file = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    kubectl_ok(&["apply", "--server-side", "-f", &file]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        &format!("crd/{crd}"),
+    ]);
+}
+
 /// Creates a namespace unless it exists. Namespaces are never deleted by the suites: the test control plane has
 /// no namespace controller, so a deleted namespace would stay Terminating.
 pub fn ensure_namespace(name: &str) {

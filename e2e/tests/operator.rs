@@ -805,20 +805,7 @@ async fn the_submission_certificate_comes_from_cert_manager(client: &Client) {
     assert!(message.contains("cert-manager.io/v1"), "{message}");
 
     // The real CRD, from cert-manager's own Go module.
-    let script = securemail_e2e::repo_root().join("e2e/fetch-crd.sh");
-    let output = std::process::Command::new(&script)
-        .arg("cert-manager")
-        .output()
-        .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let crd = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    securemail_e2e::kubectl_ok(&["apply", "--server-side", "-f", &crd]);
-    securemail_e2e::kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/certificates.cert-manager.io",
-    ]);
+    securemail_e2e::install_third_party_crd("cert-manager", "certificates.cert-manager.io");
     let patch = json!({"metadata": {"labels": {"crd-installed": "yes"}}});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -871,20 +858,7 @@ async fn dns_endpoints_follow_the_external_dns_crd(client: &Client) {
     assert!(missing.1.contains("externaldns.k8s.io"), "{missing:?}");
 
     // The real CRD, from external-dns's own Go module.
-    let script = securemail_e2e::repo_root().join("e2e/fetch-crd.sh");
-    let output = std::process::Command::new(&script)
-        .arg("external-dns")
-        .output()
-        .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let crd = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    securemail_e2e::kubectl_ok(&["apply", "--server-side", "-f", &crd]);
-    securemail_e2e::kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/dnsendpoints.externaldns.k8s.io",
-    ]);
+    securemail_e2e::install_third_party_crd("external-dns", "dnsendpoints.externaldns.k8s.io");
     let patch = json!({"metadata": {"labels": {"crd-installed": "yes"}}});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
