@@ -7,30 +7,26 @@
     reason = "test helpers: a panic is the failure report"
 )]
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::BufReader as StdBufReader;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_lc_rs::digest;
-use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::signature::Ed25519KeyPair;
-use base64::Engine as _;
 use prometheus_client::registry::Registry;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use securemail_api::sidecar_config::{SigningDomain, SigningKey, WarmupCaps};
-use securemail_api::tenant::{DkimAlgorithm, OnFailure, ProviderShares, TlsVersion};
+use securemail_api::sidecar_config::WarmupCaps;
+use securemail_api::tenant::{OnFailure, ProviderShares, TlsVersion};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
-use securemail_sidecar::dkim::KeyStore;
 use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, EvidenceWriter, PolicySource};
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup, Tlsa};
 use securemail_sidecar::provider::{Provider, ProviderSuffix};
-use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
 use securemail_sidecar::tls::TlsConfigs;
 use securemail_sidecar::warmup::WarmupLimiter;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -347,23 +343,6 @@ struct Harness {
     dir: tempfile::TempDir,
 }
 
-fn write_dkim_key(path: &Path) {
-    let der: aws_lc_rs::encoding::Pkcs8V1Der = Ed25519KeyPair::generate().unwrap().as_der().unwrap();
-    let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|chunk| std::str::from_utf8(chunk).unwrap())
-        .collect();
-    let pem = format!(
-        "{}\n{}\n{}\n",
-        securemail_api::pkcs8_pem::header(),
-        lines.join("\n"),
-        securemail_api::pkcs8_pem::footer()
-    );
-    std::fs::write(path, pem).unwrap();
-}
-
 fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
     harness_classing(policy, roots, port, Vec::new())
 }
@@ -376,44 +355,15 @@ fn harness_classing(
     provider_suffixes: Vec<ProviderSuffix>,
 ) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("dkim.pem");
-    write_dkim_key(&key);
-    let keys = KeyStore::load(&[SigningDomain {
-        domain: "example.org".into(),
-        keys: vec![SigningKey {
-            selector: "sm1".into(),
-            algorithm: DkimAlgorithm::Ed25519Sha256,
-            private_key_file: key,
-        }],
-    }])
-    .unwrap();
+    let keys = common::signing_keys(dir.path());
     let clock: Arc<dyn WallClock> = Arc::new(SystemClock);
-    let source: IpAddr = "127.0.0.1".parse().unwrap();
+    let session = common::session(port);
     let metrics = Metrics::register(
         &mut Registry::default(),
         "clinic-a/outbound",
-        source,
+        session.source,
         Arc::clone(&clock),
     );
-    let seconds = Duration::from_secs(10);
-    let timeouts = Timeouts {
-        connect: seconds,
-        greeting: seconds,
-        ehlo: seconds,
-        starttls: seconds,
-        mail: seconds,
-        rcpt: seconds,
-        data_init: seconds,
-        data_block: seconds,
-        data_done: seconds,
-        rset: seconds,
-    };
-    let session = SessionSettings {
-        helo_name: "mta-0.sender.test".into(),
-        source,
-        port,
-        timeouts,
-    };
     let config = EngineConfig {
         provider_suffixes,
         ..EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer)

@@ -7,24 +7,21 @@
     reason = "test helpers: a panic is the failure report"
 )]
 
+mod common;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::signature::Ed25519KeyPair;
-use base64::Engine as _;
 use jiff::Timestamp;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use securemail_api::sidecar_config::{SigningDomain, SigningKey};
 use securemail_api::sidecar_status::CircuitState;
-use securemail_api::tenant::{DkimAlgorithm, OnFailure, TlsVersion};
+use securemail_api::tenant::{OnFailure, TlsVersion};
 use securemail_sidecar::deliver::{Engine, EngineConfig, WallClock};
-use securemail_sidecar::dkim::KeyStore;
 use securemail_sidecar::evidence::{DomainName, EvidenceLog, EvidenceWriter, PolicySource};
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
@@ -32,7 +29,6 @@ use securemail_sidecar::policy::clock::ManualClock;
 use securemail_sidecar::policy::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup};
 use securemail_sidecar::provider::Provider;
 use securemail_sidecar::reputation::{self, BreakerSettings, Breakers};
-use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
 use securemail_sidecar::tls::TlsConfigs;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -247,46 +243,11 @@ struct Harness {
 
 fn harness(roots: RootCertStore, port: u16) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("dkim.pem");
-    let der: aws_lc_rs::encoding::Pkcs8V1Der = Ed25519KeyPair::generate().unwrap().as_der().unwrap();
-    let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let pem = format!(
-        "{}\n{body}\n{}\n",
-        securemail_api::pkcs8_pem::header(),
-        securemail_api::pkcs8_pem::footer()
-    );
-    std::fs::write(&key, pem).unwrap();
-    let keys = KeyStore::load(&[SigningDomain {
-        domain: "example.org".into(),
-        keys: vec![SigningKey {
-            selector: "sm1".into(),
-            algorithm: DkimAlgorithm::Ed25519Sha256,
-            private_key_file: key,
-        }],
-    }])
-    .unwrap();
+    let keys = common::signing_keys(dir.path());
     let wall: Arc<dyn WallClock> = Arc::new(FixedWall);
-    let source: IpAddr = "127.0.0.1".parse().unwrap();
+    let session = common::session(port);
     let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry, "clinic-a/outbound", source, Arc::clone(&wall));
-    let seconds = Duration::from_secs(10);
-    let session = SessionSettings {
-        helo_name: "mta-0.sender.test".into(),
-        source,
-        port,
-        timeouts: Timeouts {
-            connect: seconds,
-            greeting: seconds,
-            ehlo: seconds,
-            starttls: seconds,
-            mail: seconds,
-            rcpt: seconds,
-            data_init: seconds,
-            data_block: seconds,
-            data_done: seconds,
-            rset: seconds,
-        },
-    };
+    let metrics = Metrics::register(&mut registry, "clinic-a/outbound", session.source, Arc::clone(&wall));
     let clock = Arc::new(ManualClock::new());
     let breakers = Arc::new(Breakers::new(
         BreakerSettings::default(),
