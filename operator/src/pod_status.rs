@@ -1,5 +1,6 @@
 //! Reading an MTA pod's `/status` from its sidecar: the queue for draining, yesterday's results for the warmup loop.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -23,11 +24,7 @@ pub async fn read(pod: &Pod) -> Result<SidecarStatus, String> {
         ip.to_owned()
     };
     let url = format!("http://{host}:{SIDECAR_ADMIN_PORT}/status");
-    let client = reqwest::Client::builder()
-        .timeout(STATUS_TIMEOUT)
-        .build()
-        .map_err(|err| format!("HTTP client: {err}"))?;
-    let response = client
+    let response = client()?
         .get(&url)
         .send()
         .await
@@ -39,4 +36,18 @@ pub async fn read(pod: &Pod) -> Result<SidecarStatus, String> {
         .json::<SidecarStatus>()
         .await
         .map_err(|err| format!("/status is not valid: {err}"))
+}
+
+/// One HTTP client for every read, built on first use: its connection pool and TLS setup are not rebuilt per pod.
+fn client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(STATUS_TIMEOUT)
+                .build()
+                .map_err(|err| format!("HTTP client: {err}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
 }
