@@ -10,6 +10,7 @@ declare -A packages=(
   [openssl]=openssl
   [curl]=curl
   [shellcheck]=shellcheck
+  [lua5.4]=lua5.4
   [postconf]=postfix
   # The data-plane world (e2e/dataplane): namespaces, signed DNS, validating resolver, MTA-STS web server, and the
   # independent checkers its smoke test uses.
