@@ -49,6 +49,9 @@ check_links() {
   return "$failed"
 }
 
+# `check.sh promtool-path`: build promtool if needed and print its path (other checks use it too).
+if [ "${1:-}" = promtool-path ]; then promtool_bin; exit 0; fi
+
 check_links
 promtool=$(promtool_bin)
 "$promtool" check rules "$here/securemail.rules.yaml"

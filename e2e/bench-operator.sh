@@ -20,9 +20,11 @@ cargo build --locked -q --release -p securemail-operator --bin securemail-operat
 trap '"$here/cluster-down.sh" >/dev/null 2>&1 || true' EXIT
 export KUBECONFIG
 KUBECONFIG=$("$here/cluster-up.sh" | tail -n 1)
-kubectl apply --server-side -f crds/securemailtenants.securemail.io.yaml >/dev/null
-kubectl wait --for=condition=Established --timeout=60s crd/securemailtenants.securemail.io >/dev/null
 kubectl create namespace "$namespace" >/dev/null
+# Installed the way users install it; one replica, so no lease is waited for.
+"$here/helm.sh" install securemail-operator charts/securemail-operator -n securemail-system --create-namespace \
+  --set replicaCount=1 --set "tenantNamespaces={$namespace}" >/dev/null
+kubectl wait --for=condition=Established --timeout=60s crd/securemailtenants.securemail.io >/dev/null
 
 log "keygen floor: $count RSA-2048 keys on $(nproc) cores"
 floor=$(target/release/examples/keygen_floor "$count")

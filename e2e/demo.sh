@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job end to end on a local control plane: start it, install the SecureMailTenant CRD, run the operator
-# under its own least-privilege ServiceAccount, apply the example tenants and show what the operator made of them.
+# The main job end to end on a local control plane, the way a platform team onboards: `helm install` the operator
+# chart, `kubectl apply` the example tenants, and show what the operator made of them.
 # The control plane and the operator keep running afterwards (stop both with `make cluster-down`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,12 +16,22 @@ kubeconfig=$("$here/cluster-up.sh" | tail -n 1)
 export KUBECONFIG=$kubeconfig
 kubectl version 2>/dev/null | sed -n 's/^Server Version: /kube-apiserver /p' || true
 
-step "Installing the SecureMailTenant CRD and starting the operator"
-kubectl apply --server-side --force-conflicts -f "$root/crds/securemailtenants.securemail.io.yaml"
+namespaces=$(sed -n 's/^  namespace: //p' "$root"/examples/*.yaml | sort -u | paste -sd, -)
+step "Creating the tenants' namespaces: $namespaces"
+for namespace in ${namespaces//,/ }; do
+  kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+done
+
+step "helm install: the operator chart (CRD, least-privilege RBAC with Secrets only in those namespaces, Deployment)"
+"$here/helm.sh" upgrade --install securemail-operator "$root/charts/securemail-operator" \
+  --namespace securemail-system --create-namespace --set "tenantNamespaces={$namespaces}"
 kubectl wait --for=condition=Established --timeout=60s crd/securemailtenants.securemail.io
+
+step "Starting the operator (no kubelet runs here: the chart's container runs as a local process, with the"
+echo "   Deployment's arguments and a token of the chart's ServiceAccount)"
 SECUREMAIL_OPERATOR_BIN=$operator "$here/operator-up.sh"
 
-step "Applying the example tenants, with the submission certificate and client CA Secrets they name"
+step "kubectl apply: the example tenants, with the submission certificate and client CA Secrets they name"
 certs=$(mktemp -d)
 trap 'rm -rf "$certs"' EXIT
 # A throwaway self-signed certificate stands in for both the submission certificate and the apps' CA.
@@ -29,7 +39,6 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -s
   -keyout "$certs/tls.key" -out "$certs/tls.crt" 2>/dev/null
 for example in "$root"/examples/*.yaml; do
   namespace=$(sed -n 's/^  namespace: //p' "$example" | head -n 1)
-  kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   while read -r secret; do
     kubectl -n "$namespace" create secret tls "$secret" --cert="$certs/tls.crt" --key="$certs/tls.key" \
       --dry-run=client -o yaml </dev/null | kubectl apply -f - >/dev/null

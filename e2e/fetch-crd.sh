@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prints the path of a third-party CRD taken from the project's own Go module (pinned in versions.env), fetched
-# through the Go module proxy. Usage: fetch-crd.sh external-dns|cert-manager
+# through the Go module proxy.
+# Usage: fetch-crd.sh external-dns|cert-manager|servicemonitors|podmonitors|prometheusrules
 # cert-manager ships its CRDs as Helm templates whose template expressions sit in comments and in label values;
 # those lines are dropped into a copy (cached outside the repository) that kubectl can apply.
 set -euo pipefail
@@ -18,7 +19,11 @@ case "${1:-}" in
     module="github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION"
     file=deploy/crds/crd-certificates.yaml
     ;;
-  *) die "unknown CRD source '${1:-}' (known: external-dns, cert-manager)" ;;
+  servicemonitors|podmonitors|prometheusrules)
+    module="github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION"
+    file=example/prometheus-operator-crd/monitoring.coreos.com_$1.yaml
+    ;;
+  *) die "unknown CRD source '${1:-}' (known: external-dns, cert-manager, servicemonitors, podmonitors, prometheusrules)" ;;
 esac
 
 # `go mod download` needs a module context; an empty throwaway one is enough.

@@ -9,6 +9,8 @@ die() { echo "install-deps: $*" >&2; exit 1; }
 declare -A packages=(
   [openssl]=openssl
   [curl]=curl
+  # Reads the chart's rendered Deployment (e2e/operator-up.sh).
+  [jq]=jq
   [shellcheck]=shellcheck
   [lua5.4]=lua5.4
   [postconf]=postfix

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Applies the operator's RBAC (testdata/operator-rbac.yaml) to the local control plane and writes a kubeconfig
-# holding a fresh token of its ServiceAccount, so the operator runs with exactly those permissions. Prints its path.
+# Writes a kubeconfig holding a fresh token of the ServiceAccount that the chart release RELEASE (default
+# securemail-operator) in NAMESPACE (default securemail-system) runs the operator as, so a locally run operator has
+# exactly the chart's permissions. Prints its path. Usage: operator-kubeconfig.sh [RELEASE [NAMESPACE]]
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
+release=${1:-securemail-operator}
+namespace=${2:-securemail-system}
 dir=${SECUREMAIL_CLUSTER_DIR:-/tmp/securemail-cluster}
 export KUBECONFIG=${KUBECONFIG:-$dir/kubeconfig}
-out=$(dirname "$KUBECONFIG")/operator.kubeconfig
+out=$(dirname "$KUBECONFIG")/$release.kubeconfig
 
-kubectl apply -f "$here/testdata/operator-rbac.yaml" >/dev/null
-token=$(kubectl create token securemail-operator -n securemail-system --duration=24h)
+deployment=$(kubectl get deployment -n "$namespace" -l "app.kubernetes.io/instance=$release" -o name | head -n 1)
+[ -n "$deployment" ] || { echo "operator-kubeconfig: no release $release in $namespace (helm install it first)" >&2; exit 1; }
+account=$(kubectl get -n "$namespace" "$deployment" -o jsonpath='{.spec.template.spec.serviceAccountName}')
+token=$(kubectl create token "$account" -n "$namespace" --duration=24h)
 server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
 ca=$(kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
 umask 077
@@ -21,12 +25,12 @@ clusters:
     server: $server
     certificate-authority-data: $ca
 users:
-- name: securemail-operator
+- name: $account
   user:
     token: $token
 contexts:
 - name: operator
-  context: {cluster: local, user: securemail-operator}
+  context: {cluster: local, user: $account}
 current-context: operator
 CONFIG
 echo "$out"

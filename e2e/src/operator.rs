@@ -1,8 +1,10 @@
-//! Runs the real operator binary against the test control plane under its own ServiceAccount, with the RBAC rules
-//! from `e2e/testdata/operator-rbac.yaml`, so a missing permission fails the suite.
+//! Runs the real operator binary against the test control plane under the ServiceAccount of the Helm chart's
+//! release, with exactly the chart's RBAC rules, so a missing permission fails the suite.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 
 use crate::{kubeconfig, repo_root};
 
@@ -29,10 +31,22 @@ impl Operator {
         Self::spawn(admin_port, false)
     }
 
+    /// Starts a single replica managing only `namespaces`, as the release `release` installed with the chart's
+    /// default per-namespace RBAC for them ([`install_chart`]).
+    pub fn start_for_namespaces(admin_port: u16, release: &str, namespaces: &[&str]) -> Self {
+        let namespaces = format!("--tenant-namespaces={}", namespaces.join(","));
+        Self::spawn_as(admin_port, false, release, &[&namespaces])
+    }
+
     fn spawn(admin_port: u16, leader_election: bool) -> Self {
+        install_chart(E2E_RELEASE, &["-f", "e2e/testdata/chart-values.yaml"]);
+        Self::spawn_as(admin_port, leader_election, E2E_RELEASE, &[])
+    }
+
+    fn spawn_as(admin_port: u16, leader_election: bool, release: &str, extra_args: &[&str]) -> Self {
         let binary = std::env::var("SECUREMAIL_OPERATOR_BIN")
             .unwrap_or_else(|_| panic!("SECUREMAIL_OPERATOR_BIN is not set; run the suite with `make e2e`"));
-        let kubeconfig = operator_kubeconfig();
+        let kubeconfig = operator_kubeconfig(release);
         let log = std::env::temp_dir().join(format!("securemail-operator-{admin_port}.log"));
         let log_file = std::fs::File::create(&log).unwrap_or_else(|err| panic!("{}: {err}", log.display()));
         let child = Command::new(binary)
@@ -41,6 +55,7 @@ impl Operator {
             .args(["--drain-confirmation-seconds", "5"])
             .args(["--dnsbl-nameserver", crate::dnsbl::DNSBL_SERVER])
             .args(leader_election.then_some("--leader-election"))
+            .args(extra_args)
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", "securemail-system")
             .env("POD_NAME", format!("e2e-{admin_port}"))
@@ -79,11 +94,43 @@ impl Drop for Operator {
     }
 }
 
-/// The operator's kubeconfig: its ServiceAccount token with the RBAC rules of the suite, from
-/// `e2e/operator-kubeconfig.sh`.
-pub fn operator_kubeconfig() -> PathBuf {
+/// The chart release the suites run the operator under (its ServiceAccount is [`OPERATOR_USER`]).
+pub const E2E_RELEASE: &str = "securemail-operator";
+
+/// Installs (or upgrades) the chart as `release` in `securemail-system` with `values` (helm arguments, paths relative
+/// to the repository), once per release and test process. The CRD the suites installed is adopted, not replaced.
+pub fn install_chart(release: &str, values: &[&str]) {
+    static INSTALLED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if installed.contains(release) {
+        return;
+    }
+    let output = Command::new(repo_root().join("e2e/helm.sh"))
+        .current_dir(repo_root())
+        .args(["upgrade", "--install", release, "charts/securemail-operator"])
+        .args([
+            "--namespace",
+            "securemail-system",
+            "--create-namespace",
+            "--take-ownership",
+        ])
+        .args(values)
+        .env("KUBECONFIG", kubeconfig())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run e2e/helm.sh: {err}"));
+    assert!(
+        output.status.success(),
+        "helm install of {release} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    installed.insert(release.to_owned());
+}
+
+/// A kubeconfig holding a token of `release`'s ServiceAccount, from `e2e/operator-kubeconfig.sh`.
+pub fn operator_kubeconfig(release: &str) -> PathBuf {
     let script = repo_root().join("e2e/operator-kubeconfig.sh");
     let output = Command::new(&script)
+        .args([release, "securemail-system"])
         .env("KUBECONFIG", kubeconfig())
         .output()
         .unwrap_or_else(|err| panic!("cannot run {}: {err}", script.display()));

@@ -51,7 +51,7 @@ pub struct Stores {
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
     pub services: Store<PartialObjectMeta<Service>>,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
-    pub secrets: Store<PartialObjectMeta<Secret>>,
+    pub secrets: SecretStores,
     pub disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
     pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
 }
@@ -67,6 +67,33 @@ impl Stores {
         self.secrets.wait_until_ready().await?;
         self.disruption_budgets.wait_until_ready().await?;
         self.network_policies.wait_until_ready().await
+    }
+}
+
+/// The key Secrets cache: one watch over every namespace, or one per tenant namespace when the operator may use
+/// Secrets only there (each watch needs its own store: a re-list replaces its whole store).
+#[derive(Clone, Debug)]
+pub struct SecretStores(pub Vec<Store<PartialObjectMeta<Secret>>>);
+
+impl SecretStores {
+    /// The cached Secrets of `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<PartialObjectMeta<Secret>>> {
+        self.0
+            .iter()
+            .flat_map(Store::state)
+            .filter(|secret| secret.metadata.namespace.as_deref() == Some(namespace))
+            .collect()
+    }
+
+    pub fn get(&self, key: &ObjectRef<PartialObjectMeta<Secret>>) -> Option<Arc<PartialObjectMeta<Secret>>> {
+        self.0.iter().find_map(|store| store.get(key))
+    }
+
+    async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
+        for store in &self.0 {
+            store.wait_until_ready().await?;
+        }
+        Ok(())
     }
 }
 

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::Health;
 use crate::build::Settings;
-use crate::context::{Clock, Context, Metrics, Stores};
+use crate::context::{Clock, Context, Metrics, SecretStores, Stores};
 use crate::dnsbl::DnsblWatch;
 use crate::names::{MANAGED_SELECTOR, MANAGER};
 use crate::reconcile::{error_policy, reconcile};
@@ -84,19 +84,32 @@ pub async fn run(
             .touched_objects();
         (reader, events)
     };
-    let (config_maps, config_map_events) = metadata_store::<ConfigMap>(&client, &managed);
-    let (services, service_events) = metadata_store::<Service>(&client, &managed);
-    let (service_accounts, service_account_events) = metadata_store::<ServiceAccount>(&client, &managed);
-    let (secrets, secret_events) = metadata_store::<Secret>(&client, &managed);
-    let (disruption_budgets, disruption_budget_events) = metadata_store::<PodDisruptionBudget>(&client, &managed);
-    let (network_policies, network_policy_events) = metadata_store::<NetworkPolicy>(&client, &managed);
+    let (config_maps, config_map_events) = metadata_store::<ConfigMap>(Api::all(client.clone()), &managed);
+    let (services, service_events) = metadata_store::<Service>(Api::all(client.clone()), &managed);
+    let (service_accounts, service_account_events) =
+        metadata_store::<ServiceAccount>(Api::all(client.clone()), &managed);
+    // Key Secrets are watched only where the operator may use Secrets when it is limited to tenant namespaces.
+    let (secret_stores, secret_events): (Vec<_>, Vec<_>) = match &settings.tenant_namespaces {
+        None => vec![metadata_store::<Secret>(Api::all(client.clone()), &managed)],
+        Some(namespaces) => namespaces
+            .iter()
+            .map(|namespace| metadata_store::<Secret>(Api::namespaced(client.clone(), namespace), &managed))
+            .collect(),
+    }
+    .into_iter()
+    .map(|(store, events)| (store, events.boxed()))
+    .unzip();
+    let secret_events = futures::stream::select_all(secret_events);
+    let (disruption_budgets, disruption_budget_events) =
+        metadata_store::<PodDisruptionBudget>(Api::all(client.clone()), &managed);
+    let (network_policies, network_policy_events) = metadata_store::<NetworkPolicy>(Api::all(client.clone()), &managed);
     let stores = Stores {
         tenants: controller.store(),
         stateful_sets,
         config_maps,
         services,
         service_accounts,
-        secrets,
+        secrets: SecretStores(secret_stores),
         disruption_budgets,
         network_policies,
     };
@@ -157,10 +170,10 @@ pub async fn run(
     Ok(())
 }
 
-/// A metadata-only watch of the operator's children of kind `K`, cached in a store, as a stream of the changed
-/// objects for the controller to map to their owning tenant.
+/// A metadata-only watch of the operator's children of kind `K` through `api`, cached in a store, as a stream of
+/// the changed objects for the controller to map to their owning tenant.
 fn metadata_store<K>(
-    client: &Client,
+    api: Api<PartialObjectMeta<K>>,
     config: &watcher::Config,
 ) -> (
     Store<PartialObjectMeta<K>>,
@@ -170,7 +183,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let events = watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), config.clone())
+    let events = watcher(api, config.clone())
         .default_backoff()
         .modify(drop_managed_fields)
         .reflect(writer)

@@ -80,6 +80,10 @@ struct RunArgs {
     /// refuse queries from large public resolvers: point this at a recursive resolver of your own.
     #[arg(long, env = "SECUREMAIL_DNSBL_NAMESERVER")]
     dnsbl_nameserver: Option<SocketAddr>,
+    /// Manage only tenants in these namespaces (comma-separated), where the operator may use Secrets; their key
+    /// Secrets are watched per namespace. Unset: every namespace, which needs cluster-wide Secret access.
+    #[arg(long, env = "SECUREMAIL_TENANT_NAMESPACES", value_delimiter = ',')]
+    tenant_namespaces: Option<Vec<String>>,
     #[command(flatten)]
     images: ImageArgs,
 }
@@ -133,6 +137,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         operator_namespace: args.namespace.clone(),
         drain_confirmation: Duration::from_secs(args.drain_confirmation_seconds),
         dnsbl_nameserver: args.dnsbl_nameserver,
+        tenant_namespaces: args.tenant_namespaces.map(|namespaces| {
+            namespaces
+                .into_iter()
+                .filter(|namespace| !namespace.is_empty())
+                .collect()
+        }),
         ..Settings::default()
     });
     let metrics = Arc::new(Metrics::default());

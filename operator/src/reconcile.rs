@@ -58,17 +58,22 @@ pub async fn reconcile(tenant: Arc<SecureMailTenant>, ctx: Arc<Context>) -> Resu
         .map_err(|_| Error::Finalizer("the watch caches stopped".to_owned()))?;
     let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<SecureMailTenant> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = finalizer(&api, FINALIZER, tenant, |event| async {
-        match event {
-            FinalizerEvent::Apply(tenant) => apply_tenant(&tenant, &ctx).await,
-            FinalizerEvent::Cleanup(tenant) => cleanup(&tenant, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|err| match err {
-        finalizer::Error::ApplyFailed(err) | finalizer::Error::CleanupFailed(err) => err,
-        other => Error::Finalizer(other.to_string()),
-    });
+    let result = if tenant.metadata.deletion_timestamp.is_none() && !ctx.settings.manages_namespace(&namespace) {
+        // No finalizer either: a tenant the operator never managed must stay deletable.
+        not_managed(&tenant, &ctx, &namespace).await
+    } else {
+        finalizer(&api, FINALIZER, tenant, |event| async {
+            match event {
+                FinalizerEvent::Apply(tenant) => apply_tenant(&tenant, &ctx).await,
+                FinalizerEvent::Cleanup(tenant) => cleanup(&tenant, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|err| match err {
+            finalizer::Error::ApplyFailed(err) | finalizer::Error::CleanupFailed(err) => err,
+            other => Error::Finalizer(other.to_string()),
+        })
+    };
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     ctx.metrics.count_tenants(&ctx.stores.tenants);
     result
@@ -97,6 +102,34 @@ pub fn error_policy(tenant: Arc<SecureMailTenant>, error: &Error, ctx: Arc<Conte
     warn!(tenant = %tenant.name_any(), namespace = tenant.namespace().unwrap_or_default(), %error, failures, "reconcile failed");
     let delay = 5u64.saturating_mul(1 << failures.min(6).saturating_sub(1)).min(300);
     Action::requeue(Duration::from_secs(delay))
+}
+
+/// A tenant in a namespace outside `--tenant-namespaces`: the operator may not keep key Secrets there, so it makes
+/// nothing and says so in `ConfigValid` and `Ready`.
+async fn not_managed(tenant: &SecureMailTenant, ctx: &Context, namespace: &str) -> Result<Action> {
+    let previous = tenant.status.clone().unwrap_or_default();
+    let mut conditions = previous.conditions.clone();
+    let message = format!(
+        "namespace {namespace} is not one of the operator's tenant namespaces (--tenant-namespaces, \
+         the chart's tenantNamespaces): nothing is made for this tenant"
+    );
+    let config_valid = ConditionUpdate::new(status::CONFIG_VALID, false, "NamespaceNotManaged", message.clone());
+    let ready = status::ready(std::slice::from_ref(&config_valid));
+    let now = ctx.clock.now();
+    let mut changed = false;
+    for update in [config_valid, ready] {
+        changed |= status::set_condition(&mut conditions, update, tenant.metadata.generation, now);
+    }
+    if changed {
+        publish(ctx, tenant, EventType::Warning, "NamespaceNotManaged", &message).await;
+    }
+    let status = SecureMailTenantStatus {
+        observed_generation: tenant.metadata.generation,
+        conditions,
+        ..previous.clone()
+    };
+    write_status(ctx, tenant, &previous, status).await?;
+    Ok(Action::await_change())
 }
 
 async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
@@ -457,10 +490,9 @@ async fn apply_children(ctx: &Context, namespace: &str, names: &TenantNames, chi
 /// Key Secrets of this tenant, parsed from the watch cache. A Secret missing its labels is reported, never guessed at.
 fn stored_keys(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<Vec<StoredKey>> {
     let mut keys = Vec::new();
-    let cached = ctx.stores.secrets.state();
+    let cached = ctx.stores.secrets.in_namespace(namespace);
     let mine = cached.iter().filter(|secret| {
-        secret.namespace().as_deref() == Some(namespace)
-            && secret.labels().get(TENANT_LABEL) == Some(&names.tenant)
+        secret.labels().get(TENANT_LABEL) == Some(&names.tenant)
             && secret.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(DKIM_KEY_COMPONENT)
     });
     for secret in mine {

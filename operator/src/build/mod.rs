@@ -5,6 +5,7 @@ pub mod config;
 mod network;
 mod statefulset;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -40,6 +41,17 @@ pub struct Settings {
     pub drain_confirmation: Duration,
     /// Resolver for DNSBL lookups; `None`: the ones in /etc/resolv.conf.
     pub dnsbl_nameserver: Option<SocketAddr>,
+    /// Namespaces whose tenants the operator manages when it may use Secrets only there; `None`: every namespace.
+    pub tenant_namespaces: Option<BTreeSet<String>>,
+}
+
+impl Settings {
+    /// Whether tenants in `namespace` are managed: the operator can keep their key Secrets there.
+    pub fn manages_namespace(&self, namespace: &str) -> bool {
+        self.tenant_namespaces
+            .as_ref()
+            .is_none_or(|namespaces| namespaces.contains(namespace))
+    }
 }
 
 /// The Secret holding the submission server certificate: the one the spec names, or with a cert-manager issuer
@@ -68,6 +80,7 @@ impl Default for Settings {
             operator_namespace: "securemail-system".to_owned(),
             drain_confirmation: DEFAULT_DRAIN_CONFIRMATION,
             dnsbl_nameserver: None,
+            tenant_namespaces: None,
         }
     }
 }
