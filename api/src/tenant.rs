@@ -816,6 +816,11 @@ pub struct SecureMailTenantStatus {
     /// DKIM selectors in use and their lifecycle state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dkim_selectors: Vec<DkimSelectorStatus>,
+
+    /// When the submission server certificate (`tls.crt` of the submission Secret) expires; absent while that
+    /// Secret is missing or holds no certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submission_certificate_expires: Option<Time>,
 }
 
 /// A DNS record to publish.

@@ -86,12 +86,17 @@ pub async fn create_tenant(client: &Client, tenant: &SecureMailTenant) -> Secure
         .unwrap_or_else(|err| panic!("cannot create {}: {err}", tenant.name_any()))
 }
 
-/// A Secret of `type_` with a placeholder value under each of `keys`; an existing one is left as it is.
+/// A Secret of `type_` with a value under each of `keys`: a real certificate under `tls.crt` and `ca.crt` (the
+/// operator reads the submission certificate's expiry), a placeholder elsewhere. An existing one is left as it is.
 pub async fn create_secret(client: &Client, namespace: &str, name: &str, type_: &str, keys: &[&str]) {
+    let value = |key: &str| match key {
+        "tls.crt" | "ca.crt" => test_certificate().to_owned(),
+        _ => "placeholder".to_owned(),
+    };
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": namespace},
         "type": type_,
-        "stringData": keys.iter().map(|key| (*key, "placeholder")).collect::<BTreeMap<_, _>>(),
+        "stringData": keys.iter().map(|key| (*key, value(key))).collect::<BTreeMap<_, _>>(),
     }))
     .unwrap_or_else(|err| panic!("{err}"));
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
@@ -212,4 +217,44 @@ pub async fn key_secrets(client: &Client, namespace: &str) -> BTreeMap<String, (
             (secret.name_any(), (secret.uid().unwrap_or_default(), data))
         })
         .collect()
+}
+
+/// A self-signed certificate valid for 90 days, made once per test process with openssl (PEM).
+pub fn test_certificate() -> &'static str {
+    static CERTIFICATE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CERTIFICATE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("securemail-e2e-certificate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+        let output = std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args([
+                "-days",
+                "90",
+                "-subj",
+                "/CN=submission.e2e.test",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+            ])
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run openssl: {err}"));
+        assert!(
+            output.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let pem = std::fs::read_to_string(dir.join("cert.pem")).unwrap_or_else(|err| panic!("{err}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        pem
+    })
 }

@@ -39,7 +39,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     a_deleted_key_secret_gets_a_new_selector(&client, &namespace).await;
     the_later_tenant_loses_a_shared_address(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
-    a_missing_secret_makes_the_config_invalid_until_it_appears(&client).await;
+    a_missing_secret_makes_the_config_invalid_until_it_appears(&client, &operator).await;
     the_warmup_loop_judges_yesterday_from_the_pods_status(&client, &operator).await;
     a_listed_address_is_named_with_its_zone(&client, &blocklist).await;
     deletion_follows_the_deletion_policy(&client).await;
@@ -307,7 +307,7 @@ async fn a_paused_tenant_is_left_alone(client: &Client) {
     );
 }
 
-async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Client) {
+async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Client, operator: &Operator) {
     let namespace = unique_namespace("missing-secret");
     let tenant = example("minimal.yaml", &namespace);
     let ca = tenant.spec.submission.client_certificates.ca_secret_name.clone();
@@ -342,8 +342,27 @@ async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Cli
         .unwrap_or_else(|err| panic!("{err}"));
     create_secret(client, &namespace, &tls, "kubernetes.io/tls", &["tls.crt", "tls.key"]).await;
     create_secret(client, &namespace, &ca, "Opaque", &["ca.crt"]).await;
-    eventually("ConfigValid once the Secrets exist", WAIT, || async {
-        (condition(&api.get(&name).await.ok()?, "ConfigValid")?.0 == "True").then_some(())
+    let tenant = eventually("ConfigValid once the Secrets exist", WAIT, || async {
+        let tenant = api.get(&name).await.ok()?;
+        (condition(&tenant, "ConfigValid")?.0 == "True").then_some(tenant)
+    })
+    .await;
+    // The certificate's expiry, for the expiring-certificate alert: in status and in the operator's metrics.
+    let expires = tenant
+        .status
+        .and_then(|status| status.submission_certificate_expires)
+        .unwrap_or_else(|| panic!("no submissionCertificateExpires in the status"));
+    let days = expires.0.duration_since(jiff::Timestamp::now()).as_hours() / 24;
+    assert!(
+        (88..=90).contains(&days),
+        "the 90-day test certificate expires in {days} days"
+    );
+    let series = format!(
+        "securemail_operator_submission_certificate_expiry_timestamp_seconds{{tenant=\"{namespace}/{name}\"}} {}",
+        expires.0.as_second()
+    );
+    eventually("the certificate expiry in the operator's metrics", WAIT, || async {
+        operator.metrics().await.contains(&series).then_some(())
     })
     .await;
 }
@@ -430,6 +449,19 @@ async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client, 
             .remove("sidecar-0.yaml")?;
         sidecar.contains(&format!("dailyLimit: {limit}")).then_some(())
     })
+    .await;
+    // The dashboard's warmup panel: day and limit of each address.
+    let series = format!("{{tenant=\"{namespace}/{name}\",source_ip=\"{address}\"}}");
+    eventually(
+        "the rolled-back day and limit in the operator's metrics",
+        WAIT,
+        || async {
+            let text = operator.metrics().await;
+            let day = format!("securemail_operator_pool_address_warmup_day{series} 2");
+            let daily_limit = format!("securemail_operator_pool_address_daily_limit{series} {limit}");
+            (text.contains(&day) && text.contains(&daily_limit)).then_some(())
+        },
+    )
     .await;
 
     // A clean day advances it.

@@ -1,7 +1,7 @@
 //! State shared by every reconcile: the client, settings, event recorder, metrics, clock and backoff counters.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -170,13 +170,40 @@ pub struct StateLabels {
     pub state: &'static str,
 }
 
-/// Operator metrics; every label set is bounded (no tenant names, no domains).
+/// One pool address of one tenant, for the per-address warmup gauges. `tenant` is `namespace/name`, as in the
+/// sidecars' metrics, so the two join.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabels {
+    pub tenant: String,
+    pub source_ip: String,
+}
+
+/// One tenant (`namespace/name`), for the per-tenant certificate gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
+/// The label sets the per-address and per-tenant gauges hold, so a recount removes exactly the ones that are gone
+/// (clearing first would let a scrape in between see none).
+#[derive(Debug, Default)]
+struct Exported {
+    addresses: HashSet<AddressLabels>,
+    tenants: HashSet<TenantLabels>,
+}
+
+/// Operator metrics; every label set is bounded by what platform teams configure (tenants and their pool
+/// addresses), never by mail traffic (no domains, no recipients).
 #[derive(Debug)]
 pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub tenants: Family<ConditionLabels, Gauge>,
     pub pool_addresses: Family<StateLabels, Gauge>,
+    pub warmup_day: Family<AddressLabels, Gauge>,
+    pub daily_limit: Family<AddressLabels, Gauge>,
+    pub certificate_expiry: Family<TenantLabels, Gauge>,
+    exported: Mutex<Exported>,
     pub registry: Registry,
 }
 
@@ -186,6 +213,9 @@ impl Default for Metrics {
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let tenants = Family::<ConditionLabels, Gauge>::default();
         let pool_addresses = Family::<StateLabels, Gauge>::default();
+        let warmup_day = Family::<AddressLabels, Gauge>::default();
+        let daily_limit = Family::<AddressLabels, Gauge>::default();
+        let certificate_expiry = Family::<TenantLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("securemail_operator");
         // The text encoder appends `_total` to counters.
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
@@ -200,28 +230,100 @@ impl Default for Metrics {
             "Pool addresses of all tenants by warmup state",
             pool_addresses.clone(),
         );
+        registry.register(
+            "pool_address_warmup_day",
+            "Warmup schedule day of each pool address (absent once warm)",
+            warmup_day.clone(),
+        );
+        registry.register(
+            "pool_address_daily_limit",
+            "Today's daily message limit of each pool address (absent once warm)",
+            daily_limit.clone(),
+        );
+        registry.register(
+            "submission_certificate_expiry_timestamp_seconds",
+            "When each tenant's submission server certificate expires (Unix time)",
+            certificate_expiry.clone(),
+        );
         Self {
             reconciles,
             reconcile_duration,
             tenants,
             pool_addresses,
+            warmup_day,
+            daily_limit,
+            certificate_expiry,
+            exported: Mutex::default(),
             registry,
         }
     }
 }
 
+/// Sets `labels`' gauge in `family` to `value`, or removes it when there is none.
+fn export(family: &Family<AddressLabels, Gauge>, labels: &AddressLabels, value: Option<u32>) {
+    match value {
+        Some(value) => {
+            family.get_or_create(labels).set(i64::from(value));
+        }
+        None => {
+            family.remove(labels);
+        }
+    }
+}
+
 impl Metrics {
-    /// Recounts tenants per condition, and pool addresses per warmup state, from the controller's cache.
+    /// Recounts tenants per condition, pool addresses per warmup state, and each address's warmup day and daily
+    /// limit, from the controller's cache.
     pub fn count_tenants(&self, tenants: &Store<SecureMailTenant>) {
         let mut counts: HashMap<ConditionLabels, i64> = HashMap::new();
         let mut states: HashMap<&'static str, i64> =
             PoolAddressState::ALL.iter().map(|state| (state.as_str(), 0)).collect();
         let tenants = tenants.state();
+        let mut exported = self.exported.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = Exported::default();
         for tenant in &tenants {
+            let tenant_labels = TenantLabels {
+                tenant: format!(
+                    "{}/{}",
+                    tenant.metadata.namespace.as_deref().unwrap_or_default(),
+                    tenant.metadata.name.as_deref().unwrap_or_default()
+                ),
+            };
+            let expires = tenant
+                .status
+                .as_ref()
+                .and_then(|status| status.submission_certificate_expires.as_ref());
+            match expires {
+                Some(expires) => {
+                    self.certificate_expiry
+                        .get_or_create(&tenant_labels)
+                        .set(expires.0.as_second());
+                }
+                None => {
+                    self.certificate_expiry.remove(&tenant_labels);
+                }
+            }
             for address in tenant.status.iter().flat_map(|status| &status.ip_pool) {
                 *states.entry(address.state.as_str()).or_default() += 1;
+                let labels = AddressLabels {
+                    tenant: tenant_labels.tenant.clone(),
+                    source_ip: address.address.clone(),
+                };
+                export(&self.warmup_day, &labels, address.warmup_day);
+                export(&self.daily_limit, &labels, address.daily_limit);
+                current.addresses.insert(labels);
             }
+            current.tenants.insert(tenant_labels);
         }
+        for gone in exported.addresses.difference(&current.addresses) {
+            self.warmup_day.remove(gone);
+            self.daily_limit.remove(gone);
+        }
+        for gone in exported.tenants.difference(&current.tenants) {
+            self.certificate_expiry.remove(gone);
+        }
+        *exported = current;
+        drop(exported);
         for (state, count) in states {
             self.pool_addresses.get_or_create(&StateLabels { state }).set(count);
         }

@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
@@ -229,7 +229,8 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     let dns_records = build::dns_records(tenant, &public_keys)?;
 
     // Without cert-manager nothing will issue the submission Secret; a Secret that exists anyway still serves.
-    let mut missing_inputs = inputs::check(ctx, tenant, &namespace, &names).await?;
+    let inputs = inputs::check(ctx, tenant, &namespace, &names, now).await?;
+    let mut missing_inputs = inputs.problems;
     let cert_manager_missing = certificate::reconcile(&ctx.client, tenant, &names)
         .await?
         .filter(|_| !missing_inputs.is_empty());
@@ -318,6 +319,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         dns_records,
         ip_pool,
         dkim_selectors: plan.selectors.clone(),
+        submission_certificate_expires: inputs.certificate_expires.map(Time),
     };
     write_status(ctx, tenant, &previous, status).await?;
     ctx.failures
