@@ -26,6 +26,8 @@ declare -A packages=(
   [swaks]=swaks
   # Moves the sidecar's clock forward (LD_PRELOAD of libfaketime) for the warmup day-boundary case.
   [faketime]=faketime
+  # A real Prometheus scrapes the sidecar and evaluates the alert pack in the data-plane suite.
+  [prometheus]=prometheus
 )
 missing=()
 for cmd in "${!packages[@]}"; do
@@ -43,7 +45,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   # just started would listen on the host (and unbound's resolvconf hook would take over /etc/resolv.conf).
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     # Only units of packages installed just now; a service the machine already ran is left alone.
-    for pair in named:bind9 unbound:unbound unbound-resolvconf:unbound nginx:nginx; do
+    for pair in named:bind9 unbound:unbound unbound-resolvconf:unbound nginx:nginx prometheus:prometheus; do
       unit=${pair%%:*}
       [[ " ${missing[*]} " == *" ${pair#*:} "* ]] || continue
       if systemctl cat "$unit.service" >/dev/null 2>&1; then

@@ -483,6 +483,13 @@ EOF
         ;;
       *) die "unknown TLS mode $rx_tls for $rx_name" ;;
     esac
+    # The good receiver has no mailbox nobody@: Postfix's unknown-user reply at RCPT, which the sidecar must hand
+    # back to Postfix as a bounce. Every other local part is accepted as before.
+    if [ "$rx_name" = good ]; then
+      # Postfix puts "<address>: Recipient address rejected:" before the text.
+      echo "smtpd_recipient_restrictions = check_recipient_access inline:{ { nobody@$rx_domains = 550 5.1.1" \
+        "User unknown in virtual mailbox table } }"
+    fi
   } >"$rx/conf/main.cf"
   # Postfix waits until a just-written main.cf is a couple of seconds old (it might still be being edited):
   # backdating the files saves that wait in every Postfix command below.
@@ -651,6 +658,8 @@ done
   echo "SMDP_RECEIVERS=$(IFS=,; echo "${names[*]}")"
   echo "SMDP_STRIPPED_SESSIONS=$dir/mx/stripped/stripped-sessions.jsonl"
   echo "SMDP_STRIPPED_RAW=$dir/mx/stripped/stripped-sessions.jsonl.raw"
+  # The one address of a tenant-policy domain whose receiver answers RCPT with 550 5.1.1 (user unknown).
+  echo "SMDP_GOOD_UNKNOWN_RECIPIENT=nobody@good.plain.test"
   # Recipient domain per policy case, for tests that think in cases rather than hosts.
   # SMDP_CASE_<CASE>=domain and SMDP_CASE_<CASE>_RX=the receiver (SMDP_RX_<RX>_*) its mail should reach, or not.
   for pair in DANE=dane.test:dane DANE_TA=dane-ta.test:daneta DANE_MISMATCH=dane-mismatch.test:danemismatch \

@@ -1,7 +1,8 @@
 //! The data-plane world started by `e2e/dataplane/up.sh` (DNSSEC-signed zones behind a validating resolver,
 //! receiving MX hosts, an MTA-STS web server, each in its own network namespace) and an MTA host inside it:
 //! Debian's Postfix and the sidecar, both configured from the operator's `render` output, with only the paths and
-//! addresses that must differ outside a pod changed.
+//! addresses that must differ outside a pod changed; and Debian's Prometheus scraping that sidecar with the alert
+//! pack loaded.
 // Test support: a step that fails is a failed test, reported with the step's description.
 #![allow(clippy::expect_used)]
 
@@ -433,6 +434,192 @@ impl Drop for MtaHost {
             let _ = postfix.wait();
         }
         self.kill_sidecar();
+    }
+}
+
+/// The alert pack's rule file with every `for:` duration replaced by `duration`, line for line: the expressions,
+/// labels and annotations stay exactly as shipped, only the time an alert must hold before it fires shrinks.
+pub fn rules_with_for(shipped: &str, duration: &str) -> String {
+    let mut rewritten: String = shipped
+        .lines()
+        .map(|line| {
+            let indent = line.len() - line.trim_start().len();
+            if line.trim_start().starts_with("for: ") {
+                format!("{}for: {duration}", &line[..indent])
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    if shipped.ends_with('\n') {
+        rewritten.push('\n');
+    }
+    rewritten
+}
+
+/// Where the test Prometheus listens: the MTA namespace's loopback, which nothing else in the world uses (the
+/// sidecar's admin server is on the pool address).
+pub const PROMETHEUS_ADDRESS: &str = "127.0.0.1:19090";
+
+/// Debian's Prometheus server inside the MTA namespace, scraping one host's sidecar as job `securemail-sidecar`
+/// (the name the alert pack expects) and evaluating a rule file, both every second. Stopped on drop, when its
+/// TSDB is deleted too; its configuration and log stay in `dir`.
+#[derive(Debug)]
+pub struct PrometheusServer {
+    pub dir: PathBuf,
+    netns: String,
+    child: Option<Child>,
+}
+
+impl PrometheusServer {
+    /// Starts Prometheus next to `mta` with `rules` as its only rule file and waits until it is ready.
+    pub fn start(mta: &MtaHost, rules: &str) -> Self {
+        let binary = Path::new("/usr/bin/prometheus");
+        assert!(
+            binary.is_file(),
+            "{} is missing (Debian package prometheus; run make deps)",
+            binary.display()
+        );
+        let dir = mta.dir.join("prometheus");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("data")).expect("Prometheus directory");
+        fs::write(dir.join("rules.yaml"), rules).expect("write rules.yaml");
+        fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files:
+  - {rules}
+scrape_configs:
+  - job_name: securemail-sidecar
+    static_configs:
+      - targets: ['{address}:9090']
+",
+                rules = dir.join("rules.yaml").display(),
+                address = mta.address,
+            ),
+        )
+        .expect("write prometheus.yml");
+        let log = fs::File::create(dir.join("prometheus.log")).expect("Prometheus log");
+        let child = in_netns(&mta.netns, &binary.display().to_string())
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={PROMETHEUS_ADDRESS}"))
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start Prometheus");
+        let server = Self {
+            dir,
+            netns: mta.netns.clone(),
+            child: Some(child),
+        };
+        wait_until(
+            Duration::from_secs(30),
+            "Prometheus to be ready",
+            || server.get_status("/-/ready") == Some(200),
+            || server.log(),
+        );
+        server
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The HTTP status of GET `path`, or `None` when nothing answered.
+    fn get_status(&self, path: &str) -> Option<u16> {
+        let output = in_netns(&self.netns, "curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                &format!("http://{PROMETHEUS_ADDRESS}{path}"),
+            ])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&output.stdout)
+            .parse()
+            .ok()
+            .filter(|&code| code != 0)
+    }
+
+    /// GET `path` of the HTTP API (`/api/v1/...`, with `params` URL-encoded as a query string) and returns its
+    /// `data`; panics unless Prometheus answers `"status": "success"`.
+    pub fn api(&self, path: &str, params: &[(&str, &str)]) -> serde_json::Value {
+        let mut command = in_netns(&self.netns, "curl");
+        command.args(["-sS", "--max-time", "10", "-G"]);
+        for (key, value) in params {
+            command.args(["--data-urlencode", &format!("{key}={value}")]);
+        }
+        command.arg(format!("http://{PROMETHEUS_ADDRESS}{path}"));
+        let body = run_ok(&mut command);
+        let mut answer: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|err| panic!("Prometheus {path} answered no JSON ({err}): {body}"));
+        assert_eq!(answer["status"], "success", "Prometheus {path}: {answer}");
+        answer["data"].take()
+    }
+
+    /// The scrape targets Prometheus is using (`/api/v1/targets`, `activeTargets`).
+    pub fn targets(&self) -> Vec<serde_json::Value> {
+        match self.api("/api/v1/targets", &[("state", "active")])["activeTargets"].take() {
+            serde_json::Value::Array(targets) => targets,
+            other => panic!("activeTargets is not a list: {other}"),
+        }
+    }
+
+    /// The result vector of the instant query `promql`.
+    pub fn query(&self, promql: &str) -> Vec<serde_json::Value> {
+        let mut data = self.api("/api/v1/query", &[("query", promql)]);
+        assert_eq!(data["resultType"], "vector", "{promql}: {data}");
+        match data["result"].take() {
+            serde_json::Value::Array(samples) => samples,
+            other => panic!("{promql}: result is not a list: {other}"),
+        }
+    }
+
+    /// The alerting rule named `alert` as `/api/v1/rules` reports it (state, health, lastEvaluation, alerts).
+    pub fn alerting_rule(&self, alert: &str) -> serde_json::Value {
+        let data = self.api("/api/v1/rules", &[("type", "alert")]);
+        data["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|group| group["rules"].as_array().into_iter().flatten())
+            .find(|rule| rule["name"] == alert)
+            .cloned()
+            .unwrap_or_else(|| panic!("Prometheus has no alerting rule {alert}: {data}"))
+    }
+
+    /// The active (pending or firing) alerts named `alert`, from `/api/v1/alerts`.
+    pub fn alerts(&self, alert: &str) -> Vec<serde_json::Value> {
+        let data = self.api("/api/v1/alerts", &[]);
+        data["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|active| active["labels"]["alertname"] == alert)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // `ip netns exec` execs Prometheus, so the child's pid is Prometheus's.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = fs::remove_dir_all(self.dir.join("data"));
     }
 }
 

@@ -775,3 +775,166 @@ fn a_provider_rate_limiting_the_address_opens_its_breaker_and_the_next_evaluatio
         "{next:?}"
     );
 }
+
+#[test]
+fn a_bounce_storm_fires_the_shipped_bounce_rate_alert_in_prometheus() {
+    use securemail_e2e::dataplane::{PrometheusServer, rules_with_for};
+
+    const ALERT: &str = "SecureMailBounceRateHigh";
+    // Messages of the storm, each to GOOD_PER_MESSAGE deliverable recipients and to the receiver's unknown user:
+    // 120 delivered and 20 bounced, a 14% bounce rate over the alert's floor of 100 final answers per hour.
+    const MESSAGES: usize = 20;
+    const GOOD_PER_MESSAGE: usize = 6;
+
+    // The shipped alert pack with only its `for:` durations shortened: the expressions Prometheus evaluates are
+    // exactly the ones operators get (alerts/tests covers `for` itself with promtool).
+    let shipped = fs::read_to_string(securemail_e2e::repo_root().join("alerts/securemail.rules.yaml")).unwrap();
+    let rules = rules_with_for(&shipped, "2s");
+    let (shipped_lines, rules_lines): (Vec<&str>, Vec<&str>) = (shipped.lines().collect(), rules.lines().collect());
+    assert_eq!(shipped_lines.len(), rules_lines.len());
+    let changed: Vec<(&str, &str)> = shipped_lines
+        .iter()
+        .zip(&rules_lines)
+        .filter(|(shipped, rewritten)| shipped != rewritten)
+        .map(|(shipped, rewritten)| (*shipped, *rewritten))
+        .collect();
+    assert!(!changed.is_empty(), "the rewrite changed nothing");
+    for (shipped, rewritten) in &changed {
+        assert!(
+            shipped.trim_start().starts_with("for: ") && rewritten.trim_start() == "for: 2s",
+            "only `for:` lines may differ: {shipped:?} became {rewritten:?}"
+        );
+    }
+
+    let world = World::load();
+    let mta = MtaHost::start(&world, "bounce-storm", &manifest(&world, DEFER));
+    let prometheus = PrometheusServer::start(&mta, &rules);
+    let sidecar_config: serde_yaml::Value =
+        serde_yaml::from_str(&fs::read_to_string(&mta.sidecar_config).unwrap()).unwrap();
+    let tenant = sidecar_config["tenant"].as_str().unwrap().to_owned();
+    let source_ip = world.get("SMDP_MTA_ADDR");
+    let context = |prometheus: &PrometheusServer| {
+        format!(
+            "targets {:?}\nrule {}\nsidecar log:\n{}\nmaillog:\n{}\nprometheus log:\n{}",
+            prometheus.targets(),
+            prometheus.alerting_rule(ALERT),
+            mta.sidecar_log(),
+            mta.maillog(),
+            prometheus.log()
+        )
+    };
+
+    wait_until(
+        Duration::from_secs(30),
+        "Prometheus to scrape the sidecar",
+        || prometheus.targets().iter().any(|target| target["health"] == "up"),
+        || context(&prometheus),
+    );
+    let targets = prometheus.targets();
+    assert_eq!(targets.len(), 1, "{targets:?}");
+    assert_eq!(targets[0]["labels"]["job"], "securemail-sidecar");
+    assert_eq!(
+        targets[0]["scrapeUrl"],
+        format!("http://{source_ip}:9090/metrics"),
+        "{targets:?}"
+    );
+
+    // One delivered and one bounced recipient first, so that both series exist in Prometheus before anything is
+    // measured: `increase` cannot count the jump of a series from absent to its first value.
+    let good_domain = world.get("SMDP_CASE_GOOD");
+    let unknown = world.get("SMDP_GOOD_UNKNOWN_RECIPIENT");
+    let run = unique_id("bounce-storm");
+    let send = |n: &str, good: usize| {
+        let mut recipients: Vec<String> = (0..good).map(|k| format!("patient-{n}-{k}@{good_domain}")).collect();
+        recipients.push(unknown.to_owned());
+        let to: Vec<&str> = recipients.iter().map(String::as_str).collect();
+        assert_sent(&mta.submit(SENDER, &to, &message(&format!("{run}.{n}"), &recipients[0])));
+    };
+    let answered = |result: &str| {
+        prometheus
+            .query(&format!(
+                "sum(securemail_recipients_total{{job=\"securemail-sidecar\",result=\"{result}\"}})"
+            ))
+            .first()
+            .and_then(|sample| sample["value"][1].as_str()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let wait_for_answers = |what: &str, delivered: usize, bounced: usize| {
+        wait_until(
+            Duration::from_secs(90),
+            what,
+            || answered("delivered") >= delivered as f64 && answered("bounced") >= bounced as f64,
+            || context(&prometheus),
+        );
+    };
+    send("first", 1);
+    wait_for_answers("Prometheus to hold the first delivered and bounced recipients", 1, 1);
+
+    // A high bounce rate on too few final answers: the rule sees it and stays quiet.
+    send("small.0", 3);
+    send("small.1", 3);
+    wait_for_answers("Prometheus to hold the small burst", 1 + 6, 1 + 2);
+    let rate = prometheus
+        .query(
+            "sum(increase(securemail_recipients_total{result=\"bounced\"}[1h])) / \
+             sum(increase(securemail_recipients_total{result=~\"delivered|bounced\"}[1h]))",
+        )
+        .first()
+        .and_then(|sample| sample["value"][1].as_str()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(rate > 0.05, "the small burst shows a high bounce rate: {rate}");
+    let seen = jiff::Timestamp::now();
+    wait_until(
+        Duration::from_secs(30),
+        "an evaluation of the bounce-rate rule after the small burst",
+        || {
+            prometheus.alerting_rule(ALERT)["lastEvaluation"]
+                .as_str()
+                .and_then(|time| time.parse::<jiff::Timestamp>().ok())
+                .is_some_and(|time| time > seen)
+        },
+        || context(&prometheus),
+    );
+    let rule = prometheus.alerting_rule(ALERT);
+    assert_eq!(rule["health"], "ok", "{rule}");
+    assert_eq!(
+        rule["state"], "inactive",
+        "no alert on fewer than 100 final answers (bounce rate {rate}): {rule}"
+    );
+    assert!(prometheus.alerts(ALERT).is_empty(), "{:?}", prometheus.alerts(ALERT));
+
+    // The storm: enough final answers, and more than 5% of them bounced.
+    for n in 0..MESSAGES {
+        send(&n.to_string(), GOOD_PER_MESSAGE);
+    }
+    wait_for_answers(
+        "Prometheus to see the storm's answers",
+        1 + 6 + MESSAGES * GOOD_PER_MESSAGE,
+        1 + 2 + MESSAGES,
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "SecureMailBounceRateHigh to fire",
+        || prometheus.alerts(ALERT).iter().any(|alert| alert["state"] == "firing"),
+        || context(&prometheus),
+    );
+    let alerts = prometheus.alerts(ALERT);
+    assert_eq!(alerts.len(), 1, "one alert, for the one tenant and address: {alerts:?}");
+    let alert = &alerts[0];
+    assert_eq!(alert["labels"]["tenant"], tenant.as_str(), "{alert}");
+    assert_eq!(alert["labels"]["source_ip"], source_ip, "{alert}");
+    assert_eq!(alert["labels"]["severity"], "warning", "{alert}");
+    let rate: f64 = alert["value"].as_str().unwrap().parse().unwrap();
+    assert!(rate > 0.05, "{alert}");
+    assert_eq!(prometheus.alerting_rule(ALERT)["state"], "firing");
+
+    // The bounces are the receiver's own 550 5.1.1, passed back to Postfix, which bounced those recipients.
+    let bounced_lines = mta
+        .maillog()
+        .lines()
+        .filter(|line| line.contains(&format!("to=<{unknown}>")) && line.contains("status=bounced"))
+        .filter(|line| line.contains("5.1.1"))
+        .count();
+    assert_eq!(bounced_lines, 1 + 2 + MESSAGES, "{}", mta.maillog());
+    eprintln!("bounce storm: alert fired with a bounce rate of {rate:.3}");
+}
