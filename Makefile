@@ -8,6 +8,8 @@ KUBECONFIG_FILE := $(CLUSTER_DIR)/kubeconfig
 CRD_FILE := crds/securemailtenants.securemail.io.yaml
 DATAPLANE_DIR ?= /tmp/securemail-dataplane
 DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
+# Where cargo puts binaries: CARGO_TARGET_DIR when set, as cargo itself does.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
 .PHONY: test deps fmt-check lint unit crds check-crds check-alerts check-chart cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator bench-sidecar
@@ -61,7 +63,7 @@ e2e:
 	$(CARGO) build $(CARGO_FLAGS) -p securemail-operator --bin securemail-operator
 	e2e/cluster-up.sh >/dev/null
 	status=0; KUBECONFIG=$(KUBECONFIG_FILE) charts/tests/chart.sh || status=$$?; [ $$status -eq 0 ] && \
-	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_OPERATOR_BIN=$(CURDIR)/target/debug/securemail-operator \
+	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_OPERATOR_BIN=$(TARGET_DIR)/debug/securemail-operator \
 	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test control_plane --test operator --test operator_namespaces --test operator_crash \
 	  || status=$$?; e2e/cluster-down.sh; exit $$status
 
@@ -74,8 +76,8 @@ e2e-dataplane: deps
 	# One world per machine (fixed namespace names): the lock serialises suites and benchmarks that need it.
 	flock $(DATAPLANE_LOCK) bash -c 'e2e/dataplane/up.sh $(DATAPLANE_DIR) >/dev/null || exit 1; status=0; \
 	  e2e/dataplane/smoke.sh $(DATAPLANE_DIR) && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
-	  SECUREMAIL_OPERATOR_BIN=$(CURDIR)/target/debug/securemail-operator \
-	  SECUREMAIL_SIDECAR_BIN=$(CURDIR)/target/debug/securemail-sidecar \
+	  SECUREMAIL_OPERATOR_BIN=$(TARGET_DIR)/debug/securemail-operator \
+	  SECUREMAIL_SIDECAR_BIN=$(TARGET_DIR)/debug/securemail-sidecar \
 	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test dataplane -- --test-threads=1 \
 	  || status=$$?; e2e/dataplane/down.sh $(DATAPLANE_DIR); exit $$status'
 
