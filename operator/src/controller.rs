@@ -8,7 +8,7 @@ use std::fmt::Debug;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::PartialObjectMeta;
@@ -72,14 +72,24 @@ pub async fn run(
         None => None,
     };
 
-    let tenants: Api<SecureMailTenant> = Api::all(client.clone());
     let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
-    let controller = Controller::new(tenants, watcher::Config::default().any_semantic());
+    let controller = {
+        let (reader, writer) = reflector::store();
+        let tenants = watcher(
+            Api::<SecureMailTenant>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .modify(slim_tenant)
+        .reflect(writer)
+        .applied_objects();
+        Controller::for_stream(tenants, reader)
+    };
     let (stateful_sets, stateful_set_events) = {
         let (reader, writer) = reflector::store();
         let events = watcher(Api::<StatefulSet>::all(client.clone()), managed.clone())
             .default_backoff()
-            .modify(drop_managed_fields)
+            .modify(slim_stateful_set)
             .reflect(writer)
             .touched_objects();
         (reader, events)
@@ -194,4 +204,24 @@ where
 /// Server-side apply bookkeeping is most of a cached object's size and the operator never reads it.
 fn drop_managed_fields<K: Resource>(object: &mut K) {
     object.managed_fields_mut().clear();
+}
+
+/// A cached tenant without the copies of itself that clients keep in it: managed fields, and the whole previous
+/// spec that `kubectl apply` (and GitOps tools using it) stores in an annotation.
+fn slim_tenant(tenant: &mut SecureMailTenant) {
+    drop_managed_fields(tenant);
+    tenant.annotations_mut().remove(LAST_APPLIED_ANNOTATION);
+}
+
+/// `kubectl apply`'s copy of the last applied object.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// What reconciles read of a cached StatefulSet: metadata (owner, desired-hash), replicas and ready replicas. The
+/// pod and volume templates are most of its size; the desired-hash annotation already says whether they changed.
+fn slim_stateful_set(stateful_set: &mut StatefulSet) {
+    drop_managed_fields(stateful_set);
+    if let Some(spec) = stateful_set.spec.as_mut() {
+        spec.template = PodTemplateSpec::default();
+        spec.volume_claim_templates = None;
+    }
 }
