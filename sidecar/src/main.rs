@@ -71,9 +71,20 @@ enum EvidenceCommand {
     Verify { file: PathBuf },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
-    match Cli::parse().command {
+fn main() -> anyhow::Result<ExitCode> {
+    // One thread runs every task: per message the work is a few socket reads and writes and one signature, far
+    // below a core at Postfix's delivery rates, and a multi-threaded scheduler spent more CPU waking idle workers
+    // (futex calls, cross-core wake-ups) than it saved. Blocking file I/O still goes to the blocking pool, and
+    // the evidence and warmup writers have threads of their own.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run_command(Cli::parse().command))
+}
+
+async fn run_command(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Run { config } => run(&config).await?,
         Command::CheckDomain { domain, config } => check(&domain, config.as_deref()).await?,
         Command::Evidence {
