@@ -15,6 +15,8 @@ use super::reply::Reply;
 
 /// Longest text line without its CRLF.
 const MAX_LINE_OCTETS: usize = 998;
+/// Most octets reserved up front on the strength of the client's `SIZE=`.
+const MAX_SIZE_HINT: usize = 1024 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Refusal {
@@ -65,11 +67,19 @@ pub(super) struct DataDecoder {
 }
 
 impl DataDecoder {
+    #[cfg(test)]
     pub(super) fn new(max_bytes: usize) -> Self {
+        Self::with_size_hint(max_bytes, 0)
+    }
+
+    /// Like [`Self::new`], with room for `expected` octets (the client's `SIZE=`) made at once rather than by
+    /// growing the buffer line by line. The claim is only trusted up to [`MAX_SIZE_HINT`]: larger messages grow
+    /// as they arrive, so a client cannot make the server reserve memory it never sends.
+    pub(super) fn with_size_hint(max_bytes: usize, expected: usize) -> Self {
         Self {
             state: State::LineStart,
             line_len: 0,
-            message: Vec::new(),
+            message: Vec::with_capacity(expected.min(max_bytes).min(MAX_SIZE_HINT)),
             max_bytes,
             refusal: None,
         }
@@ -210,6 +220,19 @@ mod tests {
         let exactly = b"0123456789\r\n.\r\n";
         assert_eq!(decode(exactly, 12).0.unwrap(), b"0123456789\r\n");
         assert_eq!(decode(exactly, 11), (Err(Refusal::TooBig), Some(exactly.len())));
+    }
+
+    #[test]
+    fn a_size_hint_reserves_at_most_the_cap_and_changes_no_result() {
+        let input = b"Subject: x\r\n\r\n..dot\r\n.\r\n";
+        for hint in [0, 5, 10_000, usize::MAX] {
+            let mut decoder = DataDecoder::with_size_hint(1000, hint);
+            assert!(decoder.message.capacity() <= 1000);
+            assert_eq!(decoder.feed(input), Some(input.len()));
+            assert_eq!(decoder.finish().unwrap(), b"Subject: x\r\n\r\n.dot\r\n");
+        }
+        let decoder = DataDecoder::with_size_hint(usize::MAX, usize::MAX);
+        assert!(decoder.message.capacity() <= MAX_SIZE_HINT);
     }
 
     #[test]

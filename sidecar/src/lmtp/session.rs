@@ -181,10 +181,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
         let recipients = match &self.transaction {
             None => Err(NEED_MAIL),
             Some(envelope) if envelope.recipients.is_empty() => Err(NO_RECIPIENTS),
-            Some(envelope) => Ok(envelope.recipients.len()),
+            Some(envelope) => Ok((envelope.recipients.len(), envelope.params.size)),
         };
-        let recipients = match recipients {
-            Ok(recipients) => recipients,
+        let (recipients, size_hint) = match recipients {
+            Ok(found) => found,
             Err(reply) => {
                 self.io.reply(&reply);
                 return Ok(Flow::Continue);
@@ -192,7 +192,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<'_, S, B> {
         };
         self.io.start_data();
         let max_bytes = usize::try_from(self.limits.max_message_bytes).unwrap_or(usize::MAX);
-        let mut decoder = DataDecoder::new(max_bytes);
+        // SIZE= is the client's count before unstuffing: at most a little more than the message needs.
+        let size_hint = size_hint.map_or(0, |size| usize::try_from(size).unwrap_or(max_bytes));
+        let mut decoder = DataDecoder::with_size_hint(max_bytes, size_hint);
         loop {
             if let Some(consumed) = decoder.feed(self.io.buffered()) {
                 self.io.consume(consumed);
