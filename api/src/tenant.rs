@@ -703,7 +703,8 @@ pub struct ClientIdentity {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct MtaSpec {
-    /// Postfix container image. Defaults to the image matching this operator's version.
+    /// Postfix container image. Defaults to the image matching this operator's version. A custom image must give
+    /// Postfix's `postfix` user uid 65532, the sidecar's, which counts the queue through a read-only mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,

@@ -215,6 +215,15 @@ impl MtaHost {
             sidecar_yaml_for_host(&file("sidecar-0.yaml"), world, &dir, address),
         )
         .expect("write sidecar.yaml");
+        // The sidecar runs as Postfix's mail_owner, as in the MTA pod: that alone lets it count the queue's 0700
+        // subdirectories; it needs no other privilege.
+        for owned in ["keys", "state", "evidence", "run"] {
+            run_ok(
+                Command::new("chown")
+                    .args(["-R", "postfix:postfix"])
+                    .arg(dir.join(owned)),
+            );
+        }
 
         let mut host = Self {
             dir,
@@ -258,12 +267,16 @@ impl MtaHost {
             .expect("sidecar log");
         let socket = self.dir.join("run/lmtp.sock");
         let _ = fs::remove_file(&socket);
-        let child = in_netns(&self.netns, &sidecar_bin().display().to_string())
+        // `env` after `setpriv` puts `env`'s variables (LD_PRELOAD) on the sidecar alone: preloaded into `ip` and
+        // `setpriv`, libfaketime would leave shared state as root that the sidecar's user cannot open.
+        let child = in_netns(&self.netns, "setpriv")
+            .args(["--reuid=postfix", "--regid=postfix", "--init-groups", "env"])
+            .args(env.iter().map(|(name, value)| format!("{name}={value}")))
+            .arg(sidecar_bin())
             .args(["run", "--config"])
             .arg(&self.sidecar_config)
             .env("SSL_CERT_FILE", world.get("SMDP_CA_FILE"))
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()
@@ -280,7 +293,7 @@ impl MtaHost {
     /// Kills the sidecar without warning (SIGKILL), as a crash would.
     pub fn kill_sidecar(&mut self) {
         if let Some(mut child) = self.sidecar.take() {
-            // `ip netns exec` execs the sidecar, so the child's pid is the sidecar's.
+            // `ip netns exec`, `setpriv` and `env` exec the sidecar, so the child's pid is the sidecar's.
             let _ = child.kill();
             let _ = child.wait();
         }

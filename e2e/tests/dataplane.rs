@@ -661,6 +661,9 @@ fn a_warmup_cap_of_n_delivers_exactly_n_keeps_the_rest_queued_and_sends_it_the_n
         &["provider=\"other\""],
     );
     assert!(refusals >= (SENT - CAP) as f64, "{refusals} refusals counted");
+    // Running as Postfix's mail_owner and nothing more, the sidecar counts the queue Postfix keeps 0700.
+    let queued = metric_sum(&metrics(&mta), "securemail_queue_messages", &[]);
+    assert_eq!(queued, (SENT - CAP) as f64, "{}", context(&mta));
 
     // The count is on the state volume: a restarted sidecar does not hand out the allowance again, while Postfix
     // keeps retrying (every few seconds in this suite).

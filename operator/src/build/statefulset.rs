@@ -28,7 +28,8 @@ use crate::{Error, Result};
 pub const CONFIG_CHECKSUM_ANNOTATION: &str = "securemail.io/config-checksum";
 /// Submission port inside the pod (the Service may expose another).
 pub const SUBMISSION_CONTAINER_PORT: i32 = postfix::SUBMISSION_CONTAINER_PORT as i32;
-/// Unprivileged user of the sidecar.
+/// Unprivileged user of the sidecar. The MTA image gives Postfix's mail_owner (`postfix`) this uid too, so the
+/// sidecar can count the queue's 0700 subdirectories through its read-only mount without any other privilege.
 const SIDECAR_UID: i64 = 65532;
 /// Time for in-flight deliveries and Postfix's queue manager to finish before a pod is killed.
 const TERMINATION_GRACE_SECONDS: i64 = 120;
@@ -244,8 +245,8 @@ fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
         }),
         volume_mounts: Some(vec![
             mount(DATA_VOLUME, SIDECAR_DATA_DIR, Some("sidecar")),
-            // Postfix's queue, only counted for `/status`. Postfix keeps its queue subdirectories 0700, so the
-            // sidecar reads them only where the deployment grants access; until then `/status` answers 503.
+            // Postfix's queue, only counted (metrics, `/status`), never changed: read-only. Its subdirectories are
+            // 0700 for mail_owner, which has the sidecar's uid in the MTA image.
             VolumeMount {
                 read_only: Some(true),
                 ..mount(DATA_VOLUME, SIDECAR_POSTFIX_QUEUE_DIR, Some("postfix"))
