@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod feedback;
 pub mod pkcs8_pem;
 pub mod provider;
 pub mod sidecar_config;

@@ -43,6 +43,11 @@ pub struct SidecarConfig {
     /// The tenant's MX host suffixes per provider, checked before the built-in table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub provider_suffixes: Vec<ProviderSuffix>,
+    /// Every address of the tenant's pool, this pod's among them. A complaint report names the address the
+    /// complained-about mail came from, and reaches whichever pod the submission Service picks, so each pod needs
+    /// the whole list to attribute it. Absent in files from older operators: then only `source` is known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool_addresses: Vec<IpAddr>,
 }
 
 /// DNS resolution for MX, TLSA, MTA-STS and DNSBL lookups.
@@ -162,6 +167,10 @@ mod tests {
             dns: DnsSettings::default(),
             postfix_queue_dir: Some("/var/spool/postfix".into()),
             provider_suffixes: Vec::new(),
+            pool_addresses: vec![
+                "192.0.2.10".parse().expect("address"),
+                "192.0.2.11".parse().expect("address"),
+            ],
         }
     }
 
@@ -178,6 +187,15 @@ mod tests {
         config.postfix_queue_dir = None;
         let yaml = serde_yaml::to_string(&config).expect("serializes");
         assert!(!yaml.contains("postfixQueueDir"), "{yaml}");
+        assert_eq!(serde_yaml::from_str::<SidecarConfig>(&yaml).expect("parses"), config);
+    }
+
+    #[test]
+    fn a_file_without_the_pool_address_list_still_parses() {
+        let mut config = sample();
+        config.pool_addresses = Vec::new();
+        let yaml = serde_yaml::to_string(&config).expect("serializes");
+        assert!(!yaml.contains("poolAddresses"), "{yaml}");
         assert_eq!(serde_yaml::from_str::<SidecarConfig>(&yaml).expect("parses"), config);
     }
 

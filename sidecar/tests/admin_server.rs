@@ -80,6 +80,7 @@ fn config(queue_dir: Option<&Path>) -> SidecarConfig {
         dns: DnsSettings::default(),
         postfix_queue_dir: queue_dir.map(Path::to_owned),
         provider_suffixes: Vec::new(),
+        pool_addresses: Vec::new(),
     }
 }
 

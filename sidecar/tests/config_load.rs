@@ -47,6 +47,7 @@ fn sample(dir: &Path) -> SidecarConfig {
         dns: DnsSettings::default(),
         postfix_queue_dir: Some(dir.join("spool")),
         provider_suffixes: Vec::new(),
+        pool_addresses: Vec::new(),
     }
 }
 

@@ -57,6 +57,7 @@ fn sample(data_dir: &Path, key_file: PathBuf) -> SidecarConfig {
         dns: DnsSettings::default(),
         postfix_queue_dir: None,
         provider_suffixes: Vec::new(),
+        pool_addresses: Vec::new(),
     }
 }
 

@@ -49,6 +49,21 @@ pub(super) fn config_map(tenant: &SecureMailTenant, observed: &Observed, names: 
     })
 }
 
+/// The addresses this tenant sends from (draining ones included: complaints about their mail still arrive), for
+/// attributing complaint reports that any pod may receive.
+fn pool_addresses(observed: &Observed) -> Result<Vec<std::net::IpAddr>> {
+    observed
+        .pods
+        .iter()
+        .map(|pod| {
+            pod.address
+                .address
+                .parse()
+                .map_err(|_| Error::InvalidSpec(format!("pool address {:?} is not an IP address", pod.address.address)))
+        })
+        .collect()
+}
+
 /// The sidecar.yaml of one pod.
 pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodAssignment) -> Result<SidecarConfig> {
     let namespace = tenant
@@ -105,5 +120,6 @@ pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodA
         dns: DnsSettings::default(),
         postfix_queue_dir: Some(SIDECAR_POSTFIX_QUEUE_DIR.into()),
         provider_suffixes: tenant.spec.ip_pool.warmup.provider_suffixes.clone(),
+        pool_addresses: pool_addresses(observed)?,
     })
 }
