@@ -6,6 +6,9 @@
 //! code and redacted text; no secure path per the domain's `onFailure` (4.7.5 defer or 5.7.10 bounce). A signing
 //! failure defers the whole message: it is never sent unsigned.
 //!
+//! Recipients at the reserved feedback domain are never delivered: a report to the feedback address is taken in
+//! as a spam complaint ([`crate::feedback`]), any other address there is refused.
+//!
 //! Remote refusals are classified ([`crate::reputation`]); while a provider's circuit breaker is open its
 //! recipients are refused at RCPT time and deliveries to it are deferred without connecting (451 4.7.1).
 
@@ -28,9 +31,10 @@ use crate::dkim::KeyStore;
 use crate::evidence::{
     Attempt, DomainName, EvidenceWriter, MessageIdHash, Outcome, Policy, SmtpReply, TenantRef, TlsSession, Token,
 };
+use crate::feedback::{self, FeedbackReport};
 use crate::lmtp::{Backend, Envelope, RcptDecision, Recipient, Reply};
 use crate::metrics::{LookupResult, Metrics};
-use crate::policy::{DomainPolicy, MxCandidate, PolicyError, PolicyLookup, clock};
+use crate::policy::{DomainPolicy, LookupStage, MxCandidate, PolicyError, PolicyLookup, clock};
 use crate::provider::{self, Provider, ProviderSuffix};
 use crate::reputation::{Admission, BreakerSettings, Breakers, Heard};
 use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
@@ -70,6 +74,8 @@ pub struct EngineConfig {
     pub max_idle_sessions: usize,
     /// The tenant's MX host suffixes per provider, before the built-in table.
     pub provider_suffixes: Vec<ProviderSuffix>,
+    /// Every pool address of the tenant: a complaint report must name one of them.
+    pub pool_addresses: Vec<IpAddr>,
 }
 
 impl EngineConfig {
@@ -77,12 +83,13 @@ impl EngineConfig {
     pub fn new(tenant: TenantRef, session: SessionSettings, on_failure: OnFailure) -> Self {
         Self {
             tenant,
-            session,
             on_failure,
             deadline: Duration::from_secs(1000),
             idle_session_ttl: Duration::from_secs(30),
             max_idle_sessions: 32,
+            pool_addresses: vec![session.source],
             provider_suffixes: Vec::new(),
+            session,
         }
     }
 
@@ -148,6 +155,7 @@ impl<P: PolicyLookup> Engine<P> {
         clock: Arc<dyn WallClock>,
     ) -> Self {
         let pool = SessionPool::new(config.idle_session_ttl, config.max_idle_sessions);
+        metrics.expect_complaints_about(&config.pool_addresses);
         let breakers = Breakers::new(
             BreakerSettings::default(),
             Arc::new(clock::SystemClock),
@@ -241,13 +249,14 @@ impl<P: PolicyLookup> Engine<P> {
         );
         let resolved = lookup.await.unwrap_or_else(|_| {
             Err(PolicyError::Temporary {
+                stage: LookupStage::Deadline,
                 reason: "the lookup did not finish within the time Postfix waits".to_owned(),
             })
         });
         let verdict = match resolved {
             Err(err) => {
                 self.metrics.policy_lookup(match err {
-                    PolicyError::Temporary { .. } => LookupResult::Temporary,
+                    PolicyError::Temporary { stage, .. } => LookupResult::Temporary(stage),
                     PolicyError::NoSecurePath { .. } => LookupResult::NoSecurePath,
                     PolicyError::Permanent { .. } => LookupResult::Permanent,
                 });
@@ -534,6 +543,15 @@ impl<P: PolicyLookup> Backend for Engine<P> {
     /// (from the resolver's cache, or a look-up the delivery would make anyway); when every breaker is closed,
     /// RCPT costs nothing.
     async fn check_recipient(&self, _envelope: &Envelope, recipient: &Recipient) -> RcptDecision {
+        if recipient.domain() == feedback::FEEDBACK_DOMAIN {
+            if feedback::is_feedback_address(&recipient.mailbox) {
+                return RcptDecision::Accept;
+            }
+            // Should the reply not build, the delivery refuses the address the same way.
+            return not_the_feedback_address()
+                .reply()
+                .map_or(RcptDecision::Accept, RcptDecision::Refuse);
+        }
         let warmup = self.warmup.as_ref().filter(|limiter| limiter.is_active());
         if self.breakers.all_closed() && warmup.is_none() {
             return RcptDecision::Accept;
@@ -578,8 +596,38 @@ impl<P: PolicyLookup> Backend for Engine<P> {
 }
 
 impl<P: PolicyLookup> Engine<P> {
+    /// One answer per recipient: the feedback address's from the intake, the others' from delivery.
     async fn answers(&self, envelope: &Envelope, message: &[u8]) -> Vec<Answer> {
-        let all = |answer: Answer| vec![answer; envelope.recipients.len()];
+        let mut answers: Vec<Option<Answer>> = vec![None; envelope.recipients.len()];
+        let mut to_deliver = Vec::new();
+        let mut intake: Option<Answer> = None;
+        for (index, recipient) in envelope.recipients.iter().enumerate() {
+            if recipient.domain() != feedback::FEEDBACK_DOMAIN {
+                to_deliver.push(index);
+            } else if feedback::is_feedback_address(&recipient.mailbox) {
+                // Listed twice, the report still counts once.
+                if intake.is_none() {
+                    intake = Some(self.take_in_feedback(message).await);
+                }
+                answers[index] = intake.clone();
+            } else {
+                answers[index] = Some(not_the_feedback_address());
+            }
+        }
+        if !to_deliver.is_empty() {
+            for (index, answer) in self.deliver_message(envelope, &to_deliver, message).await {
+                answers[index] = Some(answer);
+            }
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(|| Answer::local(451, (4, 3, 0), "internal error: no answer")))
+            .collect()
+    }
+
+    /// Delivers `message` to the recipients at `indices` of `envelope`; their answers, by index.
+    async fn deliver_message(&self, envelope: &Envelope, indices: &[usize], message: &[u8]) -> Vec<(usize, Answer)> {
+        let all = |answer: Answer| indices.iter().map(|&index| (index, answer.clone())).collect();
         if self.evidence_broken.load(Ordering::SeqCst) {
             return all(Answer::local(
                 451,
@@ -593,8 +641,11 @@ impl<P: PolicyLookup> Engine<P> {
         };
         let deadline = Instant::now() + self.config.deadline;
         let mut by_domain: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (index, recipient) in envelope.recipients.iter().enumerate() {
-            by_domain.entry(recipient.domain()).or_default().push(index);
+        for &index in indices {
+            by_domain
+                .entry(envelope.recipients[index].domain())
+                .or_default()
+                .push(index);
         }
         let prepared = &prepared;
         let deliveries = by_domain.iter().map(|(domain, indices)| async move {
@@ -604,15 +655,82 @@ impl<P: PolicyLookup> Engine<P> {
                 .await;
             indices.iter().copied().zip(answers).collect::<Vec<_>>()
         });
-        let mut answers: Vec<Option<Answer>> = vec![None; envelope.recipients.len()];
-        for (index, answer) in futures::future::join_all(deliveries).await.into_iter().flatten() {
-            answers[index] = Some(answer);
-        }
-        answers
+        futures::future::join_all(deliveries)
+            .await
             .into_iter()
-            .map(|answer| answer.unwrap_or_else(|| Answer::local(451, (4, 3, 0), "internal error: no answer")))
+            .flatten()
             .collect()
     }
+
+    /// Takes in a report sent to the feedback address: counts a complaint, ignores other feedback, refuses what
+    /// the intake cannot use with 550 5.6.0 naming the fault. Nothing is sent and no evidence is written.
+    async fn take_in_feedback(&self, message: &[u8]) -> Answer {
+        let report = match feedback::parse_report(message) {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::info!(%error, "refused a message to the feedback address");
+                return Answer::local(550, (5, 6, 0), format!("not a usable ARF feedback report: {error}"));
+            }
+        };
+        if !self.config.pool_addresses.contains(&report.source_ip) {
+            tracing::info!(source_ip = %report.source_ip, "refused a feedback report about an address outside the pool");
+            return Answer::local(
+                550,
+                (5, 6, 0),
+                format!(
+                    "feedback report refused: Source-IP {} is not a pool address of tenant {}",
+                    report.source_ip, self.config.tenant
+                ),
+            );
+        }
+        if !report.feedback_type.is_complaint() {
+            tracing::debug!(feedback_type = %report.feedback_type, "feedback report accepted, not a complaint");
+            return Answer::local(
+                250,
+                (2, 0, 0),
+                format!(
+                    "feedback report accepted; Feedback-Type {} is not counted as a complaint",
+                    report.feedback_type
+                ),
+            );
+        }
+        let provider = self.complainer_provider(&report).await;
+        self.metrics.complaint(report.source_ip, provider);
+        tracing::info!(source_ip = %report.source_ip, %provider, feedback_type = %report.feedback_type, "spam complaint counted");
+        Answer::local(
+            250,
+            (2, 0, 0),
+            format!("complaint counted against {}", report.source_ip),
+        )
+    }
+
+    /// The complaining recipient's provider class, decided as for deliveries: by the first MX of its domain (so a
+    /// hosted domain counts as its host), by the domain's own name when the lookup fails, else by the reporting
+    /// MTA's host name.
+    async fn complainer_provider(&self, report: &FeedbackReport) -> Provider {
+        if let Some(domain) = &report.recipient_domain {
+            let domain = String::from(domain.clone());
+            return match tokio::time::timeout(RCPT_LOOKUP_TIMEOUT, self.policy.resolve(&domain)).await {
+                Ok(Ok(policy)) => self.config.provider_of(&policy),
+                _ => self.config.provider(&domain),
+            };
+        }
+        report.reporting_mta.as_ref().map_or(Provider::Other, |host| {
+            self.config.provider(&String::from(host.clone()))
+        })
+    }
+}
+
+/// The answer for any address at the reserved feedback domain but the feedback address.
+fn not_the_feedback_address() -> Answer {
+    Answer::local(
+        550,
+        (5, 1, 1),
+        format!(
+            "no such address in the reserved feedback domain; complaint reports go to {}",
+            feedback::FEEDBACK_ADDRESS
+        ),
+    )
 }
 
 /// The answer while a provider's warmup allowance is used up: Postfix keeps the mail and retries.

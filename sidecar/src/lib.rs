@@ -7,6 +7,7 @@ pub mod deliver;
 pub mod dkim;
 pub mod error;
 pub mod evidence;
+pub mod feedback;
 pub mod lmtp;
 pub mod metrics;
 pub mod policy;

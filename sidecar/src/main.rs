@@ -280,8 +280,14 @@ impl EngineParts {
             port: 25,
             timeouts: Timeouts::default(),
         };
+        // A sidecar.yaml from an older operator lists no pool: this pod's own address is the one known.
+        let mut pool_addresses = config.pool_addresses.clone();
+        if !pool_addresses.contains(&config.source.address) {
+            pool_addresses.push(config.source.address);
+        }
         let engine_config = EngineConfig {
             provider_suffixes: config.provider_suffixes.clone(),
+            pool_addresses,
             ..EngineConfig::new(config.tenant.parse()?, session, config.tls_policy.on_failure)
         };
         Ok(Engine::new(

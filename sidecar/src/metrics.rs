@@ -1,5 +1,5 @@
 //! Delivery metrics for Prometheus and today's classified remote replies for `/status`. Labels are bounded (DESIGN.md): the
-//! tenant and source address (constant per pod), provider class, result, policy source, TLS version, failure
+//! tenant and source address (constant per pod; a complaint's is the pool address its report names), provider class, result, policy source, TLS version, failure
 //! class; never a recipient domain or address. The queue gauges are set by whoever counts Postfix's queue (the
 //! admin server, at each scrape). Every family is listed in docs/metrics.md.
 
@@ -21,6 +21,7 @@ use securemail_api::tenant::TlsVersion;
 
 use crate::deliver::WallClock;
 use crate::evidence::{Outcome, PolicySource};
+use crate::policy::LookupStage;
 use crate::provider::Provider;
 use crate::reputation::{self, Reason};
 
@@ -35,6 +36,8 @@ struct Inner {
     recipients: Family<ResultLabels, Counter>,
     duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
     policy_lookups: Family<LookupLabels, Counter>,
+    policy_temporary_failures: Family<StageLabels, Counter>,
+    complaints: Family<ComplaintLabels, Counter>,
     tls_failures: Family<FailureLabels, Counter>,
     evidence_failures: Counter,
     config_rejections: Counter,
@@ -85,6 +88,19 @@ struct LookupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+/// `source_ip` here is the pool address a complaint report names, which need not be this pod's: reports reach
+/// whichever pod the submission Service picks.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComplaintLabels {
+    source_ip: String,
+    provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
     reason: &'static str,
 }
@@ -116,7 +132,7 @@ impl TlsFailure {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LookupResult {
     Ok,
-    Temporary,
+    Temporary(LookupStage),
     NoSecurePath,
     Permanent,
 }
@@ -161,6 +177,16 @@ impl Metrics {
     /// Registers the families in `registry` with `tenant` and `source_ip` as constant labels; `clock` decides
     /// when today's reply counts start over (UTC midnight).
     pub fn register(registry: &mut Registry, tenant: &str, source_ip: IpAddr, clock: Arc<dyn WallClock>) -> Self {
+        // Complaints carry the reported pool address as their own `source_ip`, so they get the tenant label only.
+        let complaints = Family::<ComplaintLabels, Counter>::default();
+        registry
+            .sub_registry_with_label((Cow::Borrowed("tenant"), Cow::Owned(tenant.to_owned())))
+            .register(
+                "securemail_complaints",
+                "Spam complaints (ARF reports of Feedback-Type abuse or fraud) by the pool address they name and \
+                 the complaining recipient's provider class",
+                complaints.clone(),
+            );
         let registry = registry.sub_registry_with_labels(
             [
                 (Cow::Borrowed("tenant"), Cow::Owned(tenant.to_owned())),
@@ -174,6 +200,8 @@ impl Metrics {
             recipients: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
             policy_lookups: Family::default(),
+            policy_temporary_failures: Family::default(),
+            complaints,
             tls_failures: Family::default(),
             evidence_failures: Counter::default(),
             config_rejections: Counter::default(),
@@ -210,6 +238,11 @@ impl Metrics {
             "securemail_policy_lookups",
             "TLS policy lookups by result",
             inner.policy_lookups.clone(),
+        );
+        registry.register(
+            "securemail_policy_temporary_failures",
+            "TLS policy lookups that failed temporarily, by the step that failed",
+            inner.policy_temporary_failures.clone(),
         );
         registry.register(
             "securemail_tls_failures",
@@ -263,6 +296,19 @@ impl Metrics {
             "Scrapes at which Postfix's queue directory could not be counted",
             inner.queue_scan_failures.clone(),
         );
+        // Counters that alerts take `increase()` of exist at 0 from the start: a series born at 1 hides its first
+        // increment.
+        for stage in [
+            LookupStage::Mx,
+            LookupStage::Dane,
+            LookupStage::MtaSts,
+            LookupStage::Deadline,
+        ] {
+            inner
+                .policy_temporary_failures
+                .get_or_create(&StageLabels { stage: stage.as_str() })
+                .inc_by(0);
+        }
         // Every breaker starts closed; the series exist before the first transition.
         for provider in reputation::GUARDED {
             inner
@@ -310,14 +356,45 @@ impl Metrics {
         self.inner.duration.get_or_create(&labels).observe(seconds);
     }
 
+    /// One policy lookup; a temporary failure is also counted by the step that failed.
     pub fn policy_lookup(&self, result: LookupResult) {
         let result = match result {
             LookupResult::Ok => "ok",
-            LookupResult::Temporary => "temporary",
+            LookupResult::Temporary(stage) => {
+                self.inner
+                    .policy_temporary_failures
+                    .get_or_create(&StageLabels { stage: stage.as_str() })
+                    .inc();
+                "temporary"
+            }
             LookupResult::NoSecurePath => "no_secure_path",
             LookupResult::Permanent => "permanent",
         };
         self.inner.policy_lookups.get_or_create(&LookupLabels { result }).inc();
+    }
+
+    /// Creates the complaint series of `pool` at 0 (see `register`), one per provider class: few and bounded.
+    pub fn expect_complaints_about(&self, pool: &[IpAddr]) {
+        for &source_ip in pool {
+            for provider in Provider::ALL {
+                self.inner
+                    .complaints
+                    .get_or_create(&ComplaintLabels {
+                        source_ip: source_ip.to_string(),
+                        provider: provider.as_str(),
+                    })
+                    .inc_by(0);
+            }
+        }
+    }
+
+    /// A spam complaint about mail sent from `source_ip`, a pool address of the tenant.
+    pub fn complaint(&self, source_ip: IpAddr, provider: Provider) {
+        let labels = ComplaintLabels {
+            source_ip: source_ip.to_string(),
+            provider: provider.as_str(),
+        };
+        self.inner.complaints.get_or_create(&labels).inc();
     }
 
     pub fn tls_failure(&self, reason: TlsFailure) {
@@ -465,7 +542,9 @@ mod tests {
         metrics.recipients(Provider::Gmail, Outcome::Delivered, 2);
         metrics.recipients(Provider::Other, Outcome::Bounced, 1);
         metrics.duration(Provider::Gmail, Outcome::Delivered, 1.5);
-        metrics.policy_lookup(LookupResult::Temporary);
+        metrics.policy_lookup(LookupResult::Temporary(LookupStage::Dane));
+        metrics.policy_lookup(LookupResult::Temporary(LookupStage::MtaSts));
+        metrics.complaint("192.0.2.11".parse().unwrap(), Provider::Yahoo);
         metrics.tls_failure(TlsFailure::NoStartTls);
         metrics.evidence_failure();
 
@@ -475,7 +554,10 @@ mod tests {
             r#"securemail_delivery_attempts_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",provider="gmail",result="delivered",policy_source="dane",tls_version="1.3"} 1"#,
             r#"securemail_recipients_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",provider="gmail",result="delivered"} 2"#,
             r#"securemail_delivery_duration_seconds_count{tenant="clinic-a/outbound",source_ip="192.0.2.10",provider="gmail",result="delivered"} 1"#,
-            r#"securemail_policy_lookups_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",result="temporary"} 1"#,
+            r#"securemail_policy_lookups_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",result="temporary"} 2"#,
+            r#"securemail_policy_temporary_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",stage="dane"} 1"#,
+            r#"securemail_policy_temporary_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",stage="mta_sts"} 1"#,
+            r#"securemail_complaints_total{tenant="clinic-a/outbound",source_ip="192.0.2.11",provider="yahoo"} 1"#,
             r#"securemail_tls_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",reason="no_starttls"} 1"#,
             r#"securemail_evidence_append_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10"} 1"#,
         ] {

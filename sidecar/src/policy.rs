@@ -69,7 +69,7 @@ pub enum PolicyError {
     /// Try later (Postfix keeps the mail): DNS SERVFAIL, timeout or bogus answers, an MTA-STS policy that cannot
     /// be fetched while its TXT record says one exists, ...
     #[error("{reason}")]
-    Temporary { reason: String },
+    Temporary { stage: LookupStage, reason: String },
     /// The domain's policy leaves no secure path (e.g. an override requires DANE and the domain has none, or no MX
     /// matches an `enforce` MTA-STS policy); the tenant's `onFailure` decides between defer and bounce.
     #[error("{reason}")]
@@ -77,6 +77,32 @@ pub enum PolicyError {
     /// The domain cannot receive mail at all (NXDOMAIN, null MX per RFC 7505).
     #[error("{reason}")]
     Permanent { reason: String },
+}
+
+/// The step of a policy lookup that failed temporarily. DNS resolution, DANE and MTA-STS break for different
+/// reasons and are fixed by different people, so each has its own metric label and alert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookupStage {
+    /// The MX RRset, or the addresses of an implicit MX or an MX host.
+    Mx,
+    /// The MX hosts' TLSA records (SERVFAIL, timeout, bogus), or the addresses of a DANE host that did not
+    /// validate.
+    Dane,
+    /// The `_mta-sts` TXT record or the HTTPS policy fetch, with no cached policy to fall back on.
+    MtaSts,
+    /// The lookup as a whole did not finish before the delivery's deadline.
+    Deadline,
+}
+
+impl LookupStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LookupStage::Mx => "mx",
+            LookupStage::Dane => "dane",
+            LookupStage::MtaSts => "mta_sts",
+            LookupStage::Deadline => "deadline",
+        }
+    }
 }
 
 /// Where the delivery engine gets policies and addresses from. The production implementation resolves through

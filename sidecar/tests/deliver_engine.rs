@@ -25,7 +25,7 @@ use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, EvidenceWriter, PolicySource};
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
-use securemail_sidecar::policy::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup, Tlsa};
+use securemail_sidecar::policy::{DomainPolicy, LookupStage, MxCandidate, PeerAuth, PolicyError, PolicyLookup, Tlsa};
 use securemail_sidecar::provider::{Provider, ProviderSuffix};
 use securemail_sidecar::tls::TlsConfigs;
 use securemail_sidecar::warmup::WarmupLimiter;
@@ -297,6 +297,7 @@ impl PolicyLookup for FixedPolicy {
     async fn addresses(&self, mx: &MxCandidate) -> Result<Vec<IpAddr>, PolicyError> {
         let host = String::from(mx.host.clone());
         self.addresses.get(&host).cloned().ok_or(PolicyError::Temporary {
+            stage: LookupStage::Mx,
             reason: format!("no address for {host}"),
         })
     }
@@ -338,6 +339,7 @@ fn policy(mx: Vec<MxCandidate>, on_failure: OnFailure) -> FixedPolicy {
 
 struct Harness {
     engine: Arc<Engine<FixedPolicy>>,
+    registry: Registry,
     /// A warm address's limiter (no caps), keeping the day's counts as in production.
     day_counts: Arc<WarmupLimiter>,
     dir: tempfile::TempDir,
@@ -354,20 +356,30 @@ fn harness_classing(
     port: u16,
     provider_suffixes: Vec<ProviderSuffix>,
 ) -> Harness {
+    harness_for_pool(policy, roots, port, provider_suffixes, &[])
+}
+
+/// The same, for a tenant whose pool has `other_addresses` besides this pod's 127.0.0.1.
+fn harness_for_pool(
+    policy: FixedPolicy,
+    roots: RootCertStore,
+    port: u16,
+    provider_suffixes: Vec<ProviderSuffix>,
+    other_addresses: &[&str],
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let keys = common::signing_keys(dir.path());
     let clock: Arc<dyn WallClock> = Arc::new(SystemClock);
     let session = common::session(port);
-    let metrics = Metrics::register(
-        &mut Registry::default(),
-        "clinic-a/outbound",
-        session.source,
-        Arc::clone(&clock),
-    );
-    let config = EngineConfig {
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry, "clinic-a/outbound", session.source, Arc::clone(&clock));
+    let mut config = EngineConfig {
         provider_suffixes,
         ..EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer)
     };
+    config
+        .pool_addresses
+        .extend(other_addresses.iter().map(|address| address.parse::<IpAddr>().unwrap()));
     let evidence = EvidenceWriter::spawn(EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap()).unwrap();
     let warm = WarmupCaps {
         day: None,
@@ -387,6 +399,7 @@ fn harness_classing(
     .with_warmup(Arc::clone(&day_counts));
     Harness {
         engine: Arc::new(engine),
+        registry,
         day_counts,
         dir,
     }
@@ -438,6 +451,13 @@ impl Harness {
         drop(to_server);
         let _ = tokio::time::timeout(Duration::from_secs(30), served).await;
         after_354(&output)
+    }
+
+    /// The metrics as `/metrics` serves them.
+    fn metrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
     }
 
     fn evidence(&self) -> (evidence::VerifySummary, Vec<serde_json::Value>) {
@@ -821,6 +841,7 @@ async fn policy_errors_map_to_their_reply_classes() {
     for (error, expected) in [
         (
             PolicyError::Temporary {
+                stage: LookupStage::Mx,
                 reason: "DNS SERVFAIL".into(),
             },
             "451 4.4.3 TLS policy of example.net cannot be determined now: DNS SERVFAIL",
@@ -1169,4 +1190,215 @@ async fn requiretls_goes_only_to_a_verified_mx_that_offers_it() {
             .iter()
             .any(|command| command.starts_with("MAIL FROM:"))
     );
+}
+
+#[tokio::test]
+async fn temporary_policy_failures_are_counted_by_the_stage_that_failed() {
+    for (stage, label) in [
+        (LookupStage::Mx, "mx"),
+        (LookupStage::Dane, "dane"),
+        (LookupStage::MtaSts, "mta_sts"),
+    ] {
+        let fixed = FixedPolicy {
+            policy: Err(PolicyError::Temporary {
+                stage,
+                reason: "SERVFAIL".into(),
+            }),
+            addresses: HashMap::new(),
+        };
+        let harness = harness(fixed, RootCertStore::empty(), 9);
+        harness.send(&["patient@example.net"], MESSAGE).await;
+        let metrics = harness.metrics();
+        let series = |stage: &str| {
+            format!(
+                "securemail_policy_temporary_failures_total{{tenant=\"clinic-a/outbound\",source_ip=\"127.0.0.1\",stage=\"{stage}\"}} 1\n"
+            )
+        };
+        assert!(metrics.contains(&series(label)), "{metrics}");
+        let failed_stages = metrics
+            .lines()
+            .filter(|line| line.starts_with("securemail_policy_temporary_failures_total{") && !line.ends_with(" 0"))
+            .count();
+        assert_eq!(failed_stages, 1, "{metrics}");
+        assert!(metrics.contains("result=\"temporary\"} 1\n"), "{metrics}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Spam-complaint intake: ARF reports to the reserved feedback address
+
+const FEEDBACK_ADDRESS: &str = "feedback@feedback.securemail.invalid";
+/// This tenant's other pool address, which sent the complained-about message.
+const OTHER_POOL_ADDRESS: &str = "192.0.2.11";
+
+/// An ARF report (RFC 5965) as a feedback-loop processor forwards it, about mail to `patient@example.net`.
+fn arf_report(feedback_type: &str, source_ip: &str) -> String {
+    format!(
+        "From: FBL processor <fbl@example.org>\r\nTo: {FEEDBACK_ADDRESS}\r\nSubject: Abuse report\r\n\
+         Message-ID: <arf-1@example.org>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=feedback-report; boundary=\"arf\"\r\n\r\n\
+         --arf\r\nContent-Type: text/plain\r\n\r\nA recipient reported this message as spam.\r\n\r\n\
+         --arf\r\nContent-Type: message/feedback-report\r\n\r\n\
+         Feedback-Type: {feedback_type}\r\nUser-Agent: ExampleFBL/1.0\r\nVersion: 1\r\n\
+         Original-Rcpt-To: <patient@example.net>\r\nSource-IP: {source_ip}\r\nReported-Domain: example.org\r\n\r\n\
+         --arf\r\nContent-Type: message/rfc822\r\n\r\n\
+         From: Records <records@example.org>\r\nTo: patient@example.net\r\nSubject: Results\r\n\
+         Message-ID: <m1@example.org>\r\n\r\nLine one\r\n.leading dot\r\n\r\n--arf--\r\n"
+    )
+}
+
+/// A tenant whose pool also holds 192.0.2.11 and whose MX `mx.test` is classed as yahoo.
+async fn feedback_harness() -> (Receiver, Harness) {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
+    let suffixes = vec![ProviderSuffix {
+        suffix: "mx.test".into(),
+        provider: Provider::Yahoo,
+    }];
+    let harness = harness_for_pool(
+        webpki_policy("mx.test"),
+        pki.roots(),
+        receiver.port,
+        suffixes,
+        &[OTHER_POOL_ADDRESS],
+    );
+    (receiver, harness)
+}
+
+fn complaints(metrics: &str) -> Vec<&str> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("securemail_complaints_total{") && !line.ends_with(" 0"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_complaint_report_is_counted_for_the_pool_address_it_names_and_never_sent_or_recorded() {
+    let (receiver, harness) = feedback_harness().await;
+
+    let replies = harness
+        .send(&[FEEDBACK_ADDRESS], &arf_report("abuse", OTHER_POOL_ADDRESS))
+        .await;
+    assert_eq!(replies, ["250 2.0.0 complaint counted against 192.0.2.11"]);
+    let replies = harness
+        .send(&[FEEDBACK_ADDRESS], &arf_report("fraud", OTHER_POOL_ADDRESS))
+        .await;
+    assert_eq!(replies, ["250 2.0.0 complaint counted against 192.0.2.11"]);
+
+    // The provider is the complaining recipient's, by its domain's MX (mx.test, classed yahoo).
+    let metrics = harness.metrics();
+    assert_eq!(
+        complaints(&metrics),
+        [r#"securemail_complaints_total{tenant="clinic-a/outbound",source_ip="192.0.2.11",provider="yahoo"} 2"#]
+    );
+    assert!(
+        !metrics.contains("patient") && !metrics.contains("example.net"),
+        "{metrics}"
+    );
+    assert_eq!(
+        receiver.log().connections,
+        0,
+        "nothing is sent for the feedback address"
+    );
+    let (summary, _) = harness.evidence();
+    assert_eq!(summary.records, 0, "an intake is not a delivery attempt");
+    assert!(!metrics.contains("securemail_recipients_total{"), "{metrics}");
+    // Every pool address's series exist before their first complaint, so increase() sees that one too.
+    assert!(
+        metrics.contains(
+            r#"securemail_complaints_total{tenant="clinic-a/outbound",source_ip="127.0.0.1",provider="gmail"} 0"#
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn reports_the_intake_cannot_use_are_refused_naming_the_fault_and_other_feedback_is_ignored() {
+    let (receiver, harness) = feedback_harness().await;
+    let not_a_report = "From: records@example.org\r\nSubject: spam complaint\r\n\r\nPlease count this.\r\n";
+
+    let mut replies = Vec::new();
+    for message in [
+        not_a_report.to_owned(),
+        arf_report("abuse", "203.0.113.9"),
+        arf_report("abuse", "mta-0.notify.example.org"),
+        arf_report("not-spam", OTHER_POOL_ADDRESS),
+    ] {
+        replies.extend(harness.send(&[FEEDBACK_ADDRESS], &message).await);
+    }
+
+    assert_eq!(
+        replies,
+        [
+            "550 5.6.0 not a usable ARF feedback report: Content-Type is absent (text/plain), expected \
+             multipart/report; report-type=feedback-report (send the report itself, not a message that forwards \
+             it as an attachment)",
+            "550 5.6.0 feedback report refused: Source-IP 203.0.113.9 is not a pool address of tenant \
+             clinic-a/outbound",
+            "550 5.6.0 not a usable ARF feedback report: Source-IP \"mta-0.notify.example.org\" is not an IP address",
+            "250 2.0.0 feedback report accepted; Feedback-Type not-spam is not counted as a complaint",
+        ]
+    );
+    assert!(complaints(&harness.metrics()).is_empty(), "{}", harness.metrics());
+    assert_eq!(receiver.log().connections, 0);
+    assert_eq!(harness.evidence().0.records, 0);
+}
+
+#[tokio::test]
+async fn a_transaction_with_the_feedback_address_and_a_mailbox_answers_each_on_its_own() {
+    let (receiver, harness) = feedback_harness().await;
+
+    let replies = harness
+        .send(
+            &["abuse-desk@example.net", FEEDBACK_ADDRESS],
+            &arf_report("abuse", "127.0.0.1"),
+        )
+        .await;
+
+    assert!(replies[0].starts_with("250 2.0.0 delivered to mx.test"), "{replies:?}");
+    assert_eq!(replies[1], "250 2.0.0 complaint counted against 127.0.0.1");
+    let log = receiver.log();
+    assert_eq!(log.messages.len(), 1);
+    assert!(
+        commands_after_tls(&log)
+            .iter()
+            .all(|command| !command.contains("securemail.invalid")),
+        "{:?}",
+        log.commands
+    );
+    let (summary, records) = harness.evidence();
+    assert_eq!(summary.records, 1);
+    assert_eq!(records[0]["recipientDomain"], "example.net");
+    assert_eq!(records[0]["recipientCount"], 1);
+    assert_eq!(
+        complaints(&harness.metrics()),
+        [r#"securemail_complaints_total{tenant="clinic-a/outbound",source_ip="127.0.0.1",provider="yahoo"} 1"#]
+    );
+}
+
+#[tokio::test]
+async fn other_addresses_at_the_feedback_domain_are_refused_at_rcpt() {
+    let (receiver, harness) = feedback_harness().await;
+    let (client, server) = tokio::io::duplex(1 << 16);
+    let engine = Arc::clone(&harness.engine);
+    tokio::spawn(async move { serve_session(server, &*engine, &Limits::default(), &CancellationToken::new()).await });
+    let (mut from_server, mut to_server) = tokio::io::split(client);
+    to_server
+        .write_all(
+            b"LHLO postfix.test\r\nMAIL FROM:<records@example.org>\r\nRCPT TO:<fedback@feedback.securemail.invalid>\r\n\
+              RCPT TO:<FeedBack@feedback.securemail.invalid>\r\nQUIT\r\n",
+        )
+        .await
+        .unwrap();
+    let mut output = String::new();
+    read_until(&mut from_server, &mut output, |out| out.contains("\r\n221 ")).await;
+
+    assert!(
+        output.contains(
+            "\r\n550 5.1.1 no such address in the reserved feedback domain; complaint reports go to \
+             feedback@feedback.securemail.invalid\r\n250 2.1.5 recipient OK\r\n"
+        ),
+        "{output}"
+    );
+    assert_eq!(receiver.log().connections, 0);
 }

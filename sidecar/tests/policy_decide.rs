@@ -11,7 +11,7 @@ use securemail_sidecar::evidence::PolicySource;
 use securemail_sidecar::policy::decide::{DomainFacts, MxFacts, TlsaFact, decide, usable_tlsa};
 use securemail_sidecar::policy::dns::MxRecord;
 use securemail_sidecar::policy::mta_sts::{Mode, StsFact, StsPolicy};
-use securemail_sidecar::policy::{PeerAuth, PolicyError, Tlsa};
+use securemail_sidecar::policy::{LookupStage, PeerAuth, PolicyError, Tlsa};
 
 const DOMAIN: &str = "clinic.example";
 
@@ -201,7 +201,7 @@ fn tlsa_failure_skips_that_host_and_never_means_no_dane() {
     );
     let error = decide(&TlsPolicySpec::default(), &only_failed).unwrap_err();
     assert!(
-        matches!(&error, PolicyError::Temporary { reason } if reason.contains("timed out")),
+        matches!(&error, PolicyError::Temporary { stage: LookupStage::Dane, reason } if reason.contains("timed out")),
         "{error:?}"
     );
 }
@@ -282,7 +282,7 @@ fn unobtainable_mta_sts_policy_defers() {
     );
     let error = decide(&TlsPolicySpec::default(), &f).unwrap_err();
     assert!(
-        matches!(&error, PolicyError::Temporary { reason } if reason.contains("connection refused")),
+        matches!(&error, PolicyError::Temporary { stage: LookupStage::MtaSts, reason } if reason.contains("connection refused")),
         "{error:?}"
     );
 }

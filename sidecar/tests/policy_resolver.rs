@@ -13,7 +13,9 @@ use securemail_sidecar::evidence::PolicySource;
 use securemail_sidecar::policy::clock::ManualClock;
 use securemail_sidecar::policy::dns::{Answer, DnsFailure, DnsLookup, Found, MxRecord, Security};
 use securemail_sidecar::policy::mta_sts::{FetchError, StsFetch};
-use securemail_sidecar::policy::{PeerAuth, PolicyError, PolicyLookup, PolicyResolver, Tlsa, check_domain};
+use securemail_sidecar::policy::{
+    LookupStage, PeerAuth, PolicyError, PolicyLookup, PolicyResolver, Tlsa, check_domain,
+};
 
 type Reply<T> = Result<Answer<T>, DnsFailure>;
 
@@ -201,7 +203,7 @@ async fn temporary_failures_are_cached_only_briefly_and_tlsa_servfail_is_not_no_
     let s = setup(dns);
     let error = s.resolver.resolve("flaky.example").await.unwrap_err();
     assert!(
-        matches!(&error, PolicyError::Temporary { reason } if reason.contains("SERVFAIL")),
+        matches!(&error, PolicyError::Temporary { stage: LookupStage::Dane, reason } if reason.contains("SERVFAIL")),
         "{error:?}"
     );
     s.resolver.resolve("flaky.example").await.unwrap_err();
@@ -238,7 +240,10 @@ async fn mx_failure_and_no_mx_and_null_mx() {
     let s = setup(dns);
     assert!(matches!(
         s.resolver.resolve("down.example").await,
-        Err(PolicyError::Temporary { .. })
+        Err(PolicyError::Temporary {
+            stage: LookupStage::Mx,
+            ..
+        })
     ));
     assert!(matches!(
         s.resolver.resolve("null.example").await,
@@ -364,7 +369,7 @@ async fn mta_sts_cache_by_id_and_max_age_survives_failed_refresh() {
     s.clock.advance(Duration::from_secs(3600));
     let error = s.resolver.resolve("sts.example").await.unwrap_err();
     assert!(
-        matches!(&error, PolicyError::Temporary { reason } if reason.contains("connection refused")),
+        matches!(&error, PolicyError::Temporary { stage: LookupStage::MtaSts, reason } if reason.contains("connection refused")),
         "{error:?}"
     );
 }

@@ -26,7 +26,7 @@ use securemail_sidecar::evidence::{DomainName, EvidenceLog, EvidenceWriter, Poli
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::clock::ManualClock;
-use securemail_sidecar::policy::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup};
+use securemail_sidecar::policy::{DomainPolicy, LookupStage, MxCandidate, PeerAuth, PolicyError, PolicyLookup};
 use securemail_sidecar::provider::Provider;
 use securemail_sidecar::reputation::{self, BreakerSettings, Breakers};
 use securemail_sidecar::tls::TlsConfigs;
@@ -199,6 +199,7 @@ impl PolicyLookup for Policies {
             OTHER_MX
         } else {
             return Err(PolicyError::Temporary {
+                stage: LookupStage::Mx,
                 reason: "SERVFAIL".into(),
             });
         };

@@ -145,7 +145,7 @@ pub(super) enum Verdict {
 impl Verdict {
     pub(super) fn policy_error(domain: &str, err: &PolicyError, on_failure: OnFailure) -> Self {
         Verdict::All(match err {
-            PolicyError::Temporary { reason } => Answer::local(
+            PolicyError::Temporary { reason, .. } => Answer::local(
                 451,
                 (4, 4, 3),
                 format!("TLS policy of {domain} cannot be determined now: {reason}"),

@@ -142,7 +142,7 @@ impl Display for DomainReport {
         }
         match &self.decision {
             None => Ok(()),
-            Some(Err(PolicyError::Temporary { reason })) => writeln!(f, "Policy: none yet, try later: {reason}"),
+            Some(Err(PolicyError::Temporary { reason, .. })) => writeln!(f, "Policy: none yet, try later: {reason}"),
             Some(Err(PolicyError::NoSecurePath { reason })) => {
                 writeln!(f, "Policy: no secure path (tenant onFailure applies): {reason}")
             }

@@ -5,7 +5,7 @@ use securemail_api::tenant::{OverrideTlsMode, TlsMode, TlsOverride, TlsPolicySpe
 
 use super::dns::{MxRecord, Security};
 use super::mta_sts::{Mode, StsFact};
-use super::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, Tlsa};
+use super::{DomainPolicy, LookupStage, MxCandidate, PeerAuth, PolicyError, Tlsa};
 use crate::evidence::{DomainName, PolicySource};
 
 /// The MX set as DNS gave it.
@@ -190,7 +190,14 @@ pub fn decide(spec: &TlsPolicySpec, facts: &DomainFacts) -> Result<DomainPolicy,
     }
 
     if candidates.is_empty() {
+        // Only failed TLSA lookups keep every host out of both lists.
+        let stage = if failures.is_empty() {
+            LookupStage::Mx
+        } else {
+            LookupStage::Dane
+        };
         return Err(PolicyError::Temporary {
+            stage,
             reason: format!("no usable MX host for {domain}: {}", failures.join("; ")),
         });
     }
@@ -260,6 +267,7 @@ fn non_dane_candidates(
             }
             StsFact::Failed(reason) => {
                 return Err(PolicyError::Temporary {
+                    stage: LookupStage::MtaSts,
                     reason: format!("{domain} announces an MTA-STS policy that cannot be obtained: {reason}"),
                 });
             }
@@ -295,6 +303,7 @@ fn no_path_or_temporary(failures: &[String], reason: String) -> PolicyError {
         PolicyError::NoSecurePath { reason }
     } else {
         PolicyError::Temporary {
+            stage: LookupStage::Dane,
             reason: format!("{reason}; and lookups failed: {}", failures.join("; ")),
         }
     }
@@ -308,6 +317,7 @@ fn candidate(
     policy_id: Option<String>,
 ) -> Result<MxCandidate, PolicyError> {
     let host = DomainName::new(host).map_err(|error| PolicyError::Temporary {
+        stage: LookupStage::Mx,
         reason: format!("MX host name {host:?} refused: {error}"),
     })?;
     Ok(MxCandidate {

@@ -18,7 +18,7 @@ use super::dns::{Answer, DnsLookup, DnsSetupError, Found, HickoryDns, Security};
 use super::expiring::ExpiringMap;
 use super::mta_sts::fetch::HttpsFetcher;
 use super::mta_sts::{FetchError, MtaSts, StsFact, StsFetch};
-use super::{DomainPolicy, MxCandidate, PeerAuth, PolicyError, PolicyLookup};
+use super::{DomainPolicy, LookupStage, MxCandidate, PeerAuth, PolicyError, PolicyLookup};
 use crate::evidence::DomainName;
 
 /// Cached decisions live between these bounds (the smallest DNS TTL decides within them).
@@ -156,8 +156,9 @@ fn normalize(domain: &str) -> Result<String, PolicyError> {
         })
 }
 
-fn temporary(error: impl std::fmt::Display) -> PolicyError {
+fn temporary(stage: LookupStage, error: impl std::fmt::Display) -> PolicyError {
     PolicyError::Temporary {
+        stage,
         reason: error.to_string(),
     }
 }
@@ -166,7 +167,11 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
     async fn gather(&self, domain: &str) -> Result<DomainFacts, PolicyError> {
         let spec = &self.spec;
         let dane_on = dane_wanted(spec, domain);
-        let mx = self.dns.mx(domain).await.map_err(temporary)?;
+        let mx = self
+            .dns
+            .mx(domain)
+            .await
+            .map_err(|failure| temporary(LookupStage::Mx, failure))?;
         let mut min_ttl = mx.ttl;
         let mx_facts = match mx.found {
             Found::NxDomain => MxFacts::NxDomain,
@@ -182,7 +187,7 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
                         min_ttl = min_ttl.min(answer.ttl);
                         answer.security == Security::Secure && !answer.records().is_empty()
                     }
-                    Err(failure) if dane_on => return Err(temporary(failure)),
+                    Err(failure) if dane_on => return Err(temporary(LookupStage::Mx, failure)),
                     Err(_) => false,
                 };
                 MxFacts::Implicit { secure }
@@ -230,7 +235,7 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
             Err(error) => (Err(error), TEMPORARY_CACHE_TTL),
         };
         let ttl = match &outcome {
-            Err(PolicyError::Temporary { reason }) => {
+            Err(PolicyError::Temporary { reason, .. }) => {
                 tracing::warn!(domain, %reason, "TLS policy lookup failed temporarily");
                 TEMPORARY_CACHE_TTL
             }
@@ -249,7 +254,11 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
         if let Some(answer) = self.lock().addresses.get(host, self.clock.now()) {
             return Ok(answer.clone());
         }
-        let answer = self.dns.addresses(host).await.map_err(temporary)?;
+        let answer = self
+            .dns
+            .addresses(host)
+            .await
+            .map_err(|failure| temporary(LookupStage::Mx, failure))?;
         if !answer.records().is_empty() {
             let ttl = Duration::from_secs(u64::from(answer.ttl)).clamp(MIN_CACHE_TTL, MAX_CACHE_TTL);
             let now = self.clock.now();
@@ -297,11 +306,13 @@ impl<D: DnsLookup, F: StsFetch> PolicyLookup for PolicyResolver<D, F> {
             let addresses = answer.records().to_vec();
             if addresses.is_empty() {
                 return Err(PolicyError::Temporary {
+                    stage: LookupStage::Mx,
                     reason: format!("MX host {host} has no A or AAAA records"),
                 });
             }
             if dane && answer.security != Security::Secure {
                 return Err(PolicyError::Temporary {
+                    stage: LookupStage::Dane,
                     reason: format!(
                         "MX host {host} has DANE TLSA records but its A/AAAA answers are not DNSSEC-secure"
                     ),
