@@ -12,10 +12,10 @@ DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint unit crds check-crds check-alerts check-chart cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator bench-sidecar
+.PHONY: test deps fmt-check lint deny unit crds check-crds check-alerts check-chart cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator bench-sidecar
 
 ## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites (control plane, data plane).
-test: deps fmt-check lint unit check-crds check-alerts check-chart e2e e2e-dataplane
+test: deps fmt-check lint deny unit check-crds check-alerts check-chart e2e e2e-dataplane
 
 ## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
 deps:
@@ -27,6 +27,10 @@ fmt-check:
 lint:
 	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/dataplane/*.sh alerts/*.sh charts/tests/*.sh .ci/run
 	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
+
+## deny: dependency policy (deny.toml): banned crates, licenses, sources; cargo-deny pinned, installed once.
+deny:
+	e2e/cargo-deny.sh check bans licenses sources
 
 unit:
 	$(CARGO) test $(CARGO_FLAGS)
