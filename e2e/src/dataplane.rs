@@ -650,7 +650,8 @@ pub fn sidecar_bin() -> PathBuf {
         .expect("SECUREMAIL_SIDECAR_BIN names the sidecar binary (set by `make e2e-dataplane`)")
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs openssl in `dir`; panics with its output unless it succeeds.
+pub fn openssl(dir: &Path, args: &[&str]) {
     run_ok(Command::new("openssl").current_dir(dir).args(args));
 }
 

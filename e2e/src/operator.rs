@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
+use crate::dataplane::run_ok;
 use crate::{kubeconfig, repo_root};
 
 /// The operator's identity as the apiserver (and its audit log) sees it.
@@ -105,40 +106,28 @@ pub fn install_chart(release: &str, values: &[&str]) {
     if installed.contains(release) {
         return;
     }
-    let output = Command::new(repo_root().join("e2e/helm.sh"))
-        .current_dir(repo_root())
-        .args(["upgrade", "--install", release, "charts/securemail-operator"])
-        .args([
-            "--namespace",
-            "securemail-system",
-            "--create-namespace",
-            "--take-ownership",
-        ])
-        .args(values)
-        .env("KUBECONFIG", kubeconfig())
-        .output()
-        .unwrap_or_else(|err| panic!("cannot run e2e/helm.sh: {err}"));
-    assert!(
-        output.status.success(),
-        "helm install of {release} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    run_ok(
+        Command::new(repo_root().join("e2e/helm.sh"))
+            .current_dir(repo_root())
+            .args(["upgrade", "--install", release, "charts/securemail-operator"])
+            .args([
+                "--namespace",
+                "securemail-system",
+                "--create-namespace",
+                "--take-ownership",
+            ])
+            .args(values)
+            .env("KUBECONFIG", kubeconfig()),
     );
     installed.insert(release.to_owned());
 }
 
 /// A kubeconfig holding a token of `release`'s ServiceAccount, from `e2e/operator-kubeconfig.sh`.
 pub fn operator_kubeconfig(release: &str) -> PathBuf {
-    let script = repo_root().join("e2e/operator-kubeconfig.sh");
-    let output = Command::new(&script)
-        .args([release, "securemail-system"])
-        .env("KUBECONFIG", kubeconfig())
-        .output()
-        .unwrap_or_else(|err| panic!("cannot run {}: {err}", script.display()));
-    assert!(
-        output.status.success(),
-        "{} failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&output.stderr)
+    let path = run_ok(
+        Command::new(repo_root().join("e2e/operator-kubeconfig.sh"))
+            .args([release, "securemail-system"])
+            .env("KUBECONFIG", kubeconfig()),
     );
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    PathBuf::from(path.trim())
 }

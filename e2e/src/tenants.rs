@@ -225,9 +225,9 @@ pub fn test_certificate() -> &'static str {
     CERTIFICATE.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("securemail-e2e-certificate-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
-        let output = std::process::Command::new("openssl")
-            .current_dir(&dir)
-            .args([
+        crate::dataplane::openssl(
+            &dir,
+            &[
                 "req",
                 "-x509",
                 "-newkey",
@@ -235,8 +235,6 @@ pub fn test_certificate() -> &'static str {
                 "-pkeyopt",
                 "ec_paramgen_curve:P-256",
                 "-nodes",
-            ])
-            .args([
                 "-days",
                 "90",
                 "-subj",
@@ -245,13 +243,7 @@ pub fn test_certificate() -> &'static str {
                 "key.pem",
                 "-out",
                 "cert.pem",
-            ])
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run openssl: {err}"));
-        assert!(
-            output.status.success(),
-            "openssl: {}",
-            String::from_utf8_lossy(&output.stderr)
+            ],
         );
         let pem = std::fs::read_to_string(dir.join("cert.pem")).unwrap_or_else(|err| panic!("{err}"));
         let _ = std::fs::remove_dir_all(&dir);
