@@ -39,7 +39,7 @@ use crate::provider::{self, Provider, ProviderSuffix};
 use crate::reputation::{Admission, BreakerSettings, Breakers, Heard};
 use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
 use crate::tls::TlsConfigs;
-use crate::warmup::{CapReached, Reservation, WarmupLimiter};
+use crate::warmup::{PendingCount, Reservation, WarmupLimiter, WarmupRefusal};
 
 use outcome::{Answer, Failure, Verdict};
 use pool::SessionPool;
@@ -273,11 +273,11 @@ impl<P: PolicyLookup> Engine<P> {
                     None => Ok(None),
                 };
                 match reserved {
-                    Err(reached) => {
-                        self.metrics.warmup_refused(guarded);
+                    Err(refusal) => {
+                        self.count_refusal(guarded, &refusal);
                         // Nothing is sent: the record names the MX but no address, as no connection was made.
                         attempts.push(record(policy.mx.first()));
-                        Verdict::All(cap_reached(&reached))
+                        Verdict::All(warmup_refused(&refusal))
                     }
                     Ok(reservation) => {
                         warmup = reservation;
@@ -311,13 +311,16 @@ impl<P: PolicyLookup> Engine<P> {
         };
         let answers = verdict.answers(recipients.len());
         let final_outcome = outcome::outcome_of(&answers);
+        let mut pending_count: Option<(Arc<WarmupLimiter>, PendingCount)> = None;
         if let Some((limiter, reservation)) = warmup {
             // Recipients the provider answered (2xx or 5xx) count against the cap; deferred ones return to it.
             let sent = answers
                 .iter()
                 .filter(|answer| outcome::of_code(answer.code()) != Outcome::Deferred)
                 .count();
-            limiter.settle(reservation, u32::try_from(sent).unwrap_or(u32::MAX));
+            pending_count = limiter
+                .settle(reservation, u32::try_from(sent).unwrap_or(u32::MAX))
+                .map(|pending| (limiter, pending));
         }
         if attempts.is_empty() {
             // A policy without MX hosts: still one record, so every answer to Postfix has its evidence.
@@ -377,7 +380,16 @@ impl<P: PolicyLookup> Engine<P> {
             attempts = attempts.len(),
             "recipient domain answered"
         );
-        self.append_evidence(attempts).await;
+        // Evidence and the warmup count reach the disk together before Postfix hears the answer.
+        tokio::join!(self.append_evidence(attempts), async {
+            if let Some((limiter, pending)) = pending_count
+                && let Err(reason) = limiter.stored(pending).await
+            {
+                // The remote already has the message: answering 4xx would deliver it twice. New deliveries wait
+                // (the limiter refuses them) until the counts are stored again.
+                tracing::error!(%reason, "cannot store the warmup count of an answered delivery");
+            }
+        });
         answers
     }
 
@@ -526,6 +538,13 @@ impl<P: PolicyLookup> Engine<P> {
         }
     }
 
+    /// Counts recipients held back by their cap; a failing counter store is logged by its writer instead.
+    fn count_refusal(&self, provider: Provider, refusal: &WarmupRefusal) {
+        if let WarmupRefusal::CapReached(_) = refusal {
+            self.metrics.warmup_refused(provider);
+        }
+    }
+
     async fn append_evidence(&self, attempts: Vec<Attempt>) {
         let Err(error) = self.evidence.append(attempts).await else {
             return;
@@ -563,9 +582,9 @@ impl<P: PolicyLookup> Backend for Engine<P> {
         };
         let provider = self.config.provider_of(&policy);
         let refusal = match warmup.map(|limiter| limiter.check(provider, self.clock.now())) {
-            Some(Err(reached)) => {
-                self.metrics.warmup_refused(provider);
-                cap_reached(&reached)
+            Some(Err(refusal)) => {
+                self.count_refusal(provider, &refusal);
+                warmup_refused(&refusal)
             }
             _ => match self.breakers.admit_recipient(provider) {
                 Ok(()) => return RcptDecision::Accept,
@@ -734,8 +753,11 @@ fn not_the_feedback_address() -> Answer {
 }
 
 /// The answer while a provider's warmup allowance is used up: Postfix keeps the mail and retries.
-fn cap_reached(reached: &CapReached) -> Answer {
-    Answer::local(452, (4, 7, 1), reached.to_string())
+fn warmup_refused(refusal: &WarmupRefusal) -> Answer {
+    match refusal {
+        WarmupRefusal::CapReached(_) => Answer::local(452, (4, 7, 1), refusal.to_string()),
+        WarmupRefusal::CountsNotStored { .. } => Answer::local(451, (4, 3, 0), refusal.to_string()),
+    }
 }
 
 /// The answer while `provider`'s breaker keeps deliveries from this address paused.

@@ -6,11 +6,13 @@
 //! and after midnight the operator's warmup loop judges the day that just ended, even across a restart.
 //!
 //! Counts live in `<stateDir>/warmup-counters.json`, replaced atomically, so a restart or a pod moving to another
-//! node (the volume moves with it) does not hand out the day's allowance twice. One thread stores them, at once when
-//! idle and at most every [`WRITE_INTERVAL`] under load, so a busy address pays for a few flushes a second rather
-//! than one per delivery; a crash can forget at most the deliveries of the last interval (a counted delivery is
-//! never answered twice either way: Postfix retries what it had no answer for). A delivery reserves its recipients
-//! before it connects, so concurrent deliveries can never overshoot a cap together.
+//! node (the volume moves with it) does not hand out the day's allowance twice. One thread stores them. While the
+//! address warms up, a delivery that counted recipients answers Postfix only once its count is on disk
+//! ([`WarmupLimiter::stored`]), so a crash right after an answer cannot forget it; counts made while a write runs share
+//! the next one, so a busy address pays for one flush per group of deliveries, not one each. Other changes (the day's
+//! results, a warm address's counts) are stored at most every [`WRITE_INTERVAL`]. While the counts cannot be stored,
+//! a warming address sends nothing new. A delivery reserves its recipients before it connects, so concurrent
+//! deliveries can never overshoot a cap together.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -28,9 +30,11 @@ use securemail_api::sidecar_config::WarmupCaps;
 use securemail_api::sidecar_status::{DeliveryDay, ResultCounts};
 use securemail_api::warmup::{hourly_allowance, provider_caps};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 const COUNTERS_FILE: &str = "warmup-counters.json";
-/// The shortest time between two writes of the counters: changes within it share the next write.
+/// The shortest time between two writes of changes no delivery waits for (and between retries of a failed write):
+/// changes within it share the next write.
 pub const WRITE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What one address sent on one UTC day, per provider class: the durable part.
@@ -76,17 +80,31 @@ struct State {
     reserved: BTreeMap<Provider, u32>,
     /// Changes to `counters` so far; the writer thread stores until it has caught up.
     changes: u64,
+    /// The latest change a delivery waits to see stored: the writer skips its pause until it is.
+    awaited: u64,
+    /// Why the last write failed; cleared by the next successful one.
+    store_error: Option<String>,
     /// The writer is waiting for a change (not pausing between writes): a change must wake it.
     writer_idle: bool,
     /// Set when the limiter is dropped: the writer stores what is left and ends.
     closing: bool,
 }
 
-/// The state and the signal that wakes the writer thread.
+/// The state, the signal that wakes the writer thread, and how far it got.
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
+    stored: watch::Sender<WriterProgress>,
+}
+
+/// The writer's progress, for deliveries waiting on their count.
+#[derive(Clone, Copy, Debug, Default)]
+struct WriterProgress {
+    /// Every change up to this one is on disk.
+    stored: u64,
+    /// The last failed write covered the changes up to this one.
+    failed_through: u64,
 }
 
 /// Shared by every engine a reload builds, so counts and reservations outlive configuration changes.
@@ -119,6 +137,36 @@ impl std::fmt::Display for CapReached {
         }
         f.write_str("; retrying later")
     }
+}
+
+/// Why recipients may not be sent now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WarmupRefusal {
+    CapReached(CapReached),
+    /// The counts cannot be stored: sending on could exceed today's limit after a restart.
+    CountsNotStored {
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for WarmupRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::CapReached(reached) => reached.fmt(f),
+            Self::CountsNotStored { reason } => write!(
+                f,
+                "the warmup counts of this address cannot be stored ({reason}); deliveries wait so that a restart \
+                 cannot exceed today's warmup limit; retrying later"
+            ),
+        }
+    }
+}
+
+/// A settled count that must reach the disk before the delivery is answered; see [`WarmupLimiter::stored`].
+#[derive(Debug)]
+#[must_use = "the delivery must wait until its count is stored"]
+pub struct PendingCount {
+    change: u64,
 }
 
 /// Recipients counted against a provider's allowance until the delivery settles.
@@ -157,10 +205,13 @@ impl WarmupLimiter {
                 counters,
                 reserved: BTreeMap::new(),
                 changes: 0,
+                awaited: 0,
+                store_error: None,
                 writer_idle: false,
                 closing: false,
             }),
             changed: Condvar::new(),
+            stored: watch::Sender::new(WriterProgress::default()),
         });
         let writer_shared = Arc::clone(&shared);
         let counters_path = path.clone();
@@ -185,36 +236,65 @@ impl WarmupLimiter {
     }
 
     /// At RCPT: refuses when the provider's allowance is already used up by sent and reserved recipients.
-    pub fn check(&self, provider: Provider, now: Timestamp) -> Result<(), CapReached> {
+    pub fn check(&self, provider: Provider, now: Timestamp) -> Result<(), WarmupRefusal> {
         let mut state = self.lock();
         roll_over(&mut state, now);
         state.room(provider, now).map(drop)
     }
 
     /// At delivery: reserves `count` recipients, or refuses when they do not all fit this hour's allowance.
-    pub fn reserve(&self, provider: Provider, count: u32, now: Timestamp) -> Result<Reservation, CapReached> {
+    pub fn reserve(&self, provider: Provider, count: u32, now: Timestamp) -> Result<Reservation, WarmupRefusal> {
         let mut state = self.lock();
         roll_over(&mut state, now);
         if let Some(room) = state.room(provider, now)?
             && room < count
         {
-            return Err(state.cap_reached(provider, now));
+            return Err(WarmupRefusal::CapReached(state.cap_reached(provider, now)));
         }
         *state.reserved.entry(provider).or_default() += count;
         Ok(Reservation { provider, count })
     }
 
     /// Ends a delivery: `sent` of the reserved recipients went to the provider (answered 2xx or 5xx by it), the
-    /// rest return to the allowance. The new count holds at once and reaches the disk within [`WRITE_INTERVAL`].
-    pub fn settle(&self, reservation: Reservation, sent: u32) {
+    /// rest return to the allowance. The new count holds at once. While a limit applies, the delivery must wait for
+    /// the returned count to be stored before it answers; otherwise it reaches the disk within [`WRITE_INTERVAL`].
+    pub fn settle(&self, reservation: Reservation, sent: u32) -> Option<PendingCount> {
         let mut state = self.lock();
         let reserved = state.reserved.entry(reservation.provider).or_default();
         *reserved = reserved.saturating_sub(reservation.count);
         if sent == 0 {
-            return;
+            return None;
         }
         *state.counters.sent.entry(reservation.provider).or_default() += sent.min(reservation.count);
-        self.changed(state);
+        let limited = state.caps.daily_limit.is_some();
+        let change = self.changed(state);
+        limited.then_some(PendingCount { change })
+    }
+
+    /// Returns once the settled count is on disk, or with the reason the write that should have stored it failed
+    /// (the writer keeps retrying; meanwhile [`Self::reserve`] refuses).
+    pub async fn stored(&self, pending: PendingCount) -> Result<(), String> {
+        let mut progress = self.shared.stored.subscribe();
+        {
+            let mut state = self.lock();
+            state.awaited = state.awaited.max(pending.change);
+        }
+        // The writer may be pausing between writes: a waiting delivery ends the pause.
+        self.shared.changed.notify_one();
+        let settled = progress
+            .wait_for(|progress| progress.stored >= pending.change || progress.failed_through >= pending.change)
+            .await
+            .map(|progress| *progress)
+            .map_err(|_| "the warmup counter writer has stopped".to_owned())?;
+        if settled.stored >= pending.change {
+            Ok(())
+        } else {
+            Err(self
+                .lock()
+                .store_error
+                .clone()
+                .unwrap_or_else(|| "the write failed".to_owned()))
+        }
     }
 
     /// Counts recipients the sidecar answered for `provider`, for today's results.
@@ -235,15 +315,17 @@ impl WarmupLimiter {
         (state.counters.delivery_day(), state.counters.previous.clone())
     }
 
-    /// Hands the counters changed under `state` to the writer thread.
-    fn changed(&self, mut state: MutexGuard<'_, State>) {
+    /// Hands the counters changed under `state` to the writer thread; returns the change's number.
+    fn changed(&self, mut state: MutexGuard<'_, State>) -> u64 {
         state.changes += 1;
+        let change = state.changes;
         // Waking a writer that is pausing between writes would only cost a context switch.
         let wake = state.writer_idle;
         drop(state);
         if wake {
             self.shared.changed.notify_one();
         }
+        change
     }
 
     /// What was sent today, per provider.
@@ -291,9 +373,10 @@ impl Shared {
     }
 }
 
-/// The writer thread: waits for a change, stores the latest counts with one atomic replace, pauses for
-/// [`WRITE_INTERVAL`] so the changes made meanwhile share the next write, and ends once the limiter is dropped and
-/// everything is stored.
+/// The writer thread: waits for a change, stores the latest counts with one atomic replace, and tells the waiting
+/// deliveries. Then it pauses for [`WRITE_INTERVAL`] so the changes made meanwhile share the next write, unless a
+/// delivery already waits for one of them. A failed write is retried after the pause. Ends once the limiter is
+/// dropped and everything is stored (or the last try failed).
 fn store_changes(path: &Path, shared: &Shared) {
     let mut written = 0;
     loop {
@@ -308,14 +391,28 @@ fn store_changes(path: &Path, shared: &Shared) {
         }
         let (counters, changes) = (state.counters.clone(), state.changes);
         drop(state);
-        if let Err(err) = persist(path, &counters) {
-            // The count still holds in memory; only a restart before the next successful write could forget it.
-            tracing::error!(%err, path = %path.display(), "cannot store the warmup counters");
-        }
-        written = changes;
-        let resume = Instant::now() + WRITE_INTERVAL;
+        let result = persist(path, &counters);
         let mut state = shared.lock();
-        while !state.closing && Instant::now() < resume {
+        match result {
+            Ok(()) => {
+                written = changes;
+                if state.store_error.take().is_some() {
+                    tracing::info!(path = %path.display(), "the warmup counters are stored again");
+                }
+                shared.stored.send_modify(|progress| progress.stored = changes);
+            }
+            Err(err) => {
+                // The count still holds in memory; a warming address sends nothing new until a write succeeds.
+                tracing::error!(%err, path = %path.display(), "cannot store the warmup counters");
+                state.store_error = Some(err.to_string());
+                shared.stored.send_modify(|progress| progress.failed_through = changes);
+                if state.closing {
+                    return;
+                }
+            }
+        }
+        let resume = Instant::now() + WRITE_INTERVAL;
+        while !state.closing && Instant::now() < resume && (state.awaited <= written || state.store_error.is_some()) {
             state = shared.wait_until(state, resume);
         }
     }
@@ -323,10 +420,13 @@ fn store_changes(path: &Path, shared: &Shared) {
 
 impl State {
     /// Recipients the provider may still take this hour; `None` when no limit applies.
-    fn room(&self, provider: Provider, now: Timestamp) -> Result<Option<u32>, CapReached> {
+    fn room(&self, provider: Provider, now: Timestamp) -> Result<Option<u32>, WarmupRefusal> {
         let Some(daily_limit) = self.caps.daily_limit else {
             return Ok(None);
         };
+        if let Some(reason) = &self.store_error {
+            return Err(WarmupRefusal::CountsNotStored { reason: reason.clone() });
+        }
         let cap = provider_caps(daily_limit, &self.caps.provider_shares)
             .get(&provider)
             .copied()
@@ -336,7 +436,7 @@ impl State {
             + self.reserved.get(&provider).copied().unwrap_or(0);
         match allowance.checked_sub(used) {
             Some(room) if room > 0 => Ok(Some(room)),
-            _ => Err(self.cap_reached(provider, now)),
+            _ => Err(WarmupRefusal::CapReached(self.cap_reached(provider, now))),
         }
     }
 
@@ -434,7 +534,9 @@ mod tests {
         let limiter = WarmupLimiter::load(dir.path(), caps(100), noon).unwrap();
         // Default shares give gmail 40 of 100; by 12:59 the smoothed allowance is ceil(40 × 13 / 24) = 22.
         let first = limiter.reserve(Provider::Gmail, 20, noon).unwrap();
-        let refused = limiter.reserve(Provider::Gmail, 3, noon).unwrap_err();
+        let WarmupRefusal::CapReached(refused) = limiter.reserve(Provider::Gmail, 3, noon).unwrap_err() else {
+            panic!("refused for another reason than the cap");
+        };
         assert_eq!(refused.allowance, 22);
         assert_eq!(refused.daily_cap, 40);
         assert!(
@@ -442,8 +544,11 @@ mod tests {
             "{refused}"
         );
         let second = limiter.reserve(Provider::Gmail, 2, noon).unwrap();
-        limiter.settle(first, 20);
-        limiter.settle(second, 0);
+        assert!(
+            limiter.settle(first, 20).is_some(),
+            "a limited count must be waited for"
+        );
+        assert!(limiter.settle(second, 0).is_none());
         assert_eq!(limiter.sent_today(noon)[&Provider::Gmail], 20);
         assert!(
             limiter.check(Provider::Gmail, noon).is_ok(),
@@ -477,7 +582,8 @@ mod tests {
         let limiter = Arc::new(WarmupLimiter::load(dir.path(), caps(10_000), now).unwrap());
         let settle_one = move |limiter: &WarmupLimiter| {
             let reservation = limiter.reserve(Provider::Other, 1, now).unwrap();
-            limiter.settle(reservation, 1);
+            // Not waited for: the writer still stores it within the interval.
+            let _ = limiter.settle(reservation, 1);
         };
         settle_one(&limiter);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -548,11 +654,65 @@ mod tests {
         let limiter = WarmupLimiter::load(dir.path(), warm, now).unwrap();
         assert!(!limiter.is_active());
         let reservation = limiter.reserve(Provider::Gmail, 1_000_000, now).unwrap();
-        limiter.settle(reservation, 1_000_000);
+        assert!(
+            limiter.settle(reservation, 1_000_000).is_none(),
+            "no limit, nothing to wait for"
+        );
         drop(limiter);
 
         fs::write(dir.path().join(COUNTERS_FILE), b"{not json").unwrap();
         let err = WarmupLimiter::load(dir.path(), caps(10), now).unwrap_err();
         assert!(err.to_string().contains("refusing to start from zero"), "{err}");
+    }
+
+    fn stored_count(dir: &Path) -> Option<u32> {
+        let bytes = fs::read(dir.join(COUNTERS_FILE)).ok()?;
+        serde_json::from_slice::<Counters>(&bytes)
+            .ok()?
+            .sent
+            .get(&Provider::Gmail)
+            .copied()
+    }
+
+    #[tokio::test]
+    async fn a_limited_count_is_on_disk_when_its_delivery_may_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = at("2026-11-26T23:00:00Z");
+        let limiter = WarmupLimiter::load(dir.path(), caps(100), now).unwrap();
+        for sent in 1..=5 {
+            let reservation = limiter.reserve(Provider::Gmail, 1, now).unwrap();
+            let pending = limiter.settle(reservation, 1).unwrap();
+            limiter.stored(pending).await.unwrap();
+            // Read while the limiter runs, as a crash right after the answer would leave it.
+            assert_eq!(stored_count(dir.path()), Some(sent));
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_that_cannot_be_stored_hold_deliveries_until_a_write_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = at("2026-11-26T23:00:00Z");
+        let limiter = WarmupLimiter::load(dir.path(), caps(100), now).unwrap();
+        // A directory where the temporary file goes makes every write fail, as a full volume would.
+        let blocker = dir.path().join(COUNTERS_FILE).with_extension("json.tmp");
+        fs::create_dir(&blocker).unwrap();
+        let reservation = limiter.reserve(Provider::Gmail, 1, now).unwrap();
+        let pending = limiter.settle(reservation, 1).unwrap();
+        let reason = limiter.stored(pending).await.unwrap_err();
+        assert!(!reason.is_empty());
+        let refusal = limiter.reserve(Provider::Gmail, 1, now).unwrap_err();
+        assert!(matches!(refusal, WarmupRefusal::CountsNotStored { .. }), "{refusal}");
+        assert!(refusal.to_string().contains("cannot be stored"), "{refusal}");
+
+        fs::remove_dir(&blocker).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while limiter.reserve(Provider::Gmail, 1, now).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the writer does not retry after the volume recovers"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(stored_count(dir.path()), Some(1));
     }
 }
