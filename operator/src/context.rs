@@ -1,7 +1,7 @@
 //! State shared by every reconcile: the client, settings, event recorder, metrics, clock and backoff counters.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -12,10 +12,12 @@ use kube::Client;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use securemail_api::SecureMailTenant;
@@ -184,26 +186,14 @@ pub struct TenantLabels {
     pub tenant: String,
 }
 
-/// The label sets the per-address and per-tenant gauges hold, so a recount removes exactly the ones that are gone
-/// (clearing first would let a scrape in between see none).
-#[derive(Debug, Default)]
-struct Exported {
-    addresses: HashSet<AddressLabels>,
-    tenants: HashSet<TenantLabels>,
-}
-
 /// Operator metrics; every label set is bounded by what platform teams configure (tenants and their pool
 /// addresses), never by mail traffic (no domains, no recipients).
 #[derive(Debug)]
 pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_duration: Histogram,
-    pub tenants: Family<ConditionLabels, Gauge>,
-    pub pool_addresses: Family<StateLabels, Gauge>,
-    pub warmup_day: Family<AddressLabels, Gauge>,
-    pub daily_limit: Family<AddressLabels, Gauge>,
-    pub certificate_expiry: Family<TenantLabels, Gauge>,
-    exported: Mutex<Exported>,
+    /// The controller's tenant cache, which the per-tenant gauges are read from at scrape time.
+    tenant_cache: Arc<OnceLock<Store<SecureMailTenant>>>,
     pub registry: Registry,
 }
 
@@ -211,11 +201,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let reconciles = Family::<ResultLabels, Counter>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        let tenants = Family::<ConditionLabels, Gauge>::default();
-        let pool_addresses = Family::<StateLabels, Gauge>::default();
-        let warmup_day = Family::<AddressLabels, Gauge>::default();
-        let daily_limit = Family::<AddressLabels, Gauge>::default();
-        let certificate_expiry = Family::<TenantLabels, Gauge>::default();
+        let tenant_cache = Arc::new(OnceLock::new());
         let mut registry = Registry::with_prefix("securemail_operator");
         // The text encoder appends `_total` to counters.
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
@@ -224,121 +210,184 @@ impl Default for Metrics {
             "Time spent in one reconcile",
             reconcile_duration.clone(),
         );
-        registry.register("tenants", "Tenants by condition type and status", tenants.clone());
-        registry.register(
-            "pool_addresses",
-            "Pool addresses of all tenants by warmup state",
-            pool_addresses.clone(),
-        );
-        registry.register(
-            "pool_address_warmup_day",
-            "Warmup schedule day of each pool address (absent once warm)",
-            warmup_day.clone(),
-        );
-        registry.register(
-            "pool_address_daily_limit",
-            "Today's daily message limit of each pool address (absent once warm)",
-            daily_limit.clone(),
-        );
-        registry.register(
-            "submission_certificate_expiry_timestamp_seconds",
-            "When each tenant's submission server certificate expires (Unix time)",
-            certificate_expiry.clone(),
-        );
+        registry.register_collector(Box::new(TenantGauges {
+            tenants: Arc::clone(&tenant_cache),
+        }));
         Self {
             reconciles,
             reconcile_duration,
-            tenants,
-            pool_addresses,
-            warmup_day,
-            daily_limit,
-            certificate_expiry,
-            exported: Mutex::default(),
+            tenant_cache,
             registry,
         }
     }
 }
 
-/// Sets `labels`' gauge in `family` to `value`, or removes it when there is none.
-fn export(family: &Family<AddressLabels, Gauge>, labels: &AddressLabels, value: Option<u32>) {
-    match value {
-        Some(value) => {
-            family.get_or_create(labels).set(i64::from(value));
-        }
-        None => {
-            family.remove(labels);
-        }
+impl Metrics {
+    /// Exports the per-tenant gauges from the controller's tenant cache from now on.
+    pub fn read_tenants_from(&self, tenants: Store<SecureMailTenant>) {
+        // Set once, by the one controller of the process.
+        let _ = self.tenant_cache.set(tenants);
     }
 }
 
-impl Metrics {
-    /// Recounts tenants per condition, pool addresses per warmup state, and each address's warmup day and daily
-    /// limit, from the controller's cache.
-    pub fn count_tenants(&self, tenants: &Store<SecureMailTenant>) {
-        let mut counts: HashMap<ConditionLabels, i64> = HashMap::new();
-        let mut states: HashMap<&'static str, i64> =
+/// Tenants per condition, pool addresses per warmup state, each address's warmup day and daily limit, and each
+/// tenant's submission certificate expiry, computed from the tenant cache when Prometheus scrapes: one pass per
+/// scrape rather than one per reconcile, and a tenant that is gone simply is not there.
+#[derive(Debug)]
+struct TenantGauges {
+    tenants: Arc<OnceLock<Store<SecureMailTenant>>>,
+}
+
+impl Collector for TenantGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let tenants = self.tenants.get().map(Store::state).unwrap_or_default();
+        let mut conditions: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        let mut states: BTreeMap<&'static str, i64> =
             PoolAddressState::ALL.iter().map(|state| (state.as_str(), 0)).collect();
-        let tenants = tenants.state();
-        let mut exported = self.exported.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut current = Exported::default();
+        let mut warmup_days = Vec::new();
+        let mut daily_limits = Vec::new();
+        let mut certificate_expiry = Vec::new();
         for tenant in &tenants {
-            let tenant_labels = TenantLabels {
-                tenant: format!(
-                    "{}/{}",
-                    tenant.metadata.namespace.as_deref().unwrap_or_default(),
-                    tenant.metadata.name.as_deref().unwrap_or_default()
-                ),
-            };
-            let expires = tenant
-                .status
-                .as_ref()
-                .and_then(|status| status.submission_certificate_expires.as_ref());
-            match expires {
-                Some(expires) => {
-                    self.certificate_expiry
-                        .get_or_create(&tenant_labels)
-                        .set(expires.0.as_second());
-                }
-                None => {
-                    self.certificate_expiry.remove(&tenant_labels);
-                }
+            let Some(status) = &tenant.status else { continue };
+            let name = format!(
+                "{}/{}",
+                tenant.metadata.namespace.as_deref().unwrap_or_default(),
+                tenant.metadata.name.as_deref().unwrap_or_default()
+            );
+            for condition in &status.conditions {
+                *conditions
+                    .entry((condition.type_.as_str(), condition.status.as_str()))
+                    .or_default() += 1;
             }
-            for address in tenant.status.iter().flat_map(|status| &status.ip_pool) {
+            for address in &status.ip_pool {
                 *states.entry(address.state.as_str()).or_default() += 1;
-                let labels = AddressLabels {
-                    tenant: tenant_labels.tenant.clone(),
+                let labels = || AddressLabels {
+                    tenant: name.clone(),
                     source_ip: address.address.clone(),
                 };
-                export(&self.warmup_day, &labels, address.warmup_day);
-                export(&self.daily_limit, &labels, address.daily_limit);
-                current.addresses.insert(labels);
+                if let Some(day) = address.warmup_day {
+                    warmup_days.push((labels(), i64::from(day)));
+                }
+                if let Some(limit) = address.daily_limit {
+                    daily_limits.push((labels(), i64::from(limit)));
+                }
             }
-            current.tenants.insert(tenant_labels);
-        }
-        for gone in exported.addresses.difference(&current.addresses) {
-            self.warmup_day.remove(gone);
-            self.daily_limit.remove(gone);
-        }
-        for gone in exported.tenants.difference(&current.tenants) {
-            self.certificate_expiry.remove(gone);
-        }
-        *exported = current;
-        drop(exported);
-        for (state, count) in states {
-            self.pool_addresses.get_or_create(&StateLabels { state }).set(count);
-        }
-        for tenant in tenants {
-            for condition in tenant.status.iter().flat_map(|status| &status.conditions) {
-                let labels = ConditionLabels {
-                    condition: condition.type_.clone(),
-                    status: condition.status.clone(),
-                };
-                *counts.entry(labels).or_default() += 1;
+            if let Some(expires) = &status.submission_certificate_expires {
+                certificate_expiry.push((TenantLabels { tenant: name }, expires.0.as_second()));
             }
         }
-        self.tenants.clear();
-        for (labels, count) in counts {
-            self.tenants.get_or_create(&labels).set(count);
+        let conditions = conditions.into_iter().map(|((condition, status), count)| {
+            let labels = ConditionLabels {
+                condition: condition.to_owned(),
+                status: status.to_owned(),
+            };
+            (labels, count)
+        });
+        encode_gauges(
+            &mut encoder,
+            "tenants",
+            "Tenants by condition type and status",
+            conditions,
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "pool_addresses",
+            "Pool addresses of all tenants by warmup state",
+            states.into_iter().map(|(state, count)| (StateLabels { state }, count)),
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "pool_address_warmup_day",
+            "Warmup schedule day of each pool address (absent once warm)",
+            warmup_days,
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "pool_address_daily_limit",
+            "Today's daily message limit of each pool address (absent once warm)",
+            daily_limits,
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "submission_certificate_expiry_timestamp_seconds",
+            "When each tenant's submission server certificate expires (Unix time)",
+            certificate_expiry,
+        )
+    }
+}
+
+/// One gauge family: its descriptor, then one sample per label set.
+fn encode_gauges<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, i64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+    use securemail_api::tenant::SecureMailTenantStatus;
+
+    use super::*;
+
+    fn tenant(name: &str, day: u32) -> SecureMailTenant {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/minimal.yaml");
+        let mut tenant: SecureMailTenant = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        tenant.metadata.name = Some(name.to_owned());
+        tenant.metadata.namespace = Some("clinic".to_owned());
+        tenant.status = Some(SecureMailTenantStatus {
+            ip_pool: vec![
+                serde_json::from_value(serde_json::json!({
+                    "address": "192.0.2.10", "state": "Warming", "warmupDay": day, "dailyLimit": 50 * day,
+                }))
+                .unwrap(),
+            ],
+            ..SecureMailTenantStatus::default()
+        });
+        tenant
+    }
+
+    fn scrape(metrics: &Metrics) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn tenant_gauges_follow_the_cache_at_each_scrape() {
+        let metrics = Metrics::default();
+        assert!(
+            !scrape(&metrics).contains("pool_address_warmup_day{"),
+            "no cache, no tenants"
+        );
+        let (reader, mut writer) = reflector::store();
+        metrics.read_tenants_from(reader);
+        writer.apply_watcher_event(&Event::Apply(tenant("lakeside", 3)));
+        writer.apply_watcher_event(&Event::Apply(tenant("harbor", 1)));
+        let text = scrape(&metrics);
+        for line in [
+            "securemail_operator_pool_address_warmup_day{tenant=\"clinic/lakeside\",source_ip=\"192.0.2.10\"} 3",
+            "securemail_operator_pool_address_daily_limit{tenant=\"clinic/harbor\",source_ip=\"192.0.2.10\"} 50",
+            "securemail_operator_pool_addresses{state=\"Warming\"} 2",
+            "securemail_operator_pool_addresses{state=\"Warm\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
+        writer.apply_watcher_event(&Event::Delete(tenant("harbor", 1)));
+        let text = scrape(&metrics);
+        assert!(!text.contains("clinic/harbor"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == "securemail_operator_pool_addresses{state=\"Warming\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -113,6 +113,7 @@ pub async fn run(
     let (disruption_budgets, disruption_budget_events) =
         metadata_store::<PodDisruptionBudget>(Api::all(client.clone()), &managed);
     let (network_policies, network_policy_events) = metadata_store::<NetworkPolicy>(Api::all(client.clone()), &managed);
+    metrics.read_tenants_from(controller.store());
     let stores = Stores {
         tenants: controller.store(),
         stateful_sets,

@@ -75,7 +75,6 @@ pub async fn reconcile(tenant: Arc<SecureMailTenant>, ctx: Arc<Context>) -> Resu
         })
     };
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
-    ctx.metrics.count_tenants(&ctx.stores.tenants);
     result
 }
 
