@@ -6,16 +6,18 @@
 // Test support: a step that fails is a failed test, reported with the step's description.
 #![allow(clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_yaml::Value;
 
+use crate::leaks::{self, Secrets};
 use crate::repo_root;
 
 /// The running world, described by `<dir>/world.env`.
@@ -141,6 +143,8 @@ pub struct MtaHost {
     pub dkim_records: Vec<(String, String)>,
     sidecar: Option<Child>,
     postfix: Option<Child>,
+    /// Every recipient submitted, whose local parts the sidecar must never write down.
+    recipients: Mutex<BTreeSet<String>>,
 }
 
 impl MtaHost {
@@ -233,6 +237,7 @@ impl MtaHost {
             dkim_records,
             sidecar: None,
             postfix: None,
+            recipients: Mutex::default(),
         };
         host.start_sidecar(world);
         host.start_postfix();
@@ -364,6 +369,10 @@ impl MtaHost {
         for recipient in to {
             command.args(["--to", recipient]);
         }
+        self.recipients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(to.iter().map(|recipient| (*recipient).to_owned()));
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -427,17 +436,84 @@ impl MtaHost {
 
     /// GET `path` from the sidecar's admin server.
     pub fn admin_get(&self, path: &str) -> String {
-        run_ok(in_netns(&self.netns, "curl").args([
+        run_ok(&mut self.admin_request(path))
+    }
+
+    fn admin_request(&self, path: &str) -> Command {
+        let mut command = in_netns(&self.netns, "curl");
+        command.args([
             "-sS",
             "--max-time",
             "10",
             &format!("http://{}:9090{path}", self.address),
-        ]))
+        ]);
+        command
     }
+}
+
+impl MtaHost {
+    /// Sweeps what the sidecar wrote (log, evidence, and while it runs, metrics and `/status`) for the local parts of
+    /// every recipient submitted and for the private keys this host holds (DKIM and TLS).
+    fn assert_no_secrets_written(&self) {
+        let mut secrets = Secrets::default();
+        for recipient in self
+            .recipients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            secrets.add_local_part(recipient);
+        }
+        for file in files_under(&self.dir) {
+            if let Ok(text) = fs::read_to_string(&file)
+                && text.contains("PRIVATE KEY-----")
+            {
+                secrets.add_private_keys(&file.display().to_string(), &text);
+            }
+        }
+        let mut sources = vec![("sidecar log".to_owned(), self.sidecar_log())];
+        for file in self.evidence_files() {
+            sources.push((
+                file.display().to_string(),
+                fs::read_to_string(&file).unwrap_or_default(),
+            ));
+        }
+        if self.sidecar.is_some() {
+            for path in ["/metrics", "/status"] {
+                if let Ok(output) = self.admin_request(path).output() {
+                    sources.push((
+                        format!("sidecar {path}"),
+                        String::from_utf8_lossy(&output.stdout).into_owned(),
+                    ));
+                }
+            }
+        }
+        leaks::assert_none_in(&secrets, &sources);
+    }
+}
+
+/// Every file below `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => pending.push(path),
+                Ok(kind) if kind.is_file() => files.push(path),
+                _ => {}
+            }
+        }
+    }
+    files
 }
 
 impl Drop for MtaHost {
     fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.assert_no_secrets_written();
+        }
         let _ = in_netns(&self.netns, "postfix")
             .arg("-c")
             .arg(self.dir.join("conf"))

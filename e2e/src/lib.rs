@@ -5,6 +5,7 @@
 
 pub mod dataplane;
 pub mod dnsbl;
+pub mod leaks;
 pub mod operator;
 pub mod tenants;
 

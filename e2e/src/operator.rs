@@ -7,10 +7,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
 use crate::dataplane::run_ok;
-use crate::{kubeconfig, repo_root};
+use crate::leaks::{self, Secrets};
+use crate::{kubeconfig, kubectl_ok, repo_root};
 
 /// The operator's identity as the apiserver (and its audit log) sees it.
 pub const OPERATOR_USER: &str = "system:serviceaccount:securemail-system:securemail-operator";
+
+/// Selects everything the operator owns (its managed-by label).
+const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=securemail-operator";
 
 /// A running operator process; killed when dropped (also when a test panics).
 #[derive(Debug)]
@@ -80,6 +84,11 @@ impl Operator {
 
     /// The operator's /metrics text.
     pub async fn metrics(&self) -> String {
+        self.scrape()
+    }
+
+    /// The /metrics text, empty once the process is gone.
+    fn scrape(&self) -> String {
         let output = Command::new("curl")
             .args(["-sf", &format!("http://127.0.0.1:{}/metrics", self.admin_port)])
             .output();
@@ -87,11 +96,50 @@ impl Operator {
             .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
             .unwrap_or_default()
     }
+
+    /// Sweeps what this operator wrote (its log and metrics) and what every operator wrote to the apiserver
+    /// (tenant status, events) for the private keys of every key Secret the operators made.
+    fn assert_no_key_material(&self, metrics: String) {
+        let mut secrets = Secrets::default();
+        // One `# namespace/name` line per Secret, then its decoded values.
+        let keys = kubectl_ok(&[
+            "get",
+            "secrets",
+            "--all-namespaces",
+            "-l",
+            MANAGED_SELECTOR,
+            "-o",
+            "go-template={{range .items}}# {{.metadata.namespace}}/{{.metadata.name}}\n\
+             {{range $value := .data}}{{$value | base64decode}}\n{{end}}{{end}}",
+        ]);
+        for secret in keys.split("\n# ").map(|block| block.trim_start_matches("# ")) {
+            let (origin, pem) = secret.split_once('\n').unwrap_or((secret, ""));
+            secrets.add_private_keys(origin, pem);
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let sources = [
+            (format!("operator log {}", self.log.display()), log),
+            ("operator metrics".to_owned(), metrics),
+            (
+                "tenant status".to_owned(),
+                kubectl_ok(&["get", "securemailtenants", "--all-namespaces", "-o", "json"]),
+            ),
+            (
+                "events".to_owned(),
+                kubectl_ok(&["get", "events", "--all-namespaces", "-o", "json"]),
+            ),
+        ];
+        leaks::assert_none_in(&secrets, &sources);
+    }
 }
 
 impl Drop for Operator {
     fn drop(&mut self) {
+        let metrics = self.scrape();
         self.stop();
+        if !std::thread::panicking() {
+            self.assert_no_key_material(metrics);
+        }
     }
 }
 
