@@ -68,7 +68,7 @@ e2e:
 	e2e/cluster-up.sh >/dev/null
 	status=0; KUBECONFIG=$(KUBECONFIG_FILE) charts/tests/chart.sh || status=$$?; [ $$status -eq 0 ] && \
 	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_OPERATOR_BIN=$(TARGET_DIR)/debug/securemail-operator \
-	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test control_plane --test operator --test operator_namespaces --test operator_crash \
+	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test control_plane --test operator --test operator_namespaces --test operator_crash --test rendered_objects \
 	  || status=$$?; e2e/cluster-down.sh; exit $$status
 
 ## e2e-dataplane: start the data-plane world (DNSSEC zones, validating resolver, MTA-STS server, receiving MX hosts
