@@ -186,19 +186,26 @@ def cmd_check(args):
 
 def cmd_report(args):
     records = [json.loads(line) for line in open(args.file) if line.startswith("{")]
-    first = {}
-    for record in (r for r in records if r["kind"] == "first"):
-        first.setdefault(record["target"], []).append(record["us"])
+    # A server's first lookup after it started pays its one-time set-up too (the sidecar: the DNSSEC chain from the
+    # trust anchor, its HTTPS client); the following domains of the same round are first lookups of a running one.
+    # `first` asks every domain in turn, one server after the other: blocks of one lookup per domain.
+    cold = [r for r in records if r["kind"] == "first"]
+    domains = len({r["domain"] for r in cold}) or 1
+    first, later = {}, {}
+    for index, record in enumerate(cold):
+        (first if index % domains == 0 else later).setdefault(record["target"], []).append(record["us"])
     loads = {}
     for record in (r for r in records if r["kind"] == "load"):
         loads.setdefault(record["clients"], {})[record["target"]] = record
     rows = [("figure", "anchor (postfix-mta-sts-resolver)", "sidecar", "sidecar/anchor")]
-    if "sidecar" in first and "anchor" in first:
-        s, a = sorted(first["sidecar"]), sorted(first["anchor"])
-        rows.append((f"cold: first lookup per domain after start, p50 / max ({len(s)} lookups)",
-                     f"{statistics.median(a) / 1000:.1f} / {a[-1] / 1000:.1f} ms",
-                     f"{statistics.median(s) / 1000:.1f} / {s[-1] / 1000:.1f} ms",
-                     f"{statistics.median(s) / statistics.median(a):.2f} (p50)"))
+    for label, cold in (("cold: first lookup after the server started", first),
+                        ("cold: first lookup of another domain, server running", later)):
+        if "sidecar" in cold and "anchor" in cold:
+            s, a = sorted(cold["sidecar"]), sorted(cold["anchor"])
+            rows.append((f"{label}, p50 / max ({len(s)} lookups)",
+                         f"{statistics.median(a) / 1000:.1f} / {a[-1] / 1000:.1f} ms",
+                         f"{statistics.median(s) / 1000:.1f} / {s[-1] / 1000:.1f} ms",
+                         f"{statistics.median(s) / statistics.median(a):.2f} (p50)"))
     for clients in sorted(loads):
         pair = loads[clients]
         if "sidecar" not in pair or "anchor" not in pair:
