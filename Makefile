@@ -12,7 +12,7 @@ DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint deny unit crds check-crds check-alerts check-chart cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator bench-sidecar
+.PHONY: test deps fmt-check lint deny unit crds check-crds check-alerts check-chart cluster-up cluster-down e2e e2e-dataplane dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy
 
 ## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites (control plane, data plane).
 test: deps fmt-check lint deny unit check-crds check-alerts check-chart e2e e2e-dataplane
@@ -76,13 +76,13 @@ e2e:
 e2e-dataplane: deps
 	$(CARGO) build $(CARGO_FLAGS) -p securemail-operator --bin securemail-operator -p securemail-sidecar \
 	  --bin securemail-sidecar
-	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test dataplane
+	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test dataplane --test socketmap
 	# One world per machine (fixed namespace names): the lock serialises suites and benchmarks that need it.
 	flock $(DATAPLANE_LOCK) bash -c 'e2e/dataplane/up.sh $(DATAPLANE_DIR) >/dev/null || exit 1; status=0; \
 	  e2e/dataplane/smoke.sh $(DATAPLANE_DIR) && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
 	  SECUREMAIL_OPERATOR_BIN=$(TARGET_DIR)/debug/securemail-operator \
 	  SECUREMAIL_SIDECAR_BIN=$(TARGET_DIR)/debug/securemail-sidecar \
-	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test dataplane -- --test-threads=1 \
+	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test dataplane --test socketmap -- --test-threads=1 \
 	  || status=$$?; e2e/dataplane/down.sh $(DATAPLANE_DIR); exit $$status'
 
 ## dataplane-up / dataplane-down: the data-plane world alone, for poking at it by hand (see e2e/dataplane/README.md).
@@ -107,3 +107,11 @@ bench-operator: deps
 bench-sidecar: N ?= 2000
 bench-sidecar: deps
 	e2e/bench-sidecar.sh $(N)
+
+## bench-policy: TLS policy lookups over Postfix's socketmap protocol, the sidecar's `policy-socketmap` vs
+## postfix-mta-sts-resolver (PyPI, pinned, venv cached in ~/.cache/securemail), in a data-plane world of its own
+## (holds /tmp/securemail-dataplane.lock while it runs): answers compared, first and warm lookups, lookups/s, p50/p99.
+## N=... overrides the warm lookup count (default 20000).
+bench-policy: N ?= 20000
+bench-policy: deps
+	e2e/bench-policy.sh $(N)

@@ -15,6 +15,7 @@ pub mod provider;
 pub mod queue;
 pub mod reputation;
 pub mod smtp;
+pub mod socketmap;
 pub mod tls;
 pub mod warmup;
 

@@ -1,6 +1,7 @@
 //! The securemail-sidecar binary.
 use std::fs::File;
 use std::io::BufReader;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
@@ -24,6 +25,7 @@ use securemail_sidecar::policy::mta_sts::fetch::HttpsFetcher;
 use securemail_sidecar::policy::{PolicyResolver, check_domain, clock};
 use securemail_sidecar::reputation::{self, BreakerSettings, Breakers};
 use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
+use securemail_sidecar::socketmap::{Limits as SocketmapLimits, MAP_NAME, SocketmapServer};
 use securemail_sidecar::tls::TlsConfigs;
 use securemail_sidecar::warmup::WarmupLimiter;
 use tokio::sync::watch;
@@ -57,6 +59,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Answer Postfix's TLS policy lookups (smtp_tls_policy_maps = socketmap:inet:ADDRESS:postfix) with the
+    /// sidecar's policy (DANE > MTA-STS > tenant policy), for Postfix doing the delivery itself.
+    PolicySocketmap {
+        /// Loopback address and port to listen on, e.g. 127.0.0.1:8461.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Take the tenant policy (tlsPolicy) and DNS settings (dns) from this sidecar.yaml; its other fields
+        /// must parse but are not used. Without it: the default policy and the resolvers in /etc/resolv.conf.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Delivery evidence logs.
     Evidence {
         #[command(subcommand)]
@@ -87,6 +100,7 @@ async fn run_command(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => run(&config).await?,
         Command::CheckDomain { domain, config } => check(&domain, config.as_deref()).await?,
+        Command::PolicySocketmap { listen, config } => policy_socketmap(listen, config.as_deref()).await?,
         Command::Evidence {
             command: EvidenceCommand::Verify { file },
         } => {
@@ -123,12 +137,43 @@ async fn check(domain: &str, config: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(config_path: &Path) -> anyhow::Result<()> {
+fn init_logging() {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_current_span(false)
         .init();
+}
+
+/// Only the policy and DNS parts of the file are used, so the files and directories it names for delivery
+/// (keys, evidence, state) need not exist here and are not created.
+async fn policy_socketmap(listen: SocketAddr, config: Option<&Path>) -> anyhow::Result<()> {
+    init_logging();
+    let (spec, dns) = match config {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let config = securemail_sidecar::config::parse(path, &bytes)?;
+            (config.tls_policy, config.dns)
+        }
+        None => (TlsPolicySpec::default(), DnsSettings::default()),
+    };
+    let on_failure = spec.on_failure;
+    let dns = HickoryDns::from_settings(&dns)?;
+    let fetcher = HttpsFetcher::from_system(dns.clone())?;
+    let resolver = PolicyResolver::new(spec, dns, fetcher, Arc::new(clock::SystemClock));
+    let server = SocketmapServer::bind(listen).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tracing::info!(listen = %server.local_addr()?, map = MAP_NAME, "TLS policy socketmap ready");
+    server
+        .serve(Arc::new(resolver), on_failure, SocketmapLimits::default(), shutdown)
+        .await;
+    tracing::info!("TLS policy socketmap stopped");
+    Ok(())
+}
+
+async fn run(config_path: &Path) -> anyhow::Result<()> {
+    init_logging();
     let (watcher, config) = ConfigWatcher::load(config_path)?;
     let initial = Arc::clone(&config.borrow());
     let keys = Arc::new(KeyStore::load(&initial.signing)?);
@@ -228,7 +273,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("stopping: no new LMTP sessions; finishing those in progress");
+    tracing::info!("stopping: no new connections; finishing those in progress");
     shutdown.cancel();
 }
 

@@ -114,6 +114,12 @@ pub trait PolicyLookup: Send + Sync + 'static {
 
     /// The addresses of an MX host. For a host whose policy is DANE the A/AAAA answers must be DNSSEC-secure.
     fn addresses(&self, mx: &MxCandidate) -> impl Future<Output = Result<Vec<IpAddr>, PolicyError>> + Send;
+
+    /// The `mx` patterns of MTA-STS policy `id` of `domain` when they are at hand without a lookup: Postfix's TLS
+    /// policy table names certificate patterns, where a [`DomainPolicy`] names the hosts that matched them.
+    fn mta_sts_patterns(&self, _domain: &str, _id: &str) -> Option<Vec<String>> {
+        None
+    }
 }
 
 pub mod check;

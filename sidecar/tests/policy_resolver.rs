@@ -391,3 +391,37 @@ async fn check_domain_report_names_policy_mx_and_tlsa() {
         assert!(report.contains(expected), "missing {expected:?} in:\n{report}");
     }
 }
+
+#[tokio::test]
+async fn mta_sts_patterns_are_those_of_the_policy_in_force_and_never_looked_up() {
+    let dns = FakeDns::default();
+    sts_domain(&dns, "one");
+    let s = setup(dns);
+    s.fetch.bodies.lock().unwrap().insert(
+        "sts.example".into(),
+        Ok("version: STSv1\nmode: enforce\nmx: mx.sts.example\nmx: *.backup.example\nmax_age: 3600\n".to_owned()),
+    );
+    assert_eq!(
+        s.resolver.mta_sts_patterns("sts.example", "one"),
+        None,
+        "nothing cached yet"
+    );
+    assert_eq!(s.fetch.fetches.load(Ordering::SeqCst), 0);
+    s.resolver.resolve("sts.example").await.unwrap();
+    assert_eq!(
+        s.resolver.mta_sts_patterns("STS.example.", "one"),
+        Some(vec!["mx.sts.example".to_owned(), "*.backup.example".to_owned()])
+    );
+    assert_eq!(
+        s.resolver.mta_sts_patterns("sts.example", "two"),
+        None,
+        "another policy id"
+    );
+    s.clock.advance(Duration::from_secs(3601));
+    assert_eq!(
+        s.resolver.mta_sts_patterns("sts.example", "one"),
+        None,
+        "max_age ran out"
+    );
+    assert_eq!(s.fetch.fetches.load(Ordering::SeqCst), 1);
+}

@@ -268,6 +268,13 @@ impl<F: StsFetch> MtaSts<F> {
         cache.insert(domain.to_owned(), Cached { id, policy }, expires, now);
     }
 
+    /// The unexpired cached policy of `domain` if its identifier is `id`; never looks anything up.
+    pub fn cached_policy(&self, domain: &str, id: &str) -> Option<Arc<StsPolicy>> {
+        self.cached(domain)
+            .filter(|cached| cached.id == id)
+            .map(|cached| cached.policy)
+    }
+
     /// The policy for `domain`: TXT first, then cache or HTTPS fetch (RFC 8461 section 5).
     pub async fn lookup<D: DnsLookup>(&self, dns: &D, domain: &str) -> StsFact {
         let from_cache = |cached: Cached, stale_refresh| StsFact::Policy {

@@ -321,4 +321,12 @@ impl<D: DnsLookup, F: StsFetch> PolicyLookup for PolicyResolver<D, F> {
             Ok(addresses)
         }
     }
+
+    fn mta_sts_patterns(&self, domain: &str, id: &str) -> Option<Vec<String>> {
+        let domain = normalize(domain).ok()?;
+        self.inner
+            .sts
+            .cached_policy(&domain, id)
+            .map(|policy| policy.mx.clone())
+    }
 }
