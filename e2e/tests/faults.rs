@@ -130,7 +130,7 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
     let mut report = None;
     let mut kills_done = 0;
     while kills_done < kills {
-        std::thread::sleep(random.millis(200, 1500));
+        std::thread::sleep(random.millis(100, 1000));
         if let Some(child) = submitter.as_mut()
             && child.try_wait().expect("bench_submit.py").is_some()
         {
@@ -143,12 +143,12 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
         }
         if random.next() % 2 == 0 {
             mta.kill_sidecar();
-            std::thread::sleep(random.millis(0, 500));
+            std::thread::sleep(random.millis(0, 300));
             mta.start_sidecar(&world);
             *killed.get_mut("sidecar").unwrap() += 1;
         } else {
             mta.kill_postfix();
-            std::thread::sleep(random.millis(0, 500));
+            std::thread::sleep(random.millis(0, 300));
             mta.start_postfix();
             *killed.get_mut("postfix").unwrap() += 1;
         }
