@@ -3,7 +3,11 @@
 does (STARTTLS, client certificate), over CONNECTIONS parallel sessions with many messages each. Every message
 carries `Message-ID: <TAG.N@sender.test>` and `X-Bench-Submitted: <unix time>` (taken just before its DATA), so
 arrival latency can be read from the receiver's Maildir. Prints one JSON object: start and end (unix time), sent,
-errors. Exits non-zero when any message was refused."""
+errors. Exits non-zero when any message was refused.
+
+With --keep-going (fault injection: Postfix may be killed at any moment) every number is tried once: a message that
+fails or is refused is counted in "failed" and the session is opened again, retrying the connection until
+--connect-timeout; --accepted FILE gets the number of each message answered 250, one per line, as it happens."""
 import argparse
 import json
 import smtplib
@@ -31,6 +35,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--size", type=int, default=10240)
     parser.add_argument("--tag", required=True)
+    parser.add_argument("--keep-going", action="store_true")
+    parser.add_argument("--connect-timeout", type=float, default=300)
+    parser.add_argument("--accepted", help="file to append the number of each accepted message to")
     args = parser.parse_args()
 
     text = body(args.size)
@@ -39,27 +46,63 @@ def main() -> int:
     context.load_cert_chain(args.cert, args.key)
     errors: list[str] = []
     sent = [0]
+    failed = [0]
     lock = threading.Lock()
+    accepted = open(args.accepted, "a", encoding="ascii") if args.accepted else None
+
+    def message(n: int) -> str:
+        return (
+            f"From: Lakeside Alerts <{args.sender}>\r\nTo: <{args.to}>\r\n"
+            f"Subject: Benchmark {args.tag} {n}\r\nMessage-ID: <{args.tag}.{n}@sender.test>\r\n"
+            f"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nX-Bench-Submitted: {time.time():.6f}\r\n"
+            f"\r\n{text}"
+        )
+
+    def connect() -> smtplib.SMTP:
+        deadline = time.time() + args.connect_timeout
+        while True:
+            try:
+                smtp = smtplib.SMTP(args.host, args.port, local_hostname="app.test", timeout=120)
+                try:
+                    smtp.ehlo()
+                    smtp.starttls(context=context)
+                    smtp.ehlo()
+                except BaseException:
+                    smtp.close()
+                    raise
+                return smtp
+            except (OSError, smtplib.SMTPException, ssl.SSLError):
+                if not args.keep_going or time.time() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def worker(first: int, step: int) -> None:
+        smtp = None
         try:
-            with smtplib.SMTP(args.host, args.port, local_hostname="app.test", timeout=120) as smtp:
-                smtp.ehlo()
-                smtp.starttls(context=context)
-                smtp.ehlo()
-                for n in range(first, args.count, step):
-                    message = (
-                        f"From: Lakeside Alerts <{args.sender}>\r\nTo: <{args.to}>\r\n"
-                        f"Subject: Benchmark {args.tag} {n}\r\nMessage-ID: <{args.tag}.{n}@sender.test>\r\n"
-                        f"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
-                        f"Content-Type: text/plain; charset=utf-8\r\nX-Bench-Submitted: {time.time():.6f}\r\n"
-                        f"\r\n{text}"
-                    )
-                    refused = smtp.sendmail(args.sender, [args.to], message.encode())
+            for n in range(first, args.count, step):
+                try:
+                    if smtp is None:
+                        smtp = connect()
+                    refused = smtp.sendmail(args.sender, [args.to], message(n).encode())
                     if refused:
                         raise smtplib.SMTPException(f"refused: {refused}")
+                except (OSError, smtplib.SMTPException, ssl.SSLError) as err:
+                    if not args.keep_going:
+                        raise
                     with lock:
-                        sent[0] += 1
+                        failed[0] += 1
+                    if smtp is not None:
+                        smtp.close()
+                        smtp = None
+                    continue
+                with lock:
+                    sent[0] += 1
+                    if accepted:
+                        accepted.write(f"{n}\n")
+                        accepted.flush()
+            if smtp is not None:
+                smtp.quit()
         except (OSError, smtplib.SMTPException, ssl.SSLError) as err:
             with lock:
                 errors.append(f"{type(err).__name__}: {err}")
@@ -71,7 +114,9 @@ def main() -> int:
     for thread in threads:
         thread.join()
     end = time.time()
-    print(json.dumps({"start": start, "end": end, "sent": sent[0], "errors": errors}))
+    print(json.dumps({"start": start, "end": end, "sent": sent[0], "failed": failed[0], "errors": errors}))
+    if args.keep_going:
+        return 0 if sent[0] > 0 and not errors else 1
     return 0 if sent[0] == args.count and not errors else 1
 
 

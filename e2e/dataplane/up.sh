@@ -562,10 +562,12 @@ done
 
 # --- Daemons ------------------------------------------------------------------------------------------------------
 # start_daemon NAME NS LOG COMMAND...: runs COMMAND in the foreground inside NS, in its own session, and records its
-# pid (ip netns exec and setsid both exec, so $! is the daemon itself).
+# pid (ip netns exec and setsid both exec, so $! is the daemon itself) and, NUL-separated, NS, LOG and COMMAND, so a
+# test can start it again after stopping it (nginx rewrites its own command line, so /proc cannot tell).
 start_daemon() {
   local name=$1 ns=$2 logfile=$3
   shift 3
+  printf '%s\0' "$ns" "$logfile" "$@" >"$dir/pids/$name.cmd"
   ip netns exec "$ns" setsid "$@" </dev/null >>"$logfile" 2>&1 &
   echo $! >"$dir/pids/$name.pid"
 }

@@ -64,6 +64,10 @@ pub fn in_netns(netns: &str, program: &str) -> Command {
     command
 }
 
+/// `spec.ipPool.warmup` for cases that do not test warmup caps: a limit no case reaches (day 1 of a preset would
+/// allow the world's receivers, provider class "other", only 10 messages).
+pub const UNCAPPED_WARMUP: &str = "    warmup:\n      schedule: [{day: 1, dailyLimit: 1000000}]\n";
+
 /// A tenant named `name` sending from the world's MTA address as `sender.test`, with `warmup` (YAML indented for
 /// `spec.ipPool.warmup`, or empty) and `tls_policy` (YAML indented for `spec.tlsPolicy`).
 pub fn tenant_manifest(world: &World, name: &str, warmup: &str, tls_policy: &str) -> String {
@@ -120,6 +124,18 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
     }
 }
 
+/// Whether process `pid` exists and has not exited (a zombie has released everything it held).
+pub fn process_alive(pid: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses and may contain spaces.
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_owned();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
 /// How a test application submits.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Submission {
@@ -145,15 +161,45 @@ pub struct MtaHost {
     postfix: Option<Child>,
     /// Every recipient submitted, whose local parts the sidecar must never write down.
     recipients: Mutex<BTreeSet<String>>,
+    /// The mount point of the sidecar's state volume, when it has one of its own.
+    volume: Option<PathBuf>,
 }
 
 impl MtaHost {
     /// Renders `manifest` with the operator binary and starts Postfix and the sidecar from the result.
     pub fn start(world: &World, label: &str, manifest: &str) -> Self {
+        Self::start_with_state_volume(world, label, manifest, None)
+    }
+
+    /// The same, with the sidecar's state and evidence directories on a tmpfs of `size` (e.g. `1m`) when given, as
+    /// on a small state volume in the pod; see [`MtaHost::volume`].
+    pub fn start_with_state_volume(world: &World, label: &str, manifest: &str, size: Option<&str>) -> Self {
         let dir = world.dir.join(format!("mta-{label}"));
+        let volume_dir = dir.join("volume");
+        // A mount left by an earlier run that died would survive remove_dir_all.
+        let _ = Command::new("umount").arg(&volume_dir).output();
         let _ = fs::remove_dir_all(&dir);
-        for sub in ["conf", "queue", "data", "keys", "tls", "state", "evidence", "run"] {
+        for sub in ["conf", "queue", "data", "keys", "tls", "run"] {
             fs::create_dir_all(dir.join(sub)).expect("scratch directory");
+        }
+        let volume = size.map(|size| {
+            fs::create_dir_all(&volume_dir).expect("volume mount point");
+            run_ok(
+                Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+                    .arg(&volume_dir),
+            );
+            volume_dir.clone()
+        });
+        for sub in ["state", "evidence"] {
+            match &volume {
+                Some(volume) => {
+                    fs::create_dir(volume.join(sub)).expect("directory on the state volume");
+                    run_ok(Command::new("chown").arg("postfix:postfix").arg(volume.join(sub)));
+                    std::os::unix::fs::symlink(volume.join(sub), dir.join(sub)).expect("link to the state volume");
+                }
+                None => fs::create_dir_all(dir.join(sub)).expect("scratch directory"),
+            }
         }
         let netns = world.get("SMDP_MTA_NETNS").to_owned();
         let address: IpAddr = world
@@ -238,6 +284,7 @@ impl MtaHost {
             sidecar: None,
             postfix: None,
             recipients: Mutex::default(),
+            volume,
         };
         host.start_sidecar(world);
         host.start_postfix();
@@ -304,8 +351,50 @@ impl MtaHost {
         }
     }
 
-    fn start_postfix(&mut self) {
-        let log = fs::File::create(self.dir.join("maillog")).expect("maillog");
+    /// The mount point of the sidecar's own state volume (holding `state/` and `evidence/`), if it has one.
+    pub fn volume(&self) -> Option<&Path> {
+        self.volume.as_deref()
+    }
+
+    /// Kills Postfix without warning (SIGKILL to the master and every process it started at once), as a crash of
+    /// the MTA container would.
+    pub fn kill_postfix(&mut self) {
+        let pid_file = self.dir.join("queue/pid/master.pid");
+        if let Ok(text) = fs::read_to_string(&pid_file) {
+            let master = text.trim().to_owned();
+            // Stopped first, the master cannot start a process that the kill would miss.
+            let _ = Command::new("kill").args(["-STOP", &master]).output();
+            let children = Command::new("pgrep")
+                .args(["-P", &master])
+                .output()
+                .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+                .unwrap_or_default();
+            let pids: Vec<&str> = std::iter::once(master.as_str())
+                .chain(children.split_whitespace())
+                .collect();
+            let _ = Command::new("kill").arg("-KILL").args(&pids).output();
+            // Their listening sockets must be gone before a new master binds the same ports.
+            wait_until(
+                Duration::from_secs(30),
+                "the killed Postfix processes to exit",
+                || pids.iter().all(|pid| !process_alive(pid)),
+                || format!("Postfix processes {pids:?}"),
+            );
+        }
+        if let Some(mut child) = self.postfix.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Postfix as [`MtaHost::start`] does (`postfix start-fg`) and waits for its submission listener; its
+    /// log is appended to `maillog`.
+    pub fn start_postfix(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("maillog"))
+            .expect("maillog");
         let child = in_netns(&self.netns, "postfix")
             .arg("-c")
             .arg(self.dir.join("conf"))
@@ -452,9 +541,9 @@ impl MtaHost {
 }
 
 impl MtaHost {
-    /// Sweeps what the sidecar wrote (log, evidence, and while it runs, metrics and `/status`) for the local parts of
-    /// every recipient submitted and for the private keys this host holds (DKIM and TLS).
-    fn assert_no_secrets_written(&self) {
+    /// What the sidecar wrote (log, evidence, and while it runs, metrics and `/status`), with what must not be in it:
+    /// the local parts of every recipient submitted and the private keys this host holds (DKIM and TLS).
+    fn written_and_secrets(&self) -> (Secrets, Vec<(String, String)>) {
         let mut secrets = Secrets::default();
         for recipient in self
             .recipients
@@ -488,7 +577,7 @@ impl MtaHost {
                 }
             }
         }
-        leaks::assert_none_in(&secrets, &sources);
+        (secrets, sources)
     }
 }
 
@@ -511,9 +600,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 impl Drop for MtaHost {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            self.assert_no_secrets_written();
-        }
+        let sweep = (!std::thread::panicking()).then(|| self.written_and_secrets());
         let _ = in_netns(&self.netns, "postfix")
             .arg("-c")
             .arg(self.dir.join("conf"))
@@ -523,6 +610,13 @@ impl Drop for MtaHost {
             let _ = postfix.wait();
         }
         self.kill_sidecar();
+        if let Some(volume) = &self.volume {
+            let _ = Command::new("umount").arg("--lazy").arg(volume).output();
+        }
+        // Checked once everything is stopped, so a finding does not leave processes behind.
+        if let Some((secrets, sources)) = sweep {
+            leaks::assert_none_in(&secrets, &sources);
+        }
     }
 }
 
@@ -898,4 +992,251 @@ fn faketime_library() -> PathBuf {
         .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
         .find(|path| path.exists())
         .expect("libfaketime.so.1 under /usr/lib/*/faketime (Debian package faketime; run make deps)")
+}
+
+/// The envelope and header sender of the suites' messages.
+pub const SENDER: &str = "alerts@sender.test";
+
+/// A small message to `to` with `Message-ID: <id@sender.test>`.
+pub fn message(id: &str, to: &str) -> Vec<u8> {
+    format!(
+        "From: Lakeside Alerts <{SENDER}>\r\nTo: <{to}>\r\nSubject: Appointment reminder {id}\r\n\
+         Message-ID: <{id}@sender.test>\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\r\nYour appointment is tomorrow at 9:00.\r\n"
+    )
+    .into_bytes()
+}
+
+/// A Message-ID local part unique to this run and case. The world's receivers are shared by every case, so each
+/// looks only for its own.
+pub fn unique_id(case: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or_default();
+    format!("{case}.{nanos}")
+}
+
+/// The Maildir of the receiver behind `case` (`SMDP_CASE_<case>_RX`).
+fn case_maildir(world: &World, case: &str) -> PathBuf {
+    let receiver = world
+        .get(&format!("SMDP_CASE_{case}_RX"))
+        .to_ascii_uppercase()
+        .replace('-', "_");
+    PathBuf::from(world.get(&format!("SMDP_RX_{receiver}_MAILDIR")))
+}
+
+/// The messages containing `needle` in the Maildir of the receiver behind `case`.
+pub fn received_containing(world: &World, case: &str, needle: &str) -> Vec<Vec<u8>> {
+    let maildir = case_maildir(world, case);
+    let mut found = Vec::new();
+    for sub in ["new", "cur"] {
+        let Ok(entries) = fs::read_dir(maildir.join(sub)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let bytes = fs::read(entry.path()).unwrap_or_default();
+            if String::from_utf8_lossy(&bytes).contains(needle) {
+                found.push(bytes);
+            }
+        }
+    }
+    found
+}
+
+/// How many copies of each message whose Message-ID starts with `<prefix` the receiver behind `case` holds, by
+/// Message-ID.
+pub fn received_ids(world: &World, case: &str, prefix: &str) -> BTreeMap<String, usize> {
+    let needle = format!("Message-ID: <{prefix}");
+    let mut copies = BTreeMap::new();
+    for bytes in received_containing(world, case, &needle) {
+        let text = String::from_utf8_lossy(&bytes);
+        let Some(start) = text.find(&needle).map(|at| at + "Message-ID: ".len()) else {
+            continue;
+        };
+        if let Some(end) = text[start..].find('>') {
+            *copies.entry(text[start..=start + end].to_owned()).or_insert(0) += 1;
+        }
+    }
+    copies
+}
+
+/// Panics unless every SMTP session the MTA address opened to any receiver of the world issued STARTTLS (and it
+/// succeeded) before a mail transaction: Postfix's `disconnect from` line counts each command of a session, so
+/// a session that sent MAIL, RCPT, DATA or BDAT without `starttls=1` means bytes of mail went in cleartext.
+/// Returns how many sessions were checked.
+pub fn assert_no_cleartext_session(world: &World) -> usize {
+    let client = format!("[{}]", world.get("SMDP_MTA_ADDR"));
+    let mut sessions = 0;
+    for name in world.get("SMDP_RECEIVERS").split(',') {
+        let key = name.to_ascii_uppercase().replace('-', "_");
+        let log = fs::read_to_string(world.get(&format!("SMDP_RX_{key}_MAILLOG"))).unwrap_or_default();
+        for line in log
+            .lines()
+            .filter(|line| line.contains("disconnect from") && line.contains(&client))
+        {
+            sessions += 1;
+            let transaction = [" mail=", " rcpt=", " data=", " bdat="]
+                .iter()
+                .any(|command| line.contains(command));
+            assert!(
+                !transaction || line.contains(" starttls=1 "),
+                "receiver {name}: a mail transaction without TLS: {line}"
+            );
+        }
+    }
+    sessions
+}
+
+/// A daemon of the world (`DIR/pids/NAME.pid`: named, unbound, nginx, postfix-RECEIVER) killed with its whole
+/// process group, as an outage. Dropping it ends the outage: the daemon starts again with the same command line,
+/// namespace and log, also when a test fails, so the world is left as it was found.
+#[derive(Debug)]
+pub struct StoppedDaemon {
+    name: String,
+    pid_file: PathBuf,
+    netns: String,
+    argv: Vec<String>,
+    log: PathBuf,
+}
+
+impl World {
+    /// Kills daemon `name` (SIGKILL to its process group: up.sh starts each in a session of its own) and waits
+    /// until it is gone.
+    pub fn stop_daemon(&self, name: &str) -> StoppedDaemon {
+        let pid_file = self.dir.join(format!("pids/{name}.pid"));
+        let pid = fs::read_to_string(&pid_file)
+            .unwrap_or_else(|err| panic!("{}: {err}", pid_file.display()))
+            .trim()
+            .to_owned();
+        // Namespace, log and command line as up.sh started it.
+        let recorded = self.dir.join(format!("pids/{name}.cmd"));
+        let mut fields = fs::read(&recorded)
+            .unwrap_or_else(|err| panic!("{}: {err}", recorded.display()))
+            .split(|&byte| byte == 0)
+            .filter(|field| !field.is_empty())
+            .map(|field| String::from_utf8_lossy(field).into_owned())
+            .collect::<Vec<_>>()
+            .into_iter();
+        let (Some(netns), Some(log)) = (fields.next(), fields.next()) else {
+            panic!("{} names no namespace and log", recorded.display());
+        };
+        let argv: Vec<String> = fields.collect();
+        assert!(!argv.is_empty(), "{} names no command", recorded.display());
+        assert!(process_alive(&pid), "{name} (pid {pid}) is not running");
+        run_ok(Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]));
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{name} to exit"),
+            || !process_alive(&pid),
+            || format!("{name} pid {pid}"),
+        );
+        StoppedDaemon {
+            name: name.to_owned(),
+            pid_file,
+            netns,
+            argv,
+            log: PathBuf::from(log),
+        }
+    }
+}
+
+impl Drop for StoppedDaemon {
+    /// Starts the daemon again as up.sh did, in a session of its own, and records its new pid for down.sh.
+    fn drop(&mut self) {
+        // As up.sh does: in the background of a shell that exits at once, so the daemon outlives this test's
+        // process tree and down.sh finds it by its namespace; `ip netns exec` and `setsid` exec, so $! is the daemon.
+        let pid = run_ok(
+            Command::new("bash")
+                .args([
+                    "-c",
+                    r#"ip netns exec "$1" setsid "${@:3}" </dev/null >>"$2" 2>&1 & echo $!"#,
+                    "start-daemon",
+                    &self.netns,
+                ])
+                .arg(&self.log)
+                .args(&self.argv),
+        );
+        fs::write(&self.pid_file, pid).unwrap_or_else(|err| panic!("cannot record the pid of {}: {err}", self.name));
+    }
+}
+
+/// A setting of one receiver's Postfix changed for a while (`postconf -e`, then SIGHUP to its master, which
+/// rereads main.cf and lets new sessions use it); dropping it puts the previous value back the same way.
+#[derive(Debug)]
+pub struct ReceiverSetting {
+    conf: PathBuf,
+    master_pid: PathBuf,
+    name: String,
+    previous: Option<String>,
+}
+
+impl ReceiverSetting {
+    /// Sets `name = value` on receiver `receiver` (an `SMDP_RECEIVERS` name).
+    pub fn set(world: &World, receiver: &str, name: &str, value: &str) -> Self {
+        let conf = world.dir.join(format!("mx/{receiver}/conf"));
+        let current = run_ok(Command::new("postconf").arg("-c").arg(&conf).args(["-n", name]));
+        let setting = Self {
+            master_pid: world.dir.join(format!("pids/postfix-{receiver}.pid")),
+            conf,
+            name: name.to_owned(),
+            previous: current.split_once('=').map(|(_, value)| value.trim().to_owned()),
+        };
+        setting.apply(Some(value));
+        setting
+    }
+
+    fn apply(&self, value: Option<&str>) {
+        let mut postconf = Command::new("postconf");
+        postconf.arg("-c").arg(&self.conf);
+        match value {
+            Some(value) => postconf.args(["-e", &format!("{}={value}", self.name)]),
+            None => postconf.args(["-X", &self.name]),
+        };
+        run_ok(&mut postconf);
+        // Postfix ignores a main.cf younger than about two seconds for a moment (it may be mid-edit).
+        run_ok(
+            Command::new("touch")
+                .args(["-d", "-1 minute"])
+                .arg(self.conf.join("main.cf")),
+        );
+        let pid = fs::read_to_string(&self.master_pid).expect("receiver master pid");
+        run_ok(Command::new("kill").args(["-HUP", pid.trim()]));
+    }
+}
+
+impl Drop for ReceiverSetting {
+    fn drop(&mut self) {
+        self.apply(self.previous.clone().as_deref());
+    }
+}
+
+/// The SHA-256 of `data` in hex, from coreutils' sha256sum (an implementation independent of the sidecar's).
+pub fn sha256_hex(data: &str) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(data.as_bytes())
+        .expect("write to sha256sum");
+    let output = child.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum prints a digest")
+        .to_owned()
+}
+
+/// The evidence records of the message with Message-ID `<id@sender.test>`.
+pub fn evidence_for(mta: &MtaHost, id: &str) -> Vec<serde_json::Value> {
+    let hash = sha256_hex(&format!("<{id}@sender.test>"));
+    mta.evidence()
+        .into_iter()
+        .filter(|record| record["messageIdSha256"].as_str() == Some(hash.as_str()))
+        .collect()
 }

@@ -11,21 +11,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use securemail_e2e::dataplane::{
-    MtaHost, Submission, World, in_netns, run_ok, sidecar_bin, tenant_manifest, wait_until,
+    MtaHost, SENDER, Submission, UNCAPPED_WARMUP, World, evidence_for, in_netns, message, received_containing,
+    received_ids, run_ok, sidecar_bin, tenant_manifest, unique_id, wait_until,
 };
 use serde_json::Value;
 
-const SENDER: &str = "alerts@sender.test";
-
 /// A tenant sending from the world's MTA address, with `tls_policy` (YAML, indented for `spec.tlsPolicy`).
 fn manifest(world: &World, tls_policy: &str) -> String {
-    // Warmup caps are not what these cases test: a limit no case reaches (day 1 of a preset would allow the
-    // world's receivers, provider class "other", only 10 messages).
-    manifest_with_warmup(
-        world,
-        tls_policy,
-        "    warmup:\n      schedule: [{day: 1, dailyLimit: 1000000}]\n",
-    )
+    manifest_with_warmup(world, tls_policy, UNCAPPED_WARMUP)
 }
 
 /// The same with `warmup` (YAML, indented for `spec.ipPool.warmup`).
@@ -36,74 +29,9 @@ fn manifest_with_warmup(world: &World, tls_policy: &str, warmup: &str) -> String
 const DEFER: &str = "    onFailure: defer\n";
 const BOUNCE: &str = "    onFailure: bounce\n";
 
-fn message(id: &str, to: &str) -> Vec<u8> {
-    format!(
-        "From: Lakeside Alerts <{SENDER}>\r\nTo: <{to}>\r\nSubject: Appointment reminder {id}\r\n\
-         Message-ID: <{id}@sender.test>\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=utf-8\r\n\r\nYour appointment is tomorrow at 9:00.\r\n"
-    )
-    .into_bytes()
-}
-
-/// A Message-ID local part unique to this run and case.
-fn unique_id(case: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{case}.{nanos}")
-}
-
-fn sha256_hex(data: &str) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child.stdin.take().unwrap().write_all(data.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 /// The messages with Message-ID `<id@sender.test>` in the Maildir of the receiver behind `case`.
 fn received(world: &World, case: &str, id: &str) -> Vec<Vec<u8>> {
     received_containing(world, case, &format!("<{id}@sender.test>"))
-}
-
-/// The messages containing `needle` in the Maildir of the receiver behind `case`.
-fn received_containing(world: &World, case: &str, needle: &str) -> Vec<Vec<u8>> {
-    let receiver = world
-        .get(&format!("SMDP_CASE_{case}_RX"))
-        .to_ascii_uppercase()
-        .replace('-', "_");
-    let maildir = PathBuf::from(world.get(&format!("SMDP_RX_{receiver}_MAILDIR")));
-    let mut found = Vec::new();
-    for sub in ["new", "cur"] {
-        let Ok(entries) = fs::read_dir(maildir.join(sub)) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let bytes = fs::read(entry.path()).unwrap_or_default();
-            if String::from_utf8_lossy(&bytes).contains(needle) {
-                found.push(bytes);
-            }
-        }
-    }
-    found
-}
-
-/// Evidence records of the message with `id`.
-fn evidence_for(mta: &MtaHost, id: &str) -> Vec<Value> {
-    let hash = sha256_hex(&format!("<{id}@sender.test>"));
-    mta.evidence()
-        .into_iter()
-        .filter(|record| record["messageIdSha256"].as_str() == Some(hash.as_str()))
-        .collect()
 }
 
 /// Waits for the first evidence record of `id` and returns it.
@@ -480,21 +408,9 @@ fn kill_9_of_the_sidecar_mid_run_loses_nothing() {
             )
         },
     );
-    let copies = received_containing(&world, "GOOD", &run_needle);
-    let mut ids: Vec<String> = copies
-        .iter()
-        .filter_map(|bytes| {
-            let text = String::from_utf8_lossy(bytes);
-            let start = text.find(&format!("<{run}."))?;
-            let end = text[start..].find('>')?;
-            Some(text[start..start + end + 1].to_owned())
-        })
-        .collect();
-    ids.sort();
-    let total = ids.len();
-    ids.dedup();
-    assert_eq!(ids.len(), MESSAGES, "every message arrived at least once");
-    let duplicates = total - ids.len();
+    let copies = received_ids(&world, "GOOD", &format!("{run}."));
+    assert_eq!(copies.len(), MESSAGES, "every message arrived at least once");
+    let duplicates = copies.values().map(|count| count - 1).sum::<usize>();
     // Only transactions in flight at the kill can be delivered twice: at most Postfix's LMTP concurrency (20)
     // times its recipients per transaction.
     assert!(duplicates <= 20, "{duplicates} duplicates");

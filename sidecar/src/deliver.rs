@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +26,7 @@ use jiff::Timestamp;
 use securemail_api::sidecar_status::ResultCounts;
 use securemail_api::tenant::OnFailure;
 
+use crate::admin::ReadyFlag;
 use crate::dkim::KeyStore;
 use crate::evidence::{
     Attempt, DomainName, EvidenceWriter, MessageIdHash, Outcome, Policy, SmtpReply, TenantRef, TlsSession, Token,
@@ -114,14 +114,21 @@ pub struct Engine<P> {
     keys: Arc<KeyStore>,
     tls: Arc<TlsConfigs>,
     evidence: EvidenceWriter,
-    /// Set after an evidence append failed: nothing more is delivered until a restart reopens the log.
-    evidence_broken: AtomicBool,
+    /// Cleared after an evidence append failed: nothing more is delivered until a restart reopens the log. Shared
+    /// with `/readyz` and across reloads (see [`Engine::with_evidence_writable`]).
+    evidence_writable: ReadyFlag,
     metrics: Metrics,
     clock: Arc<dyn WallClock>,
     pool: SessionPool,
     breakers: Arc<Breakers>,
     /// Today's warmup caps; none in tests that do not exercise them.
     warmup: Option<Arc<WarmupLimiter>>,
+}
+
+fn writable() -> ReadyFlag {
+    let flag = ReadyFlag::default();
+    flag.set(true);
+    flag
 }
 
 /// How long RCPT waits for a recipient domain's policy while a breaker is not closed; a slower look-up accepts
@@ -168,13 +175,20 @@ impl<P: PolicyLookup> Engine<P> {
             keys,
             tls,
             evidence,
-            evidence_broken: AtomicBool::new(false),
+            evidence_writable: writable(),
             metrics,
             clock,
             pool,
             breakers: Arc::new(breakers),
             warmup: None,
         }
+    }
+
+    /// Reports evidence failures in `flag` (the sidecar's `/readyz` condition) and stops delivering while it is
+    /// cleared, whichever engine cleared it: a reload's new engine does not deliver past a failed log.
+    pub fn with_evidence_writable(mut self, flag: ReadyFlag) -> Self {
+        self.evidence_writable = flag;
+        self
     }
 
     /// Enforces the warmup caps counted by `limiter` (shared across reloads, like the breakers).
@@ -551,7 +565,7 @@ impl<P: PolicyLookup> Engine<P> {
         };
         // The remote already has what it accepted: answering 4xx now would deliver it twice. New messages are
         // deferred instead until the log is reopened.
-        self.evidence_broken.store(true, Ordering::SeqCst);
+        self.evidence_writable.set(false);
         self.metrics.evidence_failure();
         tracing::error!(%error, "cannot write evidence; deferring all further deliveries until restart");
     }
@@ -647,7 +661,7 @@ impl<P: PolicyLookup> Engine<P> {
     /// Delivers `message` to the recipients at `indices` of `envelope`; their answers, by index.
     async fn deliver_message(&self, envelope: &Envelope, indices: &[usize], message: &[u8]) -> Vec<(usize, Answer)> {
         let all = |answer: Answer| indices.iter().map(|&index| (index, answer.clone())).collect();
-        if self.evidence_broken.load(Ordering::SeqCst) {
+        if !self.evidence_writable.get() {
             return all(Answer::local(
                 451,
                 (4, 3, 0),

@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
 use securemail_api::sidecar_config::{DnsSettings, SidecarConfig};
 use securemail_api::tenant::TlsPolicySpec;
-use securemail_sidecar::admin::{AdminServer, AdminState, Readiness, pod_status, queue_metrics, with_reputation};
+use securemail_sidecar::admin::{
+    AdminServer, AdminState, Readiness, ReadyFlag, pod_status, queue_metrics, with_reputation,
+};
 use securemail_sidecar::config::{ConfigWatcher, DEFAULT_POLL_INTERVAL, WatchEvent};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::dkim::KeyStore;
@@ -206,6 +208,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             initial.warmup.clone(),
             jiff::Timestamp::now(),
         )?),
+        evidence_writable: readiness.evidence_writable.clone(),
     };
     readiness.evidence_writable.set(true);
     let backend = Arc::new(LiveEngine {
@@ -315,6 +318,7 @@ struct EngineParts {
     clock: Arc<dyn WallClock>,
     breakers: Arc<Breakers>,
     warmup: Arc<WarmupLimiter>,
+    evidence_writable: ReadyFlag,
 }
 
 impl EngineParts {
@@ -345,7 +349,8 @@ impl EngineParts {
             Arc::clone(&self.clock),
         )
         .with_breakers(Arc::clone(&self.breakers))
-        .with_warmup(Arc::clone(&self.warmup)))
+        .with_warmup(Arc::clone(&self.warmup))
+        .with_evidence_writable(self.evidence_writable.clone()))
     }
 }
 

@@ -1,0 +1,517 @@
+//! Fault injection in the data-plane world (`make e2e-faults`, and a reduced run in `make test`): the sidecar and
+//! Postfix killed with SIGKILL at random moments under load, the validating resolver, the MTA-STS policy host and a
+//! receiver failing for a while, the sidecar's state volume full. Each case asserts that every message Postfix
+//! accepted with a 250 reaches its receiver or comes back as a bounce (none is lost), that no session carried mail
+//! in cleartext, and prints what it counted. Sizes come from the environment:
+//!
+//! - `SECUREMAIL_FAULT_MESSAGES` (default 1000) messages submitted while `SECUREMAIL_FAULT_KILLS` (default 10)
+//!   kills land; `SECUREMAIL_FAULT_SEED` repeats a run's random choices (every run prints its seed);
+//! - `SECUREMAIL_FAULT_OUTAGE_SECS` (default 20): how long each outage lasts.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use securemail_e2e::dataplane::{
+    MtaHost, ReceiverSetting, SENDER, UNCAPPED_WARMUP, World, assert_no_cleartext_session, evidence_for, in_netns,
+    message, received_ids, sidecar_bin, tenant_manifest, unique_id, wait_until,
+};
+use securemail_e2e::repo_root;
+
+fn manifest(world: &World) -> String {
+    tenant_manifest(world, "faults", UNCAPPED_WARMUP, "    onFailure: defer\n")
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// xorshift64*: the kill schedule only needs to be spread and repeatable from its seed.
+struct Random(u64);
+
+impl Random {
+    fn seeded() -> (Self, u64) {
+        let seed = env_number(
+            "SECUREMAIL_FAULT_SEED",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+        );
+        (Self(seed.max(1)), seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A duration between `low` and `high` milliseconds.
+    fn millis(&mut self, low: u64, high: u64) -> Duration {
+        Duration::from_millis(low + self.next() % (high - low + 1))
+    }
+}
+
+/// Message-IDs Postfix bounced, from its log: the `message-id=` of each queue id with a `status=bounced` line.
+fn bounced_message_ids(maillog: &str) -> BTreeSet<String> {
+    let queue_id = |line: &str| {
+        line.split_whitespace()
+            .find(|word| {
+                word.ends_with(':') && word.len() > 8 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == ':')
+            })
+            .map(|word| word.trim_end_matches(':').to_owned())
+    };
+    let mut ids = BTreeMap::new();
+    let mut bounced = BTreeSet::new();
+    for line in maillog.lines() {
+        if let Some(at) = line.find("message-id=") {
+            if let Some(queue) = queue_id(line) {
+                ids.insert(queue, line[at + "message-id=".len()..].trim().to_owned());
+            }
+        } else if line.contains("status=bounced") {
+            bounced.extend(queue_id(line));
+        }
+    }
+    bounced.iter().filter_map(|queue| ids.get(queue).cloned()).collect()
+}
+
+#[test]
+fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
+    let messages = env_number("SECUREMAIL_FAULT_MESSAGES", 1000);
+    let kills = env_number("SECUREMAIL_FAULT_KILLS", 10);
+    let (mut random, seed) = Random::seeded();
+    let world = World::load();
+    let mut mta = MtaHost::start(&world, "faults-kill", &manifest(&world));
+    let tag = unique_id("faults-kill");
+    let recipient = format!("patient@{}", world.get("SMDP_CASE_GOOD"));
+    let accepted_file = mta.dir.join("accepted");
+    let tls = mta.dir.join("tls");
+    let started = Instant::now();
+    // Submits as the tenant's applications do (STARTTLS, client certificate), 8 sessions at once; a message whose
+    // session breaks is not retried under the same number, so each Message-ID was submitted once.
+    let submitter = in_netns(&mta.netns, "python3")
+        .arg(repo_root().join("e2e/dataplane/bench_submit.py"))
+        .args(["--host", &mta.address.to_string(), "--from", SENDER, "--to", &recipient])
+        .arg("--ca")
+        .arg(tls.join("server-ca.crt"))
+        .arg("--cert")
+        .arg(tls.join("client.crt"))
+        .arg("--key")
+        .arg(tls.join("client.key"))
+        .args([
+            "--count",
+            &messages.to_string(),
+            "--size",
+            "1024",
+            "--tag",
+            &tag,
+            "--keep-going",
+        ])
+        .arg("--accepted")
+        .arg(&accepted_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bench_submit.py");
+
+    // Kills land while messages are submitted and while the queue drains: anything in Postfix's queue is load.
+    let mut killed = BTreeMap::from([("sidecar", 0), ("postfix", 0)]);
+    let mut submitter = Some(submitter);
+    let mut report = None;
+    let mut kills_done = 0;
+    while kills_done < kills {
+        std::thread::sleep(random.millis(100, 1000));
+        if let Some(child) = submitter.as_mut()
+            && child.try_wait().expect("bench_submit.py").is_some()
+        {
+            report = submitter
+                .take()
+                .map(|child| child.wait_with_output().expect("bench_submit.py"));
+        }
+        if submitter.is_none() && mta.queue().is_empty() {
+            break;
+        }
+        if random.next() % 2 == 0 {
+            mta.kill_sidecar();
+            std::thread::sleep(random.millis(0, 300));
+            mta.start_sidecar(&world);
+            *killed.get_mut("sidecar").unwrap() += 1;
+        } else {
+            mta.kill_postfix();
+            std::thread::sleep(random.millis(0, 300));
+            mta.start_postfix();
+            *killed.get_mut("postfix").unwrap() += 1;
+        }
+        kills_done += 1;
+    }
+    let report = match submitter {
+        Some(child) => child.wait_with_output().expect("bench_submit.py"),
+        None => report.expect("bench_submit.py finished"),
+    };
+    let summary: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap_or_else(|err| {
+        panic!(
+            "bench_submit.py printed no JSON ({err}):\n{}\n{}",
+            String::from_utf8_lossy(&report.stdout),
+            String::from_utf8_lossy(&report.stderr)
+        )
+    });
+    assert!(report.status.success(), "bench_submit.py: {summary}");
+    assert_eq!(
+        kills_done, kills,
+        "the load ended after {kills_done} of {kills} kills (seed {seed}): raise SECUREMAIL_FAULT_MESSAGES"
+    );
+
+    let accepted: BTreeSet<String> = fs::read_to_string(&accepted_file)
+        .unwrap_or_default()
+        .lines()
+        .map(|n| format!("<{tag}.{n}@sender.test>"))
+        .collect();
+    assert!(!accepted.is_empty(), "Postfix accepted nothing: {summary}");
+    let prefix = format!("{tag}.");
+    let missing = |received: &BTreeMap<String, usize>, bounced: &BTreeSet<String>| -> Vec<String> {
+        accepted
+            .iter()
+            .filter(|id| !received.contains_key(*id) && !bounced.contains(*id))
+            .cloned()
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(300 + messages / 10),
+        "Postfix's queue to drain and every accepted message to arrive",
+        || {
+            mta.queue().is_empty()
+                && missing(
+                    &received_ids(&world, "GOOD", &prefix),
+                    &bounced_message_ids(&mta.maillog()),
+                )
+                .is_empty()
+        },
+        || {
+            let lost = missing(
+                &received_ids(&world, "GOOD", &prefix),
+                &bounced_message_ids(&mta.maillog()),
+            );
+            format!(
+                "{} accepted messages not delivered nor bounced, e.g. {:?}; queue {}; seed {seed}",
+                lost.len(),
+                lost.iter().take(5).collect::<Vec<_>>(),
+                mta.queue().len()
+            )
+        },
+    );
+    let duration = started.elapsed();
+    let received = received_ids(&world, "GOOD", &prefix);
+    let bounced = bounced_message_ids(&mta.maillog());
+    let lost = missing(&received, &bounced);
+    let duplicates: usize = received.values().map(|copies| copies - 1).sum();
+    let unacknowledged = received.keys().filter(|id| !accepted.contains(*id)).count();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    let sessions = assert_no_cleartext_session(&world);
+    let torn = verify_evidence_allowing_torn_tails(&mta);
+    eprintln!(
+        "faults: {messages} messages submitted, {} accepted with 250, {} refused or cut off; {kills_done} kills \
+         (sidecar {}, postfix {}); lost 0, duplicates {duplicates}, bounced {}, delivered without a 250 \
+         {unacknowledged}; {sessions} receiver sessions, all TLS; evidence files {} ({torn} with a torn last line); \
+         {:.0} s; seed {seed}",
+        accepted.len(),
+        summary["failed"],
+        killed["sidecar"],
+        killed["postfix"],
+        bounced.len(),
+        mta.evidence_files().len(),
+        duration.as_secs_f64(),
+    );
+}
+
+/// Verifies every evidence file's chain. A sidecar killed in the middle of an append leaves that file with an
+/// incomplete last line, and the next start begins a new file (docs/evidence.md): allowed for any file but the
+/// newest, provided every complete line before it verifies. Returns how many files were torn so.
+fn verify_evidence_allowing_torn_tails(mta: &MtaHost) -> usize {
+    let mut files = mta.evidence_files();
+    files.sort();
+    let newest = files.last().cloned();
+    let mut torn = 0;
+    for file in &files {
+        let output = Command::new(sidecar_bin())
+            .args(["evidence", "verify"])
+            .arg(file)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        if output.status.success() && report.starts_with("ok") {
+            continue;
+        }
+        assert!(
+            report.contains("incomplete, no trailing newline") && Some(file) != newest.as_ref(),
+            "{}: {report}",
+            file.display()
+        );
+        let bytes = fs::read(file).unwrap();
+        let complete = &bytes[..bytes.iter().rposition(|&byte| byte == b'\n').map_or(0, |end| end + 1)];
+        let mut verify = Command::new(sidecar_bin())
+            .args(["evidence", "verify", "/dev/stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        verify.stdin.take().unwrap().write_all(complete).unwrap();
+        let output = verify.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}: the lines before the torn one: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        torn += 1;
+    }
+    torn
+}
+
+/// Submits `count` messages to `case`'s domain while `outage` lasts: they must stay deferred in Postfix's queue
+/// with nothing at any receiver until `end_outage` runs after `SECUREMAIL_FAULT_OUTAGE_SECS`, and then arrive
+/// exactly once each.
+fn deferred_through_outage_then_delivered<T>(label: &str, case: &str, outage: impl FnOnce(&World) -> T) {
+    const COUNT: usize = 3;
+    let hold = Duration::from_secs(env_number("SECUREMAIL_FAULT_OUTAGE_SECS", 20));
+    let world = World::load();
+    let began = Instant::now();
+    // Before the MTA host starts: no policy, address or session of the sidecar predates the outage.
+    let restore = outage(&world);
+    let mta = MtaHost::start(&world, label, &manifest(&world));
+    let tag = unique_id(label);
+    let recipient = format!("patient@{}", world.get(&format!("SMDP_CASE_{case}")));
+    for n in 0..COUNT {
+        let report = mta.submit(SENDER, &[&recipient], &message(&format!("{tag}.{n}"), &recipient));
+        assert_eq!(report["stage"], "sent", "submission failed: {report}");
+    }
+    let prefix = format!("{tag}.");
+    let deferred = || mta.maillog().matches("status=deferred").count();
+    let context = |mta: &MtaHost| {
+        format!(
+            "queue {:?}\nsidecar log:\n{}\nmaillog:\n{}",
+            mta.queue(),
+            mta.sidecar_log(),
+            mta.maillog()
+        )
+    };
+    wait_until(
+        Duration::from_secs(120),
+        "every message to be deferred",
+        || deferred() >= COUNT,
+        || context(&mta),
+    );
+    while began.elapsed() < hold {
+        assert!(
+            received_ids(&world, case, &prefix).is_empty(),
+            "a message arrived during the outage\n{}",
+            context(&mta)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let queue = mta.queue();
+    assert_eq!(queue.len(), COUNT, "every message stays queued: {queue:?}");
+    let reasons: BTreeSet<String> = queue
+        .iter()
+        .filter_map(|entry| entry["recipients"][0]["delay_reason"].as_str())
+        .map(str::to_owned)
+        .collect();
+    for reason in &reasons {
+        assert!(reason.contains(" 4"), "a temporary failure: {reason}");
+    }
+    let deferrals = deferred();
+    drop(restore);
+    let recovered = Instant::now();
+    wait_until(
+        Duration::from_secs(600),
+        "delivery after the outage",
+        || received_ids(&world, case, &prefix).len() == COUNT && mta.queue().is_empty(),
+        || context(&mta),
+    );
+    let received = received_ids(&world, case, &prefix);
+    assert!(
+        received.values().all(|&copies| copies == 1),
+        "one copy each: {received:?}"
+    );
+    let sessions = assert_no_cleartext_session(&world);
+    eprintln!(
+        "{label}: {COUNT} messages deferred {deferrals} times over a {} s outage ({reasons:?}); all delivered {:.0} s \
+         after it ended; {sessions} receiver sessions, all TLS",
+        hold.as_secs(),
+        recovered.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn validating_resolver_down_defers_mail_until_it_is_back() {
+    // The sidecar's only resolver: without it neither MX, TLSA nor addresses can be known, so nothing may go out.
+    deferred_through_outage_then_delivered("faults-dns", "DANE", |world| world.stop_daemon("unbound"));
+}
+
+#[test]
+fn mta_sts_policy_host_down_defers_mail_until_it_is_back() {
+    let world = World::load();
+    deferred_through_outage_then_delivered("faults-mta-sts", "STS", |world| world.stop_daemon("nginx"));
+    // The MX outside the policy never got anything, during the outage or after.
+    let rogue = received_ids(&world, "STS_NOMATCH", "faults-mta-sts.");
+    assert!(rogue.is_empty(), "{rogue:?}");
+}
+
+#[test]
+fn receiver_answering_4xx_for_a_while_defers_mail_until_it_accepts() {
+    deferred_through_outage_then_delivered("faults-4xx", "GOOD", |world| {
+        // Every session from the MTA address gets 421 at RCPT (after STARTTLS and MAIL) and is closed.
+        ReceiverSetting::set(
+            world,
+            "good",
+            "smtpd_client_restrictions",
+            &format!(
+                "check_client_access inline:{{ {{ {} = 421 4.3.2 System not accepting network messages }} }}",
+                world.get("SMDP_MTA_ADDR")
+            ),
+        )
+    });
+}
+
+#[test]
+fn full_state_volume_defers_with_a_clear_log_line_and_loses_nothing() {
+    let world = World::load();
+    let mut mta = MtaHost::start_with_state_volume(&world, "faults-full", &manifest(&world), Some("1m"));
+    let volume = mta.volume().expect("a state volume").to_owned();
+    let tag = unique_id("faults-full");
+    let recipient = format!("patient@{}", world.get("SMDP_CASE_GOOD"));
+    let prefix = format!("{tag}.");
+    let context = |mta: &MtaHost| {
+        format!(
+            "queue {:?}\nsidecar log:\n{}\nmaillog:\n{}",
+            mta.queue(),
+            mta.sidecar_log(),
+            mta.maillog()
+        )
+    };
+    let submit = |mta: &MtaHost, n: usize| {
+        let report = mta.submit(SENDER, &[&recipient], &message(&format!("{tag}.{n}"), &recipient));
+        assert_eq!(report["stage"], "sent", "submission failed: {report}");
+    };
+    submit(&mta, 0);
+    wait_until(
+        Duration::from_secs(60),
+        "the first delivery",
+        || received_ids(&world, "GOOD", &prefix).len() == 1,
+        || context(&mta),
+    );
+
+    let filler = volume.join("filler");
+    let mut file = fs::File::create(&filler).unwrap();
+    let full = loop {
+        if let Err(err) = file.write_all(&[0; 4096]) {
+            break err;
+        }
+    };
+    drop(file);
+    assert_eq!(full.kind(), std::io::ErrorKind::StorageFull, "{full}");
+
+    // Appends go on while the evidence file's last block has room; the delivery whose record does not fit reaches
+    // the receiver, but its evidence cannot be written, and the sidecar stops delivering.
+    let failure = "cannot write evidence";
+    let mut failed_at = None;
+    for n in 1..=64 {
+        submit(&mta, n);
+        wait_until(
+            Duration::from_secs(60),
+            &format!("delivery of message {n} or the evidence failure"),
+            || mta.sidecar_log().contains(failure) || received_ids(&world, "GOOD", &prefix).len() == n + 1,
+            || context(&mta),
+        );
+        if mta.sidecar_log().contains(failure) {
+            failed_at = Some(n);
+            break;
+        }
+    }
+    let failed_at = failed_at.unwrap_or_else(|| panic!("evidence never failed on the full volume\n{}", context(&mta)));
+    let line = mta
+        .sidecar_log()
+        .lines()
+        .find(|line| line.contains(failure))
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains("No space left on device"),
+        "the log line names the cause: {line}"
+    );
+    let readiness = mta.admin_get("/readyz");
+    assert!(readiness.contains("evidence log not writable"), "/readyz: {readiness}");
+
+    // Everything after it is answered 4xx and stays in Postfix's queue.
+    const LATER: usize = 3;
+    let later = failed_at + 1..failed_at + 1 + LATER;
+    for n in later.clone() {
+        submit(&mta, n);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the later messages to be deferred",
+        || {
+            let queue = mta.queue();
+            queue.len() == LATER
+                && queue.iter().all(|entry| {
+                    entry["recipients"][0]["delay_reason"]
+                        .as_str()
+                        .is_some_and(|reason| reason.contains("4.3.0") && reason.contains("evidence log unavailable"))
+                })
+        },
+        || context(&mta),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let received = received_ids(&world, "GOOD", &prefix);
+    assert_eq!(
+        received.len(),
+        failed_at + 1,
+        "nothing after the failure was sent: {received:?}"
+    );
+
+    // Space freed and the sidecar restarted, as the runbook says: the queue drains, each message once.
+    fs::remove_file(&filler).unwrap();
+    mta.kill_sidecar();
+    mta.start_sidecar(&world);
+    wait_until(
+        Duration::from_secs(120),
+        "delivery after space was freed",
+        || received_ids(&world, "GOOD", &prefix).len() == later.end && mta.queue().is_empty(),
+        || context(&mta),
+    );
+    let received = received_ids(&world, "GOOD", &prefix);
+    assert!(
+        received.values().all(|&copies| copies == 1),
+        "one copy each: {received:?}"
+    );
+    for n in later.clone() {
+        let records = evidence_for(&mta, &format!("{tag}.{n}"));
+        assert!(
+            records.iter().any(|record| record["outcome"] == "delivered"),
+            "message {n} has its evidence: {records:?}"
+        );
+    }
+    assert_eq!(verify_evidence_allowing_torn_tails(&mta), 0, "no append was cut short");
+    let unrecorded = evidence_for(&mta, &format!("{tag}.{failed_at}")).is_empty();
+    assert_no_cleartext_session(&world);
+    eprintln!(
+        "state volume full: {} messages, each delivered once; evidence failed at message {failed_at}, which {}",
+        later.end,
+        if unrecorded {
+            "was acknowledged without an evidence record"
+        } else {
+            "has its evidence record"
+        }
+    );
+}
