@@ -3,10 +3,10 @@
 //! Broken tail: on open, if the last line is incomplete (no newline), longer than the line cap or not a record,
 //! the log is refused with [`Error::BrokenTail`] naming the file and line. The writer cannot tell a write cut by a
 //! crash from tampering, and every automatic repair would either delete bytes from an evidence file or teach the
-//! verifier to accept a gap. Refusing fails closed: the sidecar does not start, Postfix keeps the mail queued,
-//! and a person decides (keep the file, move it aside, restart). A broken tail never holds an acknowledged
-//! record: the caller acknowledges only after `append` has returned, and a failed append in a running process
-//! removes its own partial line.
+//! verifier to accept a gap. So the file is never written again: the sidecar leaves it for an auditor and begins a
+//! new one (see `open_evidence` in main.rs). A broken tail never holds an acknowledged record: the caller
+//! acknowledges only after `append` has returned, and a failed append in a running process removes its own partial
+//! line.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
