@@ -12,11 +12,11 @@ DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint deny unit crds check-crds check-alerts check-chart cluster-up cluster-down e2e e2e-dataplane e2e-faults e2e-faults-ci dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy
+.PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down e2e e2e-dataplane e2e-faults e2e-faults-ci dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy
 
-## test: every check CI runs — formatting, clippy, unit tests, CRD drift, end-to-end suites (control plane, data plane,
-## fault injection at reduced size).
-test: deps fmt-check lint deny unit check-crds check-alerts check-chart e2e e2e-dataplane e2e-faults-ci
+## test: every check CI runs — formatting, clippy, unit tests, a fuzzing smoke run, CRD drift, end-to-end suites
+## (control plane, data plane, fault injection at reduced size).
+test: deps fmt-check lint deny unit fuzz-smoke check-crds check-alerts check-chart e2e e2e-dataplane e2e-faults-ci
 
 ## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
 deps:
@@ -24,9 +24,10 @@ deps:
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path sidecar/fuzz/Cargo.toml -- --check
 
 lint:
-	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/dataplane/*.sh alerts/*.sh charts/tests/*.sh .ci/run
+	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/dataplane/*.sh alerts/*.sh charts/tests/*.sh sidecar/fuzz/*.sh .ci/run
 	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 ## deny: dependency policy (deny.toml): banned crates, licenses, sources; cargo-deny pinned, installed once.
@@ -35,6 +36,20 @@ deny:
 
 unit:
 	$(CARGO) test $(CARGO_FLAGS)
+
+## fuzz: every fuzz target of sidecar/fuzz for FUZZ_SECONDS each (default 600), coverage-guided on the stable
+## toolchain, starting from the committed seeds (sidecar/fuzz/seeds/TARGET). New inputs go to the git-ignored
+## sidecar/fuzz/corpus/TARGET, a crash to sidecar/fuzz/artifacts/TARGET and fails the run. Builds in
+## $(TARGET_DIR)/fuzz (instrumented: never shared with the main build).
+FUZZ_TARGETS := $(basename $(notdir $(wildcard sidecar/fuzz/fuzz_targets/*.rs)))
+fuzz: FUZZ_SECONDS ?= 600
+fuzz:
+	for target in $(FUZZ_TARGETS); do CARGO_TARGET_DIR=$(TARGET_DIR) sidecar/fuzz/run-stable.sh $$target $(FUZZ_SECONDS); done
+
+## fuzz-smoke: the same for FUZZ_SMOKE_SECONDS each (default 20): the seeds still pass and a short run finds no crash.
+fuzz-smoke: FUZZ_SMOKE_SECONDS ?= 20
+fuzz-smoke:
+	for target in $(FUZZ_TARGETS); do CARGO_TARGET_DIR=$(TARGET_DIR) sidecar/fuzz/run-stable.sh $$target $(FUZZ_SMOKE_SECONDS); done
 
 ## crds: regenerate the committed CRD from the Rust types.
 crds:
