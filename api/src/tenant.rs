@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::provider::ProviderSuffix;
 
-/// A DNS name such as `mail.example.org`: labels of letters, digits and hyphens, no trailing dot.
-pub(crate) const DNS_NAME_PATTERN: &str =
-    r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+/// A DNS name such as `mail.example.org`: labels of letters, digits and hyphens, no trailing dot, and a top-level
+/// label that starts with a letter (no top-level domain is numeric, RFC 3696 section 2, and Postfix refuses a
+/// numeric one in `myhostname`).
+pub(crate) const DNS_NAME_PATTERN: &str = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// A single lower-case DNS label such as `sm` or `billing-app`.
 const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// A mail address for DMARC reports (`mailto:` is added when the record is rendered).

@@ -36,10 +36,11 @@ fn label() -> impl Strategy<Value = String> {
     ]
 }
 
-/// A name of DNS_NAME_PATTERN: at least two labels, at most 253 characters.
+/// A name of DNS_NAME_PATTERN: at least two labels, the last starting with a letter, at most 253 characters.
 fn dns_name() -> impl Strategy<Value = String> {
-    prop::collection::vec(label(), 2..=5)
-        .prop_map(|labels| labels.join("."))
+    let top_level = prop_oneof!["[a-z]", "[a-z][a-z0-9-]{0,61}[a-z0-9]"];
+    (prop::collection::vec(label(), 1..=4), top_level)
+        .prop_map(|(labels, top_level)| format!("{}.{top_level}", labels.join(".")))
         .prop_filter("longer than 253 characters", |name| name.len() <= 253)
 }
 
