@@ -403,8 +403,12 @@ fn store_changes(mut file: CountersFile, shared: &Shared) {
             }
             Err(err) => {
                 // The count still holds in memory; a warming address sends nothing new until a write succeeds.
-                tracing::error!(%err, path = %file.path().display(), "cannot store the warmup counters");
-                state.store_error = Some(err.to_string());
+                // Retried every interval: logged when the failure starts or changes, not at every retry.
+                let reason = err.to_string();
+                if state.store_error.as_ref() != Some(&reason) {
+                    tracing::error!(%err, path = %file.path().display(), "cannot store the warmup counters");
+                }
+                state.store_error = Some(reason);
                 shared.stored.send_modify(|progress| progress.failed_through = changes);
                 if state.closing {
                     return;

@@ -48,7 +48,8 @@ impl CountersFile {
         let mut bytes = vec![0; SLOT_BYTES * SLOTS];
         let len = file.metadata().map_err(io_error(&path))?.len();
         if len == 0 {
-            file.set_len((SLOT_BYTES * SLOTS) as u64).map_err(io_error(&path))?;
+            // Zeros written, not a sparse `set_len`: the blocks are allocated now, so later writes need none.
+            file.write_all_at(&bytes, 0).map_err(io_error(&path))?;
             file.sync_all().map_err(io_error(&path))?;
             if !existed {
                 fs::File::open(state_dir)
@@ -174,6 +175,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut file, stored) = CountersFile::open::<Vec<u32>>(dir.path()).unwrap();
         assert_eq!(stored, None);
+        // Allocated, not sparse: a full volume cannot refuse the writes to come.
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(dir.path().join(FILE_NAME)).unwrap());
+        assert!(blocks * 512 >= (SLOT_BYTES * SLOTS) as u64, "{blocks} blocks");
         for n in 1..=3 {
             file.store(&vec![n]).unwrap();
         }
