@@ -492,9 +492,13 @@ impl MtaHost {
                 .arg(self.dir.join("conf"))
                 .arg("-j"),
         );
+        // showq walks the queue directories one after another, so a message moving between them (active to
+        // deferred) during the walk is listed twice: one entry per queue id.
+        let mut seen = BTreeSet::new();
         listing
             .lines()
-            .map(|line| serde_json::from_str(line).expect("postqueue -j prints JSON lines"))
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("postqueue -j prints JSON lines"))
+            .filter(|entry| seen.insert(entry["queue_id"].as_str().unwrap_or_default().to_owned()))
             .collect()
     }
 
