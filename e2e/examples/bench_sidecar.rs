@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use securemail_e2e::dataplane::{MtaHost, World, in_netns, run_ok, tenant_manifest, wait_until};
+use securemail_e2e::dataplane::{MtaHost, World, in_netns, json_report, run_ok, tenant_manifest, wait_until};
 use securemail_e2e::repo_root;
 
 const SENDER: &str = "alerts@sender.test";
@@ -85,13 +85,7 @@ impl Submitter<'_> {
             .arg(tls.join("client.key"))
             .output()
             .expect("run bench_submit.py");
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-            panic!(
-                "bench_submit.py printed no JSON ({err}): {}\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
+        let report = json_report(&output, "bench_submit.py");
         assert!(output.status.success(), "submission failed: {report}");
         (
             report["start"].as_f64().expect("start time"),

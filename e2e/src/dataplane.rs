@@ -97,6 +97,36 @@ spec:
 }
 
 /// Runs `command`, panics with its output unless it succeeds, and returns its stdout.
+/// Runs `command` with `input` on its standard input and returns what it printed, whatever its exit status.
+pub fn output_with_input(command: &mut Command, input: &[u8]) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .unwrap_or_else(|err| panic!("cannot write to {command:?}: {err}"));
+    child
+        .wait_with_output()
+        .unwrap_or_else(|err| panic!("{command:?}: {err}"))
+}
+
+/// The JSON report `program` printed, or a panic showing what it printed instead.
+pub fn json_report(output: &Output, program: &str) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "{program} printed no JSON ({err}):\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
 pub fn run_ok(command: &mut Command) -> String {
     let output = command
         .output()
@@ -462,26 +492,7 @@ impl MtaHost {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extend(to.iter().map(|recipient| (*recipient).to_owned()));
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start submit.py");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(message)
-            .expect("write message");
-        let output = child.wait_with_output().expect("submit.py");
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-            panic!(
-                "submit.py printed no JSON ({err}):\n{}\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })
+        json_report(&output_with_input(&mut command, message), "submit.py")
     }
 
     /// Messages in Postfix's queue (`postqueue -j`), one JSON object each.
@@ -1217,18 +1228,7 @@ impl Drop for ReceiverSetting {
 
 /// The SHA-256 of `data` in hex, from coreutils' sha256sum (an implementation independent of the sidecar's).
 pub fn sha256_hex(data: &str) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run sha256sum");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(data.as_bytes())
-        .expect("write to sha256sum");
-    let output = child.wait_with_output().expect("sha256sum");
+    let output = output_with_input(&mut Command::new("sha256sum"), data.as_bytes());
     String::from_utf8_lossy(&output.stdout)
         .split_whitespace()
         .next()

@@ -7,12 +7,12 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use securemail_e2e::dataplane::{
-    MtaHost, SENDER, Submission, UNCAPPED_WARMUP, World, evidence_for, in_netns, message, received_containing,
-    received_ids, run_ok, sidecar_bin, tenant_manifest, unique_id, wait_until,
+    MtaHost, SENDER, Submission, UNCAPPED_WARMUP, World, evidence_for, in_netns, message, output_with_input,
+    received_containing, received_ids, run_ok, sidecar_bin, tenant_manifest, unique_id, wait_until,
 };
 use serde_json::Value;
 
@@ -105,17 +105,12 @@ fn dane_domain_is_delivered_with_dkim_that_dkimpy_verifies() {
         .iter()
         .map(|(name, value)| format!("{name}={value}"))
         .collect();
-    let mut verify = Command::new("python3")
-        .arg(securemail_e2e::repo_root().join("e2e/dataplane/dkimverify.py"))
-        .args(&records)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    verify.stdin.take().unwrap().write_all(&received).unwrap();
-    let output = verify.wait_with_output().unwrap();
+    let output = output_with_input(
+        Command::new("python3")
+            .arg(securemail_e2e::repo_root().join("e2e/dataplane/dkimverify.py"))
+            .args(&records),
+        &received,
+    );
     assert!(
         output.status.success(),
         "dkimpy rejects the signature:\n{}{}",

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use securemail_e2e::dataplane::{
     MtaHost, ReceiverSetting, SENDER, UNCAPPED_WARMUP, World, assert_no_cleartext_session, evidence_for, in_netns,
-    message, received_ids, sidecar_bin, tenant_manifest, unique_id, wait_until,
+    json_report, message, output_with_input, received_ids, sidecar_bin, tenant_manifest, unique_id, wait_until,
 };
 use securemail_e2e::repo_root;
 
@@ -83,6 +83,16 @@ fn bounced_message_ids(maillog: &str) -> BTreeSet<String> {
         }
     }
     bounced.iter().filter_map(|queue| ids.get(queue).cloned()).collect()
+}
+
+/// What a failed wait prints: the queue, the sidecar's log and Postfix's.
+fn diagnostics(mta: &MtaHost) -> String {
+    format!(
+        "queue {:?}\nsidecar log:\n{}\nmaillog:\n{}",
+        mta.queue(),
+        mta.sidecar_log(),
+        mta.maillog()
+    )
 }
 
 #[test]
@@ -158,13 +168,7 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
         Some(child) => child.wait_with_output().expect("bench_submit.py"),
         None => report.expect("bench_submit.py finished"),
     };
-    let summary: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap_or_else(|err| {
-        panic!(
-            "bench_submit.py printed no JSON ({err}):\n{}\n{}",
-            String::from_utf8_lossy(&report.stdout),
-            String::from_utf8_lossy(&report.stderr)
-        )
-    });
+    let summary = json_report(&report, "bench_submit.py");
     assert!(report.status.success(), "bench_submit.py: {summary}");
     assert_eq!(
         kills_done, kills,
@@ -258,15 +262,10 @@ fn verify_evidence_allowing_torn_tails(mta: &MtaHost) -> usize {
         );
         let bytes = fs::read(file).unwrap();
         let complete = &bytes[..bytes.iter().rposition(|&byte| byte == b'\n').map_or(0, |end| end + 1)];
-        let mut verify = Command::new(sidecar_bin())
-            .args(["evidence", "verify", "/dev/stdin"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        verify.stdin.take().unwrap().write_all(complete).unwrap();
-        let output = verify.wait_with_output().unwrap();
+        let output = output_with_input(
+            Command::new(sidecar_bin()).args(["evidence", "verify", "/dev/stdin"]),
+            complete,
+        );
         assert!(
             output.status.success(),
             "{}: the lines before the torn one: {}",
@@ -297,25 +296,17 @@ fn deferred_through_outage_then_delivered<T>(label: &str, case: &str, outage: im
     }
     let prefix = format!("{tag}.");
     let deferred = || mta.maillog().matches("status=deferred").count();
-    let context = |mta: &MtaHost| {
-        format!(
-            "queue {:?}\nsidecar log:\n{}\nmaillog:\n{}",
-            mta.queue(),
-            mta.sidecar_log(),
-            mta.maillog()
-        )
-    };
     wait_until(
         Duration::from_secs(120),
         "every message to be deferred",
         || deferred() >= COUNT,
-        || context(&mta),
+        || diagnostics(&mta),
     );
     while began.elapsed() < hold {
         assert!(
             received_ids(&world, case, &prefix).is_empty(),
             "a message arrived during the outage\n{}",
-            context(&mta)
+            diagnostics(&mta)
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -336,7 +327,7 @@ fn deferred_through_outage_then_delivered<T>(label: &str, case: &str, outage: im
         Duration::from_secs(600),
         "delivery after the outage",
         || received_ids(&world, case, &prefix).len() == COUNT && mta.queue().is_empty(),
-        || context(&mta),
+        || diagnostics(&mta),
     );
     let received = received_ids(&world, case, &prefix);
     assert!(
@@ -391,14 +382,6 @@ fn full_state_volume_defers_with_a_clear_log_line_and_loses_nothing() {
     let tag = unique_id("faults-full");
     let recipient = format!("patient@{}", world.get("SMDP_CASE_GOOD"));
     let prefix = format!("{tag}.");
-    let context = |mta: &MtaHost| {
-        format!(
-            "queue {:?}\nsidecar log:\n{}\nmaillog:\n{}",
-            mta.queue(),
-            mta.sidecar_log(),
-            mta.maillog()
-        )
-    };
     let submit = |mta: &MtaHost, n: usize| {
         let report = mta.submit(SENDER, &[&recipient], &message(&format!("{tag}.{n}"), &recipient));
         assert_eq!(report["stage"], "sent", "submission failed: {report}");
@@ -408,7 +391,7 @@ fn full_state_volume_defers_with_a_clear_log_line_and_loses_nothing() {
         Duration::from_secs(60),
         "the first delivery",
         || received_ids(&world, "GOOD", &prefix).len() == 1,
-        || context(&mta),
+        || diagnostics(&mta),
     );
 
     let filler = volume.join("filler");
@@ -431,14 +414,15 @@ fn full_state_volume_defers_with_a_clear_log_line_and_loses_nothing() {
             Duration::from_secs(60),
             &format!("delivery of message {n} or the evidence failure"),
             || mta.sidecar_log().contains(failure) || received_ids(&world, "GOOD", &prefix).len() == n + 1,
-            || context(&mta),
+            || diagnostics(&mta),
         );
         if mta.sidecar_log().contains(failure) {
             failed_at = Some(n);
             break;
         }
     }
-    let failed_at = failed_at.unwrap_or_else(|| panic!("evidence never failed on the full volume\n{}", context(&mta)));
+    let failed_at =
+        failed_at.unwrap_or_else(|| panic!("evidence never failed on the full volume\n{}", diagnostics(&mta)));
     let line = mta
         .sidecar_log()
         .lines()
@@ -470,7 +454,7 @@ fn full_state_volume_defers_with_a_clear_log_line_and_loses_nothing() {
                         .is_some_and(|reason| reason.contains("4.3.0") && reason.contains("evidence log unavailable"))
                 })
         },
-        || context(&mta),
+        || diagnostics(&mta),
     );
     std::thread::sleep(Duration::from_secs(5));
     let received = received_ids(&world, "GOOD", &prefix);
@@ -488,7 +472,7 @@ fn full_state_volume_defers_with_a_clear_log_line_and_loses_nothing() {
         Duration::from_secs(120),
         "delivery after space was freed",
         || received_ids(&world, "GOOD", &prefix).len() == later.end && mta.queue().is_empty(),
-        || context(&mta),
+        || diagnostics(&mta),
     );
     let received = received_ids(&world, "GOOD", &prefix);
     assert!(

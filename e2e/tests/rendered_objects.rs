@@ -5,9 +5,9 @@
 #![allow(clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use securemail_e2e::dataplane::output_with_input;
 use securemail_e2e::{kubectl, kubectl_ok, unique_namespace, yaml_files};
 use serde_json::{Value, json};
 
@@ -63,22 +63,13 @@ fn pod_of(stateful_set: &Value, namespace: &str) -> Value {
 
 /// Creates `pod` with a server-side dry run; the error text when the apiserver refuses it.
 fn dry_run_create(pod: &Value) -> Result<String, String> {
-    let mut child = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(securemail_e2e::kubeconfig())
-        .args(["create", "--dry-run=server", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(pod.to_string().as_bytes())
-        .expect("write the pod");
-    let output = child.wait_with_output().expect("kubectl");
+    let output = output_with_input(
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(securemail_e2e::kubeconfig())
+            .args(["create", "--dry-run=server", "-f", "-"]),
+        pod.to_string().as_bytes(),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     if output.status.success() {
         Ok(stderr)
