@@ -134,7 +134,8 @@ dataplane-down:
 demo: deps
 	e2e/demo.sh
 
-## bench-operator: N tenants to DkimReady+ConfigValid vs the RSA keygen floor, peak RSS, no-op writes (N=1000).
+## bench-operator: N tenants to DkimReady+ConfigValid vs the RSA keygen floor, peak RSS, no-op writes (N=1000);
+## the control plane on a core of its own unless BENCH_SHARED_CORES=1.
 bench-operator: N ?= 1000
 bench-operator: deps
 	e2e/bench-operator.sh $(N)

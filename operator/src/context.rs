@@ -8,10 +8,11 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::Client;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -22,6 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use securemail_api::SecureMailTenant;
 use securemail_api::tenant::PoolAddressState;
+use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use crate::build::Settings;
@@ -49,13 +51,35 @@ impl Clock for SystemClock {
 pub struct Stores {
     /// Every tenant the controller knows, for the address conflict rule.
     pub tenants: Store<SecureMailTenant>,
-    pub stateful_sets: Store<StatefulSet>,
+    pub stateful_sets: Store<StatefulSetSize>,
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
     pub services: Store<PartialObjectMeta<Service>>,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     pub secrets: SecretStores,
     pub disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
     pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+}
+
+/// What reconciles read of a StatefulSet: its metadata, desired replicas and ready replicas. Decoding into this
+/// instead of the full object skips the pod and volume templates, which are most of a StatefulSet, so the cache keeps
+/// a few hundred bytes per tenant instead of kilobytes.
+#[derive(Clone, Debug, Deserialize, Resource)]
+#[resource(inherit = StatefulSet)]
+pub struct StatefulSetSize {
+    pub metadata: ObjectMeta,
+    pub spec: Option<DesiredReplicas>,
+    pub status: Option<ReadyReplicas>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DesiredReplicas {
+    pub replicas: Option<i32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadyReplicas {
+    pub ready_replicas: Option<i32>,
 }
 
 impl Stores {

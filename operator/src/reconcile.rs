@@ -30,7 +30,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::build::{self, Children, Observed};
-use crate::context::Context;
+use crate::context::{Context, StatefulSetSize};
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
@@ -445,7 +445,7 @@ fn live_replicas(ctx: &Context, namespace: &str, names: &TenantNames) -> u32 {
         .unwrap_or(0)
 }
 
-fn cached_stateful_set(ctx: &Context, namespace: &str, names: &TenantNames) -> Option<Arc<StatefulSet>> {
+fn cached_stateful_set(ctx: &Context, namespace: &str, names: &TenantNames) -> Option<Arc<StatefulSetSize>> {
     ctx.stores
         .stateful_sets
         .get(&ObjectRef::new(&names.mta()).within(namespace))
