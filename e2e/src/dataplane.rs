@@ -472,6 +472,9 @@ impl MtaHost {
             .append(true)
             .open(self.dir.join("maillog"))
             .expect("maillog");
+        // postsuper reopens `maillog_file = /dev/stdout` as the postfix user when it has something to report, e.g.
+        // a half-written queue file left by a kill; a log only root may write makes that a fatal start-up error.
+        run_ok(Command::new("chown").arg("postfix").arg(self.dir.join("maillog")));
         let child = in_netns(&self.netns, "postfix")
             .arg("-c")
             .arg(self.dir.join("conf"))
