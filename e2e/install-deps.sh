@@ -28,6 +28,8 @@ declare -A packages=(
   [faketime]=faketime
   # A real Prometheus scrapes the sidecar and evaluates the alert pack in the data-plane suite.
   [prometheus]=prometheus
+  # Greylisting for the data-plane world's "smart" receiver (first attempt 4xx, accepted on retry).
+  [postgrey]=postgrey
 )
 missing=()
 for cmd in "${!packages[@]}"; do
@@ -45,7 +47,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   # just started would listen on the host (and unbound's resolvconf hook would take over /etc/resolv.conf).
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     # Only units of packages installed just now; a service the machine already ran is left alone.
-    for pair in named:bind9 unbound:unbound unbound-resolvconf:unbound nginx:nginx prometheus:prometheus; do
+    for pair in named:bind9 unbound:unbound unbound-resolvconf:unbound nginx:nginx prometheus:prometheus \
+      postgrey:postgrey; do
       unit=${pair%%:*}
       [[ " ${missing[*]} " == *" ${pair#*:} "* ]] || continue
       if systemctl cat "$unit.service" >/dev/null 2>&1; then

@@ -2,7 +2,8 @@
 """Benchmark submitter: sends COUNT messages of about SIZE bytes on the submission port the way a tenant application
 does (STARTTLS, client certificate), over CONNECTIONS parallel sessions with many messages each. Every message
 carries `Message-ID: <TAG.N@sender.test>` and `X-Bench-Submitted: <unix time>` (taken just before its DATA), so
-arrival latency can be read from the receiver's Maildir. Prints one JSON object: start and end (unix time), sent,
+arrival latency can be read from the receiver's Maildir. Every message goes to --to, or with --recipients FILE
+message N goes to line N of FILE (one address a line, at least COUNT lines). Prints one JSON object: start and end (unix time), sent,
 errors. Exits non-zero when any message was refused.
 
 With --keep-going (fault injection: Postfix may be killed at any moment) every number is tried once: a message that
@@ -27,7 +28,9 @@ def main() -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, default=587)
     parser.add_argument("--from", dest="sender", required=True)
-    parser.add_argument("--to", required=True)
+    to = parser.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to")
+    to.add_argument("--recipients", help="file whose line N is the recipient of message N")
     parser.add_argument("--ca", required=True)
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
@@ -41,6 +44,13 @@ def main() -> int:
     args = parser.parse_args()
 
     text = body(args.size)
+    if args.recipients:
+        with open(args.recipients, encoding="ascii") as lines:
+            recipients = [line.strip() for line in lines if line.strip()]
+        if len(recipients) < args.count:
+            parser.error(f"{args.recipients} has {len(recipients)} recipients, fewer than --count {args.count}")
+    else:
+        recipients = [args.to]
     context = ssl.create_default_context(cafile=args.ca)
     context.check_hostname = False
     context.load_cert_chain(args.cert, args.key)
@@ -50,9 +60,12 @@ def main() -> int:
     lock = threading.Lock()
     accepted = open(args.accepted, "a", encoding="ascii") if args.accepted else None
 
+    def recipient(n: int) -> str:
+        return recipients[n] if args.recipients else args.to
+
     def message(n: int) -> str:
         return (
-            f"From: Lakeside Alerts <{args.sender}>\r\nTo: <{args.to}>\r\n"
+            f"From: Lakeside Alerts <{args.sender}>\r\nTo: <{recipient(n)}>\r\n"
             f"Subject: Benchmark {args.tag} {n}\r\nMessage-ID: <{args.tag}.{n}@sender.test>\r\n"
             f"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
             f"Content-Type: text/plain; charset=utf-8\r\nX-Bench-Submitted: {time.time():.6f}\r\n"
@@ -84,7 +97,7 @@ def main() -> int:
                 try:
                     if smtp is None:
                         smtp = connect()
-                    refused = smtp.sendmail(args.sender, [args.to], message(n).encode())
+                    refused = smtp.sendmail(args.sender, [recipient(n)], message(n).encode())
                     if refused:
                         raise smtplib.SMTPException(f"refused: {refused}")
                 except (OSError, smtplib.SMTPException, ssl.SSLError) as err:

@@ -16,12 +16,16 @@ SMDP_RESOLVER_ADDR=10.77.0.54
 SMDP_WEB_NS=smdp-web
 SMDP_WEB_ADDR=10.77.0.80
 SMDP_STS_POLICY_ID=20261125
+# postgrey's policy service, on the smart receiver's loopback.
+SMDP_POSTGREY_PORT=10023
 
 # One receiving Postfix per line: name, address, MX host name, accepted domains (comma separated), certificate
 # kind, TLS mode. Certificate kinds: ca (test CA, right name), chain (the same, CA certificate sent too, for
 # DANE-TA), wrongname, expired, selfsigned. TLS modes: may (TLS >= 1.2 offered), none (no STARTTLS), tls11
 # (TLS 1.1 only), stripped (TLS offered by Postfix but removed by a proxy on the public address), ratelimit (as
-# may, but RCPT for busy@ gets Gmail's 421 4.7.28; its MX host name makes the sidecar class it as gmail).
+# may, but RCPT for busy@ gets Gmail's 421 4.7.28; its MX host name makes the sidecar class it as gmail), smart (as
+# may, but RCPT for grey-* is greylisted by postgrey: 450 first, accepted on a retry a second later; reject-* gets
+# 550 5.1.1; it also receives the DSNs for notices.sender.test, the load test's sender domain).
 SMDP_RECEIVERS=(
   "dane 10.77.0.21 mx.dane.test dane.test ca may"
   "daneta 10.77.0.22 mx.dane-ta.test dane-ta.test chain may"
@@ -37,6 +41,7 @@ SMDP_RECEIVERS=(
   "tls11 10.77.0.46 mx.tls11.plain.test tls11.plain.test ca tls11"
   "stripped 10.77.0.47 mx.stripped.plain.test stripped.plain.test ca stripped"
   "ratelimited 10.77.0.48 gmail-smtp-in.l.google.com ratelimited.plain.test ca ratelimit"
+  "smart 10.77.0.49 mx.smart.plain.test smart.plain.test,notices.sender.test ca smart"
 )
 
 # Splits one SMDP_RECEIVERS line into rx_name rx_addr rx_host rx_domains rx_cert rx_tls.

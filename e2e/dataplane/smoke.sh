@@ -198,6 +198,26 @@ assert record["ehlo"] == "EHLO smoke.sender.test", record
 assert record["after_ehlo"] == "QUIT\r\n", record
 EOF
 
+check "smart: grey-* deferred with 450 once, then accepted; reject-* refused with 550 5.1.1; others accepted"
+# rcpt_reply ADDRESS: the smart receiver's reply to RCPT TO:<ADDRESS>, over verified TLS.
+rcpt_reply() {
+  local out
+  out=$(mta timeout 30 swaks --server "$(w SMDP_RX_SMART_HOST)" --port 25 --helo "$(w SMDP_MTA_HOSTNAME)" \
+    --from smoke@sender.test --to "$1" --quit-after RCPT --tls --tls-verify --tls-ca-path "$ca" 2>&1) || true
+  awk '/^ *~> RCPT TO/ { rcpt = 1; next } rcpt && /^<~\*? +[0-9][0-9][0-9] / { sub(/^<~\*? +/, ""); print; exit }' \
+    <<<"$out"
+}
+grey="grey-smoke-$(date +%s%N)@$(w SMDP_CASE_SMART)"
+reply=$(rcpt_reply "$grey")
+[[ $reply == "450 "* ]] || fail "first attempt for grey-*: $reply"
+sleep 1.5
+reply=$(rcpt_reply "$grey")
+[[ $reply == "250 "* ]] || fail "retry for grey-*: $reply"
+reply=$(rcpt_reply "reject-smoke@$(w SMDP_CASE_SMART)")
+[[ $reply == "550 5.1.1 "* ]] || fail "reject-*: $reply"
+reply=$(rcpt_reply "alerts@$(w SMDP_DSN_DOMAIN)")
+[[ $reply == "250 "* ]] || fail "the DSN domain: $reply"
+
 # --- MTA-STS ------------------------------------------------------------------------------------------------------
 check "MTA-STS policy for sts.test served over verified HTTPS as text/plain"
 headers=$(mktemp)

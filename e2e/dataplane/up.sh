@@ -219,22 +219,30 @@ host_addr() {
   echo "mta-sts IN A $SMDP_WEB_ADDR"
   echo "_mta-sts IN TXT \"v=STSv1; id=$SMDP_STS_POLICY_ID\""
 } >"$dns/sts-nomatch.test.db"
-{
-  zone_head plain.test.
+# mx_records ZONE: an MX record for each receiver domain in ZONE, pointing at the receiver's host wherever it lives
+# (the rate-limiting "Gmail" host is in google.com).
+mx_records() {
+  local line domain
   for line in "${SMDP_RECEIVERS[@]}"; do
     receiver_fields "$line"
-    case $rx_host in
-      *.plain.test)
-        echo "${rx_domains%.plain.test} IN MX 10 $rx_host."
-        echo "${rx_host%.plain.test} IN A $rx_addr" ;;
-      # A plain.test domain whose MX lives in another zone (the rate-limiting "Gmail" host).
-      *) [[ $rx_domains == *.plain.test ]] && echo "${rx_domains%.plain.test} IN MX 10 $rx_host." ;;
-    esac
+    for domain in ${rx_domains//,/ }; do
+      if [[ $domain == *."$1" ]]; then echo "${domain%."$1"} IN MX 10 $rx_host."; fi
+    done
+  done
+}
+{
+  zone_head plain.test.
+  mx_records plain.test
+  for line in "${SMDP_RECEIVERS[@]}"; do
+    receiver_fields "$line"
+    if [[ $rx_host == *.plain.test ]]; then echo "${rx_host%.plain.test} IN A $rx_addr"; fi
   done
 } >"$dns/plain.test.db"
 {
   zone_head sender.test.
   echo "${SMDP_MTA_HOSTNAME%.sender.test} IN A $SMDP_MTA_ADDR"
+  # Where the DSNs to the load test's sender domain go.
+  mx_records sender.test
 } >"$dns/sender.test.db"
 # Under the test root, not the Internet's: gives the rate-limiting receiver a Gmail MX host name.
 {
@@ -463,6 +471,15 @@ EOF
         # Gmail's rate-limit reply; Postfix closes the session after a 421, as Gmail does.
         echo "smtpd_recipient_restrictions = check_recipient_access inline:{ { busy@$rx_domains = 421 4.7.28" \
           "Our system has detected an unusual rate of unsolicited mail originating from your IP address } }" ;;
+      smart)
+        echo "smtpd_tls_security_level = may"
+        echo "smtpd_tls_protocols = >=TLSv1.2"
+        # grey-* asks postgrey (on this namespace's loopback), which defers a recipient's first attempt; reject-*
+        # is an unknown user. Postfix puts "<address>: Recipient address rejected:" before either text.
+        echo "smtpd_restriction_classes = greylist"
+        echo "greylist = check_policy_service inet:127.0.0.1:$SMDP_POSTGREY_PORT"
+        echo "smtpd_recipient_restrictions = check_recipient_access regexp:{ { /^grey-/ greylist }," \
+          "{ /^reject-/ 550 5.1.1 User unknown in virtual mailbox table } }" ;;
       tls11)
         # Debian's OpenSSL refuses TLS 1.1 at its default security level; this instance gets its own config.
         echo "smtpd_tls_security_level = may"
@@ -583,6 +600,17 @@ for line in "${SMDP_RECEIVERS[@]}"; do
   rx=$dir/mx/$rx_name
   start_daemon "postfix-$rx_name" "$(receiver_ns "$rx_name")" "$rx/maillog" \
     "$postfix_daemons/master" -c "$rx/conf" -d
+  if [ "$rx_tls" = smart ]; then
+    # Greylists for 1 s, so Postfix's first retry (seconds later) passes; no client is ever whitelisted, so every
+    # new recipient is deferred once. Delayed messages get postgrey's X-Greylist header.
+    mkdir -p "$rx/postgrey"
+    chown postgrey:postgrey "$rx/postgrey"
+    : >"$rx/postgrey-whitelist"
+    start_daemon postgrey "$(receiver_ns "$rx_name")" "$rx/postgrey.log" postgrey \
+      --inet="127.0.0.1:$SMDP_POSTGREY_PORT" --dbdir="$rx/postgrey" --delay=1 --auto-whitelist-clients=0 \
+      --whitelist-clients="$rx/postgrey-whitelist" --whitelist-recipients="$rx/postgrey-whitelist" \
+      --greylist-text="Greylisted, please try again later"
+  fi
   if [ "$rx_tls" = stripped ]; then
     start_daemon stripproxy "$(receiver_ns "$rx_name")" "$rx/stripproxy.log" "$python" "$here/stripproxy.py" \
       --listen-host "$rx_addr" --upstream-host 127.0.0.1 --log "$rx/stripped-sessions.jsonl"
@@ -623,6 +651,11 @@ for line in "${SMDP_RECEIVERS[@]}"; do
   pidname=postfix-$rx_name
   [ "$rx_tls" = stripped ] && pidname=stripproxy
   wait_for "receiver $rx_name" "$dir/mx/$rx_name/maillog" "$pidname" smtp_banner "$rx_addr"
+  if [ "$rx_tls" = smart ]; then
+    # shellcheck disable=SC2016 # the inner script gets its port as $1
+    wait_for postgrey "$dir/mx/$rx_name/postgrey.log" postgrey \
+      in_ns "$(receiver_ns "$rx_name")" timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$SMDP_POSTGREY_PORT"
+  fi
 done
 
 # --- world.env ----------------------------------------------------------------------------------------------------
@@ -662,6 +695,8 @@ done
   echo "SMDP_STRIPPED_RAW=$dir/mx/stripped/stripped-sessions.jsonl.raw"
   # The one address of a tenant-policy domain whose receiver answers RCPT with 550 5.1.1 (user unknown).
   echo "SMDP_GOOD_UNKNOWN_RECIPIENT=nobody@good.plain.test"
+  # A sender domain whose MX is the smart receiver, so DSNs to it can be counted there.
+  echo "SMDP_DSN_DOMAIN=notices.sender.test"
   # Recipient domain per policy case, for tests that think in cases rather than hosts.
   # SMDP_CASE_<CASE>=domain and SMDP_CASE_<CASE>_RX=the receiver (SMDP_RX_<RX>_*) its mail should reach, or not.
   for pair in DANE=dane.test:dane DANE_TA=dane-ta.test:daneta DANE_MISMATCH=dane-mismatch.test:danemismatch \
@@ -670,7 +705,7 @@ done
     echo "SMDP_CASE_${pair%%=*}=$(cut -d: -f1 <<<"${pair#*=}")"
     echo "SMDP_CASE_${pair%%=*}_RX=${pair##*:}"
   done
-  for name in good nostarttls wrongname expired selfsigned tls11 stripped; do
+  for name in good nostarttls wrongname expired selfsigned tls11 stripped smart; do
     echo "SMDP_CASE_${name^^}=$name.plain.test"
     echo "SMDP_CASE_${name^^}_RX=$name"
   done

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use securemail_e2e::dataplane::{MtaHost, World, in_netns, json_report, run_ok, tenant_manifest, wait_until};
+use securemail_e2e::dataplane::{
+    MtaHost, World, cpu_seconds, in_netns, json_report, run_ok, status_kib, tenant_manifest, wait_until,
+};
 use securemail_e2e::repo_root;
 
 const SENDER: &str = "alerts@sender.test";
@@ -156,43 +158,6 @@ fn run_phase(world: &World, submitter: &Submitter<'_>, tag: &str, count: usize, 
         tls13,
         dkim_signed,
     }
-}
-
-/// The sidecar's pid: `ip netns exec` execs it, so it is the process whose command line names its config.
-fn sidecar_pid(config: &Path) -> u32 {
-    let config = config.display().to_string();
-    fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<String> = cmdline
-                .split(|byte| *byte == 0)
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect();
-            args.first().is_some_and(|arg0| arg0.ends_with("securemail-sidecar")) && args.contains(&config)
-        })
-        .expect("the sidecar process is running")
-}
-
-/// User + system CPU seconds the process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15 of the whole line.
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second: f64 = run_ok(Command::new("getconf").arg("CLK_TCK")).trim().parse().unwrap();
-    ticks as f64 / per_second
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("/proc/PID/status")
-        .lines()
-        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("/proc/{pid}/status has no {key}"))
 }
 
 /// Reads one (possibly multi-line) reply and returns its code.
@@ -345,7 +310,7 @@ fn main() {
         tls: mta.dir.join("tls"),
         recipient: recipient.clone(),
     };
-    let pid = sidecar_pid(&mta.sidecar_config);
+    let pid = mta.sidecar_pid();
     let context = || {
         format!(
             "sidecar log:\n{}\nmaillog:\n{}",

@@ -166,6 +166,39 @@ pub fn process_alive(pid: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// User + system CPU seconds process `pid` has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15 of the whole line.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
+    let ticks = |index: usize| -> u64 { fields[index].parse().expect("a tick count in /proc/PID/stat") };
+    let per_second: f64 = run_ok(Command::new("getconf").arg("CLK_TCK"))
+        .trim()
+        .parse()
+        .expect("CLK_TCK is a number");
+    (ticks(11) + ticks(12)) as f64 / per_second
+}
+
+/// A `kB` value of process `pid`'s `/proc/PID/status`, e.g. `VmRSS` or `VmHWM` (peak RSS).
+pub fn status_kib(pid: u32, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("/proc/PID/status")
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("/proc/{pid}/status has no {key}"))
+}
+
+/// The sum of every sample of `family` in the OpenMetrics text `text` whose labels contain all of `labels`
+/// (e.g. `result="delivered"`).
+pub fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(family) && !line.starts_with('#'))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// How a test application submits.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Submission {
@@ -372,6 +405,20 @@ impl MtaHost {
         );
     }
 
+    /// The running sidecar's pid: `ip netns exec`, `setpriv` and `env` exec it, so it is the child's.
+    pub fn sidecar_pid(&self) -> u32 {
+        self.sidecar.as_ref().map(Child::id).expect("the sidecar is running")
+    }
+
+    /// Adds recipients submitted other than by [`MtaHost::submit`] (e.g. in bulk) to those whose local parts must
+    /// never be in what the sidecar writes (checked when the host stops).
+    pub fn note_recipients<'a>(&self, recipients: impl IntoIterator<Item = &'a str>) {
+        self.recipients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(recipients.into_iter().map(str::to_owned));
+    }
+
     /// Kills the sidecar without warning (SIGKILL), as a crash would.
     pub fn kill_sidecar(&mut self) {
         if let Some(mut child) = self.sidecar.take() {
@@ -425,6 +472,9 @@ impl MtaHost {
             .append(true)
             .open(self.dir.join("maillog"))
             .expect("maillog");
+        // postsuper reopens `maillog_file = /dev/stdout` as the postfix user when it has something to report, e.g.
+        // a half-written queue file left by a kill; a log only root may write makes that a fatal start-up error.
+        run_ok(Command::new("chown").arg("postfix").arg(self.dir.join("maillog")));
         let child = in_netns(&self.netns, "postfix")
             .arg("-c")
             .arg(self.dir.join("conf"))

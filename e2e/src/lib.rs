@@ -3,6 +3,7 @@
 //! apiserver was exercised.
 #![forbid(unsafe_code)]
 
+pub mod bulk;
 pub mod dataplane;
 pub mod dnsbl;
 pub mod leaks;

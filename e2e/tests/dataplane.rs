@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use securemail_e2e::dataplane::{
-    MtaHost, SENDER, Submission, UNCAPPED_WARMUP, World, evidence_for, in_netns, message, output_with_input,
-    received_containing, received_ids, run_ok, sidecar_bin, tenant_manifest, unique_id, wait_until,
+    MtaHost, SENDER, Submission, UNCAPPED_WARMUP, World, evidence_for, in_netns, message, metric_sum,
+    output_with_input, received_containing, received_ids, run_ok, sidecar_bin, tenant_manifest, unique_id, wait_until,
 };
 use serde_json::Value;
 
@@ -63,15 +63,6 @@ fn assert_sent(report: &Value) {
 
 fn metrics(mta: &MtaHost) -> String {
     mta.admin_get("/metrics")
-}
-
-/// The sum of every sample of `family` whose labels contain all of `labels`.
-fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|line| line.starts_with(family) && !line.starts_with('#'))
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Delivers one message to `case`'s domain and waits until it arrived; returns the message as received.
