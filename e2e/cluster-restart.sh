@@ -3,7 +3,8 @@
 # again with exactly the command line cluster-up.sh recorded and the same state: etcd keeps its data directory (an
 # existing member ignores the --initial-cluster flags), the apiserver its certificates and appends to the same audit
 # log. Waits until the apiserver reports /readyz (which includes its etcd check) and prints how long the component
-# was gone, in seconds. Usage: cluster-restart.sh apiserver|etcd
+# was gone, in seconds. With DOWN_SECONDS it stays down that long first (an outage rather than a crash loop).
+# Usage: cluster-restart.sh apiserver|etcd [DOWN_SECONDS]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster-lib.sh
@@ -16,8 +17,10 @@ die() { echo "cluster-restart: $*" >&2; exit 1; }
 case ${1:-} in
   apiserver | kube-apiserver) name=kube-apiserver ;;
   etcd) name=etcd ;;
-  *) die "usage: cluster-restart.sh apiserver|etcd (got '${1:-}')" ;;
+  *) die "usage: cluster-restart.sh apiserver|etcd [DOWN_SECONDS] (got '${1:-}')" ;;
 esac
+down=${2:-0}
+[[ $down =~ ^[0-9]+$ ]] || die "DOWN_SECONDS must be a whole number of seconds, got '$down'"
 [ -f "$dir/$name.args" ] || die "no recorded command line for $name in $dir (start the control plane with e2e/cluster-up.sh)"
 pid=$(cat "$dir/$name.pid" 2>/dev/null) || die "no pid file for $name in $dir"
 ours "$pid" "$name" || die "$name (pid $pid) is not running"
@@ -29,6 +32,7 @@ for _ in $(seq 1 100); do
   sleep 0.05
 done
 ours "$pid" "$name" && die "$name (pid $pid) survived SIGKILL"
+sleep "$down"
 launch "$dir" "$name"
 
 for _ in $(seq 1 240); do

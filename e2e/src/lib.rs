@@ -149,6 +149,8 @@ pub struct AuditWrite {
     pub user_agent: String,
     /// When the apiserver received the request.
     pub received: jiff::Timestamp,
+    /// The HTTP status of the answer.
+    pub code: u16,
 }
 
 /// Every write request `username` made, in the order the apiserver logged them.
@@ -173,6 +175,11 @@ pub fn audit_writes(username: &str) -> Vec<AuditWrite> {
             received: field(&event, "/requestReceivedTimestamp")
                 .parse()
                 .unwrap_or_else(|err| panic!("audit event without a valid requestReceivedTimestamp: {err}")),
+            code: event
+                .pointer("/responseStatus/code")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|code| u16::try_from(code).ok())
+                .unwrap_or_default(),
         })
         .collect()
 }
@@ -187,13 +194,15 @@ pub fn writes_by(username: &str, namespace: &str) -> Vec<String> {
 }
 
 /// Crashes one component of the test control plane, `apiserver` or `etcd`, with SIGKILL and starts it again with
-/// the same command line and state (`e2e/cluster-restart.sh`); returns the seconds until the apiserver was ready.
-pub fn restart_control_plane(component: &str) -> f64 {
+/// the same command line and state (`e2e/cluster-restart.sh`), after `down_seconds` without it; returns the seconds
+/// until the apiserver was ready again.
+pub fn restart_control_plane(component: &str, down_seconds: u64) -> f64 {
     let script = repo_root().join("e2e/cluster-restart.sh");
     let config = kubeconfig();
     let dir = Path::new(&config).parent().unwrap_or_else(|| Path::new("."));
     let output = Command::new(&script)
         .arg(component)
+        .arg(down_seconds.to_string())
         .env("SECUREMAIL_CLUSTER_DIR", dir)
         .output()
         .unwrap_or_else(|err| panic!("{}: {err}", script.display()));

@@ -85,7 +85,10 @@ impl Operator {
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", "securemail-system")
             .env("POD_NAME", identity(admin_port))
-            .env("RUST_LOG", "info,kube=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SECUREMAIL_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".to_owned()),
+            )
             .stdout(Stdio::from(log_file.try_clone().unwrap_or_else(|err| panic!("{err}"))))
             .stderr(Stdio::from(log_file))
             .spawn()

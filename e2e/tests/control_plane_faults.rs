@@ -19,6 +19,8 @@ use securemail_e2e::{AuditWrite, audit_writes, client, ensure_crd, eventually, k
 const TENANTS: usize = 20;
 /// Crashes of the component under test per case.
 const RESTARTS: usize = 3;
+/// Longer than the operator's Lease (15 s), so it expires while the apiserver is gone.
+const OUTAGE_SECONDS: u64 = 25;
 /// Generous bound for convergence after the last fault; a healthy run needs a fraction of it.
 const CONVERGE: Duration = Duration::from_secs(240);
 
@@ -51,19 +53,19 @@ fn supervise(mut operator: Operator, exits: &mut usize) -> Operator {
     operator.restart()
 }
 
-/// Waits, supervising the operator, until every tenant in `tenants` converged; returns the operator.
+/// Waits, supervising the replicas, until every tenant in `tenants` converged.
 async fn converge_supervised(
     client: &Client,
     tenants: &[SecureMailTenant],
-    mut operator: Operator,
+    replicas: &mut Vec<Operator>,
     exits: &mut usize,
-) -> Operator {
+) {
     let deadline = Instant::now() + CONVERGE;
     loop {
-        operator = supervise(operator, exits);
+        *replicas = replicas.drain(..).map(|operator| supervise(operator, exits)).collect();
         let converged = converged_count(client, tenants).await;
         if converged == tenants.len() {
-            return operator;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -108,9 +110,10 @@ fn from(write: &AuditWrite, identity: &str) -> bool {
 }
 
 /// 20 tenants, one operator with leader election (as the chart deploys it), `component` crashed and restarted
-/// [`RESTARTS`] times at random moments while reconciles are in flight; then every tenant converges with exactly one
-/// key per domain and algorithm and no orphans, and the operator either kept running or exited only on purpose.
-async fn crash_during_reconciles(component: &str, prefix: &str, admin_port: u16) {
+/// [`RESTARTS`] times at random moments while reconciles are in flight, the last time after `outage_seconds` down;
+/// then every tenant converges with exactly one key per domain and algorithm and no
+/// orphans, and the operator either kept running or exited only on purpose.
+async fn crash_during_reconciles(component: &str, prefix: &str, admin_port: u16, outage_seconds: u64) {
     ensure_crd();
     let client = client().await;
     // Every address is "not listed" here; without a server, DNSBL lookups would only wait for their timeout.
@@ -123,29 +126,31 @@ async fn crash_during_reconciles(component: &str, prefix: &str, admin_port: u16)
     let mut downtimes = Vec::new();
     // Tenants already converged at each crash: fewer than all shows reconciles were in flight.
     let mut converged_before = Vec::new();
-    for _ in 0..RESTARTS {
+    for restart in 1..=RESTARTS {
         tokio::time::sleep(next_delay(&mut seed)).await;
         converged_before.push(converged_count(&client, &tenants).await);
         let component = component.to_owned();
-        let gone = tokio::task::spawn_blocking(move || restart_control_plane(&component))
+        let down = if restart == RESTARTS { outage_seconds } else { 0 };
+        let gone = tokio::task::spawn_blocking(move || restart_control_plane(&component, down))
             .await
             .unwrap_or_else(|err| panic!("restart: {err}"));
         downtimes.push(gone);
         operator = supervise(operator, &mut exits);
     }
     let after_last = Instant::now();
-    let operator = converge_supervised(&client, &tenants, operator, &mut exits).await;
+    let mut replicas = vec![operator];
+    converge_supervised(&client, &tenants, &mut replicas, &mut exits).await;
     let converge_seconds = after_last.elapsed().as_secs_f64();
     for tenant in &tenants {
         assert_converged(&client, tenant, CONVERGE).await;
     }
     let writes = writes_in(&tenants);
     assert!(
-        writes.iter().all(|write| from(write, &operator.identity())),
+        writes.iter().all(|write| from(write, &replicas[0].identity())),
         "a write in a tenant namespace came from another client than the operator replica"
     );
     println!(
-        "{component}: {RESTARTS} SIGKILL restarts with {converged_before:?} of {TENANTS} tenants converged, apiserver \
+        "{component}: {RESTARTS} SIGKILL restarts (the last after {outage_seconds} s down) with {converged_before:?} of {TENANTS} tenants converged, apiserver \
          ready again after {downtimes:?} s; all converged {converge_seconds:.1} s after the last restart; operator \
          exits {exits}; operator writes {}",
         writes.len()
@@ -155,13 +160,23 @@ async fn crash_during_reconciles(component: &str, prefix: &str, admin_port: u16)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_crashes_during_reconciles_converge_without_duplicates_or_orphans() {
     let _serial = SERIAL.lock().await;
-    crash_during_reconciles("apiserver", "cp-apiserver", 18_701).await;
+    crash_during_reconciles("apiserver", "cp-apiserver", 18_701, 0).await;
+}
+
+/// Known to fail (docs/security.md, "Not proven yet"): after the apiserver was gone longer than the Lease, the
+/// operator keeps the Lease but some tenants never reconcile again; watch requests started as the apiserver died
+/// wait for an answer forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open: the operator stalls after an apiserver outage longer than its Lease"]
+async fn apiserver_outage_longer_than_the_lease_converges() {
+    let _serial = SERIAL.lock().await;
+    crash_during_reconciles("apiserver", "cp-outage", 18_703, OUTAGE_SECONDS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_crashes_during_reconciles_converge_without_duplicates_or_orphans() {
     let _serial = SERIAL.lock().await;
-    crash_during_reconciles("etcd", "cp-etcd", 18_702).await;
+    crash_during_reconciles("etcd", "cp-etcd", 18_702, 0).await;
 }
 
 /// The holder of the operator's Lease, if any.
@@ -190,6 +205,53 @@ async fn reconciles(operator: &Operator) -> u64 {
         .sum()
 }
 
+/// Starts two replicas with leader election at once; returns them as (leader, standby) once one holds the Lease.
+async fn two_replicas(first_port: u16, second_port: u16) -> (Operator, Operator) {
+    let first = Operator::start(first_port);
+    let second = Operator::start(second_port);
+    let identities = [first.identity(), second.identity()];
+    // A Lease left by an earlier case's killed operator expires first.
+    let holder = eventually("one of the two replicas holds the Lease", CONVERGE, || async {
+        lease_holder().filter(|holder| identities.contains(holder))
+    })
+    .await;
+    if holder == first.identity() {
+        (first, second)
+    } else {
+        (second, first)
+    }
+}
+
+/// The replica a write came from: the operator names its identity in parentheses at the end of its User-Agent.
+fn identity_of(write: &AuditWrite) -> &str {
+    write
+        .user_agent
+        .rsplit_once('(')
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .unwrap_or_default()
+}
+
+/// One writer at a time, from the apiserver's audit log in the order it logged requests: every write in the tenants'
+/// namespaces comes from the replica whose Lease write (acquiring, renewing or releasing it) succeeded last, so a
+/// replica that lost the Lease writes nothing until it holds it again.
+fn assert_one_writer(tenants: &[SecureMailTenant]) {
+    let namespaces = namespaces_of(tenants);
+    let mut holder: Option<String> = None;
+    for write in audit_writes(OPERATOR_USER) {
+        if write.namespace == "securemail-system" && write.resource == "leases" && write.name == "securemail-operator" {
+            if (200..300).contains(&write.code) {
+                holder = Some(identity_of(&write).to_owned());
+            }
+        } else if namespaces.contains(&write.namespace) {
+            assert_eq!(
+                holder.as_deref(),
+                Some(identity_of(&write)),
+                "a write from a replica that did not hold the Lease: {write:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_have_one_writer_and_the_standby_finishes_what_a_killed_leader_started() {
     let _serial = SERIAL.lock().await;
@@ -198,19 +260,7 @@ async fn two_replicas_have_one_writer_and_the_standby_finishes_what_a_killed_lea
     let _blocklist = securemail_e2e::dnsbl::BlocklistServer::start().await;
     let tenants = create_mix(&client, "cp-replicas", TENANTS).await;
 
-    let first = Operator::start(18_711);
-    let second = Operator::start(18_712);
-    let identities = [first.identity(), second.identity()];
-    // A Lease left by an earlier case's killed operator expires first.
-    let holder = eventually("one of the two replicas holds the Lease", CONVERGE, || async {
-        lease_holder().filter(|holder| identities.contains(holder))
-    })
-    .await;
-    let (leader, standby) = if holder == first.identity() {
-        (first, second)
-    } else {
-        (second, first)
-    };
+    let (leader, standby) = two_replicas(18_711, 18_712).await;
     let (leader_id, standby_id) = (leader.identity(), standby.identity());
 
     // Mid-way: the leader has started writing for the new tenants.
@@ -227,7 +277,8 @@ async fn two_replicas_have_one_writer_and_the_standby_finishes_what_a_killed_lea
     let killed = Instant::now();
 
     let mut exits = 0;
-    let standby = converge_supervised(&client, &tenants, standby, &mut exits).await;
+    let mut replicas = vec![standby];
+    converge_supervised(&client, &tenants, &mut replicas, &mut exits).await;
     let converge_seconds = killed.elapsed().as_secs_f64();
     assert_eq!(exits, 0, "the standby exited after taking over");
     assert_eq!(lease_holder().as_deref(), Some(standby_id.as_str()));
@@ -253,13 +304,14 @@ async fn two_replicas_have_one_writer_and_the_standby_finishes_what_a_killed_lea
         early.is_empty(),
         "the standby wrote while the leader held the Lease: {early:?}"
     );
+    assert_one_writer(&tenants);
     let takeover = by_standby
         .first()
         .map(|write| write.received.duration_since(killed_at).as_secs_f64());
 
     // Identical to what one operator produces: a fresh single replica finds nothing to change for these tenants
     // (it writes whenever a child's desired content or the status differs), and the state reads the same.
-    drop(standby);
+    drop(replicas);
     let single = Operator::start_single(18_713);
     let total = Api::<SecureMailTenant>::all(client.clone())
         .list(&ListParams::default())

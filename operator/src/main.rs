@@ -160,7 +160,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let admin = tokio::spawn(admin::serve(args.admin_address, metrics.clone(), health.clone()));
-    let leader_election = args.leader_election.then(|| LeaderElection {
+    let leader_election = args.leader_election.then_some(LeaderElection {
         namespace: args.namespace,
         identity,
     });
