@@ -101,9 +101,11 @@ impl Operator {
         }
     }
 
-    /// Kills the process at once, like a crashed pod.
-    pub fn kill(mut self) {
+    /// Kills the process at once, like a crashed pod; returns the moment it was gone (before the checks that run
+    /// when an operator is dropped).
+    pub fn kill(mut self) -> jiff::Timestamp {
         self.stop();
+        jiff::Timestamp::now()
     }
 
     fn stop(&mut self) {
