@@ -79,14 +79,18 @@ cluster-down:
 	e2e/cluster-down.sh
 
 ## e2e: start a control plane, test the Helm chart against it (lint, every toggle, dry runs, install, RBAC matrix,
-## uninstall), run the suites with the operator as the chart's ServiceAccount, stop the control plane again.
+## uninstall), run the suites with the operator as the chart's ServiceAccount, then the control-plane fault suite
+## (it kills and restarts the apiserver and etcd, so it goes last), stop the control plane again.
 e2e:
 	$(CARGO) build $(CARGO_FLAGS) -p securemail-operator --bin securemail-operator
 	e2e/cluster-up.sh >/dev/null
 	status=0; KUBECONFIG=$(KUBECONFIG_FILE) charts/tests/chart.sh || status=$$?; [ $$status -eq 0 ] && \
 	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_OPERATOR_BIN=$(TARGET_DIR)/debug/securemail-operator \
 	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test control_plane --test operator --test operator_namespaces --test operator_crash --test rendered_objects \
-	  || status=$$?; e2e/cluster-down.sh; exit $$status
+	  || status=$$?; [ $$status -eq 0 ] && \
+	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_OPERATOR_BIN=$(TARGET_DIR)/debug/securemail-operator \
+	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test control_plane_faults || status=$$?; \
+	  e2e/cluster-down.sh; exit $$status
 
 ## e2e-dataplane: start the data-plane world (DNSSEC zones, validating resolver, MTA-STS server, receiving MX hosts
 ## in network namespaces), check it without the sidecar, run the sidecar suites in it, stop it again.

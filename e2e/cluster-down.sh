@@ -2,19 +2,12 @@
 # Stops the local control plane started by cluster-up.sh and removes its state directory. Safe to run when nothing
 # is running.
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=cluster-lib.sh
+. "$here/cluster-lib.sh"
 dir=${SECUREMAIL_CLUSTER_DIR:-/tmp/securemail-cluster}
 
 log() { echo "cluster-down: $*" >&2; }
-
-# Only signal a recorded pid if it is still the expected, running program, so a recycled pid is never hit. An
-# exited but not yet reaped process (state Z) is already gone.
-ours() {
-  local pid=$1 name=$2 info state comm
-  info=$(ps -p "$pid" -o stat=,comm= 2>/dev/null) || return 1
-  read -r state comm <<<"$info"
-  # The kernel keeps only the first 15 characters of a program name.
-  [ "$comm" = "${name:0:15}" ] && [[ $state != Z* ]]
-}
 
 # The operator (started by the demo) and the apiserver go first, so neither logs a storm of connection errors while
 # what it talks to shuts down.

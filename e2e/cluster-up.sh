@@ -6,6 +6,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 . "$here/versions.env"
+# shellcheck source=cluster-lib.sh
+. "$here/cluster-lib.sh"
 
 dir=${SECUREMAIL_CLUSTER_DIR:-/tmp/securemail-cluster}
 etcd_port=${SECUREMAIL_ETCD_PORT:-23791}
@@ -30,11 +32,6 @@ fail() {
   done
   echo "cluster-up: logs kept in $dir" >&2
   exit 1
-}
-# A process that already exited but is not yet reaped (state Z) counts as dead.
-alive() {
-  local state
-  [ -f "$1" ] && state=$(ps -p "$(cat "$1")" -o stat= 2>/dev/null) && [[ $state != Z* ]]
 }
 # True when something already accepts connections on the loopback port.
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -103,7 +100,7 @@ chmod 600 "$pki"/*.key
 # --- etcd ---------------------------------------------------------------------------------------------------------
 # Plain HTTP is acceptable: it listens on loopback only and holds throwaway test data. No fsync keeps it fast.
 log "starting etcd on 127.0.0.1:$etcd_port"
-setsid nohup "$etcd_bin" \
+record_and_launch "$dir" etcd "$etcd_bin" \
   --name=securemail \
   --data-dir="$dir/etcd-data" \
   --listen-client-urls="http://127.0.0.1:$etcd_port" \
@@ -113,9 +110,7 @@ setsid nohup "$etcd_bin" \
   --initial-cluster="securemail=http://127.0.0.1:$etcd_peer_port" \
   --initial-cluster-state=new \
   --unsafe-no-fsync \
-  --log-level=warn \
-  </dev/null >"$dir/etcd.log" 2>&1 &
-echo $! > "$dir/etcd.pid"
+  --log-level=warn
 
 etcd_healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$etcd_port/health" 2>/dev/null | grep -q '"health":"true"'; }
 ready=false
@@ -140,7 +135,7 @@ rules:
 - level: None
 EOF_POLICY
 log "starting kube-apiserver on 127.0.0.1:$api_port"
-setsid nohup "$apiserver_bin" \
+record_and_launch "$dir" kube-apiserver "$apiserver_bin" \
   --etcd-servers="http://127.0.0.1:$etcd_port" \
   --bind-address=127.0.0.1 \
   --advertise-address=127.0.0.1 \
@@ -160,9 +155,7 @@ setsid nohup "$apiserver_bin" \
   --audit-policy-file="$dir/audit-policy.yaml" \
   --audit-log-path="$dir/audit.log" \
   --audit-log-mode=blocking \
-  --v=1 \
-  </dev/null >"$dir/kube-apiserver.log" 2>&1 &
-echo $! > "$dir/kube-apiserver.pid"
+  --v=1
 
 cat > "$kubeconfig" <<EOF
 apiVersion: v1

@@ -139,21 +139,84 @@ pub fn audit_log() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("audit.log"))
 }
 
-/// Write requests (create, update, patch, delete) `username` made in `namespace`, from the audit log.
-pub fn writes_by(username: &str, namespace: &str) -> Vec<String> {
+/// One write request (create, update, patch, delete) from the audit log.
+#[derive(Debug, Clone)]
+pub struct AuditWrite {
+    pub verb: String,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    /// What the client sent as User-Agent; the operator names its replica there.
+    pub user_agent: String,
+    /// When the apiserver received the request.
+    pub received: jiff::Timestamp,
+    /// The HTTP status of the answer.
+    pub code: u16,
+}
+
+/// Every write request `username` made, in the order the apiserver logged them.
+pub fn audit_writes(username: &str) -> Vec<AuditWrite> {
     let text = std::fs::read_to_string(audit_log()).unwrap_or_default();
+    let field = |event: &serde_json::Value, pointer: &str| {
+        event
+            .pointer(pointer)
+            .and_then(|value| value.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
     text.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|event| event["user"]["username"] == username && event["objectRef"]["namespace"] == namespace)
-        .map(|event| {
-            format!(
-                "{} {}/{}",
-                event["verb"].as_str().unwrap_or_default(),
-                event["objectRef"]["resource"].as_str().unwrap_or_default(),
-                event["objectRef"]["name"].as_str().unwrap_or_default()
-            )
+        .filter(|event| event["user"]["username"] == username)
+        .map(|event| AuditWrite {
+            verb: field(&event, "/verb"),
+            resource: field(&event, "/objectRef/resource"),
+            namespace: field(&event, "/objectRef/namespace"),
+            name: field(&event, "/objectRef/name"),
+            user_agent: field(&event, "/userAgent"),
+            received: field(&event, "/requestReceivedTimestamp")
+                .parse()
+                .unwrap_or_else(|err| panic!("audit event without a valid requestReceivedTimestamp: {err}")),
+            code: event
+                .pointer("/responseStatus/code")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|code| u16::try_from(code).ok())
+                .unwrap_or_default(),
         })
         .collect()
+}
+
+/// Write requests `username` made in `namespace`, from the audit log, as `verb resource/name`.
+pub fn writes_by(username: &str, namespace: &str) -> Vec<String> {
+    audit_writes(username)
+        .into_iter()
+        .filter(|write| write.namespace == namespace)
+        .map(|write| format!("{} {}/{}", write.verb, write.resource, write.name))
+        .collect()
+}
+
+/// Crashes one component of the test control plane, `apiserver` or `etcd`, with SIGKILL and starts it again with
+/// the same command line and state (`e2e/cluster-restart.sh`), after `down_seconds` without it; returns the seconds
+/// until the apiserver was ready again.
+pub fn restart_control_plane(component: &str, down_seconds: u64) -> f64 {
+    let script = repo_root().join("e2e/cluster-restart.sh");
+    let config = kubeconfig();
+    let dir = Path::new(&config).parent().unwrap_or_else(|| Path::new("."));
+    let output = Command::new(&script)
+        .arg(component)
+        .arg(down_seconds.to_string())
+        .env("SECUREMAIL_CLUSTER_DIR", dir)
+        .output()
+        .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
+    assert!(
+        output.status.success(),
+        "restarting {component} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|err| panic!("cluster-restart.sh printed {stdout:?}, not seconds: {err}"))
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or panics naming `what` after `timeout`.

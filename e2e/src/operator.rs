@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 
 use crate::dataplane::run_ok;
@@ -22,6 +22,7 @@ pub struct Operator {
     child: Child,
     pub admin_port: u16,
     pub log: PathBuf,
+    leader_election: bool,
 }
 
 impl Operator {
@@ -48,6 +49,26 @@ impl Operator {
         Self::spawn_as(admin_port, leader_election, E2E_RELEASE, &[])
     }
 
+    /// The pod name the replica runs as: its identity in the Lease and in its User-Agent.
+    pub fn identity(&self) -> String {
+        identity(self.admin_port)
+    }
+
+    /// How the process ended, once it has.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .try_wait()
+            .unwrap_or_else(|err| panic!("cannot check the operator process: {err}"))
+    }
+
+    /// What a Deployment does with a container that exited: the same pod (identity) starts again. For operators
+    /// from [`Operator::start`] and [`Operator::start_single`].
+    pub fn restart(self) -> Self {
+        let (admin_port, leader_election) = (self.admin_port, self.leader_election);
+        drop(self);
+        Self::spawn(admin_port, leader_election)
+    }
+
     fn spawn_as(admin_port: u16, leader_election: bool, release: &str, extra_args: &[&str]) -> Self {
         let binary = std::env::var("SECUREMAIL_OPERATOR_BIN")
             .unwrap_or_else(|_| panic!("SECUREMAIL_OPERATOR_BIN is not set; run the suite with `make e2e`"));
@@ -63,18 +84,28 @@ impl Operator {
             .args(extra_args)
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", "securemail-system")
-            .env("POD_NAME", format!("e2e-{admin_port}"))
-            .env("RUST_LOG", "info,kube=warn")
+            .env("POD_NAME", identity(admin_port))
+            .env(
+                "RUST_LOG",
+                std::env::var("SECUREMAIL_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".to_owned()),
+            )
             .stdout(Stdio::from(log_file.try_clone().unwrap_or_else(|err| panic!("{err}"))))
             .stderr(Stdio::from(log_file))
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start the operator: {err}"));
-        Self { child, admin_port, log }
+        Self {
+            child,
+            admin_port,
+            log,
+            leader_election,
+        }
     }
 
-    /// Kills the process at once, like a crashed pod.
-    pub fn kill(mut self) {
+    /// Kills the process at once, like a crashed pod; returns the moment it was gone (before the checks that run
+    /// when an operator is dropped).
+    pub fn kill(mut self) -> jiff::Timestamp {
         self.stop();
+        jiff::Timestamp::now()
     }
 
     fn stop(&mut self) {
@@ -141,6 +172,10 @@ impl Drop for Operator {
             self.assert_no_key_material(metrics);
         }
     }
+}
+
+fn identity(admin_port: u16) -> String {
+    format!("e2e-{admin_port}")
 }
 
 /// The chart release the suites run the operator under (its ServiceAccount is [`OPERATOR_USER`]).

@@ -10,6 +10,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
+use securemail_api::tenant::DkimSelectorState;
 use serde_json::json;
 
 use crate::operator::Operator;
@@ -248,5 +249,127 @@ pub fn test_certificate() -> &'static str {
         let pem = std::fs::read_to_string(dir.join("cert.pem")).unwrap_or_else(|err| panic!("{err}"));
         let _ = std::fs::remove_dir_all(&dir);
         pem
+    })
+}
+
+/// `count` tenants, each in a namespace of its own named after `prefix`; every third one dual-signs (two keys per
+/// domain), so some reconciles generate two keys.
+pub async fn create_mix(client: &Client, prefix: &str, count: usize) -> Vec<SecureMailTenant> {
+    let mut tenants = Vec::with_capacity(count);
+    for index in 0..count {
+        let namespace = crate::unique_namespace(prefix);
+        let file = if index % 3 == 0 {
+            "dedicated-warmup.yaml"
+        } else {
+            "minimal.yaml"
+        };
+        tenants.push(create(client, &example(file, &namespace)).await);
+    }
+    tenants
+}
+
+/// Whether the operator has reconciled the tenant's current generation and its DKIM keys are ready.
+pub fn is_converged(tenant: &SecureMailTenant) -> bool {
+    let current = tenant
+        .status
+        .as_ref()
+        .is_some_and(|status| status.observed_generation == tenant.metadata.generation);
+    current && condition(tenant, "DkimReady").is_some_and(|(status, _, _)| status == "True")
+}
+
+/// Waits until `tenant` converged ([`is_converged`]), then asserts exactly its own children ([`assert_children`])
+/// and exactly one DKIM key per domain and algorithm: the active selectors in status are the stored key Secrets,
+/// and every one is the first generated for its domain (`-1`), so none was lost and made again or duplicated.
+pub async fn assert_converged(client: &Client, tenant: &SecureMailTenant, timeout: Duration) -> SecureMailTenant {
+    let namespace = tenant.namespace().unwrap_or_default();
+    let name = tenant.name_any();
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let converged = eventually(&format!("{namespace}/{name} converged"), timeout, || async {
+        api.get(&name).await.ok().filter(is_converged)
+    })
+    .await;
+    assert_children(client, &converged).await;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let mut stored: Vec<String> = secrets
+        .list(&ListParams::default().labels("app.kubernetes.io/component=dkim-key"))
+        .await
+        .unwrap_or_else(|err| panic!("key Secrets: {err}"))
+        .iter()
+        .filter_map(|secret| secret.labels().get("securemail.io/dkim-selector").cloned())
+        .collect();
+    stored.sort();
+    let mut recorded: Vec<String> = converged
+        .status
+        .iter()
+        .flat_map(|status| &status.dkim_selectors)
+        .filter(|selector| selector.state == DkimSelectorState::Active)
+        .map(|selector| selector.selector.clone())
+        .collect();
+    recorded.sort();
+    assert_eq!(stored, recorded, "{namespace}: stored keys and status disagree");
+    assert!(
+        recorded.iter().all(|selector| selector.ends_with("-1")),
+        "{namespace}: a key was generated more than once: {recorded:?}"
+    );
+    converged
+}
+
+/// What the operator made for `tenant` as it stands: each child's kind, name, labels, annotations (with the
+/// desired-hash), owner references and content (spec, data, rules), and the DNS records and DKIM selectors in its
+/// status. Key Secrets appear as their uid and a digest of their data, so a comparison can print it.
+pub async fn converged_state(client: &Client, tenant: &SecureMailTenant) -> serde_json::Value {
+    let namespace = tenant.namespace().unwrap_or_default();
+    let name = tenant.name_any();
+    let selector = format!("app.kubernetes.io/managed-by=securemail-operator,securemail.io/tenant={name}");
+    let listed = crate::kubectl_ok(&[
+        "get",
+        "statefulsets,configmaps,services,serviceaccounts,poddisruptionbudgets,networkpolicies,secrets",
+        "-n",
+        &namespace,
+        "-l",
+        &selector,
+        "-o",
+        "json",
+    ]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap_or_else(|err| panic!("kubectl get: {err}"));
+    let mut children: Vec<serde_json::Value> = listed["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|object| {
+            let mut content = json!({
+                "kind": object["kind"],
+                "name": object["metadata"]["name"],
+                "labels": object["metadata"]["labels"],
+                "annotations": object["metadata"]["annotations"],
+                "ownerReferences": object["metadata"]["ownerReferences"],
+                "spec": object["spec"],
+                "data": object["data"],
+                "automountServiceAccountToken": object["automountServiceAccountToken"],
+            });
+            if object["kind"] == "Secret" {
+                let mut hasher = std::hash::DefaultHasher::new();
+                std::hash::Hash::hash(&object["data"].to_string(), &mut hasher);
+                content["data"] = json!(format!(
+                    "uid {} data {:016x}",
+                    object["metadata"]["uid"],
+                    std::hash::Hasher::finish(&hasher)
+                ));
+            }
+            content
+        })
+        .collect();
+    children.sort_by_key(|child| format!("{} {}", child["kind"], child["name"]));
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let live = api
+        .get(&name)
+        .await
+        .unwrap_or_else(|err| panic!("{namespace}/{name}: {err}"));
+    let status = live.status.unwrap_or_default();
+    json!({
+        "children": children,
+        "dnsRecords": status.dns_records,
+        "dkimSelectors": status.dkim_selectors,
     })
 }

@@ -67,7 +67,7 @@ struct RunArgs {
     /// Namespace of the operator (its Lease lives here; it reads MTA pods' status from here).
     #[arg(long, env = "POD_NAMESPACE", default_value = "securemail-system")]
     namespace: String,
-    /// Identity in the Lease.
+    /// Identity in the Lease, also named in the User-Agent of every API request (audit logs attribute writes to it).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// Namespace whose pods may scrape the MTA pods' metrics.
@@ -129,9 +129,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_current_span(false)
         .init();
-    let client = kube::Client::try_default()
+    let identity = args
+        .identity
+        .unwrap_or_else(|| format!("securemail-operator-{}", std::process::id()));
+    let mut config = kube::Config::infer()
         .await
-        .context("cannot build a Kubernetes client")?;
+        .context("cannot find a Kubernetes configuration")?;
+    // The apiserver's audit log records the user agent: with every replica under one ServiceAccount, this is what
+    // tells an SRE which replica made a write.
+    let user_agent = format!("securemail-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_str(&user_agent)
+            .with_context(|| format!("POD_NAME {identity:?} cannot be sent in a User-Agent header"))?,
+    ));
+    let client = kube::Client::try_from(config).context("cannot build a Kubernetes client")?;
     let settings = args.images.settings(Settings {
         monitoring_namespace: args.monitoring_namespace,
         operator_namespace: args.namespace.clone(),
@@ -148,11 +160,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let admin = tokio::spawn(admin::serve(args.admin_address, metrics.clone(), health.clone()));
-    let leader_election = args.leader_election.then(|| LeaderElection {
+    let leader_election = args.leader_election.then_some(LeaderElection {
         namespace: args.namespace,
-        identity: args
-            .identity
-            .unwrap_or_else(|| format!("securemail-operator-{}", std::process::id())),
+        identity,
     });
     let result = controller::run(
         client,
