@@ -19,7 +19,9 @@ use securemail_e2e::{AuditWrite, audit_writes, client, ensure_crd, eventually, k
 const TENANTS: usize = 20;
 /// Crashes of the component under test per case.
 const RESTARTS: usize = 3;
-/// Longer than the operator's Lease (15 s), so it expires while the apiserver is gone.
+/// The operator's Lease duration.
+const LEASE_SECONDS: u64 = 15;
+/// Longer than the operator's Lease, so it expires while the apiserver is gone.
 const OUTAGE_SECONDS: u64 = 25;
 /// Generous bound for convergence after the last fault; a healthy run needs a fraction of it.
 const CONVERGE: Duration = Duration::from_secs(240);
@@ -141,6 +143,11 @@ async fn crash_during_reconciles(component: &str, prefix: &str, admin_port: u16,
     let mut replicas = vec![operator];
     converge_supervised(&client, &tenants, &mut replicas, &mut exits).await;
     let converge_seconds = after_last.elapsed().as_secs_f64();
+    assert!(
+        outage_seconds <= LEASE_SECONDS || exits > 0,
+        "the operator kept running through a {outage_seconds} s outage, longer than its {LEASE_SECONDS} s Lease: it \
+         must stop before a standby may take the Lease over"
+    );
     for tenant in &tenants {
         assert_converged(&client, tenant, CONVERGE).await;
     }
@@ -157,20 +164,15 @@ async fn crash_during_reconciles(component: &str, prefix: &str, admin_port: u16,
     );
 }
 
-/// Known to fail now and then (docs/security.md, "Not proven yet"): a clean-clone `make test` on 2026-11-26 saw 2 of
-/// 20 tenants never converge after three short apiserver restarts, the same stall as the outage case below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: some tenants can stall after apiserver restarts"]
 async fn apiserver_crashes_during_reconciles_converge_without_duplicates_or_orphans() {
     let _serial = SERIAL.lock().await;
     crash_during_reconciles("apiserver", "cp-apiserver", 18_701, 0).await;
 }
 
-/// Known to fail (docs/security.md, "Not proven yet"): after the apiserver was gone longer than the Lease, the
-/// operator keeps the Lease but some tenants never reconcile again; watch requests started as the apiserver died
-/// wait for an answer forever.
+/// The apiserver stays gone longer than the Lease: the operator cannot renew it, so it must stop before a standby
+/// could take the Lease over (and is started again, as its Deployment would).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: the operator stalls after an apiserver outage longer than its Lease"]
 async fn apiserver_outage_longer_than_the_lease_converges() {
     let _serial = SERIAL.lock().await;
     crash_during_reconciles("apiserver", "cp-outage", 18_703, OUTAGE_SECONDS).await;

@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use std::borrow::Cow;
 use std::fmt::Debug;
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -34,6 +36,15 @@ const DEBOUNCE: Duration = Duration::from_millis(500);
 /// hold a thousand half-finished reconciles (and their memory) at the same time.
 const CONCURRENCY: u16 = 16;
 
+/// How long the Lease lasts unless renewed; a standby may take it once it expired.
+const LEASE_SECONDS: u64 = 15;
+/// Renewal starts this long before the Lease expires, leaving room for retries when one fails.
+const LEASE_GRACE_SECONDS: u64 = 8;
+/// A leader whose last confirmed renewal is older than this stops, 3 s before a standby may take the Lease.
+const RENEW_DEADLINE: Duration = Duration::from_secs(12);
+/// How often the leader reads its Lease back (also the timeout of one read).
+const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Leader election settings; `None` runs without a lease (a single replica).
 #[derive(Debug, Clone)]
 pub struct LeaderElection {
@@ -56,8 +67,8 @@ pub async fn run(
             let manager = LeaseManagerBuilder::new(client.clone(), MANAGER)
                 .with_namespace(&election.namespace)
                 .with_identity(&election.identity)
-                .with_duration(15)
-                .with_grace(5)
+                .with_duration(LEASE_SECONDS)
+                .with_grace(LEASE_GRACE_SECONDS)
                 .build()
                 .await?;
             let (mut channel, task) = manager.watch().await;
@@ -83,7 +94,7 @@ pub async fn run(
         .modify(slim_tenant)
         .reflect(writer)
         .applied_objects();
-        Controller::for_stream(tenants, reader)
+        Controller::for_stream(logging_errors(tenants, "SecureMailTenant".into()), reader)
     };
     let (stateful_sets, stateful_set_events) = {
         let (reader, writer) = reflector::store();
@@ -92,7 +103,7 @@ pub async fn run(
             .modify(slim_metadata)
             .reflect(writer)
             .touched_objects();
-        (reader, events)
+        (reader, logging_errors(events, "StatefulSet".into()))
     };
     let (config_maps, config_map_events) = metadata_store::<ConfigMap>(Api::all(client.clone()), &managed);
     let (services, service_events) = metadata_store::<Service>(Api::all(client.clone()), &managed);
@@ -159,8 +170,8 @@ pub async fn run(
         });
     health.ready.store(true, Ordering::Relaxed);
 
-    match leadership.as_mut() {
-        Some((channel, _)) => {
+    match (leadership.as_mut(), leader_election.as_ref()) {
+        (Some((channel, _)), Some(election)) => {
             let lost = async {
                 while channel.changed().await.is_ok() {
                     if !*channel.borrow() {
@@ -174,11 +185,48 @@ pub async fn run(
                     warn!("lost the leader lease; stopping so a standby can take over");
                     anyhow::bail!("leader lease lost");
                 }
+                reason = leadership_lapsed(client, election) => {
+                    warn!(%reason, "cannot confirm the leader lease; stopping before a standby may take it over");
+                    anyhow::bail!("leader lease lost: {reason}");
+                }
             }
         }
-        None => reconciling.await,
+        _ => reconciling.await,
     }
     Ok(())
+}
+
+/// Resolves with the reason once this replica can no longer be sure it leads: its Lease names another holder or is
+/// gone, or its last renewal the apiserver shows is older than [`RENEW_DEADLINE`]. kube-lease-manager keeps reporting
+/// leadership while renewals fail (the apiserver unreachable, say); without this, the old leader would go on
+/// reconciling beside a standby that took the expired Lease.
+async fn leadership_lapsed(client: Client, election: &LeaderElection) -> String {
+    let leases: Api<Lease> = Api::namespaced(client, &election.namespace);
+    // Leadership was acquired (the Lease renewed) just before this starts.
+    let mut last_renewal = SystemTime::now();
+    loop {
+        tokio::time::sleep(LEASE_CHECK_INTERVAL).await;
+        match tokio::time::timeout(LEASE_CHECK_INTERVAL, leases.get_opt(MANAGER)).await {
+            Ok(Ok(Some(lease))) => {
+                let spec = lease.spec.unwrap_or_default();
+                match spec.holder_identity {
+                    Some(holder) if holder == election.identity => {}
+                    Some(holder) => return format!("the Lease is held by {holder}"),
+                    None => return "the Lease has no holder".to_owned(),
+                }
+                if let Some(renewed) = spec.renew_time {
+                    last_renewal = last_renewal.max(SystemTime::from(renewed.0));
+                }
+            }
+            Ok(Ok(None)) => return "the Lease was deleted".to_owned(),
+            Ok(Err(error)) => debug!(%error, "cannot read the leader lease"),
+            Err(_) => debug!("reading the leader lease timed out"),
+        }
+        let since = SystemTime::now().duration_since(last_renewal).unwrap_or_default();
+        if since > RENEW_DEADLINE {
+            return format!("no renewal confirmed for {} s", since.as_secs());
+        }
+    }
 }
 
 /// A metadata-only watch of the operator's children of kind `K` through `api`, cached in a store, as a stream of
@@ -199,7 +247,23 @@ where
         .modify(slim_metadata)
         .reflect(writer)
         .touched_objects();
-    (reader, events)
+    (reader, logging_errors(events, K::kind(&())))
+}
+
+/// Logs a watch's errors and keeps them out of the controller's triggers. Each watch already waits out its own
+/// backoff before it retries. The controller backs off its merged trigger stream as a whole on every error it sees:
+/// after an apiserver restart, when every watch fails a few times, those pauses added up to minutes in which no watch
+/// was read, the caches stayed stale and reconciles kept failing against them.
+fn logging_errors<T: Send + 'static>(
+    events: impl Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    kind: Cow<'static, str>,
+) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static {
+    events.filter(move |event| {
+        if let Err(error) = event {
+            warn!(%kind, %error, "watch failed; it retries after a backoff");
+        }
+        futures::future::ready(event.is_ok())
+    })
 }
 
 /// Server-side apply bookkeeping is most of a cached object's size and the operator never reads it.

@@ -198,7 +198,8 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     );
 
     // DKIM keys: adopt what is stored, generate what is missing, retire what is done.
-    let stored = stored_keys(ctx, &namespace, &names)?;
+    let mut stored = stored_keys(ctx, &namespace, &names)?;
+    confirm_recorded_keys(ctx, &namespace, &names, &previous.dkim_selectors, &mut stored).await?;
     let plan = dkim::plan(&tenant.spec.domains, &previous.dkim_selectors, &stored, now);
     let generated = create_keys(ctx, tenant, &names, &plan).await?;
     delete_keys(ctx, &namespace, &names, &plan).await?;
@@ -490,45 +491,75 @@ async fn apply_children(ctx: &Context, namespace: &str, names: &TenantNames, chi
 
 /// Key Secrets of this tenant, parsed from the watch cache. A Secret missing its labels is reported, never guessed at.
 fn stored_keys(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<Vec<StoredKey>> {
-    let mut keys = Vec::new();
-    let cached = ctx.stores.secrets.in_namespace(namespace);
-    let mine = cached.iter().filter(|secret| {
-        secret.labels().get(TENANT_LABEL) == Some(&names.tenant)
-            && secret.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(DKIM_KEY_COMPONENT)
-    });
-    for secret in mine {
-        let name = secret.name_any();
-        let bad = |reason: &str| Error::BadKeySecret {
-            name: name.clone(),
-            reason: reason.to_owned(),
-        };
-        let labels = secret.labels();
-        let selector = labels
-            .get(dkim::SELECTOR_LABEL)
-            .ok_or_else(|| bad("no selector label"))?;
-        let algorithm = labels
-            .get(dkim::ALGORITHM_LABEL)
-            .and_then(|label| dkim::parse_algorithm_label(label))
-            .ok_or_else(|| bad("no valid algorithm label"))?;
-        let domain = secret
-            .annotations()
-            .get(dkim::DOMAIN_ANNOTATION)
-            .ok_or_else(|| bad("no domain annotation"))?;
-        let created = secret
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|time| time.0)
-            .ok_or_else(|| bad("no creation time"))?;
-        keys.push(StoredKey {
-            domain: domain.clone(),
-            selector: selector.clone(),
-            algorithm,
-            secret_name: name.clone(),
-            created,
-        });
+    ctx.stores
+        .secrets
+        .in_namespace(namespace)
+        .iter()
+        .filter(|secret| {
+            secret.labels().get(TENANT_LABEL) == Some(&names.tenant)
+                && secret.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(DKIM_KEY_COMPONENT)
+        })
+        .map(|secret| stored_key(&secret.metadata))
+        .collect()
+}
+
+/// A recorded selector whose Secret the watch cache lacks is looked up on the apiserver before the plan may call
+/// its key lost and replace it: after a watch failure (an apiserver restart) the Secret watch can lag behind the
+/// tenant's status, and a key replaced for nothing is a new selector every receiver has to learn.
+async fn confirm_recorded_keys(
+    ctx: &Context,
+    namespace: &str,
+    names: &TenantNames,
+    recorded: &[DkimSelectorStatus],
+    stored: &mut Vec<StoredKey>,
+) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    for entry in recorded {
+        let cached = stored
+            .iter()
+            .any(|key| key.domain == entry.domain && key.selector == entry.selector);
+        if cached {
+            continue;
+        }
+        if let Some(secret) = api
+            .get_metadata_opt(&names.dkim_secret(&entry.domain, &entry.selector))
+            .await?
+        {
+            stored.push(stored_key(&secret.metadata)?);
+        }
     }
-    Ok(keys)
+    Ok(())
+}
+
+/// The key a key Secret holds, from its labels and annotations.
+fn stored_key(metadata: &ObjectMeta) -> Result<StoredKey> {
+    let name = metadata.name.clone().unwrap_or_default();
+    let bad = |reason: &str| Error::BadKeySecret {
+        name: name.clone(),
+        reason: reason.to_owned(),
+    };
+    let label = |key: &str| metadata.labels.as_ref().and_then(|labels| labels.get(key));
+    let selector = label(dkim::SELECTOR_LABEL).ok_or_else(|| bad("no selector label"))?;
+    let algorithm = label(dkim::ALGORITHM_LABEL)
+        .and_then(|label| dkim::parse_algorithm_label(label))
+        .ok_or_else(|| bad("no valid algorithm label"))?;
+    let domain = metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(dkim::DOMAIN_ANNOTATION))
+        .ok_or_else(|| bad("no domain annotation"))?;
+    let created = metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|time| time.0)
+        .ok_or_else(|| bad("no creation time"))?;
+    Ok(StoredKey {
+        domain: domain.clone(),
+        selector: selector.clone(),
+        algorithm,
+        secret_name: name.clone(),
+        created,
+    })
 }
 
 /// Generates planned keys off the async runtime and stores each in its own immutable Secret. A Secret that
