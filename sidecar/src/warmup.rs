@@ -700,6 +700,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deliveries_sharing_a_write_each_answer_only_once_their_count_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = at("2026-11-26T23:00:00Z");
+        let limiter = WarmupLimiter::load(dir.path(), caps(1000), now).unwrap();
+        let deliveries = (0..20).map(|_| async {
+            let reservation = limiter.reserve(Provider::Gmail, 1, now).unwrap();
+            let pending = limiter.settle(reservation, 1).unwrap();
+            let counted = limiter.sent_today(now)[&Provider::Gmail];
+            limiter.stored(pending).await.unwrap();
+            let on_disk = stored_count(dir.path()).unwrap();
+            assert!(
+                on_disk >= counted,
+                "answered with {counted} counted but {on_disk} on disk"
+            );
+        });
+        futures::future::join_all(deliveries).await;
+        assert_eq!(stored_count(dir.path()), Some(20));
+    }
+
+    #[tokio::test]
     async fn counts_that_cannot_be_stored_hold_new_deliveries() {
         let now = at("2026-11-26T23:00:00Z");
         let limiter = WarmupLimiter::start(CountersFile::unwritable(), None, caps(100), now).unwrap();
