@@ -47,7 +47,10 @@ impl<T: Clone> Drop for Relayed<T> {
 mod tests {
     use super::*;
 
-    fn waiters(count: usize) -> (Vec<oneshot::Sender<Relayed<u32>>>, Vec<oneshot::Receiver<Relayed<u32>>>) {
+    type Waiter = oneshot::Sender<Relayed<u32>>;
+    type Answer = oneshot::Receiver<Relayed<u32>>;
+
+    fn waiters(count: usize) -> (Vec<Waiter>, Vec<Answer>) {
         (0..count).map(|_| oneshot::channel()).unzip()
     }
 

@@ -90,12 +90,15 @@ struct State {
     /// How far the writer got.
     progress: WriterProgress,
     /// Deliveries waiting for a change to be stored, with the change's number.
-    waiting: Vec<(u64, oneshot::Sender<Relayed<Result<(), String>>>)>,
+    waiting: Vec<(u64, Waiter)>,
     /// The writer is waiting for a change (not pausing between writes): a change must wake it.
     writer_idle: bool,
     /// Set when the limiter is dropped: the writer stores what is left and ends.
     closing: bool,
 }
+
+/// Where a delivery waiting for its count hears that it is stored, or why it cannot be.
+type Waiter = oneshot::Sender<Relayed<Result<(), String>>>;
 
 /// The state and the signal that wakes the writer thread.
 #[derive(Debug)]
