@@ -387,13 +387,19 @@ impl<P: PolicyLookup> Engine<P> {
         }
         self.metrics
             .duration(provider, final_outcome, started.elapsed().as_secs_f64());
-        tracing::info!(
-            domain,
-            %provider,
-            outcome = ?final_outcome,
-            attempts = attempts.len(),
-            "recipient domain answered"
-        );
+        // A delivery is already in the evidence log and the metrics; a line per delivered message would cost a
+        // log write per message on the hot path. Deferrals and bounces, what an SRE looks into, stay at info.
+        if final_outcome == Outcome::Delivered {
+            tracing::debug!(domain, %provider, attempts = attempts.len(), "recipient domain answered: delivered");
+        } else {
+            tracing::info!(
+                domain,
+                %provider,
+                outcome = ?final_outcome,
+                attempts = attempts.len(),
+                "recipient domain answered"
+            );
+        }
         // Evidence and the warmup count reach the disk together before Postfix hears the answer.
         tokio::join!(self.append_evidence(attempts), async {
             if let Some((limiter, pending)) = pending_count

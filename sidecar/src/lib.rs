@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod policy;
 pub mod provider;
 pub mod queue;
+mod relay;
 pub mod reputation;
 pub mod smtp;
 pub mod socketmap;

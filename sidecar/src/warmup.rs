@@ -28,11 +28,13 @@ use securemail_api::sidecar_config::WarmupCaps;
 use securemail_api::sidecar_status::{DeliveryDay, ResultCounts};
 use securemail_api::warmup::{hourly_allowance, provider_caps};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 mod counters_file;
 
 use counters_file::CountersFile;
+
+use crate::relay::Relayed;
 
 /// The shortest time between two writes of changes no delivery waits for (and between retries of a failed write):
 /// changes within it share the next write.
@@ -85,18 +87,24 @@ struct State {
     awaited: u64,
     /// Why the last write failed; cleared by the next successful one.
     store_error: Option<String>,
+    /// How far the writer got.
+    progress: WriterProgress,
+    /// Deliveries waiting for a change to be stored, with the change's number.
+    waiting: Vec<(u64, Waiter)>,
     /// The writer is waiting for a change (not pausing between writes): a change must wake it.
     writer_idle: bool,
     /// Set when the limiter is dropped: the writer stores what is left and ends.
     closing: bool,
 }
 
-/// The state, the signal that wakes the writer thread, and how far it got.
+/// Where a delivery waiting for its count hears that it is stored, or why it cannot be.
+type Waiter = oneshot::Sender<Relayed<Result<(), String>>>;
+
+/// The state and the signal that wakes the writer thread.
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
-    stored: watch::Sender<WriterProgress>,
 }
 
 /// The writer's progress, for deliveries waiting on their count.
@@ -207,11 +215,12 @@ impl WarmupLimiter {
                 changes: 0,
                 awaited: 0,
                 store_error: None,
+                progress: WriterProgress::default(),
+                waiting: Vec::new(),
                 writer_idle: false,
                 closing: false,
             }),
             changed: Condvar::new(),
-            stored: watch::Sender::new(WriterProgress::default()),
         });
         let writer_shared = Arc::clone(&shared);
         let path = file.path().to_path_buf();
@@ -274,26 +283,25 @@ impl WarmupLimiter {
     /// Returns once the settled count is on disk, or with the reason the write that should have stored it failed
     /// (the writer keeps retrying; meanwhile [`Self::reserve`] refuses).
     pub async fn stored(&self, pending: PendingCount) -> Result<(), String> {
-        let mut progress = self.shared.stored.subscribe();
-        {
+        let answer = {
             let mut state = self.lock();
+            if state.progress.stored >= pending.change {
+                return Ok(());
+            }
+            if state.progress.failed_through >= pending.change {
+                return Err(store_error(&state));
+            }
+            let (waiter, answer) = oneshot::channel();
+            state.waiting.push((pending.change, waiter));
             state.awaited = state.awaited.max(pending.change);
-        }
+            answer
+        };
         // The writer may be pausing between writes: a waiting delivery ends the pause.
         self.shared.changed.notify_one();
-        let settled = progress
-            .wait_for(|progress| progress.stored >= pending.change || progress.failed_through >= pending.change)
-            .await
-            .map(|progress| *progress)
-            .map_err(|_| "the warmup counter writer has stopped".to_owned())?;
-        if settled.stored >= pending.change {
-            Ok(())
-        } else {
-            Err(self
-                .lock()
-                .store_error
-                .clone()
-                .unwrap_or_else(|| "the write failed".to_owned()))
+        match answer.await {
+            // Dropping the answer passes it on to the other deliveries this write settled.
+            Ok(answer) => answer.answer(),
+            Err(_) => Err("the warmup counter writer has stopped".to_owned()),
         }
     }
 
@@ -393,13 +401,14 @@ fn store_changes(mut file: CountersFile, shared: &Shared) {
         drop(state);
         let result = file.store(&counters);
         let mut state = shared.lock();
-        match result {
+        let answer = match result {
             Ok(()) => {
                 written = changes;
                 if state.store_error.take().is_some() {
                     tracing::info!(path = %file.path().display(), "the warmup counters are stored again");
                 }
-                shared.stored.send_modify(|progress| progress.stored = changes);
+                state.progress.stored = changes;
+                Ok(())
             }
             Err(err) => {
                 // The count still holds in memory; a warming address sends nothing new until a write succeeds.
@@ -409,17 +418,33 @@ fn store_changes(mut file: CountersFile, shared: &Shared) {
                     tracing::error!(%err, path = %file.path().display(), "cannot store the warmup counters");
                 }
                 state.store_error = Some(reason);
-                shared.stored.send_modify(|progress| progress.failed_through = changes);
-                if state.closing {
-                    return;
-                }
+                state.progress.failed_through = changes;
+                Err(store_error(&state))
             }
+        };
+        let (settled, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.waiting)
+            .into_iter()
+            .partition(|(change, _)| *change <= changes);
+        state.waiting = waiting;
+        let stop = state.closing && answer.is_err();
+        drop(state);
+        Relayed::answer_all(settled.into_iter().map(|(_, waiter)| waiter), answer);
+        if stop {
+            return;
         }
+        let mut state = shared.lock();
         let resume = Instant::now() + WRITE_INTERVAL;
         while !state.closing && Instant::now() < resume && (state.awaited <= written || state.store_error.is_some()) {
             state = shared.wait_until(state, resume);
         }
     }
+}
+
+fn store_error(state: &State) -> String {
+    state
+        .store_error
+        .clone()
+        .unwrap_or_else(|| "the write failed".to_owned())
 }
 
 impl State {
@@ -675,6 +700,26 @@ mod tests {
             // Read while the limiter runs, as a crash right after the answer would leave it.
             assert_eq!(stored_count(dir.path()), Some(sent));
         }
+    }
+
+    #[tokio::test]
+    async fn deliveries_sharing_a_write_each_answer_only_once_their_count_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = at("2026-11-26T23:00:00Z");
+        let limiter = WarmupLimiter::load(dir.path(), caps(1000), now).unwrap();
+        let deliveries = (0..20).map(|_| async {
+            let reservation = limiter.reserve(Provider::Gmail, 1, now).unwrap();
+            let pending = limiter.settle(reservation, 1).unwrap();
+            let counted = limiter.sent_today(now)[&Provider::Gmail];
+            limiter.stored(pending).await.unwrap();
+            let on_disk = stored_count(dir.path()).unwrap();
+            assert!(
+                on_disk >= counted,
+                "answered with {counted} counted but {on_disk} on disk"
+            );
+        });
+        futures::future::join_all(deliveries).await;
+        assert_eq!(stored_count(dir.path()), Some(20));
     }
 
     #[tokio::test]

@@ -9,9 +9,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Attempt, EvidenceLog};
 use crate::error::{Error, Result};
+use crate::relay::Relayed;
 
 /// Records waiting for the writer, with the channel each caller waits on.
-type Request = (Vec<Attempt>, oneshot::Sender<Result<(), String>>);
+type Request = (Vec<Attempt>, oneshot::Sender<Relayed<Result<(), String>>>);
 
 /// A handle to the writer thread; clones share it. The thread ends when the last handle is dropped.
 #[derive(Clone, Debug)]
@@ -37,7 +38,8 @@ impl EvidenceWriter {
             .send((attempts, done))
             .map_err(|_| Error::EvidenceWriter("the writer thread has stopped".to_owned()))?;
         match answer.await {
-            Ok(result) => result.map_err(Error::EvidenceWriter),
+            // Dropping the answer passes it on to the rest of the group.
+            Ok(answer) => answer.answer().map_err(Error::EvidenceWriter),
             Err(_) => Err(Error::EvidenceWriter(
                 "the writer thread stopped before answering".to_owned(),
             )),
@@ -56,10 +58,8 @@ fn commit_in_groups(mut log: EvidenceLog, mut requests: mpsc::UnboundedReceiver<
             .flat_map(|(attempts, _)| attempts.iter().cloned())
             .collect();
         let result = log.append_all(&attempts).map(drop).map_err(|err| err.to_string());
-        for (_, done) in group {
-            // A caller that stopped waiting loses nothing: its records are written either way.
-            let _ = done.send(result.clone());
-        }
+        // A caller that stopped waiting loses nothing: its records are written either way.
+        Relayed::answer_all(group.into_iter().map(|(_, done)| done), result);
     }
 }
 
