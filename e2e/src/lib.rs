@@ -212,6 +212,8 @@ pub fn restart_control_plane(component: &str, down_seconds: u64) -> f64 {
         "restarting {component} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // A component that exited while starting and was started again says so (and why) on stderr.
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
     stdout
         .trim()
