@@ -117,7 +117,10 @@ grep -q 'Chase successful' <<<"$out" || fail "drill chase failed" "$out"
 
 # --- Receivers' TLS -----------------------------------------------------------------------------------------------
 check "good: STARTTLS offered, certificate verifies for mx.good.plain.test against the test CA, TLS >= 1.2"
-ehlo_reply "$(w SMDP_MTA_NETNS)" "$(w SMDP_RX_GOOD_ADDR)" | grep -qx '250[- ]STARTTLS' || fail "no STARTTLS in EHLO"
+# Not `grep -q`: it stops reading at the match, and the reply's later lines then kill the reader with SIGPIPE, which
+# pipefail reports as a failure.
+reply=$(ehlo_reply "$(w SMDP_MTA_NETNS)" "$(w SMDP_RX_GOOD_ADDR)") || fail "no EHLO reply" "$reply"
+grep -qx '250[- ]STARTTLS' <<<"$reply" || fail "no STARTTLS in EHLO" "$reply"
 out=$(s_client "$(w SMDP_RX_GOOD_ADDR)" -CAfile "$ca" -verify_hostname mx.good.plain.test -verify_return_error) \
   || fail "handshake or verification failed" "$out"
 grep -q '^Verification: OK' <<<"$out" || fail "not verified" "$out"
