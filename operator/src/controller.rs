@@ -94,7 +94,7 @@ pub async fn run(
         .modify(slim_tenant)
         .reflect(writer)
         .applied_objects();
-        Controller::for_stream(logging_errors(tenants, "SecureMailTenant".into()), reader)
+        Controller::for_stream(logging_errors(tenants, SecureMailTenant::kind(&())), reader)
     };
     let (stateful_sets, stateful_set_events) = {
         let (reader, writer) = reflector::store();
@@ -103,7 +103,7 @@ pub async fn run(
             .modify(slim_metadata)
             .reflect(writer)
             .touched_objects();
-        (reader, logging_errors(events, "StatefulSet".into()))
+        (reader, logging_errors(events, StatefulSetSize::kind(&())))
     };
     let (config_maps, config_map_events) = metadata_store::<ConfigMap>(Api::all(client.clone()), &managed);
     let (services, service_events) = metadata_store::<Service>(Api::all(client.clone()), &managed);
