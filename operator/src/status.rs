@@ -113,31 +113,28 @@ pub fn ready(updates: &[ConditionUpdate]) -> ConditionUpdate {
 /// Addresses of `tenant` already claimed by another tenant that claimed them first (earlier creation, then
 /// namespace/name order), mapped to that tenant's `namespace/name`.
 pub fn claimed_elsewhere(tenant: &SecureMailTenant, all: &[impl AsRef<SecureMailTenant>]) -> BTreeMap<String, String> {
-    let key = |t: &SecureMailTenant| {
+    // Runs over every tenant at each reconcile: borrowed keys, and the order is asked only for a shared address.
+    fn key(t: &SecureMailTenant) -> (Option<jiff::Timestamp>, &str, &str) {
         (
             t.metadata.creation_timestamp.as_ref().map(|time| time.0),
-            t.metadata.namespace.clone().unwrap_or_default(),
-            t.metadata.name.clone().unwrap_or_default(),
+            t.metadata.namespace.as_deref().unwrap_or_default(),
+            t.metadata.name.as_deref().unwrap_or_default(),
         )
-    };
-    let mine = key(tenant);
+    }
+    let mine = &tenant.spec.ip_pool.addresses;
     let mut claimed = BTreeMap::new();
     for other in all.iter().map(AsRef::as_ref) {
-        if other.metadata.uid == tenant.metadata.uid || key(other) >= mine {
-            continue;
-        }
         for address in &other.spec.ip_pool.addresses {
-            if tenant
-                .spec
-                .ip_pool
-                .addresses
-                .iter()
-                .any(|a| a.address == address.address)
+            if !mine.iter().any(|a| a.address == address.address)
+                || other.metadata.uid == tenant.metadata.uid
+                || key(other) >= key(tenant)
             {
-                claimed
-                    .entry(address.address.clone())
-                    .or_insert_with(|| format!("{}/{}", key(other).1, key(other).2));
+                continue;
             }
+            let (_, namespace, name) = key(other);
+            claimed
+                .entry(address.address.clone())
+                .or_insert_with(|| format!("{namespace}/{name}"));
         }
     }
     claimed
