@@ -39,7 +39,7 @@ use crate::provider::{self, Provider, ProviderSuffix};
 use crate::reputation::{Admission, BreakerSettings, Breakers, Heard};
 use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
 use crate::tls::TlsConfigs;
-use crate::warmup::{PendingCount, Reservation, WarmupLimiter, WarmupRefusal};
+use crate::warmup::{CapReached, Reservation, WarmupLimiter};
 
 use outcome::{Answer, Failure, Verdict};
 use pool::SessionPool;
@@ -251,6 +251,7 @@ impl<P: PolicyLookup> Engine<P> {
             tls: None,
             smtp_reply: None,
             outcome: Outcome::Deferred,
+            warmup: None,
         };
 
         let mut attempts = Vec::new();
@@ -288,7 +289,7 @@ impl<P: PolicyLookup> Engine<P> {
                 };
                 match reserved {
                     Err(refusal) => {
-                        self.count_refusal(guarded, &refusal);
+                        self.metrics.warmup_refused(guarded);
                         // Nothing is sent: the record names the MX but no address, as no connection was made.
                         attempts.push(record(policy.mx.first()));
                         Verdict::All(warmup_refused(&refusal))
@@ -325,23 +326,22 @@ impl<P: PolicyLookup> Engine<P> {
         };
         let answers = verdict.answers(recipients.len());
         let final_outcome = outcome::outcome_of(&answers);
-        let mut pending_count: Option<(Arc<WarmupLimiter>, PendingCount)> = None;
-        if let Some((limiter, reservation)) = warmup {
+        let counted = warmup.and_then(|(limiter, reservation)| {
             // Recipients the provider answered (2xx or 5xx) count against the cap; deferred ones return to it.
             let sent = answers
                 .iter()
                 .filter(|answer| outcome::of_code(answer.code()) != Outcome::Deferred)
                 .count();
-            pending_count = limiter
-                .settle(reservation, u32::try_from(sent).unwrap_or(u32::MAX))
-                .map(|pending| (limiter, pending));
-        }
+            limiter.settle(reservation, u32::try_from(sent).unwrap_or(u32::MAX))
+        });
         if attempts.is_empty() {
             // A policy without MX hosts: still one record, so every answer to Postfix has its evidence.
             attempts.push(record(None));
         }
         if let Some(last) = attempts.last_mut() {
             last.outcome = final_outcome;
+            // The count's durable copy: a restart recounts it from the record (see `warmup`).
+            last.warmup = counted;
         }
         if let Some((guarded, probe)) = breaker {
             self.breakers.record(guarded, heard.signal(final_outcome), probe);
@@ -400,16 +400,8 @@ impl<P: PolicyLookup> Engine<P> {
                 "recipient domain answered"
             );
         }
-        // Evidence and the warmup count reach the disk together before Postfix hears the answer.
-        tokio::join!(self.append_evidence(attempts), async {
-            if let Some((limiter, pending)) = pending_count
-                && let Err(reason) = limiter.stored(pending).await
-            {
-                // The remote already has the message: answering 4xx would deliver it twice. New deliveries wait
-                // (the limiter refuses them) until the counts are stored again.
-                tracing::error!(%reason, "cannot store the warmup count of an answered delivery");
-            }
-        });
+        // The evidence, with the warmup count, reaches the disk before Postfix hears the answer.
+        self.append_evidence(attempts).await;
         answers
     }
 
@@ -558,13 +550,6 @@ impl<P: PolicyLookup> Engine<P> {
         }
     }
 
-    /// Counts recipients held back by their cap; a failing counter store is logged by its writer instead.
-    fn count_refusal(&self, provider: Provider, refusal: &WarmupRefusal) {
-        if let WarmupRefusal::CapReached(_) = refusal {
-            self.metrics.warmup_refused(provider);
-        }
-    }
-
     async fn append_evidence(&self, attempts: Vec<Attempt>) {
         let Err(error) = self.evidence.append(attempts).await else {
             return;
@@ -603,7 +588,7 @@ impl<P: PolicyLookup> Backend for Engine<P> {
         let provider = self.config.provider_of(&policy);
         let refusal = match warmup.map(|limiter| limiter.check(provider, self.clock.now())) {
             Some(Err(refusal)) => {
-                self.count_refusal(provider, &refusal);
+                self.metrics.warmup_refused(provider);
                 warmup_refused(&refusal)
             }
             _ => match self.breakers.admit_recipient(provider) {
@@ -773,11 +758,8 @@ fn not_the_feedback_address() -> Answer {
 }
 
 /// The answer while a provider's warmup allowance is used up: Postfix keeps the mail and retries.
-fn warmup_refused(refusal: &WarmupRefusal) -> Answer {
-    match refusal {
-        WarmupRefusal::CapReached(_) => Answer::local(452, (4, 7, 1), refusal.to_string()),
-        WarmupRefusal::CountsNotStored { .. } => Answer::local(451, (4, 3, 0), refusal.to_string()),
-    }
+fn warmup_refused(refusal: &CapReached) -> Answer {
+    Answer::local(452, (4, 7, 1), refusal.to_string())
 }
 
 /// The answer while `provider`'s breaker keeps deliveries from this address paused.

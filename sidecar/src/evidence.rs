@@ -5,6 +5,7 @@
 mod chain;
 mod log;
 mod record;
+mod recount;
 mod writer;
 
 use std::fmt;
@@ -19,8 +20,9 @@ pub use chain::{BreakKind, ChainError, VerifySummary, verify};
 pub use log::{EvidenceLog, Head};
 pub use record::{
     Attempt, DomainName, EnhancedStatus, MAX_REPLY_TEXT_CHARS, MessageIdHash, Outcome, Policy, PolicySource, ReplyCode,
-    ReplyText, SmtpReply, TenantRef, TlsSession, Token, Verification,
+    ReplyText, SmtpReply, TenantRef, TlsSession, Token, Verification, WarmupCount,
 };
+pub use recount::{Recount, warmup_counts};
 pub use writer::EvidenceWriter;
 
 /// Longest line (without its newline) the writer produces and the verifier reads. Real records are well under

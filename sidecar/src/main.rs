@@ -1,4 +1,5 @@
 //! The securemail-sidecar binary.
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
+use securemail_api::provider::Provider;
 use securemail_api::sidecar_config::{DnsSettings, SidecarConfig};
 use securemail_api::tenant::TlsPolicySpec;
 use securemail_sidecar::admin::{
@@ -196,6 +198,13 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     ));
     let readiness = Readiness::default();
     readiness.config_loaded.set(true);
+    let now = jiff::Timestamp::now();
+    let recorded = if initial.warmup.daily_limit.is_some() {
+        recorded_warmup_counts(&initial.evidence.dir, now)
+    } else {
+        // A warm address has no allowance to recount, and its day of records can be long.
+        BTreeMap::new()
+    };
     let parts = EngineParts {
         keys,
         tls: Arc::new(TlsConfigs::with_native_roots()?),
@@ -206,7 +215,8 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         warmup: Arc::new(WarmupLimiter::load(
             &initial.state_dir,
             initial.warmup.clone(),
-            jiff::Timestamp::now(),
+            now,
+            &recorded,
         )?),
         evidence_writable: readiness.evidence_writable.clone(),
     };
@@ -278,6 +288,35 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("stopping: no new connections; finishing those in progress");
     shutdown.cancel();
+}
+
+/// Today's warmup counts in the evidence records, which the counters file may trail by half a second. A log that
+/// cannot be read is reported and leaves the file's counts as they are.
+fn recorded_warmup_counts(dir: &Path, now: jiff::Timestamp) -> BTreeMap<Provider, u32> {
+    let day_start = now
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .start_of_day()
+        .map_or(now, |midnight| midnight.timestamp());
+    match evidence::warmup_counts(dir, day_start) {
+        Ok(recount) => {
+            for (path, line) in &recount.skipped {
+                tracing::warn!(
+                    path = %path.display(),
+                    line_from_end = line,
+                    "skipped an evidence line that is not a record while recounting today's warmup counts"
+                );
+            }
+            recount.counts
+        }
+        Err(err) => {
+            tracing::error!(
+                %err,
+                "cannot recount today's warmup counts from the evidence log; the counters file may miss the last \
+                 half second of counts"
+            );
+            BTreeMap::new()
+        }
+    }
 }
 
 /// The evidence log to continue: the newest `evidence-*.jsonl` in `dir`, or a new file. A file whose last line

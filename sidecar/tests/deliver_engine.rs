@@ -386,7 +386,8 @@ fn harness_for_pool(
         daily_limit: None,
         provider_shares: ProviderShares::default(),
     };
-    let day_counts = Arc::new(WarmupLimiter::load(dir.path(), warm, jiff::Timestamp::now()).unwrap());
+    let day_counts =
+        Arc::new(WarmupLimiter::load(dir.path(), warm, jiff::Timestamp::now(), &Default::default()).unwrap());
     let engine = Engine::new(
         config,
         policy,
@@ -910,6 +911,54 @@ async fn a_second_message_to_the_same_mx_reuses_the_verified_session() {
     let (summary, records) = harness.evidence();
     assert_eq!(summary.records, 2);
     assert_eq!(records[0]["tls"], records[1]["tls"]);
+}
+
+#[tokio::test]
+async fn a_warming_address_counts_in_the_evidence_record_which_a_restart_recounts() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+    let warming = WarmupCaps {
+        day: Some(1),
+        daily_limit: Some(1_000_000),
+        provider_shares: ProviderShares::default(),
+    };
+    harness.day_counts.set_caps(warming.clone());
+
+    let first = harness
+        .send(&["patient@example.net", "nurse@example.net"], MESSAGE)
+        .await;
+    let second = harness.send(&["ward@example.net"], MESSAGE).await;
+    assert!(
+        first.iter().chain(&second).all(|reply| reply.starts_with("250 ")),
+        "{first:?} {second:?}"
+    );
+    let (_, records) = harness.evidence();
+    let counted: Vec<_> = records.iter().map(|record| record["warmup"].clone()).collect();
+    assert_eq!(
+        counted,
+        [
+            serde_json::json!({"provider": "other", "recipients": 2}),
+            serde_json::json!({"provider": "other", "recipients": 1})
+        ]
+    );
+
+    // A pod whose counters file missed the last writes: the records alone give the day's count back.
+    let restarted = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        harness.dir.path().join("evidence.jsonl"),
+        restarted.path().join("evidence-20261126T000000.000000000Z.jsonl"),
+    )
+    .unwrap();
+    let now = jiff::Timestamp::now();
+    let day_start = now
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .start_of_day()
+        .unwrap()
+        .timestamp();
+    let recount = evidence::warmup_counts(restarted.path(), day_start).unwrap();
+    let limiter = WarmupLimiter::load(restarted.path(), warming, now, &recount.counts).unwrap();
+    assert_eq!(limiter.sent_today(now), [(Provider::Other, 3)].into());
 }
 
 #[tokio::test]

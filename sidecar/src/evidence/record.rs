@@ -8,6 +8,7 @@ use std::num::NonZeroU32;
 use std::str::FromStr;
 
 use jiff::Timestamp;
+use securemail_api::provider::Provider;
 use securemail_api::tenant::TlsVersion;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,18 @@ pub struct Attempt {
     /// The remote MX's final reply; absent when no SMTP reply was received.
     pub smtp_reply: Option<SmtpReply>,
     pub outcome: Outcome,
+    /// Recipients this attempt counted against the address's warmup allowance: the durable copy of the count, read
+    /// back on start (see `warmup`). Absent when nothing counted, and in records of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<WarmupCount>,
+}
+
+/// Recipients a provider answered (2xx or 5xx), which count against its share of today's warmup limit.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmupCount {
+    pub provider: Provider,
+    pub recipients: NonZeroU32,
 }
 
 /// The TLS policy that governed the attempt.
@@ -476,6 +489,10 @@ pub(super) mod tests {
             }),
             smtp_reply: Some(SmtpReply::from_remote(250, "2.0.0 Ok: queued as 4XyZ").unwrap()),
             outcome: Outcome::Delivered,
+            warmup: Some(WarmupCount {
+                provider: Provider::Microsoft,
+                recipients: NonZeroU32::new(2).unwrap(),
+            }),
         }
     }
 
@@ -493,7 +510,7 @@ pub(super) mod tests {
             r#""9f91161f43433e49a6de6db680d79f60159f2e4ac9172621a12846428158440b","#,
             r#""94e6f02a5aca51e44a2c057e9c0f3ced80814c198de8a84b4f5cab7e06ea2094"]},"#,
             r#""smtpReply":{"code":250,"enhancedStatus":"2.0.0","text":"Ok: queued as 4XyZ"},"#,
-            r#""outcome":"delivered"}"#
+            r#""outcome":"delivered","warmup":{"provider":"microsoft","recipients":2}}"#
         );
         assert_eq!(json, expected);
         let back: Attempt = serde_json::from_str(&json).unwrap();
@@ -634,6 +651,12 @@ pub(super) mod tests {
             Just(Outcome::Deferred),
             Just(Outcome::Bounced)
         ];
+        let warmup = (proptest::sample::select(Provider::ALL.to_vec()), 1u32..10_000).prop_map(|(provider, count)| {
+            WarmupCount {
+                provider,
+                recipients: NonZeroU32::new(count).unwrap(),
+            }
+        });
         (
             (0i64..4_000_000_000, "[a-z0-9]{1,10}/[a-z0-9.-]{1,20}", any::<String>()),
             (domain(), 1u32..10_000, proptest::option::of(domain())),
@@ -643,6 +666,7 @@ pub(super) mod tests {
                 proptest::option::of(tls),
                 proptest::option::of(reply),
                 outcome,
+                proptest::option::of(warmup),
             ),
         )
             .prop_map(
@@ -650,7 +674,7 @@ pub(super) mod tests {
                     (second, tenant, message_id),
                     (recipient_domain, count, mx_host),
                     (mx_ip, source_ip),
-                    (policy, tls, smtp_reply, outcome),
+                    (policy, tls, smtp_reply, outcome, warmup),
                 )| Attempt {
                     time: Timestamp::from_second(second).unwrap(),
                     tenant: tenant.parse().unwrap(),
@@ -664,6 +688,7 @@ pub(super) mod tests {
                     tls,
                     smtp_reply,
                     outcome,
+                    warmup,
                 },
             )
     }
