@@ -3,14 +3,16 @@
 //! NXDOMAIN (not listed). The operator under test asks it (`--dnsbl-nameserver`, see `operator.rs`).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
-use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
 
 /// Where the operators of the e2e suites send their DNSBL queries.
 pub const DNSBL_SERVER: &str = "127.0.0.1:15353";
@@ -23,33 +25,51 @@ struct Table {
     broken: Vec<String>,
 }
 
-/// The running server; stops when dropped.
+/// The running server, on a thread of its own: dropping it closes the port before the drop returns, so the next
+/// test can bind it at once. (A task on the test's runtime kept the port until that runtime shut down, after the
+/// next test had already tried to bind it.)
 #[derive(Debug)]
 pub struct BlocklistServer {
     table: Arc<Mutex<Table>>,
-    task: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
+/// How often the server thread looks whether it should stop.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
 impl BlocklistServer {
-    pub async fn start() -> Self {
-        let socket = UdpSocket::bind(DNSBL_SERVER)
-            .await
-            .unwrap_or_else(|err| panic!("cannot listen on {DNSBL_SERVER}/udp: {err}"));
+    pub fn start() -> Self {
+        let socket =
+            UdpSocket::bind(DNSBL_SERVER).unwrap_or_else(|err| panic!("cannot listen on {DNSBL_SERVER}/udp: {err}"));
+        socket
+            .set_read_timeout(Some(STOP_POLL))
+            .unwrap_or_else(|err| panic!("cannot set a read timeout on {DNSBL_SERVER}/udp: {err}"));
         let table = Arc::new(Mutex::new(Table::default()));
-        let answers = Arc::clone(&table);
-        let task = tokio::spawn(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (answers, stopping) = (Arc::clone(&table), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
             let mut buffer = [0u8; 1500];
-            while let Ok((len, peer)) = socket.recv_from(&mut buffer).await {
+            while !stopping.load(Ordering::Relaxed) {
+                let (len, peer) = match socket.recv_from(&mut buffer) {
+                    Ok(received) => received,
+                    Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+                    Err(_) => break,
+                };
                 let Ok(query) = Message::from_vec(&buffer[..len]) else {
                     continue;
                 };
                 let reply = answer(&query, &answers);
                 if let Ok(bytes) = reply.to_vec() {
-                    let _ = socket.send_to(&bytes, peer).await;
+                    let _ = socket.send_to(&bytes, peer);
                 }
             }
         });
-        Self { table, task }
+        Self {
+            table,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Lists `address` (IPv4) in `zone` with return code `code`.
@@ -71,7 +91,10 @@ impl BlocklistServer {
 
 impl Drop for BlocklistServer {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -119,7 +119,7 @@ async fn crash_during_reconciles(component: &str, prefix: &str, admin_port: u16,
     ensure_crd();
     let client = client().await;
     // Every address is "not listed" here; without a server, DNSBL lookups would only wait for their timeout.
-    let _blocklist = securemail_e2e::dnsbl::BlocklistServer::start().await;
+    let _blocklist = securemail_e2e::dnsbl::BlocklistServer::start();
     let mut seed = u64::from(std::process::id()) ^ 0x00c0_417a_0e5e;
     let tenants = create_mix(&client, prefix, TENANTS).await;
 
@@ -262,7 +262,7 @@ async fn two_replicas_have_one_writer_and_the_standby_finishes_what_a_killed_lea
     let _serial = SERIAL.lock().await;
     ensure_crd();
     let client = client().await;
-    let _blocklist = securemail_e2e::dnsbl::BlocklistServer::start().await;
+    let _blocklist = securemail_e2e::dnsbl::BlocklistServer::start();
     let tenants = create_mix(&client, "cp-replicas", TENANTS).await;
 
     let (leader, standby) = two_replicas(18_711, 18_712).await;

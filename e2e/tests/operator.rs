@@ -30,7 +30,7 @@ use serde_json::json;
 async fn operator_reconciles_tenants_against_a_real_apiserver() {
     ensure_crd();
     let client = client().await;
-    let blocklist = BlocklistServer::start().await;
+    let blocklist = BlocklistServer::start();
     let mut operator = Operator::start(18_181);
 
     every_example_reconciles_to_owned_children_and_a_truthful_status(&client).await;

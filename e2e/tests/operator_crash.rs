@@ -24,7 +24,7 @@ async fn killed_operators_leave_no_lost_duplicate_or_orphaned_keys() {
     ensure_crd();
     let client = client().await;
     // Every address is "not listed" here; without a server, DNSBL lookups would only wait for their timeout.
-    let _blocklist = securemail_e2e::dnsbl::BlocklistServer::start().await;
+    let _blocklist = securemail_e2e::dnsbl::BlocklistServer::start();
     let mut seed = u64::from(std::process::id()) ^ 0x005e_c04e_4a11;
     let tenants = create_mix(&client, "crash", TENANTS).await;
 
