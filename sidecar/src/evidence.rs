@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub use chain::{BreakKind, ChainError, VerifySummary, verify};
-pub use log::{EvidenceLog, Head};
+pub use log::{EvidenceLog, Head, log_files};
 pub use record::{
     Attempt, DomainName, EnhancedStatus, MAX_REPLY_TEXT_CHARS, MessageIdHash, Outcome, Policy, PolicySource, ReplyCode,
     ReplyText, SmtpReply, TenantRef, TlsSession, Token, Verification, WarmupCount,

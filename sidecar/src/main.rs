@@ -324,15 +324,9 @@ fn recorded_warmup_counts(dir: &Path, now: jiff::Timestamp) -> BTreeMap<Provider
 /// begins, so a crash never stops delivery nor rewrites evidence.
 fn open_evidence(dir: &Path) -> anyhow::Result<EvidenceLog> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create evidence directory {}", dir.display()))?;
-    let newest = std::fs::read_dir(dir)
+    let newest = evidence::log_files(dir)
         .with_context(|| format!("cannot list evidence directory {}", dir.display()))?
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with("evidence-") && name.ends_with(".jsonl"))
-        })
-        .max();
+        .pop();
     if let Some(path) = newest {
         match EvidenceLog::open(&path) {
             Ok(log) => return Ok(log),

@@ -16,6 +16,20 @@ use super::chain::{BreakKind, ChainError, parse_line};
 use super::{Attempt, Entry, GENESIS, MAX_LINE_BYTES, Sha256Hex};
 use crate::error::{Error, Result};
 
+/// The evidence files in `dir`, `evidence-<creation time>.jsonl`, oldest first (the names sort by creation time).
+pub fn log_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("evidence-") && name.ends_with(".jsonl"))
+        })
+        .collect();
+    files.sort_unstable();
+    Ok(files)
+}
+
 /// The end of a chain: the last record's `seq` and the SHA-256 of its line (`seq` 0 and [`GENESIS`] for an empty
 /// log).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

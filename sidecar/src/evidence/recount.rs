@@ -13,7 +13,7 @@ use jiff::{SignedDuration, Timestamp};
 use securemail_api::provider::Provider;
 use serde::Deserialize;
 
-use super::{MAX_LINE_BYTES, WarmupCount};
+use super::{MAX_LINE_BYTES, WarmupCount, log_files};
 use crate::error::{Error, Result};
 
 /// How far records may be out of time order: a record's `time` is when its attempt ended, and attempts end in a
@@ -50,23 +50,14 @@ pub fn warmup_counts(dir: &Path, day_start: Timestamp) -> Result<Recount> {
         let path = path.to_path_buf();
         move |source| Error::Io { path, action, source }
     };
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .filter(|path| {
-                path.file_name()
-                    .and_then(|name| name.to_str())
-                    .is_some_and(|name| name.starts_with("evidence-") && name.ends_with(".jsonl"))
-            })
-            .collect(),
+    let files = match log_files(dir) {
+        Ok(files) => files,
         Err(err) if err.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(err) => return Err(io_error(dir, "list")(err)),
     };
-    // Names sort by creation time.
-    files.sort_unstable_by(|a, b| b.cmp(a));
     let cutoff = day_start - OUT_OF_ORDER;
     let mut recount = Recount::default();
-    for path in files {
+    for path in files.into_iter().rev() {
         let file = File::open(&path).map_err(io_error(&path, "open"))?;
         let len = file.metadata().map_err(io_error(&path, "stat"))?.len();
         let mut lines = BackwardLines::new(&file, len).map_err(io_error(&path, "read"))?;
