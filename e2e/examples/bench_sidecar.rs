@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use securemail_e2e::dataplane::{
-    MtaHost, World, cpu_seconds, in_netns, json_report, run_ok, status_kib, tenant_manifest, wait_until,
+    MtaHost, World, cpu_seconds, in_netns, json_report, process_times, run_ok, status_kib, tenant_manifest, wait_until,
 };
 use securemail_e2e::repo_root;
 
@@ -285,33 +285,26 @@ impl Drop for DirectPostfix {
 /// CPU seconds the Postfix instance with queue directory `queue` has used so far: its master, the daemons running
 /// now, and (the master's child times) the daemons that exited, which the master reaps. Postfix daemons start no
 /// processes of their own on these paths.
-fn postfix_cpu_seconds(queue: &Path, ticks_per_second: f64) -> f64 {
-    let master: u64 = fs::read_to_string(queue.join("pid/master.pid"))
+fn postfix_cpu_seconds(queue: &Path) -> f64 {
+    let master: u32 = fs::read_to_string(queue.join("pid/master.pid"))
         .expect("the Postfix master's pid file")
         .trim()
         .parse()
         .expect("a pid in master.pid");
-    // utime, stime, cutime and cstime: fields 14 to 17 of /proc/PID/stat, after the parenthesised command name.
-    let times = |pid: u64| -> Option<(u64, [u64; 4])> {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
-        let field = |index: usize| -> Option<u64> { fields.get(index)?.parse().ok() };
-        Some((field(1)?, [field(11)?, field(12)?, field(13)?, field(14)?]))
-    };
-    let (_, [utime, stime, cutime, cstime]) = times(master).expect("the Postfix master is running");
-    let mut ticks = utime + stime + cutime + cstime;
+    let times = process_times(master).expect("the Postfix master is running");
+    let mut seconds = times.own + times.reaped_children;
     for entry in fs::read_dir("/proc").expect("list /proc").flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse().ok()) else {
             continue;
         };
         // A daemon that exits meanwhile is gone from here and counted in the master's child times next time.
-        if let Some((parent, [utime, stime, ..])) = times(pid)
-            && parent == master
+        if let Some(daemon) = process_times(pid)
+            && daemon.parent == master
         {
-            ticks += utime + stime;
+            seconds += daemon.own;
         }
     }
-    ticks as f64 / ticks_per_second
+    seconds
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -350,18 +343,14 @@ fn main() {
             tail(&mta.maillog(), 20)
         )
     };
-    let ticks_per_second: f64 = run_ok(Command::new("getconf").arg("CLK_TCK"))
-        .trim()
-        .parse()
-        .expect("CLK_TCK is a number");
     let mta_queue = mta.dir.join("queue");
     run_phase(&world, &submitter, &format!("{run}-warm-sm"), WARMUP_MESSAGES, &context);
     let cpu_before = cpu_seconds(pid);
-    let postfix_before = postfix_cpu_seconds(&mta_queue, ticks_per_second);
+    let postfix_before = postfix_cpu_seconds(&mta_queue);
     eprintln!("bench-sidecar: {count} messages through the sidecar");
     let securemail = run_phase(&world, &submitter, &format!("{run}-sm"), count, &context);
     let cpu_per_message = (cpu_seconds(pid) - cpu_before) / count as f64;
-    let postfix_per_message = (postfix_cpu_seconds(&mta_queue, ticks_per_second) - postfix_before) / count as f64;
+    let postfix_per_message = (postfix_cpu_seconds(&mta_queue) - postfix_before) / count as f64;
     let queue_left = mta.queue().len();
     assert_eq!(queue_left, 0, "Postfix's queue is empty after the run");
 
@@ -390,9 +379,9 @@ fn main() {
     );
     eprintln!("bench-sidecar: {count} messages through Postfix's smtp client");
     let direct_queue = direct.conf.with_file_name("queue");
-    let direct_before = postfix_cpu_seconds(&direct_queue, ticks_per_second);
+    let direct_before = postfix_cpu_seconds(&direct_queue);
     let anchor = run_phase(&world, &submitter, &format!("{run}-direct"), count, &direct_context);
-    let direct_per_message = (postfix_cpu_seconds(&direct_queue, ticks_per_second) - direct_before) / count as f64;
+    let direct_per_message = (postfix_cpu_seconds(&direct_queue) - direct_before) / count as f64;
     drop(direct);
 
     assert_eq!(

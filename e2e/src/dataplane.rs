@@ -166,17 +166,41 @@ pub fn process_alive(pid: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// What `/proc/PID/stat` says of a process's CPU use, in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessTimes {
+    pub parent: u32,
+    /// User + system time of the process itself.
+    pub own: f64,
+    /// User + system time of its children that exited and were reaped.
+    pub reaped_children: f64,
+}
+
+/// The CPU times of process `pid`; `None` once it is gone.
+pub fn process_times(pid: u32) -> Option<ProcessTimes> {
+    static TICKS_PER_SECOND: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let per_second = *TICKS_PER_SECOND.get_or_init(|| {
+        run_ok(Command::new("getconf").arg("CLK_TCK"))
+            .trim()
+            .parse()
+            .expect("CLK_TCK is a number")
+    });
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: ppid is field 4 of the whole line, utime, stime, cutime and
+    // cstime are fields 14 to 17.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    let field = |index: usize| -> Option<u64> { fields.get(index)?.parse().ok() };
+    let seconds = |first: usize| Some((field(first)? + field(first + 1)?) as f64 / per_second);
+    Some(ProcessTimes {
+        parent: u32::try_from(field(1)?).ok()?,
+        own: seconds(11)?,
+        reaped_children: seconds(13)?,
+    })
+}
+
 /// User + system CPU seconds process `pid` has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15 of the whole line.
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
-    let ticks = |index: usize| -> u64 { fields[index].parse().expect("a tick count in /proc/PID/stat") };
-    let per_second: f64 = run_ok(Command::new("getconf").arg("CLK_TCK"))
-        .trim()
-        .parse()
-        .expect("CLK_TCK is a number");
-    (ticks(11) + ticks(12)) as f64 / per_second
+    process_times(pid).expect("/proc/PID/stat of a running process").own
 }
 
 /// A `kB` value of process `pid`'s `/proc/PID/status`, e.g. `VmRSS` or `VmHWM` (peak RSS).
