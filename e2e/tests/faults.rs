@@ -56,6 +56,16 @@ impl Random {
     }
 }
 
+/// The highest message number Postfix has answered 250 so far: how far the submission has got.
+fn highest_accepted(accepted_file: &std::path::Path) -> u64 {
+    fs::read_to_string(accepted_file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 /// What a failed wait prints: the queue, the sidecar's log and Postfix's.
 fn diagnostics(mta: &MtaHost) -> String {
     format!(
@@ -94,13 +104,18 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
     .spawn()
     .expect("start bench_submit.py");
 
-    // Kills land while messages are submitted and while the queue drains: anything in Postfix's queue is load.
+    // Kills are paced by the load, not the clock, so all of them land however fast the path is: each one waits
+    // for a random point of the submission (the highest message number answered 250 so far), and any left when
+    // the submitter ends land while Postfix's queue still drains.
+    let mut kill_points: Vec<u64> = (0..kills)
+        .map(|_| messages / 20 + random.next() % (messages * 17 / 20).max(1))
+        .collect();
+    kill_points.sort_unstable();
     let mut killed = BTreeMap::from([("sidecar", 0), ("postfix", 0)]);
     let mut submitter = Some(submitter);
     let mut report = None;
     let mut kills_done = 0;
     while kills_done < kills {
-        std::thread::sleep(random.millis(100, 1000));
         if let Some(child) = submitter.as_mut()
             && child.try_wait().expect("bench_submit.py").is_some()
         {
@@ -108,8 +123,16 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
                 .take()
                 .map(|child| child.wait_with_output().expect("bench_submit.py"));
         }
-        if submitter.is_none() && mta.queue().is_empty() {
-            break;
+        if submitter.is_some() {
+            std::thread::sleep(Duration::from_millis(20));
+            if highest_accepted(&accepted_file) < kill_points[kills_done as usize] {
+                continue;
+            }
+        } else {
+            std::thread::sleep(random.millis(100, 1000));
+            if mta.queue().is_empty() {
+                break;
+            }
         }
         if random.next() % 2 == 0 {
             mta.kill_sidecar();
