@@ -37,7 +37,7 @@ use crate::metrics::{LookupResult, Metrics};
 use crate::policy::{DomainPolicy, LookupStage, MxCandidate, PolicyError, PolicyLookup, clock};
 use crate::provider::{self, Provider, ProviderSuffix};
 use crate::reputation::{Admission, BreakerSettings, Breakers, Heard};
-use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome, dot_stuff};
+use crate::smtp::client::{Session, SessionError, SessionSettings, Target, Transaction, TransactionOutcome};
 use crate::tls::TlsConfigs;
 use crate::warmup::{CapReached, Reservation, WarmupLimiter};
 
@@ -145,9 +145,8 @@ impl<P> std::fmt::Debug for Engine<P> {
 
 /// The message prepared once for every domain.
 struct Prepared {
-    /// Dot-stuffed, with the DKIM signatures, ending in CRLF "." CRLF.
-    data: Vec<u8>,
-    size: u64,
+    /// The DKIM signatures and the message, ending in CRLF.
+    content: Vec<u8>,
     message_id: MessageIdHash,
 }
 
@@ -213,9 +212,14 @@ impl<P: PolicyLookup> Engine<P> {
                 format!("DKIM signing failed: {err}; the message was not sent"),
             )
         })?;
+        let mut content = Vec::with_capacity(signatures.len() + message.len() + 2);
+        content.extend_from_slice(&signatures);
+        content.extend_from_slice(message);
+        if !content.ends_with(b"\r\n") {
+            content.extend_from_slice(b"\r\n");
+        }
         Ok(Prepared {
-            data: dot_stuff(&[&signatures, message]),
-            size: u64::try_from(signatures.len() + message.len()).unwrap_or(u64::MAX),
+            content,
             message_id: message_id(message),
         })
     }
@@ -313,8 +317,7 @@ impl<P: PolicyLookup> Engine<P> {
                                     sender: envelope.sender.as_ref(),
                                     params: &envelope.params,
                                     recipients,
-                                    data: &prepared.data,
-                                    size: prepared.size,
+                                    content: &prepared.content,
                                 };
                                 self.try_candidates(&policy, &transaction, deadline, &record, &mut attempts, &mut heard)
                                     .await

@@ -159,7 +159,7 @@ struct Log {
     commands: Vec<String>,
     /// Every byte received before TLS.
     cleartext: Vec<u8>,
-    /// DATA content as received (still dot-stuffed), terminator excluded.
+    /// Message content as received: after DATA still dot-stuffed, terminator excluded; after BDAT the chunks.
     messages: Vec<Vec<u8>>,
 }
 
@@ -213,6 +213,8 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
     cleartext: bool,
 ) -> bool {
     let mut messages = 0;
+    let mut accepted_recipients = 0;
+    let mut chunks = Vec::new();
     loop {
         let mut line = Vec::new();
         if stream.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
@@ -242,9 +244,32 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
             stream.flush().await.unwrap();
             return true;
         } else if upper.starts_with("MAIL FROM:") {
+            accepted_recipients = 0;
             "250 2.1.0 ok\r\n".to_owned()
         } else if upper.starts_with("RCPT TO:") {
-            (behaviour.rcpt)(&text).to_owned()
+            let reply = (behaviour.rcpt)(&text);
+            accepted_recipients += usize::from(reply.starts_with('2'));
+            reply.to_owned()
+        } else if let Some(arguments) = upper.strip_prefix("BDAT ") {
+            // RFC 3030: the chunk is read whatever the answer.
+            let mut words = arguments.split_ascii_whitespace();
+            let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap();
+            let last = words.next() == Some("LAST");
+            let mut chunk = vec![0; size];
+            if stream.read_exact(&mut chunk).await.is_err() {
+                return false;
+            }
+            if accepted_recipients == 0 {
+                chunks.clear();
+                "554 5.5.1 no valid recipients\r\n".to_owned()
+            } else if !last {
+                chunks.extend_from_slice(&chunk);
+                "250 2.0.0 chunk ok\r\n".to_owned()
+            } else {
+                chunks.extend_from_slice(&chunk);
+                log.lock().unwrap().messages.push(std::mem::take(&mut chunks));
+                behaviour.data_reply.to_owned()
+            }
         } else if upper == "DATA" {
             stream.write_all(b"354 go ahead\r\n").await.unwrap();
             stream.flush().await.unwrap();
@@ -268,6 +293,8 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
             }
             behaviour.data_reply.to_owned()
         } else if upper == "RSET" {
+            accepted_recipients = 0;
+            chunks.clear();
             "250 2.0.0 ok\r\n".to_owned()
         } else if upper == "QUIT" {
             let _ = stream.write_all(b"221 2.0.0 bye\r\n").await;
@@ -789,6 +816,109 @@ async fn a_data_refusal_applies_to_every_accepted_recipient() {
     let (_, records) = harness.evidence();
     assert_eq!(records[0]["outcome"], "bounced");
     assert_eq!(records[0]["smtpReply"]["enhancedStatus"], "5.7.1");
+}
+
+/// A receiver that offers CHUNKING (RFC 3030) besides PIPELINING, answering RCPT with `rcpt`.
+fn chunking(cert: &ServerCert, rcpt: fn(&str) -> &'static str) -> Behaviour {
+    Behaviour {
+        extensions: "250-CHUNKING\r\n",
+        rcpt,
+        ..Behaviour::tls(server_config(cert))
+    }
+}
+
+fn refuses_unknown(line: &str) -> &'static str {
+    if line.contains("unknown@") {
+        "550 5.1.1 no such user\r\n"
+    } else {
+        "250 2.1.5 ok\r\n"
+    }
+}
+
+#[tokio::test]
+async fn a_chunking_mx_gets_the_signed_message_unstuffed_in_one_bdat_after_the_envelope() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(chunking(&pki.leaf("mx.test"), refuses_unknown)).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let replies = harness
+        .send(&["patient@example.net", "unknown@example.net"], MESSAGE)
+        .await;
+
+    assert!(replies[0].starts_with("250 2.0.0 delivered to mx.test"), "{replies:?}");
+    assert!(replies[1].starts_with("550 5.1.1 "), "{replies:?}");
+    let log = receiver.log();
+    let received = String::from_utf8(log.messages[0].clone()).unwrap();
+    let after_tls = commands_after_tls(&log);
+    assert!(
+        after_tls[1].starts_with("MAIL FROM:<records@example.org> SIZE="),
+        "{after_tls:?}"
+    );
+    assert_eq!(
+        after_tls[2..4],
+        ["RCPT TO:<patient@example.net>", "RCPT TO:<unknown@example.net>"]
+    );
+    // The count covers the signature and the message exactly, with no dot-stuffing and no terminator.
+    assert_eq!(after_tls[4], format!("BDAT {} LAST", received.len()));
+    assert!(
+        after_tls[1].ends_with(&format!("SIZE={}", received.len())),
+        "{after_tls:?}"
+    );
+    assert!(
+        received.starts_with("DKIM-Signature: v=1; a=ed25519-sha256;"),
+        "{received}"
+    );
+    assert!(received.ends_with(MESSAGE), "{received}");
+    assert_eq!(harness.evidence().1[0]["outcome"], "delivered");
+}
+
+#[tokio::test]
+async fn a_chunking_mx_that_refuses_every_recipient_sends_nothing_on_and_the_next_transaction_resets() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(chunking(&pki.leaf("mx.test"), refuses_unknown)).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let refused = harness.send(&["unknown@example.net"], MESSAGE).await;
+    let accepted = harness.send(&["nurse@example.net"], MESSAGE).await;
+
+    assert_eq!(refused, ["550 5.1.1 mx.test said: no such user"], "{refused:?}");
+    assert!(accepted[0].starts_with("250 "), "{accepted:?}");
+    let log = receiver.log();
+    assert_eq!(log.connections, 1);
+    assert_eq!(log.messages.len(), 1, "only the accepted message was kept");
+    let commands: Vec<&str> = log
+        .commands
+        .iter()
+        .map(String::as_str)
+        .skip_while(|c| !c.starts_with("RCPT TO:<unknown@"))
+        .collect();
+    assert!(
+        commands[1].starts_with("BDAT ") && commands[2] == "RSET",
+        "{commands:?}"
+    );
+    assert!(commands[3].starts_with("MAIL FROM:"), "{commands:?}");
+}
+
+#[tokio::test]
+async fn a_large_message_to_a_chunking_mx_waits_for_the_envelope_replies() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(chunking(&pki.leaf("mx.test"), refuses_unknown)).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+    let large = format!(
+        "{MESSAGE}{}",
+        "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-\r\n".repeat(5000)
+    );
+
+    let refused = harness.send(&["unknown@example.net"], &large).await;
+    let accepted = harness.send(&["nurse@example.net"], &large).await;
+
+    assert!(refused[0].starts_with("550 "), "{refused:?}");
+    assert!(accepted[0].starts_with("250 "), "{accepted:?}");
+    let log = receiver.log();
+    let bdat: Vec<&String> = log.commands.iter().filter(|c| c.starts_with("BDAT ")).collect();
+    // Nothing of the message went to the transaction without a recipient.
+    assert_eq!(bdat.len(), 1, "{bdat:?}");
+    assert!(log.messages[0].ends_with(large.as_bytes()));
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 //! - The socket is bound to the pod's source address before connecting: reputation is per address.
 //! - STARTTLS is required; bytes the server sent after its 220 to STARTTLS are discarded before the handshake
 //!   (they could be a man in the middle's injected replies, CVE-2011-0411 style), and EHLO is repeated over TLS.
-//! - PIPELINING (RFC 2920): MAIL and all RCPTs go in one write; DATA waits for their replies.
+//! - PIPELINING (RFC 2920): MAIL, all RCPTs and DATA go in one write; the message follows the 354.
+//! - CHUNKING (RFC 3030) with PIPELINING: MAIL, the RCPTs and `BDAT <size> LAST` with the message go in one write,
+//!   one round trip per message and no dot-stuffing; larger messages wait for the RCPT replies first.
 //! - Timeouts per RFC 5321 section 4.5.3.2, in [`Timeouts`].
 
 use std::io;
@@ -132,6 +134,7 @@ pub struct TlsInfo {
 struct Extensions {
     starttls: bool,
     pipelining: bool,
+    chunking: bool,
     /// `SIZE` with its limit; `Some(0)`: no fixed limit.
     size: Option<u64>,
     eight_bit_mime: bool,
@@ -149,6 +152,7 @@ impl Extensions {
             match keyword.as_str() {
                 "STARTTLS" => ext.starttls = true,
                 "PIPELINING" => ext.pipelining = true,
+                "CHUNKING" => ext.chunking = true,
                 "SIZE" => ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "8BITMIME" => ext.eight_bit_mime = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
@@ -168,10 +172,8 @@ pub struct Transaction<'a> {
     pub sender: Option<&'a Mailbox>,
     pub params: &'a MailParams,
     pub recipients: &'a [&'a Recipient],
-    /// The message as it goes after DATA: dot-stuffed and ending in CRLF "." CRLF ([`dot_stuff`]).
-    pub data: &'a [u8],
-    /// The unstuffed size, for SIZE=.
-    pub size: u64,
+    /// The message as signed, ending in CRLF; dot-stuffed here when it goes with DATA.
+    pub content: &'a [u8],
 }
 
 /// How the server answered a transaction; the session is in step with the server afterwards.
@@ -225,6 +227,8 @@ impl std::fmt::Debug for Session {
 
 const READ_CHUNK: usize = 8 * 1024;
 const DATA_CHUNK: usize = 64 * 1024;
+/// The largest message sent in the same write as its envelope (BDAT); larger ones wait for the RCPT replies.
+const PIPELINED_CHUNK: usize = 256 * 1024;
 
 impl Session {
     /// Connects, reads the greeting, says EHLO, and secures the session as `target` requires.
@@ -330,7 +334,10 @@ impl Session {
                 reason: "the recipient's MX does not accept 8-bit content (no 8BITMIME)",
             });
         }
-        if ext.size.is_some_and(|limit| limit > 0 && transaction.size > limit) {
+        if ext
+            .size
+            .is_some_and(|limit| limit > 0 && u64::try_from(transaction.content.len()).is_ok_and(|size| size > limit))
+        {
             return Ok(TransactionOutcome::Unsupported {
                 enhanced: (5, 3, 4),
                 reason: "message exceeds the size limit of the recipient's MX",
@@ -347,7 +354,9 @@ impl Session {
         self.transactions += 1;
         // Until the final reply arrives the server is mid-transaction: the next transaction starts with RSET.
         let reset = std::mem::replace(&mut self.needs_reset, true);
-        if ext.pipelining {
+        if ext.pipelining && ext.chunking {
+            self.send_chunked(transaction, &mail, &rcpts, reset, reused).await
+        } else if ext.pipelining {
             self.send_pipelined(transaction, &mail, &rcpts, reset, reused).await
         } else {
             self.send_in_steps(transaction, &mail, &rcpts, reset, reused).await
@@ -364,15 +373,77 @@ impl Session {
         reset: bool,
         reused: bool,
     ) -> Result<TransactionOutcome, SessionError> {
-        let mut batch = Vec::with_capacity(128 + rcpts.iter().map(Vec::len).sum::<usize>());
-        if reset {
-            batch.extend_from_slice(b"RSET\r\n");
-        }
-        batch.extend_from_slice(mail);
-        rcpts.iter().for_each(|rcpt| batch.extend_from_slice(rcpt));
+        let mut batch = envelope_batch(mail, rcpts, reset, 6);
         batch.extend_from_slice(b"DATA\r\n");
+        let (mail_reply, rcpt_replies) = match self.pipelined_envelope(&batch, rcpts.len(), reset, reused).await? {
+            Ok(replies) => replies,
+            Err(early) => return Ok(early),
+        };
+        let data_reply = self.read("DATA", self.timeouts.data_init).await?;
+        self.closing(&data_reply);
+        let accepted = mail_reply.class() == 2 && rcpt_replies.iter().any(|reply| reply.class() == 2);
+        if data_reply.code() == 354 && !accepted {
+            // A server that lets DATA through without a recipient gets an empty message it cannot deliver.
+            self.write("end of data", b".\r\n", self.timeouts.data_block).await?;
+            self.read("end of data", self.timeouts.data_done).await?;
+        } else if data_reply.code() == 354 {
+            return self.send_data(transaction, rcpt_replies).await;
+        }
+        Ok(envelope_outcome(mail_reply, rcpt_replies, Some(data_reply)))
+    }
+
+    /// RFC 3030 over RFC 2920: [RSET,] MAIL, every RCPT and `BDAT <size> LAST` followed by the message in one
+    /// write, then all their replies: one round trip per message. A server that refuses the envelope still reads
+    /// the chunk and answers the BDAT with an error. A message over [`PIPELINED_CHUNK`] waits for the envelope's
+    /// replies instead, so no megabytes go to a server that refused every recipient.
+    async fn send_chunked(
+        &mut self,
+        transaction: &Transaction<'_>,
+        mail: &[u8],
+        rcpts: &[Vec<u8>],
+        reset: bool,
+        reused: bool,
+    ) -> Result<TransactionOutcome, SessionError> {
+        let content = transaction.content;
+        let bdat = format!("BDAT {} LAST\r\n", content.len());
+        let inline = content.len() <= PIPELINED_CHUNK;
+        let mut batch = envelope_batch(mail, rcpts, reset, if inline { bdat.len() + content.len() } else { 0 });
+        if inline {
+            batch.extend_from_slice(bdat.as_bytes());
+            batch.extend_from_slice(content);
+        }
+        let (mail_reply, rcpt_replies) = match self.pipelined_envelope(&batch, rcpts.len(), reset, reused).await? {
+            Ok(replies) => replies,
+            Err(early) => return Ok(early),
+        };
+        let accepted = mail_reply.class() == 2 && rcpt_replies.iter().any(|reply| reply.class() == 2);
+        if !inline {
+            if !accepted {
+                return Ok(envelope_outcome(mail_reply, rcpt_replies, None));
+            }
+            self.write("BDAT", bdat.as_bytes(), self.timeouts.data_block).await?;
+            for chunk in content.chunks(DATA_CHUNK) {
+                self.write("message data", chunk, self.timeouts.data_block).await?;
+            }
+        }
+        let done = self.read("end of data", self.timeouts.data_done).await?;
+        self.closing(&done);
+        // RFC 3030 section 2: after a refused chunk the transaction must be reset.
+        self.needs_reset = done.class() != 2;
+        Ok(envelope_outcome(mail_reply, rcpt_replies, Some(done)))
+    }
+
+    /// Writes a pipelined batch that starts with [RSET,] MAIL and the RCPTs and reads those replies. `Err` is the
+    /// outcome when the server closed the session (421) before the rest of the batch was answered.
+    async fn pipelined_envelope(
+        &mut self,
+        batch: &[u8],
+        recipients: usize,
+        reset: bool,
+        reused: bool,
+    ) -> Result<Result<(Reply, Vec<Reply>), TransactionOutcome>, SessionError> {
         let first_phase = if reset { "RSET" } else { "MAIL" };
-        self.write(first_phase, &batch, self.timeouts.mail)
+        self.write(first_phase, batch, self.timeouts.mail)
             .await
             .map_err(|err| stale_if(reused, err))?;
         if reset {
@@ -385,39 +456,17 @@ impl Session {
             .await
             .map_err(|err| stale_if(reused && !reset, err))?;
         if self.closing(&mail_reply) {
-            return Ok(TransactionOutcome::MailRefused(mail_reply));
+            return Ok(Err(TransactionOutcome::MailRefused(mail_reply)));
         }
-        let mut rcpt_replies = Vec::with_capacity(rcpts.len());
-        for _ in rcpts {
+        let mut rcpt_replies = Vec::with_capacity(recipients);
+        for _ in 0..recipients {
             let reply = self.read("RCPT", self.timeouts.rcpt).await?;
             if self.closing(&reply) {
-                return Ok(closed_at_rcpt(rcpt_replies, reply, rcpts.len()));
+                return Ok(Err(closed_at_rcpt(rcpt_replies, reply, recipients)));
             }
             rcpt_replies.push(reply);
         }
-        let data_reply = self.read("DATA", self.timeouts.data_init).await?;
-        self.closing(&data_reply);
-        let accepted = mail_reply.class() == 2 && rcpt_replies.iter().any(|reply| reply.class() == 2);
-        if data_reply.code() == 354 && !accepted {
-            // A server that lets DATA through without a recipient gets an empty message it cannot deliver.
-            self.write("end of data", b".\r\n", self.timeouts.data_block).await?;
-            self.read("end of data", self.timeouts.data_done).await?;
-        } else if data_reply.code() == 354 {
-            return self.send_data(transaction, rcpt_replies).await;
-        }
-        Ok(if mail_reply.class() != 2 {
-            TransactionOutcome::MailRefused(mail_reply)
-        } else if !accepted {
-            TransactionOutcome::Replies {
-                rcpt: rcpt_replies,
-                data: None,
-            }
-        } else {
-            TransactionOutcome::Replies {
-                rcpt: rcpt_replies,
-                data: Some(data_reply),
-            }
-        })
+        Ok(Ok((mail_reply, rcpt_replies)))
     }
 
     /// Without PIPELINING: one command, one reply.
@@ -477,7 +526,7 @@ impl Session {
         transaction: &Transaction<'_>,
         rcpt_replies: Vec<Reply>,
     ) -> Result<TransactionOutcome, SessionError> {
-        for chunk in transaction.data.chunks(DATA_CHUNK) {
+        for chunk in dot_stuff(transaction.content).chunks(DATA_CHUNK) {
             self.write("message data", chunk, self.timeouts.data_block).await?;
         }
         let done = self.read("end of data", self.timeouts.data_done).await?;
@@ -623,6 +672,28 @@ impl Session {
     }
 }
 
+/// [RSET,] MAIL and every RCPT, with room for `more` bytes after them.
+fn envelope_batch(mail: &[u8], rcpts: &[Vec<u8>], reset: bool, more: usize) -> Vec<u8> {
+    let mut batch = Vec::with_capacity(6 + mail.len() + rcpts.iter().map(Vec::len).sum::<usize>() + more);
+    if reset {
+        batch.extend_from_slice(b"RSET\r\n");
+    }
+    batch.extend_from_slice(mail);
+    rcpts.iter().for_each(|rcpt| batch.extend_from_slice(rcpt));
+    batch
+}
+
+/// A transaction's outcome from the replies to MAIL, the RCPTs and the end of the message (or a refused DATA).
+fn envelope_outcome(mail: Reply, rcpt: Vec<Reply>, data: Option<Reply>) -> TransactionOutcome {
+    if mail.class() != 2 {
+        TransactionOutcome::MailRefused(mail)
+    } else if !rcpt.iter().any(|reply| reply.class() == 2) {
+        TransactionOutcome::Replies { rcpt, data: None }
+    } else {
+        TransactionOutcome::Replies { rcpt, data }
+    }
+}
+
 /// The outcome when a RCPT got a 421: nothing more comes, so the recipients not answered share that reply.
 fn closed_at_rcpt(mut replies: Vec<Reply>, closing: Reply, recipients: usize) -> TransactionOutcome {
     replies.resize(recipients, closing);
@@ -676,7 +747,7 @@ fn mail_command(transaction: &Transaction<'_>, ext: &Extensions) -> Vec<u8> {
     push_path(&mut line, transaction.sender);
     let params = transaction.params;
     if ext.size.is_some() {
-        line.extend_from_slice(format!(" SIZE={}", transaction.size).as_bytes());
+        line.extend_from_slice(format!(" SIZE={}", transaction.content.len()).as_bytes());
     }
     match params.body {
         Some(Body::EightBitMime) => line.extend_from_slice(b" BODY=8BITMIME"),
@@ -728,25 +799,16 @@ fn push_path(line: &mut Vec<u8>, mailbox: Option<&Mailbox>) {
     line.push(b'>');
 }
 
-/// `parts` concatenated as SMTP DATA content: a '.' added before every line that starts with one, a CRLF added
-/// if the content does not end with one, and the terminating "." CRLF appended.
-pub fn dot_stuff(parts: &[&[u8]]) -> Vec<u8> {
-    let total: usize = parts.iter().map(|part| part.len()).sum();
-    let mut out = Vec::with_capacity(total + total / 64 + 5);
-    let mut at_line_start = true;
-    for part in parts {
-        // Whole lines are copied at once: only a line's first byte needs a look.
-        let mut rest = *part;
-        while !rest.is_empty() {
-            if at_line_start && rest[0] == b'.' {
-                out.push(b'.');
-            }
-            let line_end = memchr::memchr(b'\n', rest).map_or(rest.len(), |newline| newline + 1);
-            let (line, after) = rest.split_at(line_end);
-            out.extend_from_slice(line);
-            at_line_start = line.ends_with(b"\n");
-            rest = after;
+/// `content` as SMTP DATA content: a '.' added before every line that starts with one, a CRLF added if the
+/// content does not end with one, and the terminating "." CRLF appended.
+fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + content.len() / 64 + 5);
+    // Whole lines are copied at once: only a line's first byte needs a look.
+    for line in content.split_inclusive(|&byte| byte == b'\n') {
+        if line.starts_with(b".") {
+            out.push(b'.');
         }
+        out.extend_from_slice(line);
     }
     if !out.is_empty() && !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
@@ -761,25 +823,21 @@ mod tests {
 
     #[test]
     fn dot_stuffing_doubles_leading_dots_and_terminates() {
-        let stuffed = dot_stuff(&[b"DKIM: x\r\n", b".hidden\r\nmid.dot\r\n.\r\n..two\r\nend"]);
+        let stuffed = dot_stuff(b"DKIM: x\r\n.hidden\r\nmid.dot\r\n.\r\n..two\r\nend");
         assert_eq!(
             stuffed,
             b"DKIM: x\r\n..hidden\r\nmid.dot\r\n..\r\n...two\r\nend\r\n.\r\n"
         );
-        assert_eq!(dot_stuff(&[b".\r\n"]), b"..\r\n.\r\n");
-        assert_eq!(dot_stuff(&[]), b".\r\n");
-        // A line split across parts is stuffed once, where it starts.
-        assert_eq!(
-            dot_stuff(&[b"a\r\n", b".", b"b\r\n", b"", b".c"]),
-            b"a\r\n..b\r\n..c\r\n.\r\n"
-        );
-        assert_eq!(dot_stuff(&[b"x.", b".y\r\n"]), b"x..y\r\n.\r\n");
+        assert_eq!(dot_stuff(b".\r\n"), b"..\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
+        // A bare LF ends a line too, so a dot after it is stuffed.
+        assert_eq!(dot_stuff(b"a\n.b\r\n"), b"a\n..b\r\n.\r\n");
     }
 
     #[test]
     fn extensions_are_read_from_ehlo_lines_after_the_first() {
         let (reply, _) =
-            reply::parse(b"250-mx.example STARTTLS\r\n250-pipelining\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-REQUIRETLS\r\n250 DSN\r\n")
+            reply::parse(b"250-mx.example STARTTLS\r\n250-pipelining\r\n250-CHUNKING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-REQUIRETLS\r\n250 DSN\r\n")
                 .unwrap()
                 .unwrap();
         let ext = Extensions::of(&reply);
@@ -788,6 +846,7 @@ mod tests {
             Extensions {
                 starttls: false,
                 pipelining: true,
+                chunking: true,
                 size: Some(1000),
                 eight_bit_mime: true,
                 smtputf8: false,
