@@ -818,6 +818,15 @@ async fn a_data_refusal_applies_to_every_accepted_recipient() {
     assert_eq!(records[0]["smtpReply"]["enhancedStatus"], "5.7.1");
 }
 
+/// What a receiver saw from the RCPT of `unknown@` (which [`refuses_unknown`] refuses) on.
+fn commands_from_refused_rcpt(log: &Log) -> Vec<&str> {
+    log.commands
+        .iter()
+        .map(String::as_str)
+        .skip_while(|c| !c.starts_with("RCPT TO:<unknown@"))
+        .collect()
+}
+
 /// A receiver that offers CHUNKING (RFC 3030) besides PIPELINING, answering RCPT with `rcpt`.
 fn chunking(cert: &ServerCert, rcpt: fn(&str) -> &'static str) -> Behaviour {
     Behaviour {
@@ -886,12 +895,7 @@ async fn a_chunking_mx_that_refuses_every_recipient_sends_nothing_on_and_the_nex
     let log = receiver.log();
     assert_eq!(log.connections, 1);
     assert_eq!(log.messages.len(), 1, "only the accepted message was kept");
-    let commands: Vec<&str> = log
-        .commands
-        .iter()
-        .map(String::as_str)
-        .skip_while(|c| !c.starts_with("RCPT TO:<unknown@"))
-        .collect();
+    let commands = commands_from_refused_rcpt(&log);
     assert!(
         commands[1].starts_with("BDAT ") && commands[2] == "RSET",
         "{commands:?}"
@@ -1169,13 +1173,7 @@ async fn a_421_at_rcpt_defers_with_the_remote_text_and_the_session_is_not_reused
 async fn after_refused_recipients_the_next_transaction_starts_with_rset() {
     let pki = Pki::new();
     let receiver = Receiver::start(Behaviour {
-        rcpt: |line| {
-            if line.contains("unknown@") {
-                "550 5.1.1 no such user\r\n"
-            } else {
-                "250 2.1.5 ok\r\n"
-            }
-        },
+        rcpt: refuses_unknown,
         ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
     })
     .await;
@@ -1190,12 +1188,7 @@ async fn after_refused_recipients_the_next_transaction_starts_with_rset() {
     // This receiver answers DATA with 354 even without a recipient: the client ends that data at once, empty.
     assert_eq!(log.connections, 1);
     assert!(log.messages[0].is_empty() && !log.messages[1].is_empty());
-    let commands: Vec<&str> = log
-        .commands
-        .iter()
-        .map(String::as_str)
-        .skip_while(|c| !c.starts_with("RCPT TO:<unknown@"))
-        .collect();
+    let commands = commands_from_refused_rcpt(&log);
     assert_eq!(commands[1..3], ["DATA", "RSET"][..], "{commands:?}");
     assert!(commands[3].starts_with("MAIL FROM:"), "{commands:?}");
 }

@@ -381,7 +381,7 @@ impl Session {
         };
         let data_reply = self.read("DATA", self.timeouts.data_init).await?;
         self.closing(&data_reply);
-        let accepted = mail_reply.class() == 2 && rcpt_replies.iter().any(|reply| reply.class() == 2);
+        let accepted = mail_reply.class() == 2 && any_accepted(&rcpt_replies);
         if data_reply.code() == 354 && !accepted {
             // A server that lets DATA through without a recipient gets an empty message it cannot deliver.
             self.write("end of data", b".\r\n", self.timeouts.data_block).await?;
@@ -416,7 +416,7 @@ impl Session {
             Ok(replies) => replies,
             Err(early) => return Ok(early),
         };
-        let accepted = mail_reply.class() == 2 && rcpt_replies.iter().any(|reply| reply.class() == 2);
+        let accepted = mail_reply.class() == 2 && any_accepted(&rcpt_replies);
         if !inline {
             if !accepted {
                 return Ok(envelope_outcome(mail_reply, rcpt_replies, None));
@@ -503,7 +503,7 @@ impl Session {
             }
             rcpt_replies.push(reply);
         }
-        if !rcpt_replies.iter().any(|reply| reply.class() == 2) {
+        if !any_accepted(&rcpt_replies) {
             return Ok(TransactionOutcome::Replies {
                 rcpt: rcpt_replies,
                 data: None,
@@ -683,11 +683,16 @@ fn envelope_batch(mail: &[u8], rcpts: &[Vec<u8>], reset: bool, more: usize) -> V
     batch
 }
 
+/// Whether any recipient was accepted: only then does the message itself go.
+fn any_accepted(rcpt_replies: &[Reply]) -> bool {
+    rcpt_replies.iter().any(|reply| reply.class() == 2)
+}
+
 /// A transaction's outcome from the replies to MAIL, the RCPTs and the end of the message (or a refused DATA).
 fn envelope_outcome(mail: Reply, rcpt: Vec<Reply>, data: Option<Reply>) -> TransactionOutcome {
     if mail.class() != 2 {
         TransactionOutcome::MailRefused(mail)
-    } else if !rcpt.iter().any(|reply| reply.class() == 2) {
+    } else if !any_accepted(&rcpt) {
         TransactionOutcome::Replies { rcpt, data: None }
     } else {
         TransactionOutcome::Replies { rcpt, data }
