@@ -79,7 +79,9 @@ kubectl get smt -n tenant-lakeside lakeside-clinic \
 
 step "Offline render prints the same configuration the operator applied"
 rendered=$(mktemp)
-"$operator" render -f "$root/examples/minimal.yaml" > "$rendered"
+# On the UTC date the operator judged the warmup, should midnight have passed since.
+judged=$(kubectl get smt -n tenant-lakeside lakeside-clinic -o jsonpath='{.status.ipPool[0].lastEvaluated}')
+"$operator" render -f "$root/examples/minimal.yaml" --date "${judged:0:10}" > "$rendered"
 python3 - "$rendered" <<'PY'
 import json, subprocess, sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "ConfigMap"]

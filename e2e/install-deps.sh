@@ -24,7 +24,8 @@ declare -A packages=(
   [unbound]=unbound
   [nginx]=nginx
   [swaks]=swaks
-  # Moves the sidecar's clock forward (LD_PRELOAD of libfaketime) for the warmup day-boundary case.
+  # Sets the clock of the operator and the sidecar in the suites (LD_PRELOAD of libfaketime): noon UTC of the
+  # day, the next day, or a year ahead.
   [faketime]=faketime
   # A real Prometheus scrapes the sidecar and evaluates the alert pack in the data-plane suite.
   [prometheus]=prometheus

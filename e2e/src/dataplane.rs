@@ -250,6 +250,8 @@ pub struct MtaHost {
     recipients: Mutex<BTreeSet<String>>,
     /// The mount point of the sidecar's state volume, when it has one of its own.
     volume: Option<PathBuf>,
+    /// The set clock the sidecar runs on (days after the suites' set day, [`crate::clock`]), or the real clock.
+    days_after_set_day: Option<u32>,
 }
 
 impl MtaHost {
@@ -372,33 +374,32 @@ impl MtaHost {
             postfix: None,
             recipients: Mutex::default(),
             volume,
+            days_after_set_day: None,
         };
         host.start_sidecar(world);
         host.start_postfix();
         host
     }
 
-    /// Starts (or restarts) the sidecar and waits for its LMTP socket.
+    /// Starts (or restarts) the sidecar and waits for its LMTP socket; a restart keeps the clock it ran on.
     pub fn start_sidecar(&mut self, world: &World) {
-        self.launch_sidecar(world, &[]);
+        let env = self
+            .days_after_set_day
+            .map(crate::clock::set_clock_env)
+            .unwrap_or_default();
+        self.launch_sidecar(world, &env);
     }
 
-    /// Starts the sidecar with its wall clock `days` ahead (libfaketime; the monotonic clock is left alone), as if
-    /// it ran on a later UTC day.
-    pub fn start_sidecar_days_ahead(&mut self, world: &World, days: u32) {
-        let library = faketime_library();
-        let offset = format!("+{days}d");
-        self.launch_sidecar(
-            world,
-            &[
-                ("LD_PRELOAD", library.to_str().expect("libfaketime path")),
-                ("FAKETIME", &offset),
-                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-            ],
-        );
+    /// Restarts the sidecar with its wall clock on the suites' set clock (noon UTC of the run's day,
+    /// [`crate::clock`]) `days` later, as if it ran on that UTC day; for the cases that count per day, which must not
+    /// see the real date change under them.
+    pub fn restart_sidecar_on_set_day(&mut self, world: &World, days: u32) {
+        self.kill_sidecar();
+        self.days_after_set_day = Some(days);
+        self.start_sidecar(world);
     }
 
-    fn launch_sidecar(&mut self, world: &World, env: &[(&str, &str)]) {
+    fn launch_sidecar(&mut self, world: &World, env: &[(&'static str, String)]) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1071,16 +1072,6 @@ fn sidecar_yaml_for_host(rendered: &str, world: &World, dir: &Path, address: IpA
         }
     }
     serde_yaml::to_string(&config).expect("serialize sidecar.yaml")
-}
-
-/// Debian's libfaketime (package faketime), under the machine's multiarch directory.
-fn faketime_library() -> PathBuf {
-    fs::read_dir("/usr/lib")
-        .expect("/usr/lib")
-        .filter_map(Result::ok)
-        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
-        .find(|path| path.exists())
-        .expect("libfaketime.so.1 under /usr/lib/*/faketime (Debian package faketime; run make deps)")
 }
 
 /// The envelope and header sender of the suites' messages.

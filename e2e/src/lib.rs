@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bulk;
+pub mod clock;
 pub mod dataplane;
 pub mod dnsbl;
 pub mod leaks;

@@ -82,6 +82,7 @@ impl Operator {
             .args(["--dnsbl-nameserver", crate::dnsbl::DNSBL_SERVER])
             .args(leader_election.then_some("--leader-election"))
             .args(extra_args)
+            .envs(crate::clock::set_clock_env(0))
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", "securemail-system")
             .env("POD_NAME", identity(admin_port))

@@ -220,12 +220,15 @@ pub async fn key_secrets(client: &Client, namespace: &str) -> BTreeMap<String, (
         .collect()
 }
 
-/// A self-signed certificate valid for 90 days, made once per test process with openssl (PEM).
+/// A self-signed certificate that expires 90 days after the operator's [`crate::clock::now`], made once per test
+/// process with openssl (PEM).
 pub fn test_certificate() -> &'static str {
     static CERTIFICATE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     CERTIFICATE.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("securemail-e2e-certificate-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+        // openssl counts from the real clock: add the days the operator's clock is ahead, rounded up.
+        let days = 90 + (crate::clock::offset().as_hours() + 23) / 24;
         crate::dataplane::openssl(
             &dir,
             &[
@@ -237,7 +240,7 @@ pub fn test_certificate() -> &'static str {
                 "ec_paramgen_curve:P-256",
                 "-nodes",
                 "-days",
-                "90",
+                &days.to_string(),
                 "-subj",
                 "/CN=submission.e2e.test",
                 "-keyout",

@@ -522,6 +522,8 @@ fn a_warmup_cap_of_n_delivers_exactly_n_keeps_the_rest_queued_and_sends_it_the_n
          yahoo: 0, apple: 0, other: 100}}\n"
     );
     let mut mta = MtaHost::start(&world, "warmup", &manifest_with_warmup(&world, DEFER, &warmup));
+    // Counted per UTC day: on the set clock, so a run across midnight does not split the count.
+    mta.restart_sidecar_on_set_day(&world, 0);
     let rendered = fs::read_to_string(&mta.sidecar_config).unwrap();
     assert!(rendered.contains(&format!("dailyLimit: {CAP}")), "{rendered}");
 
@@ -587,8 +589,7 @@ fn a_warmup_cap_of_n_delivers_exactly_n_keeps_the_rest_queued_and_sends_it_the_n
 
     // The next UTC day (the sidecar's clock moved forward): the count starts over, the rest goes out under the same
     // cap, and the day before is what /status reports as `yesterday`, the input of the operator's evaluation.
-    mta.kill_sidecar();
-    mta.start_sidecar_days_ahead(&world, 1);
+    mta.restart_sidecar_on_set_day(&world, 1);
     wait_until(
         Duration::from_secs(90),
         "the remaining messages on the next day",
@@ -615,6 +616,7 @@ fn a_provider_rate_limiting_the_address_opens_its_breaker_and_the_next_evaluatio
     let world = World::load();
     let manifest = manifest(&world, DEFER);
     let mut mta = MtaHost::start(&world, "ratelimit", &manifest);
+    mta.restart_sidecar_on_set_day(&world, 0);
     let run = unique_id("ratelimit");
     // The receiver answers RCPT for busy@ with Gmail's 421 4.7.28; its MX name is Gmail's.
     let recipient = format!("busy@{}", world.get("SMDP_CASE_RATELIMITED"));
@@ -651,8 +653,7 @@ fn a_provider_rate_limiting_the_address_opens_its_breaker_and_the_next_evaluatio
 
     // The next UTC day: the sidecar reports the day it was rate limited as `yesterday`, and the operator's warmup
     // evaluation (the same function its reconcile loop runs) holds the address on it.
-    mta.kill_sidecar();
-    mta.start_sidecar_days_ahead(&world, 1);
+    mta.restart_sidecar_on_set_day(&world, 1);
     let status: Value = serde_json::from_str(&mta.admin_get("/status")).unwrap();
     let yesterday: DeliveryDay = serde_json::from_value(status["yesterday"].clone()).unwrap();
     let results = DayResults::from_delivery_day(&yesterday);

@@ -104,9 +104,10 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
     .spawn()
     .expect("start bench_submit.py");
 
-    // Kills are paced by the load, not the clock, so all of them land however fast the path is: each one waits
-    // for a random point of the submission (the highest message number answered 250 so far), and any left when
-    // the submitter ends land while Postfix's queue still drains.
+    // Kills are paced by the load, not the clock: each one waits for a random point of the submission (the highest
+    // message number answered 250 so far). Any left when the submitter ends land at random moments after it, while
+    // Postfix's queue drains or once it has: every kill lands however fast or slow the path is, so the case passes or
+    // fails only on what it asserts.
     let mut kill_points: Vec<u64> = (0..kills)
         .map(|_| messages / 20 + random.next() % (messages * 17 / 20).max(1))
         .collect();
@@ -114,25 +115,27 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
     let mut killed = BTreeMap::from([("sidecar", 0), ("postfix", 0)]);
     let mut submitter = Some(submitter);
     let mut report = None;
-    let mut kills_done = 0;
-    while kills_done < kills {
+    let mut kills_during_submission = 0;
+    // Takes the submitter's output once it has ended.
+    let reap = |submitter: &mut Option<std::process::Child>, report: &mut Option<std::process::Output>| {
         if let Some(child) = submitter.as_mut()
             && child.try_wait().expect("bench_submit.py").is_some()
         {
-            report = submitter
+            *report = submitter
                 .take()
                 .map(|child| child.wait_with_output().expect("bench_submit.py"));
         }
-        if submitter.is_some() {
+    };
+    for kill_point in kill_points {
+        reap(&mut submitter, &mut report);
+        while submitter.is_some() && highest_accepted(&accepted_file) < kill_point {
             std::thread::sleep(Duration::from_millis(20));
-            if highest_accepted(&accepted_file) < kill_points[kills_done as usize] {
-                continue;
-            }
+            reap(&mut submitter, &mut report);
+        }
+        if submitter.is_some() {
+            kills_during_submission += 1;
         } else {
             std::thread::sleep(random.millis(100, 1000));
-            if mta.queue().is_empty() {
-                break;
-            }
         }
         if random.next() % 2 == 0 {
             mta.kill_sidecar();
@@ -145,7 +148,6 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
             mta.start_postfix();
             *killed.get_mut("postfix").unwrap() += 1;
         }
-        kills_done += 1;
     }
     let report = match submitter {
         Some(child) => child.wait_with_output().expect("bench_submit.py"),
@@ -153,10 +155,6 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
     };
     let summary = json_report(&report, "bench_submit.py");
     assert!(report.status.success(), "bench_submit.py: {summary}");
-    assert_eq!(
-        kills_done, kills,
-        "the load ended after {kills_done} of {kills} kills (seed {seed}): raise SECUREMAIL_FAULT_MESSAGES"
-    );
 
     let accepted = accepted_message_ids(&accepted_file, &tag);
     assert!(!accepted.is_empty(), "Postfix accepted nothing: {summary}");
@@ -197,8 +195,8 @@ fn kill_9_of_the_sidecar_and_postfix_under_load_loses_nothing() {
     let sessions = assert_no_cleartext_session(&world);
     let torn = verify_evidence_allowing_torn_tails(&mta);
     eprintln!(
-        "faults: {messages} messages submitted, {} accepted with 250, {} refused or cut off; {kills_done} kills \
-         (sidecar {}, postfix {}); lost 0, duplicates {duplicates}, bounced {}, delivered without a 250 \
+        "faults: {messages} messages submitted, {} accepted with 250, {} refused or cut off; {kills} kills \
+         ({kills_during_submission} during the submission; sidecar {}, postfix {}); lost 0, duplicates {duplicates}, bounced {}, delivered without a 250 \
          {unacknowledged}; {sessions} receiver sessions, all TLS; evidence files {} ({torn} with a torn last line); \
          {:.0} s; seed {seed}",
         accepted.len(),

@@ -16,14 +16,15 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
-use securemail_api::tenant::{DkimSelectorState, PoolAddress};
+use securemail_api::tenant::{DkimSelectorState, PoolAddress, WarmupSpec};
+use securemail_api::warmup::state::AddressWarmup;
 use securemail_e2e::dnsbl::BlocklistServer;
 use securemail_e2e::operator::{OPERATOR_USER, Operator};
 use securemail_e2e::tenants::{
     WAIT, assert_children, condition, create, create_secret, create_tenant, example, key_secrets, pods_become_ready,
     reconcile_count, reconciled,
 };
-use securemail_e2e::{client, ensure_crd, eventually, unique_namespace, writes_by};
+use securemail_e2e::{client, clock, ensure_crd, eventually, unique_namespace, writes_by};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +106,12 @@ async fn every_example_reconciles_to_owned_children_and_a_truthful_status(client
                 .all(|s| s.state == DkimSelectorState::Active)
         );
         assert_eq!(status.ip_pool.len(), addresses.len());
-        assert_eq!(status.warmup_day, Some(1));
+        assert_eq!(
+            status.warmup_day,
+            first_warmup_day(&tenant.spec.ip_pool.warmup, clock::today()),
+            "{file}: warmup day on {}",
+            clock::today()
+        );
 
         // The kubelet's part: pods become ready, and so does the tenant.
         pods_become_ready(client, &namespace, &name).await;
@@ -120,6 +126,16 @@ async fn every_example_reconciles_to_owned_children_and_a_truthful_status(client
             serde_json::to_string(&api.get_status(&name).await.ok().and_then(|t| t.status)).unwrap_or_default();
         assert!(!status_json.contains("PRIVATE KEY"));
     }
+}
+
+/// The warmup day a new tenant's status shows on `today`: its schedule starts on `spec.startDate` (which may lie in the
+/// past or the future), or today without one; `None` once past the schedule (warm).
+fn first_warmup_day(spec: &WarmupSpec, today: jiff::civil::Date) -> Option<u32> {
+    let start = spec.start_date.as_deref().map_or(today, |date| {
+        date.parse().unwrap_or_else(|err| panic!("startDate {date}: {err}"))
+    });
+    let warmup = AddressWarmup::begin(spec, start, today);
+    warmup.daily_limit(spec).map(|_| warmup.day)
 }
 
 async fn an_unchanged_tenant_costs_no_writes(client: &Client, operator: &Operator) -> String {
@@ -352,7 +368,7 @@ async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Cli
         .status
         .and_then(|status| status.submission_certificate_expires)
         .unwrap_or_else(|| panic!("no submissionCertificateExpires in the status"));
-    let days = expires.0.duration_since(jiff::Timestamp::now()).as_hours() / 24;
+    let days = expires.0.duration_since(clock::now()).as_hours() / 24;
     assert!(
         (88..=90).contains(&days),
         "the 90-day test certificate expires in {days} days"
@@ -380,11 +396,7 @@ async fn the_warmup_loop_judges_yesterday_from_the_pods_status(client: &Client, 
     pod.set_field("address", json!(address));
 
     let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
-    let yesterday = jiff::Timestamp::now()
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .date()
-        .yesterday()
-        .unwrap_or_else(|err| panic!("{err}"));
+    let yesterday = clock::today().yesterday().unwrap_or_else(|err| panic!("{err}"));
     let results = |delivered: u64, deferred: u64, bounced: u64| {
         let counts = json!({"delivered": delivered, "deferred": deferred, "bounced": bounced});
         json!({"date": yesterday.to_string(), "providers": {"gmail": counts}})

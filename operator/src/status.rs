@@ -9,7 +9,6 @@ use jiff::tz::TimeZone;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use securemail_api::SecureMailTenant;
 use securemail_api::tenant::{PoolAddress, PoolAddressState, PoolAddressStatus, WarmupSpec};
-use securemail_api::warmup;
 use securemail_api::warmup::state::{AddressWarmup, DayResults, Transition, WarmupState, evaluate};
 
 use crate::build::PodAssignment;
@@ -205,10 +204,7 @@ pub fn assign_pods(
                     None => (recorded, None),
                 },
             };
-            let daily_limit = match warmup.state {
-                WarmupState::Warm => None,
-                _ => warmup::daily_limit(spec, warmup.day),
-            };
+            let daily_limit = warmup.daily_limit(spec);
             let pod = PodAssignment {
                 ordinal,
                 address: (*address).clone(),
@@ -328,6 +324,7 @@ pub fn pool_status(
 mod tests {
     use super::*;
     use jiff::civil::date;
+    use securemail_api::warmup;
 
     fn tenant(name: &str, created_secs: i64, addresses: &[&str]) -> SecureMailTenant {
         let mut tenant: SecureMailTenant = serde_json::from_value(serde_json::json!({

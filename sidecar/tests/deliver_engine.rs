@@ -21,7 +21,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use securemail_api::sidecar_config::WarmupCaps;
 use securemail_api::tenant::{OnFailure, ProviderShares, TlsVersion};
-use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
+use securemail_sidecar::deliver::{Engine, EngineConfig, WallClock};
 use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, EvidenceWriter, PolicySource};
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
@@ -369,7 +369,41 @@ struct Harness {
     registry: Registry,
     /// A warm address's limiter (no caps), keeping the day's counts as in production.
     day_counts: Arc<WarmupLimiter>,
+    /// The engine's wall clock: the day's counts are read on it.
+    clock: Arc<NoonClock>,
     dir: tempfile::TempDir,
+}
+
+/// Noon UTC of the day the case starts, then ticking: the UTC day the engine counts in cannot change under a case,
+/// whatever the time of day it runs.
+#[derive(Debug)]
+struct NoonClock {
+    noon: jiff::Timestamp,
+    started: std::time::Instant,
+}
+
+impl NoonClock {
+    fn new() -> Self {
+        let noon = jiff::Timestamp::now()
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .date()
+            .at(12, 0, 0, 0)
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp();
+        Self {
+            noon,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl WallClock for NoonClock {
+    fn now(&self) -> jiff::Timestamp {
+        self.noon
+            .checked_add(jiff::SignedDuration::try_from(self.started.elapsed()).unwrap())
+            .unwrap()
+    }
 }
 
 fn harness(policy: FixedPolicy, roots: RootCertStore, port: u16) -> Harness {
@@ -396,10 +430,10 @@ fn harness_for_pool(
 ) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let keys = common::signing_keys(dir.path());
-    let clock: Arc<dyn WallClock> = Arc::new(SystemClock);
+    let clock = Arc::new(NoonClock::new());
     let session = common::session(port);
     let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry, "clinic-a/outbound", session.source, Arc::clone(&clock));
+    let metrics = Metrics::register(&mut registry, "clinic-a/outbound", session.source, clock.clone());
     let mut config = EngineConfig {
         provider_suffixes,
         ..EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer)
@@ -413,8 +447,7 @@ fn harness_for_pool(
         daily_limit: None,
         provider_shares: ProviderShares::default(),
     };
-    let day_counts =
-        Arc::new(WarmupLimiter::load(dir.path(), warm, jiff::Timestamp::now(), &Default::default()).unwrap());
+    let day_counts = Arc::new(WarmupLimiter::load(dir.path(), warm, clock.now(), &Default::default()).unwrap());
     let engine = Engine::new(
         config,
         policy,
@@ -422,13 +455,14 @@ fn harness_for_pool(
         Arc::new(TlsConfigs::with_roots(roots)),
         evidence,
         metrics,
-        clock,
+        clock.clone(),
     )
     .with_warmup(Arc::clone(&day_counts));
     Harness {
         engine: Arc::new(engine),
         registry,
         day_counts,
+        clock,
         dir,
     }
 }
@@ -594,7 +628,7 @@ async fn webpki_delivery_sends_the_signed_dot_stuffed_message_over_tls_and_recor
     assert_eq!(record["tls"]["peerChainSha256"][1], hex(&sha256(&pki.ca)));
     assert!(!serde_json::to_string(&records).unwrap().contains("patient"));
 
-    let (today, _) = harness.day_counts.results(jiff::Timestamp::now());
+    let (today, _) = harness.day_counts.results(harness.clock.now());
     assert_eq!(today.providers[&Provider::Other].delivered, 1);
 }
 
@@ -795,7 +829,7 @@ async fn remote_replies_are_passed_on_per_recipient_with_addresses_redacted() {
     let log = receiver.log();
     assert_eq!(log.messages.len(), 1);
     assert_eq!(log.commands.iter().filter(|c| c.starts_with("RCPT")).count(), 3);
-    let (today, _) = harness.day_counts.results(jiff::Timestamp::now());
+    let (today, _) = harness.day_counts.results(harness.clock.now());
     let counts = today.providers[&Provider::Other];
     assert_eq!((counts.delivered, counts.deferred, counts.bounced), (1, 1, 1));
 }
@@ -1084,7 +1118,7 @@ async fn a_warming_address_counts_in_the_evidence_record_which_a_restart_recount
         restarted.path().join("evidence-20261126T000000.000000000Z.jsonl"),
     )
     .unwrap();
-    let now = jiff::Timestamp::now();
+    let now = harness.clock.now();
     let day_start = now
         .to_zoned(jiff::tz::TimeZone::UTC)
         .start_of_day()
@@ -1136,7 +1170,7 @@ async fn the_tenants_suffixes_class_an_mx_before_the_built_in_table() {
     let replies = harness.send(&["patient@example.net"], MESSAGE).await;
 
     assert!(replies[0].starts_with("250 "), "{replies:?}");
-    let (today, _) = harness.day_counts.results(jiff::Timestamp::now());
+    let (today, _) = harness.day_counts.results(harness.clock.now());
     assert_eq!(today.providers[&Provider::Microsoft].delivered, 1);
     assert_eq!(today.providers[&Provider::Other].delivered, 0);
 }

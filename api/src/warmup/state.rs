@@ -89,6 +89,14 @@ impl AddressWarmup {
             last_evaluated: Some(today),
         }
     }
+
+    /// Today's per-address limit: the schedule's limit on [`Self::day`], or `None` once warm.
+    pub fn daily_limit(&self, spec: &WarmupSpec) -> Option<u32> {
+        match self.state {
+            WarmupState::Warm => None,
+            _ => super::daily_limit(spec, self.day),
+        }
+    }
 }
 
 impl WarmupState {
