@@ -131,7 +131,11 @@ copy_needed_libraries() { # STAGING ROOTFS ELF...
   local staging=$1 rootfs=$2 todo=("${@:3}") seen=" " elf lib path interpreter
   interpreter=$(readelf -l "${todo[0]}" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
   [ -n "$interpreter" ] || die "${todo[0]}: no program interpreter; expected a dynamically linked binary"
-  install -D -m 0755 "$(library_file "$staging" "$(basename "$interpreter")")" "$rootfs$interpreter"
+  # Where Debian has it: the file in the library directory, the path the ELF header names a link to it.
+  install -D -m 0755 "$(library_file "$staging" "${interpreter##*/}")" "$rootfs/lib/$multiarch/${interpreter##*/}"
+  mkdir -p "$rootfs${interpreter%/*}"
+  ln -s "/lib/$multiarch/${interpreter##*/}" "$rootfs$interpreter"
+  seen+="${interpreter##*/} "
   while [ ${#todo[@]} -gt 0 ]; do
     elf=${todo[0]}; todo=("${todo[@]:1}")
     for lib in $(readelf -d "$elf" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
@@ -223,8 +227,8 @@ build_mta_image() {
     >"$rootfs/etc/group"
   # What Debian's maintainer scripts would have done: setgid postdrop programs, the dynamic map table (no map
   # plugins are installed, so only its comments), an empty aliases source.
-  chgrp postdrop "$rootfs/usr/sbin/postdrop" "$rootfs/usr/sbin/postqueue" 2>/dev/null ||
-    chown ":$((app_uid + 1))" "$rootfs/usr/sbin/postdrop" "$rootfs/usr/sbin/postqueue"
+  # (Numeric: a name would be looked up in the build machine's group file, not the image's.)
+  chgrp "$((app_uid + 1))" "$rootfs/usr/sbin/postdrop" "$rootfs/usr/sbin/postqueue"
   chmod 02555 "$rootfs/usr/sbin/postdrop" "$rootfs/usr/sbin/postqueue"
   grep '^#' "$rootfs/usr/share/postfix/dynamicmaps.cf" >"$rootfs/etc/postfix/dynamicmaps.cf"
   # Mount points of the StatefulSet, present so a read-only root needs no directory created at start.

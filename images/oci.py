@@ -9,6 +9,8 @@ config and annotations therefore give the same digests on every build.
       prints: "<manifest digest> <compressed layer bytes> <uncompressed layer bytes>"
   oci.py attach-sbom --archive ARCHIVE --sbom FILE --media-type TYPE --epoch N
       adds the SBOM as an OCI artifact whose subject is the image (the referrers model of OCI 1.1).
+  oci.py extract --archive ARCHIVE --path PATH --out FILE
+      copies one file out of the image's layer.
 """
 
 import argparse
@@ -177,6 +179,24 @@ def reachable_blobs(directory, manifest_digest):
     return [manifest_digest, manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
 
 
+def image_manifest(tar):
+    index = json.load(tar.extractfile("index.json"))
+    image = [m for m in index["manifests"] if m["mediaType"] == MANIFEST and "artifactType" not in m]
+    return json.load(tar.extractfile("blobs/sha256/" + image[0]["digest"][7:]))
+
+
+def extract(args):
+    with tarfile.open(args.archive) as tar:
+        manifest = image_manifest(tar)
+        layer = tar.extractfile("blobs/sha256/" + manifest["layers"][0]["digest"][7:])
+        with tarfile.open(fileobj=layer, mode="r:gz") as files:
+            member = files.extractfile(args.path.lstrip("/"))
+            if member is None:
+                sys.exit(f"oci.py: {args.archive}: no file {args.path} in the image")
+            with open(args.out, "wb") as out:
+                out.write(member.read())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -192,8 +212,12 @@ def main():
     sbom.add_argument("--sbom", required=True)
     sbom.add_argument("--media-type", required=True)
     sbom.add_argument("--epoch", type=int, required=True)
+    extract_file = commands.add_parser("extract")
+    extract_file.add_argument("--archive", required=True)
+    extract_file.add_argument("--path", required=True)
+    extract_file.add_argument("--out", required=True)
     args = parser.parse_args()
-    {"image": build_image, "attach-sbom": attach_sbom}[args.command](args)
+    {"image": build_image, "attach-sbom": attach_sbom, "extract": extract}[args.command](args)
 
 
 if __name__ == "__main__":

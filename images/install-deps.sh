@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building and running the images needs on a fresh Debian machine, and nothing when it is all there:
+# readelf (the libraries a binary needs), and for the container test Debian's containerd and runc. Go (syft) and
+# cargo (cargo-auditable) come with the toolchains the README lists; e2e/install-deps.sh installs the rest.
+set -euo pipefail
+declare -A packages=([readelf]=binutils [dpkg-deb]=dpkg [containerd]=containerd [ctr]=containerd [runc]=runc)
+missing=()
+for cmd in "${!packages[@]}"; do
+  command -v "$cmd" >/dev/null || missing+=("${packages[$cmd]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+echo "images/install-deps.sh: installing ${missing[*]}" >&2
+command -v apt-get >/dev/null || { echo "images/install-deps.sh: apt-get not found; install ${missing[*]}" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The tests start a containerd of their own; the system service the package starts is not needed.
+if [[ " ${missing[*]} " == *" containerd "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  systemctl disable --now containerd.service >/dev/null 2>&1 || echo "images/install-deps.sh: could not stop containerd" >&2
+fi
