@@ -275,7 +275,7 @@ write_image() { # NAME REF ROOTFS CONFIG HASH STAMP
     org.opencontainers.image.revision "$revision" \
     org.opencontainers.image.version "$version" \
     org.opencontainers.image.licenses "$license" \
-    org.opencontainers.image.title "$name" \
+    org.opencontainers.image.title "$(basename "${ref%:*}")" \
     org.opencontainers.image.ref.name "$version" \
     org.opencontainers.image.created "$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)")
   rm -f "$stamp"
