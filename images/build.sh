@@ -49,15 +49,17 @@ license=$(sed -n '/^\[workspace.package\]/,/^\[/s/^license = "\(.*\)"/\1/p' "$ro
 
 # --- Binaries ----------------------------------------------------------------------------------------------------
 # Built for the host triple named explicitly: the flags below then stay out of target/release (the benchmarks'
-# build) and out of build scripts. Paths of the checkout and of cargo's registry are rewritten so the binaries do not
-# depend on where they were built; symbols are stripped (the crate list cargo auditable embeds is a section of its
-# own and stays).
+# build) and out of build scripts. Paths of the checkout, of the target directory (generated code is compiled from
+# there) and of cargo's registry are rewritten so the binaries do not depend on where they were built (rustc applies
+# the last prefix that matches); symbols are stripped (the crate list cargo auditable embeds is a section of its own
+# and stays).
 triple=$(rustc -vV | sed -n 's/^host: //p')
 bin_dir=$target_dir/$triple/release
 if [[ " ${images[*]} " == *" operator "* || " ${images[*]} " == *" sidecar "* ]]; then
   cargo_auditable=$("$here/tools.sh" cargo-auditable)
   cargo_home=${CARGO_HOME:-$HOME/.cargo}
-  RUSTFLAGS="--remap-path-prefix=$root=/securemail --remap-path-prefix=$cargo_home=/cargo" \
+  RUSTFLAGS="--remap-path-prefix=$root=/securemail --remap-path-prefix=$target_dir=/target \
+    --remap-path-prefix=$cargo_home=/cargo" \
     CARGO_PROFILE_RELEASE_STRIP=symbols \
     "$cargo_auditable" auditable build --quiet --locked --release --target "$triple" \
     -p securemail-operator --bin securemail-operator -p securemail-sidecar --bin securemail-sidecar
