@@ -37,9 +37,11 @@ for tool in git python3 apt-get dpkg-deb readelf; do
   command -v "$tool" >/dev/null || die "$tool is not installed (images/install-deps.sh installs what is missing)"
 done
 
-# Everything that ends up in an image is a function of the commit: its time stamps are the commit's time.
-epoch=$(git -C "$root" log -1 --format=%ct)
-revision=$(git -C "$root" rev-parse HEAD)
+# Everything that ends up in an image is a function of the commit: its time stamps are the commit's time. Both can
+# be given (SOURCE_DATE_EPOCH, SECUREMAIL_IMAGE_REVISION), so builds compared with each other (images/check.sh) say
+# the same commit even when a commit lands between them.
+epoch=${SOURCE_DATE_EPOCH:-$(git -C "$root" log -1 --format=%ct)}
+revision=${SECUREMAIL_IMAGE_REVISION:-$(git -C "$root" rev-parse HEAD)}
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$root/Cargo.toml")
 [ -n "$version" ] || die "no version in [workspace.package] of Cargo.toml"
 source_url=$(sed -n '/^\[workspace.package\]/,/^\[/s/^repository = "\(.*\)"/\1/p' "$root/Cargo.toml")

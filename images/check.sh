@@ -15,6 +15,10 @@ die() { echo "images/check.sh: $*" >&2; exit 1; }
 step() { echo "images/check.sh: $*" >&2; }
 
 reproducible() {
+  # Both builds stand for the commit checked out now, whatever is committed while they run.
+  SOURCE_DATE_EPOCH=$(git -C "$root" log -1 --format=%ct)
+  SECUREMAIL_IMAGE_REVISION=$(git -C "$root" rev-parse HEAD)
+  export SOURCE_DATE_EPOCH SECUREMAIL_IMAGE_REVISION
   rm -rf "$scratch/first" "$scratch/second"
   step "first build"
   "$here/build.sh" "$scratch/first" >/dev/null
