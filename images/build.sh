@@ -116,7 +116,7 @@ dpkg_stanza() { # DEB
 inputs_hash() { # FILES... -> one hash over the names and contents of every input of an image
   {
     printf '%s\n' "$epoch" "$revision" "$version"
-    sha256sum "$@" "$here/build.sh" "$here/oci.py" "$here/tools.sh"
+    sha256sum "$@" "$here/build.sh" "$here/oci.py" "$here/sbom.sh" "$here/tools.sh"
   } | sha256sum | cut -d' ' -f1
 }
 
@@ -191,7 +191,6 @@ build_app_image() { # NAME BINARY
   done
   passwd_files "$rootfs" "securemail:x:$app_uid:$app_uid:securemail:/nonexistent:/bin/false"
   printf 'root:x:0:\nsecuremail:x:%s:\nnogroup:x:65534:\n' "$app_uid" >"$rootfs/etc/group"
-  mkdir -p "$rootfs/tmp" && chmod 1777 "$rootfs/tmp"
   local config
   config=$(image_config "$name" "$app_uid:$app_uid" "[\"/usr/local/bin/$binary\"]")
   write_image "$name" "$ref" "$rootfs" "$config" "$hash" "$stamp"
@@ -238,7 +237,6 @@ build_mta_image() {
   # Mount points of the StatefulSet, present so a read-only root needs no directory created at start.
   mkdir -p "$rootfs/var/spool/postfix" "$rootfs/var/lib/postfix" "$rootfs/run/securemail" \
     "$rootfs/etc/securemail/submission-tls" "$rootfs/etc/securemail/client-ca"
-  mkdir -p "$rootfs/tmp" && chmod 1777 "$rootfs/tmp"
   install -D -m 0755 "$here/mta/start" "$rootfs/usr/local/sbin/securemail-mta-start"
   check_libraries "$rootfs"
   local config
