@@ -8,7 +8,11 @@
 #        main.cf and master.cf start Postfix on a fresh queue volume and on one that kubelet's fsGroup handling
 #        re-grouped, with the queue's owners and modes as Postfix wants them; SIGTERM stops it and a queued message
 #        is still there for the next start.
-# Usage: containers.sh [IMAGES_DIR]. Needs root, containerd, runc (images/install-deps.sh).
+#   operator, against a control plane of its own (e2e/cluster-up.sh on ports of its own) with the chart installed:
+#        run as the chart's Deployment says, it becomes ready, takes the Lease, reconciles examples/minimal.yaml into a
+#        StatefulSet that runs the mta and sidecar images built here, and stops on SIGTERM.
+# Usage: containers.sh [IMAGES_DIR]. Needs root, containerd, runc (images/install-deps.sh) and what e2e/cluster-up.sh
+# needs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -25,6 +29,7 @@ step() { echo "images/containers.sh: $*" >&2; }
 cleanup() {
   local status=$?
   [ -z "$sink_pid" ] || kill "$sink_pid" 2>/dev/null || true
+  [ -z "$cluster_started" ] || SECUREMAIL_CLUSTER_DIR=$cluster_dir "$root/e2e/cluster-down.sh" >/dev/null 2>&1 || true
   [ -z "$netns_pid" ] || kill "$netns_pid" 2>/dev/null || true
   if [ -n "$containerd_pid" ]; then
     # Containers left by a failed step first (deleting its task ends its shim), then the daemon, then its mounts.
@@ -45,7 +50,7 @@ cleanup() {
   [ "$status" -eq 0 ] && rm -rf "$scratch" || echo "images/containers.sh: scratch directory kept: $scratch" >&2
 }
 trap cleanup EXIT
-netns_pid='' sink_pid=''
+netns_pid='' sink_pid='' cluster_started='' cluster_dir=''
 
 [ "$(id -u)" = 0 ] || die "needs root (containerd and runc)"
 for tool in containerd ctr runc; do command -v "$tool" >/dev/null || die "$tool is missing: run images/install-deps.sh"; done
@@ -299,3 +304,90 @@ delivered=$(grep -l "^Message-Id: $message_id" "$scratch/delivered"/*.eml 2>/dev
 [ "$delivered" = 1 ] || die "the message was delivered $delivered times, expected once"
 [ "$(queue_files)" = 0 ] || die "the queue still holds $(queue_files) files after delivery"
 step "mta restarted on the re-attached, re-grouped volume: owners and modes repaired, the message delivered once"
+
+# --- the operator image against a control plane -------------------------------------------------------------------
+# A control plane of this test's own (its state under the scratch directory, its own ports), the chart installed in
+# it, and the operator image run as the chart's Deployment would run it: the Deployment's arguments and environment,
+# a token of its ServiceAccount, read-only root, the image's non-root user, no capabilities. Host network: the
+# apiserver listens on loopback.
+cluster_dir=$scratch/cluster
+export SECUREMAIL_CLUSTER_DIR=$cluster_dir
+export SECUREMAIL_ETCD_PORT=${SECUREMAIL_IMAGES_ETCD_PORT:-33791}
+export SECUREMAIL_APISERVER_PORT=${SECUREMAIL_IMAGES_APISERVER_PORT:-36443}
+admin_port=${SECUREMAIL_IMAGES_ADMIN_PORT:-38080}
+step "starting a control plane in $cluster_dir (apiserver on 127.0.0.1:$SECUREMAIL_APISERVER_PORT)"
+cluster_started=1
+KUBECONFIG=$("$root/e2e/cluster-up.sh" | tail -n 1)
+export KUBECONFIG
+tenant_namespace=$(sed -n 's/^  namespace: //p' "$root/examples/minimal.yaml")
+kubectl create namespace "$tenant_namespace" >/dev/null
+# Two replicas: the Deployment then asks for leader election, and the one replica run here must take the Lease.
+"$root/e2e/helm.sh" install securemail-operator "$root/charts/securemail-operator" --namespace securemail-system \
+  --create-namespace --set "tenantNamespaces={$tenant_namespace}" --set replicaCount=2 >/dev/null
+kubectl wait --for=condition=Established --timeout=60s crd/securemailtenants.securemail.io >/dev/null
+# The token, readable by the operator's uid only, as kubelet projects it for the pod.
+install -m 0400 -o 65532 -g 65532 "$("$root/e2e/operator-kubeconfig.sh" securemail-operator securemail-system)" \
+  "$scratch/operator.kubeconfig"
+operator_kubeconfig=$scratch/operator.kubeconfig
+deployment=$(kubectl get deployment -n securemail-system -l app.kubernetes.io/instance=securemail-operator -o json)
+[ "$(jq -r '.items[0].spec.template.spec.containers[0].image' <<<"$deployment")" = "$operator_ref" ] ||
+  die "the chart deploys $(jq -r '.items[0].spec.template.spec.containers[0].image' <<<"$deployment"), not $operator_ref"
+mapfile -t operator_args < <(jq -r '.items[0].spec.template.spec.containers[0].args[]' <<<"$deployment" |
+  grep -v '^--admin-address=')
+operator_env=()
+while IFS= read -r variable; do operator_env+=(--env "$variable"); done < <(jq -r \
+  '.items[0].spec.template.spec.containers[0].env[] | select(.value != null) | "\(.name)=\(.value)"' <<<"$deployment")
+pod_name=securemail-operator-image-test
+ctr run -d --read-only --net-host --runc-root "$runc_root" "${drop_all[@]}" "${operator_env[@]}" \
+  --env POD_NAMESPACE=securemail-system --env POD_NAME="$pod_name" \
+  --env KUBECONFIG=/var/run/securemail/kubeconfig \
+  --mount "type=bind,src=$operator_kubeconfig,dst=/var/run/securemail/kubeconfig,options=rbind:ro" \
+  --log-uri "file://$scratch/operator.log" "$operator_ref" operator \
+  /usr/local/bin/securemail-operator "${operator_args[@]}" --admin-address "127.0.0.1:$admin_port" >/dev/null
+for _ in $(seq 150); do
+  curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null || die "the operator container is not ready: $(cat "$scratch/operator.log")"
+holder=""
+for _ in $(seq 150); do
+  holder=$(kubectl get lease -n securemail-system -o jsonpath='{.items[*].spec.holderIdentity}' 2>/dev/null)
+  [ "$holder" = "$pod_name" ] && break
+  sleep 0.2
+done
+[ "$holder" = "$pod_name" ] || die "the Lease is held by \"$holder\", not the operator container: $(cat "$scratch/operator.log")"
+step "operator container: ready on 127.0.0.1:$admin_port, holds the Lease ($(kubectl get lease -n securemail-system -o name))"
+
+# A tenant with the Secrets it names, as a platform team applies it.
+kubectl -n "$tenant_namespace" create secret tls lakeside-submission-tls --cert="$scratch/server.crt" \
+  --key="$scratch/server.key" >/dev/null
+kubectl -n "$tenant_namespace" create secret generic lakeside-apps-ca --from-file=ca.crt="$scratch/ca.crt" >/dev/null
+kubectl apply -f "$root/examples/minimal.yaml" >/dev/null
+tenant=$(sed -n 's/^  name: //p' "$root/examples/minimal.yaml" | head -n 1)
+# The status says the operator has seen this generation of the spec.
+reconciled() {
+  local generations
+  generations=$(kubectl get smt -n "$tenant_namespace" "$tenant" \
+    -o jsonpath='{.metadata.generation} {.status.observedGeneration}' 2>/dev/null) || return 1
+  [ -n "${generations#* }" ] && [ "${generations% *}" = "${generations#* }" ]
+}
+for _ in $(seq 150); do
+  reconciled && break
+  sleep 0.2
+done
+reconciled || die "the tenant was not reconciled: $(cat "$scratch/operator.log")"
+images_in_pod=$(kubectl get statefulset -n "$tenant_namespace" -l app.kubernetes.io/instance="$tenant" \
+  -o jsonpath='{.items[0].spec.template.spec.containers[*].image}')
+[ "$images_in_pod" = "$mta_ref $sidecar_ref" ] ||
+  die "the tenant's StatefulSet runs $images_in_pod, not $mta_ref $sidecar_ref"
+step "operator container: reconciled $tenant_namespace/$tenant; its StatefulSet runs $images_in_pod"
+
+ctr tasks kill -s TERM operator
+for _ in $(seq 100); do
+  ctr tasks list | grep -q "^operator .*RUNNING" || break
+  sleep 0.2
+done
+ctr tasks list | grep -q "^operator .*RUNNING" && die "the operator still runs 20 s after SIGTERM"
+ctr tasks delete operator >/dev/null 2>&1 || true
+ctr containers delete operator >/dev/null
+step "operator container: stopped by SIGTERM"
