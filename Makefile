@@ -88,7 +88,9 @@ check-images:
 
 ## check-image-containers: run the built images with a containerd and runc of their own (images/containers.sh): the
 ## operator and sidecar as their non-root user on a read-only root; the mta refusing a missing or malformed main.cf or
-## master.cf, and starting Postfix from the operator's rendered files with the StatefulSet's capabilities.
+## master.cf, starting Postfix from the operator's rendered files with the StatefulSet's capabilities, keeping a queued
+## message across SIGTERM and delivering it once after a restart; the operator image against a control plane of its
+## own (ports 33791, 36443, 38080): ready, takes the Lease, reconciles a tenant.
 check-image-containers: images
 	images/containers.sh $(TARGET_DIR)/images
 
