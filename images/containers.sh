@@ -53,8 +53,12 @@ trap cleanup EXIT
 netns_pid='' sink_pid='' cluster_started='' cluster_dir=''
 
 [ "$(id -u)" = 0 ] || die "needs root (containerd and runc)"
-for tool in containerd ctr runc; do command -v "$tool" >/dev/null || die "$tool is missing: run images/install-deps.sh"; done
-for name in operator sidecar mta; do [ -f "$images/$name.tar" ] || die "$images/$name.tar is missing: run make images"; done
+for tool in containerd ctr runc; do
+  command -v "$tool" >/dev/null || die "$tool is missing: run images/install-deps.sh"
+done
+for name in operator sidecar mta; do
+  [ -f "$images/$name.tar" ] || die "$images/$name.tar is missing: run make images"
+done
 
 # --- A private containerd ------------------------------------------------------------------------------------------
 # Only what ctr needs: no CRI plugin (it would want CNI), its own paths everywhere.
@@ -62,7 +66,13 @@ cat >"$scratch/config.toml" <<EOF
 version = 2
 root = "$scratch/root"
 state = "$scratch/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
 [grpc]
   address = "$socket"
 [ttrpc]
@@ -330,8 +340,8 @@ install -m 0400 -o 65532 -g 65532 "$("$root/e2e/operator-kubeconfig.sh" securema
   "$scratch/operator.kubeconfig"
 operator_kubeconfig=$scratch/operator.kubeconfig
 deployment=$(kubectl get deployment -n securemail-system -l app.kubernetes.io/instance=securemail-operator -o json)
-[ "$(jq -r '.items[0].spec.template.spec.containers[0].image' <<<"$deployment")" = "$operator_ref" ] ||
-  die "the chart deploys $(jq -r '.items[0].spec.template.spec.containers[0].image' <<<"$deployment"), not $operator_ref"
+deployed=$(jq -r '.items[0].spec.template.spec.containers[0].image' <<<"$deployment")
+[ "$deployed" = "$operator_ref" ] || die "the chart deploys $deployed, not $operator_ref"
 mapfile -t operator_args < <(jq -r '.items[0].spec.template.spec.containers[0].args[]' <<<"$deployment" |
   grep -v '^--admin-address=')
 operator_env=()
@@ -348,15 +358,18 @@ for _ in $(seq 150); do
   curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1 && break
   sleep 0.2
 done
-curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null || die "the operator container is not ready: $(cat "$scratch/operator.log")"
+curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null ||
+  die "the operator container is not ready: $(cat "$scratch/operator.log")"
 holder=""
 for _ in $(seq 150); do
   holder=$(kubectl get lease -n securemail-system -o jsonpath='{.items[*].spec.holderIdentity}' 2>/dev/null)
   [ "$holder" = "$pod_name" ] && break
   sleep 0.2
 done
-[ "$holder" = "$pod_name" ] || die "the Lease is held by \"$holder\", not the operator container: $(cat "$scratch/operator.log")"
-step "operator container: ready on 127.0.0.1:$admin_port, holds the Lease ($(kubectl get lease -n securemail-system -o name))"
+[ "$holder" = "$pod_name" ] ||
+  die "the Lease is held by \"$holder\", not the operator container: $(cat "$scratch/operator.log")"
+step "operator container: ready on 127.0.0.1:$admin_port, holds the Lease" \
+  "($(kubectl get lease -n securemail-system -o name))"
 
 # A tenant with the Secrets it names, as a platform team applies it.
 kubectl -n "$tenant_namespace" create secret tls lakeside-submission-tls --cert="$scratch/server.crt" \

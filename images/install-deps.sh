@@ -11,11 +11,15 @@ done
 [ ${#missing[@]} -eq 0 ] && exit 0
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 echo "images/install-deps.sh: installing ${missing[*]}" >&2
-command -v apt-get >/dev/null || { echo "images/install-deps.sh: apt-get not found; install ${missing[*]}" >&2; exit 1; }
+command -v apt-get >/dev/null || {
+  echo "images/install-deps.sh: apt-get not found; install ${missing[*]}" >&2
+  exit 1
+}
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >/dev/null
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # The tests start a containerd of their own; the system service the package starts is not needed.
 if [[ " ${missing[*]} " == *" containerd "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-  systemctl disable --now containerd.service >/dev/null 2>&1 || echo "images/install-deps.sh: could not stop containerd" >&2
+  systemctl disable --now containerd.service >/dev/null 2>&1 ||
+    echo "images/install-deps.sh: could not stop containerd" >&2
 fi
