@@ -77,13 +77,13 @@ check-chart:
 ## (images/build.sh, docs/images.md). Prints reference, digest and sizes; an image whose inputs did not change is not
 ## rebuilt. Needs root.
 images:
-	images/install-deps.sh
+	images/install-deps.sh build
 	images/build.sh $(TARGET_DIR)/images
 
 ## check-images: two builds of this commit give byte-identical images (REBUILD_BINARIES=1: the binaries too, from
 ## scratch), and the references the images are built under are the chart's and the operator's defaults.
-check-images:
-	images/install-deps.sh
+check-images: deps
+	images/install-deps.sh build
 	images/check.sh
 
 ## check-image-containers: run the built images with a containerd and runc of their own (images/containers.sh): the
@@ -91,7 +91,8 @@ check-images:
 ## master.cf, starting Postfix from the operator's rendered files with the StatefulSet's capabilities, keeping a queued
 ## message across SIGTERM and delivering it once after a restart; the operator image against a control plane of its
 ## own (ports 33791, 36443, 38080): ready, takes the Lease, reconciles a tenant.
-check-image-containers: images
+check-image-containers: deps images
+	images/install-deps.sh run
 	images/containers.sh $(TARGET_DIR)/images
 
 cluster-up:

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Installs what building and running the images needs on a fresh Debian machine, and nothing when it is all there:
-# readelf (the libraries a binary needs), and for the container test Debian's containerd and runc. Go (syft) and
-# cargo (cargo-auditable) come with the toolchains the README lists; e2e/install-deps.sh installs the rest.
+# Installs what building (`build`) or running (`run`) the images needs on a fresh Debian machine, and nothing when it
+# is all there. build: readelf (the libraries a binary needs) and dpkg-deb; run: Debian's containerd and runc for
+# images/containers.sh. Go (syft) and cargo (cargo-auditable) come with the toolchains the README lists;
+# e2e/install-deps.sh installs the rest the container test uses (jq, curl, openssl, swaks, iproute2).
+# Usage: install-deps.sh build|run
 set -euo pipefail
-declare -A packages=([readelf]=binutils [dpkg-deb]=dpkg [containerd]=containerd [ctr]=containerd [runc]=runc)
+case ${1:-} in
+  build) declare -A packages=([readelf]=binutils [dpkg-deb]=dpkg) ;;
+  run) declare -A packages=([containerd]=containerd [ctr]=containerd [runc]=runc) ;;
+  *) echo "usage: images/install-deps.sh build|run" >&2; exit 1 ;;
+esac
 missing=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null || missing+=("${packages[$cmd]}")
