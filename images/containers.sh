@@ -3,6 +3,7 @@
 # it meets no other containerd on the machine) imports the archives of target/images and runc runs them with a
 # read-only root file system, as the chart and the StatefulSet do:
 #   operator, sidecar: as the image's non-root user, with no capabilities: --version and `render` of an example;
+#        the sidecar refusing a missing and a malformed config, naming the file;
 #   mta: as root with exactly the StatefulSet's capabilities; a missing, a malformed main.cf and a malformed
 #        master.cf each make it exit non-zero naming the file, Postfix never starting; the operator's rendered
 #        main.cf and master.cf start Postfix on a fresh queue volume and on one that kubelet's fsGroup handling
@@ -166,6 +167,23 @@ for doc in yaml.safe_load_all(open(sys.argv[1])):
             open(f"{sys.argv[2]}/{key}", "w").write(doc["data"][key])
 PY
 [ -s "$scratch/main.cf" ] || die "no main.cf in the operator's rendering"
+
+# The sidecar as the StatefulSet runs it, without its config and with a malformed one: it exits non-zero naming the
+# file and the problem.
+sidecar_config=/etc/securemail/sidecar/sidecar-0.yaml
+run "${drop_all[@]}" -- "$sidecar_ref" /usr/local/bin/securemail-sidecar run --config "$sidecar_config"
+if [ "$status" -eq 0 ] || [[ $output != *"$sidecar_config: cannot read"* ]]; then
+  die "sidecar without its config: status $status: $output"
+fi
+step "sidecar without its config: status $status: $(head -n 1 <<<"$output")"
+mkdir -p "$scratch/sidecar-config"
+printf 'tenant: [\n' >"$scratch/sidecar-config/sidecar-0.yaml"
+run "${drop_all[@]}" --mount "type=bind,src=$scratch/sidecar-config,dst=${sidecar_config%/*},options=rbind:ro" -- \
+  "$sidecar_ref" /usr/local/bin/securemail-sidecar run --config "$sidecar_config"
+if [ "$status" -eq 0 ] || [[ $output != *"$sidecar_config, line"* ]]; then
+  die "sidecar with a malformed config: status $status: $output"
+fi
+step "sidecar with a malformed config: status $status: $(head -n 1 <<<"$output")"
 
 # --- mta ---------------------------------------------------------------------------------------------------------
 # The postfix container of the StatefulSet (operator/src/build/statefulset.rs): root, ALL capabilities dropped but
