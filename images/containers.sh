@@ -310,9 +310,18 @@ nsenter -t "$netns_pid" -n swaks --silent 2 --server 127.0.0.1:587 --tls --tls-p
   die "submission on 587 with a client certificate failed: $(cat "$scratch/first.log")"
 # No sidecar yet: the LMTP socket is missing and Postfix keeps the message (deferred).
 wait_for_log first "status=deferred" || die "the message was not deferred: $(cat "$scratch/first.log")"
+# What the runbook (docs/operations.md) has an SRE run to see the queue works in the image: `postqueue -p`. (Its
+# output can be lost as a short-lived container's can, see run(): asked again when empty.)
+for attempt in 1 2 3 4 5; do
+  listing=$(ctr tasks exec --exec-id "postqueue-$attempt" first /usr/sbin/postqueue -p 2>&1) || true
+  [ -z "$listing" ] || break
+done
+[[ $listing == *"someone@receiver.example"* && $listing == *"lmtp.sock"* ]] ||
+  die "postqueue -p does not list the deferred message and its reason: $listing"
 stop_mta first
 [ "$(queue_files)" = 1 ] || die "after SIGTERM the queue holds $(queue_files) files, expected the one message"
-step "mta: message submitted on 587 (TLS, client certificate), deferred without a sidecar, SIGTERM: still queued"
+step "mta: message submitted on 587 (TLS, client certificate), deferred without a sidecar (postqueue -p lists it)," \
+  "SIGTERM: still queued"
 
 # kubelet's fsGroup handling on a re-attached volume: group 65532, group-writable, set-group-ID directories.
 chgrp -R 65532 "$queue"
