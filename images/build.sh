@@ -34,7 +34,7 @@ multiarch=x86_64-linux-gnu
 die() { echo "images/build.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root: the root file systems carry files owned by other users"
 for tool in git python3 apt-get dpkg-deb readelf; do
-  command -v "$tool" >/dev/null || die "$tool is not installed (images/install-deps.sh installs what is missing)"
+  command -v "$tool" >/dev/null || die "$tool is not installed (images/install-deps.sh build installs it)"
 done
 
 # Everything that ends up in an image is a function of the commit: its time stamps are the commit's time. Both can
@@ -249,8 +249,8 @@ check_libraries() { # ROOTFS
   local rootfs=$1 elf lib absent=""
   while IFS= read -r elf; do
     for lib in $(readelf -d "$elf" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
-      [ -e "$rootfs/lib/$multiarch/$lib" ] || [ -e "$rootfs/usr/lib/$multiarch/$lib" ] || [ -e "$rootfs/usr/lib/postfix/$lib" ] ||
-        absent+=" ${elf#"$rootfs"}:$lib"
+      [ -e "$rootfs/lib/$multiarch/$lib" ] || [ -e "$rootfs/usr/lib/$multiarch/$lib" ] ||
+        [ -e "$rootfs/usr/lib/postfix/$lib" ] || absent+=" ${elf#"$rootfs"}:$lib"
     done
   done < <(find "$rootfs" -type f -perm -0100 -exec sh -c 'head -c 4 "$1" | grep -q ELF' _ {} \; -print)
   [ -z "$absent" ] || die "libraries missing from the mta image:$absent"

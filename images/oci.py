@@ -165,7 +165,8 @@ def attach_sbom(args):
                     "layers": [sbom], "subject": subject}
         descriptor = layout.blob(canonical(artifact), MANIFEST, artifactType=args.media_type)
         # Blobs of an earlier SBOM are left out of the archive: only what the index reaches is kept.
-        reachable = set(reachable_blobs(directory, image[0]["digest"])) | {descriptor["digest"], sbom["digest"], empty["digest"]}
+        reachable = set(reachable_blobs(directory, image[0]["digest"]))
+        reachable |= {descriptor["digest"], sbom["digest"], empty["digest"]}
         for name in os.listdir(os.path.join(directory, "blobs", "sha256")):
             if "sha256:" + name not in reachable:
                 os.remove(os.path.join(directory, "blobs", "sha256", name))
