@@ -60,9 +60,12 @@ bin_dir=$target_dir/$triple/release
 if [[ " ${images[*]} " == *" operator "* || " ${images[*]} " == *" sidecar "* ]]; then
   cargo_auditable=$("$here/tools.sh" cargo-auditable)
   cargo_home=${CARGO_HOME:-$HOME/.cargo}
+  # SOURCE_DATE_EPOCH for the C compiler (aws-lc): always the same value. GCC reads it for __DATE__/__TIME__, and
+  # cc's build scripts rebuild when it changes, which with the commit's time would rebuild aws-lc and everything
+  # above it at every commit.
   RUSTFLAGS="--remap-path-prefix=$root=/securemail --remap-path-prefix=$target_dir=/target \
     --remap-path-prefix=$cargo_home=/cargo" \
-    CARGO_PROFILE_RELEASE_STRIP=symbols \
+    CARGO_PROFILE_RELEASE_STRIP=symbols SOURCE_DATE_EPOCH=0 \
     "$cargo_auditable" auditable build --quiet --locked --release --target "$triple" \
     -p securemail-operator --bin securemail-operator -p securemail-sidecar --bin securemail-sidecar
 fi
