@@ -13,7 +13,9 @@ log() { echo "cluster-down: $*" >&2; }
 
 # The node (when cluster-up.sh started one) goes while the apiserver still answers its components; this also removes
 # what it added to the machine outside $dir: network devices, iptables chains, mounts, cgroups, sysctl changes.
+with_node=false
 if [ -d "$node_dir" ]; then
+  with_node=true
   log "stopping the node"
   node_teardown || { log "the node was not removed completely (see above)"; exit 1; }
 fi
@@ -42,6 +44,10 @@ for name in securemail-operator kube-apiserver etcd; do
     fi
   fi
 done
+
+if $with_node; then
+  node_address_down || { log "could not remove the node's interface $node_if"; exit 1; }
+fi
 
 if [ -e "$dir" ]; then
   rm -rf "$dir"

@@ -61,6 +61,14 @@ node_address_up() {
     && ip link set "${node_if}p" up && ip link set "$node_if" up
 }
 
+# Records which iptables tables exist before the node adds any, so node_remove_iptables can drop the ones it made.
+node_record_iptables_tables() {
+  local tool
+  for tool in iptables ip6tables; do
+    [ -f "$node_dir/$tool-tables.orig" ] || "$tool-save" 2>/dev/null | sed -n 's/^\*//p' > "$node_dir/$tool-tables.orig"
+  done
+}
+
 # Stops one node component recorded in $dir/NAME.pid: TERM, then KILL after 5 s.
 node_stop() {
   local name=$1 pid
@@ -91,11 +99,27 @@ node_remove_iptables() {
         sed -n 's/^\(:\(KUBE\|CNI\)-[^ ]*\) .*/\1 - [0:0]/p' <<<"$rules"
         # Jumps from built-in or foreign chains into ours.
         grep -E '^-A ' <<<"$rules" | grep -vE '^-A (KUBE|CNI)-' | grep -E -- '-j (KUBE|CNI)-' | sed 's/^-A /-D /' || true
-        sed 's/^/-X /' <<<"$chains"
+        while read -r chain; do echo "-X $chain"; done <<<"$chains"
         echo COMMIT
       } | "$tool-restore" --noflush || echo "node: could not remove the $tool $table chains" >&2
     done
+    node_remove_new_tables "$tool"
   done
+}
+
+# With the nf_tables backend (Debian's default iptables) the first rule in a table creates the table; a table that
+# did not exist before the node and is now empty (built-in chains with policy ACCEPT, nothing else) is deleted.
+node_remove_new_tables() {
+  local tool=$1 family=ip table rules
+  [ "$tool" = ip6tables ] && family=ip6
+  [ -f "$node_dir/$tool-tables.orig" ] && command -v nft >/dev/null || return 0
+  [[ $("$tool" --version 2>/dev/null) == *nf_tables* ]] || return 0
+  for table in $("$tool-save" 2>/dev/null | sed -n 's/^\*//p'); do
+    grep -qx "$table" "$node_dir/$tool-tables.orig" && continue
+    rules=$("$tool-save" -t "$table" 2>/dev/null | grep -vE '^(#|\*|COMMIT|:[A-Z]+ ACCEPT )' || true)
+    [ -z "$rules" ] && nft delete table "$family" "$table"
+  done
+  return 0
 }
 
 # Unmounts everything mounted under $dir (container root filesystems, sandbox shm, network namespaces, the
@@ -146,7 +170,15 @@ node_kill_containers() {
   return 0
 }
 
-# Undoes everything the node did to the machine. Safe to run when nothing of the node is left.
+# Removes the node's address; after the apiserver has stopped, which listens on it: without its own address the
+# apiserver's shutdown hangs until cluster-down.sh kills it.
+node_address_down() {
+  # Deleting one end of the veth pair deletes both.
+  if ip link show "$node_if" >/dev/null 2>&1; then ip link delete "$node_if"; fi
+}
+
+# Undoes everything the node did to the machine but its address (node_address_down). Safe to run when nothing of the
+# node is left.
 node_teardown() {
   [ -d "$node_dir" ] || return 0
   local name key value status=0
@@ -157,8 +189,6 @@ node_teardown() {
   node_remove_cgroups
   node_remove_iptables
   if ip link show "$pod_bridge" >/dev/null 2>&1; then ip link delete "$pod_bridge" || status=1; fi
-  # Deleting one end of the veth pair deletes both.
-  if ip link show "$node_if" >/dev/null 2>&1; then ip link delete "$node_if" || status=1; fi
   # The kubelet links each container's log into this fixed directory; only links into our state directory go.
   find /var/log/containers -maxdepth 1 -type l -lname "$dir/*" -delete 2>/dev/null || true
   if [ -f "$node_dir/made-var-log-containers" ]; then rmdir /var/log/containers 2>/dev/null || true; fi

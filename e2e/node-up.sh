@@ -55,7 +55,8 @@ for p in "127.0.0.1 $kubelet_healthz_port" "$node_ip $kubelet_port" "127.0.0.1 $
 done
 
 # --- Packages: Debian's runtime (they install in seconds; the kubelet works with containerd 1.6 and runc 1.1) -------
-declare -A packages=([containerd]=containerd [runc]=runc [iptables]=iptables [ctr]=containerd)
+# nft only lets cluster-down.sh delete the iptables tables the node created.
+declare -A packages=([containerd]=containerd [runc]=runc [iptables]=iptables [ctr]=containerd [nft]=nftables)
 missing=()
 for cmd in "${!packages[@]}"; do command -v "$cmd" >/dev/null || missing+=("${packages[$cmd]}"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -146,6 +147,7 @@ write_kubeconfig kube-proxy kube-proxy
 
 # --- Kernel settings -----------------------------------------------------------------------------------------------
 node_record_sysctls
+node_record_iptables_tables
 # Pods reach Services and the outside through the host; bridged pod-to-pod replies must pass iptables so that a
 # Service's DNAT is undone (br_netfilter is built in here; the setting is per network namespace).
 sysctl -qw net.ipv4.ip_forward=1
