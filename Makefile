@@ -28,7 +28,7 @@ fmt-check:
 	$(CARGO) fmt --manifest-path sidecar/fuzz/Cargo.toml -- --check
 
 lint:
-	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/dataplane/*.sh alerts/*.sh charts/tests/*.sh sidecar/fuzz/*.sh .ci/run
+	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/node/*.sh e2e/dataplane/*.sh alerts/*.sh charts/tests/*.sh sidecar/fuzz/*.sh .ci/run
 	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 ## deny: dependency policy (deny.toml): banned crates, licenses, sources; cargo-deny pinned, installed once.

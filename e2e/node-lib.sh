@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # Shared by cluster-up.sh, node-up.sh and cluster-down.sh: the test node's settings and the teardown of everything
 # the node adds to the machine outside its state directory (network devices, sysctls, iptables chains, mounts,
 # cgroups, shim sockets). Expects $dir (the cluster's state directory) to be set.
@@ -5,6 +6,8 @@
 # The kubelet and kube-proxy work in the machine's own network namespace, cgroups and iptables tables, so one test
 # node runs per machine at a time; every setting below has an environment override for moving it out of the way.
 
+# shellcheck disable=SC2034 # the settings are read by the scripts that source this file
+: "${dir:?node-lib.sh needs dir, the state directory of the cluster}"
 node_name=securemail-node
 # A non-loopback address for the node: the apiserver reaches the kubelet there (logs, exec) and pods reach the
 # apiserver there, which neither can do through 127.0.0.1. It lives on an interface the node owns.
