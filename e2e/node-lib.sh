@@ -159,12 +159,19 @@ node_kill_containers() {
     for id in $(ctr -a "$containerd_sock" -n k8s.io tasks ls -q 2>/dev/null); do
       ctr -a "$containerd_sock" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1 || true
     done
-    # containerd 1.6 puts shim sockets in /run/containerd/s whatever its state directory, named by the hash of
-    # "<containerd socket>/<namespace>/<id>"; a killed shim leaves its socket behind.
-    for id in $(ctr -a "$containerd_sock" -n k8s.io containers ls -q 2>/dev/null); do
-      rm -f "/run/containerd/s/$(printf '%s' "$containerd_sock/k8s.io/$id" | sha256sum | cut -d' ' -f1)"
-    done
   fi
+  # Without a running containerd (it crashed, or was killed) the containers are still there: every process in the
+  # kubelet's pod cgroups is one of this node's containers.
+  { find /sys/fs/cgroup/pids/kubepods -name cgroup.procs -exec cat {} + 2>/dev/null || true; } \
+    | xargs -r kill -KILL 2>/dev/null || true
+  # containerd 1.6 puts shim sockets in /run/containerd/s whatever its state directory, named by the hash of
+  # "<containerd socket>/<namespace>/<task id>"; a killed shim leaves its socket behind.
+  local task
+  for task in "$node_dir"/containerd/state/io.containerd.runtime.v2.task/k8s.io/*; do
+    [ -d "$task" ] || continue
+    id=${task##*/}
+    rm -f "/run/containerd/s/$(printf '%s' "$containerd_sock/k8s.io/$id" | sha256sum | cut -d' ' -f1)"
+  done
   # Shims started by our containerd name its socket on their command line; a shim of any other containerd does not.
   for pid in $(pgrep -x containerd-shim 2>/dev/null; pgrep -f '^/usr/bin/containerd-shim-runc-v2 ' 2>/dev/null); do
     args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || continue
