@@ -150,9 +150,10 @@ rules:
   verbs: [create, update, patch, delete, deletecollection]
 - level: None
 EOF_POLICY
-# With a node, pods reach the apiserver through the kubernetes Service, whose endpoint is the advertised address, and
-# the kubelet's Node authorizer and a controller-manager (which creates every namespace's default ServiceAccount)
-# exist, so the ServiceAccount admission plugin can stay on.
+# With a node the controller-manager creates the default ServiceAccounts, so the ServiceAccount admission plugin stays
+# on; the Node authorizer (and NodeRestriction) give the kubelet what its pods need and nothing more; the apiserver
+# shows its own client certificate to the kubelet (logs, exec) and checks the kubelet's serving certificate. Pods
+# reach the apiserver through the kubernetes Service, whose endpoint is the advertised (node) address.
 mode_args=(--authorization-mode=RBAC --disable-admission-plugins=ServiceAccount)
 if [ "$with_node" = 1 ]; then
   mode_args=("--authorization-mode=Node,RBAC" --enable-admission-plugins=NodeRestriction
