@@ -2,7 +2,7 @@
 # Proves the test node started by `SECUREMAIL_NODE=1 cluster-up.sh` runs workloads the way a cluster does: a pod from
 # a locally imported image is scheduled and started, gets a pod address, its logs and exec work through the
 # apiserver, a ClusterIP Service reaches it through kube-proxy from the host, from another pod and from itself, and
-# cluster DNS resolves the apiserver's and the Service's names.
+# cluster DNS resolves the apiserver's and the Service's names; a hostPort answers on the node's address.
 # Leaves nothing behind (its namespace is deleted). Exits non-zero at the first failed check.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,6 +11,7 @@ dir=${SECUREMAIL_CLUSTER_DIR:-/tmp/securemail-cluster}
 . "$here/node-lib.sh"
 kubeconfig="$dir/kubeconfig"
 ns=node-smoke
+host_port=${SECUREMAIL_SMOKE_HOST_PORT:-18080}
 
 kc() { kubectl --kubeconfig "$kubeconfig" --request-timeout=30s "$@"; }
 pass() { echo "node-smoke: ok: $*" >&2; }
@@ -41,7 +42,7 @@ spec:
     image: securemail.local/probe:1
     imagePullPolicy: Never
     args: [serve, ":8080"]
-    ports: [{containerPort: 8080}]
+    ports: [{containerPort: 8080, hostPort: $host_port}]
     readinessProbe: {httpGet: {path: /ready, port: 8080}, periodSeconds: 1}
 ---
 apiVersion: v1
@@ -104,5 +105,9 @@ pass "ClusterIP from the backend pod itself (hairpin)"
 [ "$(probe client resolve server)" = "$cluster_ip" ] || fail "the Service name \"server\" does not resolve to $cluster_ip"
 [ "$(probe client get http://server/)" = "probe server" ] || fail "the Service does not answer by name"
 pass "cluster DNS: kubernetes.default.svc.cluster.local and the Service by its short name"
+
+[ "$(curl -fsS --max-time 2 "http://$node_ip:$host_port/")" = "probe server" ] \
+  || fail "the server's hostPort $host_port does not answer on the node address $node_ip"
+pass "hostPort $host_port on the node address (portmap plugin)"
 
 echo "node-smoke: all checks passed" >&2
