@@ -48,8 +48,8 @@ node_alive() {
 }
 
 # Gives the node its address on an interface of its own: one end of a veth pair whose other end stays unused (this
-# kernel has no dummy driver: "Unknown device type"), both up so the address is a usable local address. Refuses an interface or address already in use, so a
-# second node (or anything else using them) is never taken over.
+# kernel has no dummy driver: "Unknown device type"), both up so the address is a usable local address. Refuses an
+# interface or address already in use, so a second node (or anything else using them) is never taken over.
 node_address_up() {
   if ip link show "$node_if" >/dev/null 2>&1; then
     echo "node: interface $node_if already exists (another test node? set SECUREMAIL_NODE_IF)" >&2

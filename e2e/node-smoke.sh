@@ -74,7 +74,8 @@ if [[ $server_ip != "$prefix".* ]] || [[ $client_ip != "$prefix".* ]] || [ "$ser
 fi
 pass "pod addresses $server_ip and $client_ip in $pod_cidr"
 
-[[ $(kc -n "$ns" logs server) == *"probe server serving on :8080"* ]] || fail "kubectl logs does not show the server's start"
+[[ $(kc -n "$ns" logs server) == *"probe server serving on :8080"* ]] \
+  || fail "kubectl logs does not show the server's start"
 pass "kubectl logs"
 
 [ "$(probe server get http://127.0.0.1:8080/)" = "probe server" ] || fail "kubectl exec into the server"
@@ -96,7 +97,8 @@ pass "ClusterIP $cluster_ip from the host (kube-proxy)"
   || fail "the server did not see the client pod's own address (source NAT on the pod network)"
 pass "ClusterIP from another pod, which the server sees as $client_ip"
 
-[ "$(probe server get "http://$cluster_ip/")" = "probe server" ] || fail "the server does not reach itself through its Service (hairpin)"
+[ "$(probe server get "http://$cluster_ip/")" = "probe server" ] \
+  || fail "the server does not reach itself through its Service (hairpin)"
 pass "ClusterIP from the backend pod itself (hairpin)"
 
 [ "$(probe client resolve kubernetes.default.svc.cluster.local)" = 10.96.0.1 ] \
