@@ -12,7 +12,7 @@ DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down e2e e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy images check-images check-image-containers
+.PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down node-up node-down node-smoke e2e e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy images check-images check-image-containers
 
 ## test: every check CI runs — formatting, clippy, unit tests, a fuzzing smoke run, CRD drift, end-to-end suites
 ## (control plane, data plane, fault injection and load at reduced size).
@@ -28,8 +28,8 @@ fmt-check:
 	$(CARGO) fmt --manifest-path sidecar/fuzz/Cargo.toml -- --check
 
 lint:
-	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/dataplane/*.sh alerts/*.sh charts/tests/*.sh sidecar/fuzz/*.sh .ci/run \
-	  images/*.sh images/mta/start
+	shellcheck -x -P SCRIPTDIR e2e/*.sh e2e/node/*.sh e2e/dataplane/*.sh alerts/*.sh charts/tests/*.sh sidecar/fuzz/*.sh \
+	  .ci/run images/*.sh images/mta/start
 	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 ## deny: dependency policy (deny.toml): banned crates, licenses, sources; cargo-deny pinned, installed once.
@@ -100,6 +100,19 @@ cluster-up:
 
 cluster-down:
 	e2e/cluster-down.sh
+
+## node-up: the control plane plus a node (containerd, kubelet, scheduler, controller-manager, kube-proxy) that runs
+## pods from locally imported images; the apiserver then listens on the node's address. One node per machine.
+node-up:
+	SECUREMAIL_NODE=1 e2e/cluster-up.sh
+
+## node-down: stop the control plane and the node, and remove everything the node added to the machine.
+node-down:
+	e2e/cluster-down.sh
+
+## node-smoke: prove the running node: pods start, get addresses, logs/exec work, Services route through kube-proxy.
+node-smoke:
+	e2e/node-smoke.sh
 
 ## e2e: start a control plane, test the Helm chart against it (lint, every toggle, dry runs, install, RBAC matrix,
 ## uninstall), run the suites with the operator as the chart's ServiceAccount, then the control-plane fault suite (it

@@ -2,6 +2,8 @@
 # Starts a local Kubernetes control plane (etcd + kube-apiserver, no controller-manager, no kubelet) on loopback for
 # the end-to-end tests. Certificates and keys are generated here at start and live only in the state directory.
 # Prints the admin kubeconfig path as the last stdout line. Running it again while the cluster is healthy is a no-op.
+# With SECUREMAIL_NODE=1 it also starts a node (node-up.sh: containerd, kubelet, scheduler, controller-manager,
+# kube-proxy); the apiserver then listens on the node's address instead of loopback, so pods can reach it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -14,6 +16,11 @@ etcd_port=${SECUREMAIL_ETCD_PORT:-23791}
 etcd_peer_port=$((etcd_port + 1))
 api_port=${SECUREMAIL_APISERVER_PORT:-26443}
 kubeconfig="$dir/kubeconfig"
+with_node=${SECUREMAIL_NODE:-0}
+# shellcheck source=node-lib.sh
+. "$here/node-lib.sh"
+api_host=127.0.0.1
+[ "$with_node" = 1 ] && api_host=$node_ip
 
 log() { echo "cluster-up: $*" >&2; }
 die() { echo "cluster-up: $*" >&2; exit 1; }
@@ -26,6 +33,7 @@ fail() {
     tail -n 40 "$logfile" >&2
   fi
   # Stop what was started but keep the logs for inspection; cluster-down.sh or the next cluster-up removes them.
+  node_teardown >&2 || true
   local pidfile
   for pidfile in "$dir"/kube-apiserver.pid "$dir"/etcd.pid; do
     if [ -f "$pidfile" ]; then kill -TERM "$(cat "$pidfile")" 2>/dev/null || true; fi
@@ -42,6 +50,7 @@ command -v curl >/dev/null || die "curl is not installed"
 
 # Reuse a healthy cluster from an earlier run.
 if alive "$dir/kube-apiserver.pid" && alive "$dir/etcd.pid" && [ -f "$kubeconfig" ] \
+  && { [ "$with_node" = 1 ] && node_alive || { [ "$with_node" != 1 ] && [ ! -d "$node_dir" ]; }; } \
   && kubectl --kubeconfig "$kubeconfig" --request-timeout=5s get --raw /readyz >/dev/null 2>&1; then
   log "control plane already running"
   echo "$kubeconfig"
@@ -61,12 +70,15 @@ done
 
 cache=$("$here/build-control-plane.sh" | tail -n 1) || die "building the control plane failed"
 etcd_bin="$cache/etcd-$ETCD_VERSION/bin/etcd"
-apiserver_bin="$cache/kube-apiserver-$KUBERNETES_VERSION/bin/kube-apiserver"
+apiserver_bin="$cache/kubernetes-$KUBERNETES_VERSION/bin/kube-apiserver"
 [ -x "$etcd_bin" ] || die "etcd binary missing at $etcd_bin"
 [ -x "$apiserver_bin" ] || die "kube-apiserver binary missing at $apiserver_bin"
 
 start=$(date +%s)
 mkdir -p "$dir/pki" "$dir/etcd-data"
+if [ "$with_node" = 1 ]; then
+  node_address_up || die "could not give the node its address $node_ip on $node_if"
+fi
 chmod 700 "$dir" "$dir/etcd-data"
 pki="$dir/pki"
 
@@ -91,9 +103,13 @@ sign() {
 sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1"
+subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1,IP:$api_host"
 # system:masters is bound to cluster-admin by the apiserver's bootstrap RBAC policy.
 sign admin "/O=system:masters/CN=securemail-admin" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+# The apiserver's identity towards kubelets (logs, exec, port-forward); the kubelet asks the apiserver whether it may.
+sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
 openssl_quiet genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$pki/sa.key"
@@ -137,23 +153,34 @@ rules:
   verbs: [create, update, patch, delete, deletecollection]
 - level: None
 EOF_POLICY
-log "starting kube-apiserver on 127.0.0.1:$api_port"
+# With a node the controller-manager creates the default ServiceAccounts, so the ServiceAccount admission plugin stays
+# on; the Node authorizer (and NodeRestriction) give the kubelet what its pods need and nothing more; the apiserver
+# shows its own client certificate to the kubelet (logs, exec) and checks the kubelet's serving certificate. Pods
+# reach the apiserver through the kubernetes Service, whose endpoint is the advertised (node) address.
+mode_args=(--authorization-mode=RBAC --disable-admission-plugins=ServiceAccount)
+if [ "$with_node" = 1 ]; then
+  mode_args=("--authorization-mode=Node,RBAC" --enable-admission-plugins=NodeRestriction
+    --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt"
+    --kubelet-client-key="$pki/apiserver-kubelet-client.key"
+    --kubelet-certificate-authority="$pki/ca.crt"
+    --kubelet-preferred-address-types=InternalIP)
+fi
+log "starting kube-apiserver on $api_host:$api_port"
 record_and_launch "$dir" kube-apiserver "$apiserver_bin" \
   --etcd-servers="http://127.0.0.1:$etcd_port" \
-  --bind-address=127.0.0.1 \
-  --advertise-address=127.0.0.1 \
+  --bind-address="$api_host" \
+  --advertise-address="$api_host" \
   --secure-port="$api_port" \
   --tls-cert-file="$pki/apiserver.crt" \
   --tls-private-key-file="$pki/apiserver.key" \
   --client-ca-file="$pki/ca.crt" \
-  --authorization-mode=RBAC \
   --anonymous-auth=false \
   --service-account-key-file="$pki/sa.pub" \
   --service-account-signing-key-file="$pki/sa.key" \
   --service-account-issuer=https://kubernetes.default.svc \
   --service-cluster-ip-range=10.96.0.0/16 \
   --allow-privileged=true \
-  --disable-admission-plugins=ServiceAccount \
+  "${mode_args[@]}" \
   --enable-priority-and-fairness=false \
   --audit-policy-file="$dir/audit-policy.yaml" \
   --audit-log-path="$dir/audit.log" \
@@ -166,7 +193,7 @@ kind: Config
 clusters:
 - name: securemail
   cluster:
-    server: https://127.0.0.1:$api_port
+    server: https://$api_host:$api_port
     certificate-authority-data: $(base64 -w0 < "$pki/ca.crt")
 users:
 - name: securemail-admin
@@ -201,4 +228,7 @@ done
 $ready || fail "namespace \"default\" did not appear within 30s" "$dir/kube-apiserver.log"
 
 log "control plane ready in $(($(date +%s) - start))s (state in $dir)"
+if [ "$with_node" = 1 ]; then
+  "$here/node-up.sh" >&2 || fail "starting the node (see above)" ""
+fi
 echo "$kubeconfig"
