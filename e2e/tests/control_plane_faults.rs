@@ -3,9 +3,8 @@
 //! killed mid-way. Afterwards every tenant converges with exactly one DKIM key per domain and algorithm and exactly
 //! its own children, and in the two-replica case the apiserver's audit log shows one writer at a time.
 //!
-//! The crash cases restart the shared control plane, so `make e2e` runs this suite after the others (all but the
-//! operator suite's second run on a later clock); its cases run one at a time (they share the operator's Lease and
-//! the blocklist server's port).
+//! The crash cases restart the shared control plane, so `make e2e` runs this suite last; its cases run one at a
+//! time (they share the operator's Lease and the blocklist server's port).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
