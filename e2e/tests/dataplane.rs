@@ -570,7 +570,19 @@ fn a_warmup_cap_of_n_delivers_exactly_n_keeps_the_rest_queued_and_sends_it_the_n
     assert_eq!(queued, (SENT - CAP) as f64, "{}", context(&mta));
 
     // The count is on the state volume: a restarted sidecar does not hand out the allowance again, while Postfix
-    // keeps retrying (every few seconds in this suite).
+    // keeps retrying (every few seconds in this suite). The allowance is recounted from the evidence at start; the
+    // day's results come from the counters file, written every 500 ms, so the kill waits until they were written.
+    let today_delivered = || {
+        let status: Value = serde_json::from_str(&mta.admin_get("/status")).unwrap_or_default();
+        status["today"]["providers"]["other"]["delivered"].as_u64()
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "today's results in /status",
+        || today_delivered() == Some(CAP as u64),
+        || context(&mta),
+    );
+    std::thread::sleep(Duration::from_secs(1));
     mta.kill_sidecar();
     mta.start_sidecar(&world);
     std::thread::sleep(Duration::from_secs(15));
