@@ -34,3 +34,21 @@ launch() {
   setsid nohup "${command[@]}" </dev/null >>"$dir/$name.log" 2>&1 &
   echo $! > "$dir/$name.pid"
 }
+
+# Test certificates last 400 days: the suites also run the operator with its clock moved ahead (CLOCK_AHEAD_DAYS in
+# the Makefile), and it must still trust the apiserver. They are made afresh at every start and never leave this
+# machine.
+cert_validity_days=400
+
+# Signs a new key for `name` with the CA in the caller's $pki; $3 is the extension section content. Uses the
+# caller's openssl_quiet, which reports a failure the caller's way.
+sign() {
+  local name=$1 subj=$2 ext=$3
+  : "${pki:?sign needs the pki directory of the caller}"
+  openssl_quiet req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "$subj" \
+    -keyout "$pki/$name.key" -out "$pki/$name.csr"
+  printf '%s\n' "$ext" > "$pki/$name.ext"
+  openssl_quiet x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days "$cert_validity_days" -extfile "$pki/$name.ext" -out "$pki/$name.crt"
+  chmod 600 "$pki/$name.key"
+}

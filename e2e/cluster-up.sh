@@ -85,21 +85,9 @@ pki="$dir/pki"
 # --- Certificates: CA, apiserver serving cert, admin client cert, service-account signing key -------------------
 log "generating certificates"
 openssl_quiet() { openssl "$@" 2>>"$dir/openssl.log" || fail "openssl $1" "$dir/openssl.log"; }
-# Valid for 400 days: the suites also run the operator with its clock moved ahead (CLOCK_AHEAD_DAYS in the
-# Makefile), and it must still trust the apiserver. They are made afresh at every start and never leave this machine.
-validity_days=400
-openssl_quiet req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days "$validity_days" \
+openssl_quiet req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days "$cert_validity_days" \
   -subj "/CN=securemail-test-ca" -keyout "$pki/ca.key" -out "$pki/ca.crt"
 
-# Signs a CSR with the CA; $3 is the extension section content.
-sign() {
-  local name=$1 subj=$2 ext=$3
-  openssl_quiet req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "$subj" \
-    -keyout "$pki/$name.key" -out "$pki/$name.csr"
-  printf '%s\n' "$ext" > "$pki/$name.ext"
-  openssl_quiet x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days "$validity_days" -extfile "$pki/$name.ext" -out "$pki/$name.crt"
-}
 sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth

@@ -97,15 +97,6 @@ chmod 700 "$node_dir"
 
 # --- Certificates and kubeconfigs, from the control plane's CA ---------------------------------------------------
 openssl_quiet() { openssl "$@" 2>>"$node_dir/openssl.log" || die "openssl $1 failed (see $node_dir/openssl.log)"; }
-sign() {
-  local name=$1 subj=$2 ext=$3
-  openssl_quiet req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "$subj" \
-    -keyout "$pki/$name.key" -out "$pki/$name.csr"
-  printf '%s\n' "$ext" > "$pki/$name.ext"
-  openssl_quiet x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days 7 -extfile "$pki/$name.ext" -out "$pki/$name.crt"
-  chmod 600 "$pki/$name.key"
-}
 client_ext="basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
