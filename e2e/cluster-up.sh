@@ -76,6 +76,8 @@ apiserver_bin="$cache/kubernetes-$KUBERNETES_VERSION/bin/kube-apiserver"
 
 start=$(date +%s)
 mkdir -p "$dir/pki" "$dir/etcd-data"
+# The test suites set the operator's clock relative to this moment (e2e/src/clock.rs), the same in every suite.
+echo "$start" > "$dir/clock-origin"
 if [ "$with_node" = 1 ]; then
   node_address_up || die "could not give the node its address $node_ip on $node_if"
 fi

@@ -2,6 +2,10 @@
 //! libfaketime, to noon UTC of the day they run, or `SECUREMAIL_CLOCK_DAYS_AHEAD` days later (`CLOCK_AHEAD_DAYS` in
 //! the Makefile). A run that crosses midnight therefore keeps one date, and the tests take their dates and
 //! expectations from [`now`], the same clock the operator reads. The apiserver and etcd keep the real clock.
+//!
+//! The offset is reckoned from the moment the control plane was created (`clock-origin`, written by
+//! `cluster-up.sh`), so every test process against one control plane reads the same time: a Lease renewed by one
+//! suite's operator is judged by the next suite's operator on the same clock, not minutes in its future.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -10,8 +14,8 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp, ToSpan};
 
-/// How far the operator's clock is ahead of the real one; fixed for the whole test process, so every operator it
-/// starts (two replicas, restarts) reads the same time.
+/// How far the operator's clock is ahead of the real one: from the origin (see [`origin`]) to the next noon UTC,
+/// plus the days ahead. Fixed for the process, and the same in every process against one control plane.
 pub fn offset() -> SignedDuration {
     static OFFSET: OnceLock<SignedDuration> = OnceLock::new();
     *OFFSET.get_or_init(|| {
@@ -21,7 +25,7 @@ pub fn offset() -> SignedDuration {
                     .unwrap_or_else(|err| panic!("SECUREMAIL_CLOCK_DAYS_AHEAD={days:?} is not a number of days: {err}"))
             })
             .unwrap_or(0);
-        let real = Timestamp::now().to_zoned(TimeZone::UTC);
+        let real = origin().to_zoned(TimeZone::UTC);
         let noon = real
             .date()
             .at(12, 0, 0, 0)
@@ -35,6 +39,24 @@ pub fn offset() -> SignedDuration {
         };
         real.duration_until(&next_noon) + SignedDuration::from_hours(24 * days_ahead)
     })
+}
+
+/// When the control plane named by `KUBECONFIG` was created (its `clock-origin`), or, without one (the data-plane
+/// suites), when this process first asked.
+fn origin() -> Timestamp {
+    let Some(path) = std::env::var_os("KUBECONFIG")
+        .map(PathBuf::from)
+        .and_then(|kubeconfig| kubeconfig.parent().map(|dir| dir.join("clock-origin")))
+        .filter(|path| path.exists())
+    else {
+        return Timestamp::now();
+    };
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|seconds| Timestamp::from_second(seconds).ok())
+        .unwrap_or_else(|| panic!("{}: {text:?} is not a Unix time in seconds", path.display()))
 }
 
 /// The operator's time now.
