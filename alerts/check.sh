@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Checks the alert pack with promtool: rule syntax, then the unit tests in alerts/tests/ (every alert fires in one
-# case and stays quiet in another). promtool is built once from its pinned Go module through the Go module proxy
-# and cached outside the repository, keyed by version, like the control-plane binaries of e2e/.
+# case and stays quiet in another), run with the scrape jobs the chart's monitors give their targets (from-chart.py
+# on `helm template`), so rules and monitors cannot disagree. promtool is built once from its pinned Go module
+# through the Go module proxy and cached outside the repository, keyed by version, like the control-plane binaries
+# of e2e/.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # The Prometheus Go module's version for Prometheus 3.16.0 (3.x releases are published as v0.3XX.Y).
@@ -55,4 +57,15 @@ if [ "${1:-}" = promtool-path ]; then promtool_bin; exit 0; fi
 check_links
 promtool=$(promtool_bin)
 "$promtool" check rules "$here/securemail.rules.yaml"
-"$promtool" test rules "$here"/tests/*.yaml
+
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+"$here/../e2e/helm.sh" template securemail-operator "$here/../charts/securemail-operator" -n securemail-system \
+  --set serviceMonitor.enabled=true,podMonitor.enabled=true,prometheusRule.enabled=true >"$scratch/chart.yaml" \
+  || die "helm template of the chart failed"
+# The tests name their rule file ../securemail.rules.yaml.
+mkdir "$scratch/tests"
+ln -s "$here/securemail.rules.yaml" "$scratch/securemail.rules.yaml"
+jobs=$(python3 "$here/from-chart.py" "$scratch/chart.yaml" "$here/securemail.rules.yaml" "$here/tests" "$scratch/tests")
+echo "check-alerts: unit tests with the chart's scrape jobs: $jobs" >&2
+"$promtool" test rules "$scratch"/tests/*.yaml
