@@ -1,9 +1,11 @@
 """Ties the alert pack's unit tests to the chart. Reads `helm template` of the chart with its monitors and
 PrometheusRule switched on, checks that the PrometheusRule is the alert pack, derives the `job` each monitor gives
-its targets, and writes the unit tests into OUT_DIR with ${OPERATOR_JOB} and ${SIDECAR_JOB} replaced by those jobs.
-A test that names a job itself is refused: the rules must select what the monitors really produce.
-Usage: from-chart.py RENDERED RULES TESTS_DIR OUT_DIR"""
+its targets, and writes the unit tests into OUT_DIR with ${OPERATOR_JOB} and ${SIDECAR_JOB} replaced by those jobs
+and ${DOCS_URL} by the environment's DOCS_URL (the chart's default prometheusRule.docsUrl). A test that names a job
+itself is refused: the rules must select what the monitors really produce.
+Usage: DOCS_URL=... from-chart.py RENDERED RULES TESTS_DIR OUT_DIR"""
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -72,10 +74,13 @@ jobs = {
 }
 
 
+placeholders = jobs | {"DOCS_URL": os.environ["DOCS_URL"]}
+
+
 def placeholder(match):
-    if match[1] not in jobs:
-        fail(f"unknown placeholder {match[0]} (known: {', '.join(jobs)})")
-    return jobs[match[1]]
+    if match[1] not in placeholders:
+        fail(f"unknown placeholder {match[0]} (known: {', '.join(placeholders)})")
+    return placeholders[match[1]]
 
 
 for test in sorted(tests.glob("*.yaml")):

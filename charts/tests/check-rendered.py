@@ -120,9 +120,19 @@ monitoring = load("monitoring")
 for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"]:
     check(kind in kinds(monitoring), f"monitoring: no {kind}")
     check(kind not in kinds(default), f"default: {kind} without its toggle")
+# The alert pack with its runbook links moved from the default docsUrl to the values file's.
+shipped = yaml.safe_load((chart / "files/alerts/securemail.rules.yaml").read_text())
+docs_url = values["prometheusRule"]["docsUrl"]
+home = yaml.safe_load((chart / "Chart.yaml").read_text())["home"]
+check(docs_url.startswith(home + "/"), f"the default docsUrl {docs_url} is not the project's ({home})")
+mirror = yaml.safe_load((chart.parent / "tests/values/monitoring.yaml").read_text())["prometheusRule"]["docsUrl"]
+mirror = mirror.rstrip("/")
+for rule in (rule for group in shipped["groups"] for rule in group["rules"]):
+    link = rule["annotations"]["runbook_url"]
+    check(link.startswith(docs_url + "/"), f"{rule['alert']}: runbook_url {link} is not under {docs_url}")
+    rule["annotations"]["runbook_url"] = mirror + link[len(docs_url):]
 rules = one(monitoring, "PrometheusRule")["spec"]
-check(rules == yaml.safe_load((chart / "files/alerts/securemail.rules.yaml").read_text()),
-      "monitoring: the PrometheusRule differs from the alert pack")
+check(rules == shipped, "monitoring: the PrometheusRule differs from the alert pack with the docsUrl of its values")
 dashboards = [doc for (kind, _, ns), doc in monitoring.items() if kind == "ConfigMap"]
 check(len(dashboards) == 1 and dashboards[0]["metadata"]["namespace"] == "smchart-monitoring"
       and dashboards[0]["metadata"]["labels"].get("grafana_dashboard") == "1", "monitoring: dashboard ConfigMap")
