@@ -115,6 +115,7 @@ wide = load("cluster-wide-secrets")
 check(secret_rules(one(wide, "ClusterRole")), "cluster-wide-secrets: the ClusterRole lacks Secrets")
 check(not any(a.startswith("--tenant-namespaces") for a in container(wide)["args"]), "cluster-wide: namespaces given")
 check(not [name for kind, name, _ in wide if kind == "Role" and name.endswith("-secrets")], "cluster-wide: Roles")
+check(one(wide, "PodMonitor")["spec"]["namespaceSelector"] == {"any": True}, "cluster-wide: PodMonitor namespaces")
 
 monitoring = load("monitoring")
 for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"]:
@@ -140,6 +141,8 @@ for name, text in (dashboards[0]["data"] if dashboards else {}).items():
     check(json.loads(text) == json.loads((chart / "files/dashboards" / name).read_text()), f"dashboard {name} differs")
 pod_monitor = one(monitoring, "PodMonitor")["spec"]
 check(pod_monitor["selector"]["matchLabels"].get("app.kubernetes.io/component") == "mta", "PodMonitor selector")
+check(pod_monitor["namespaceSelector"] == {"matchNames": ["smchart-tenant-a"]},
+      f"monitoring: the PodMonitor watches {pod_monitor['namespaceSelector']}, not the tenant namespaces")
 
 single = load("single-replica")
 check("PodDisruptionBudget" not in kinds(single), "single-replica: a PDB would block node drains")
