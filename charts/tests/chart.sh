@@ -17,10 +17,12 @@ step() { echo "chart: $*" >&2; }
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
-step "versions follow the workspace"
+step "versions and home follow the workspace"
 workspace=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/Cargo.toml" | head -n 1)
 grep -qx "version: $workspace" "$chart/Chart.yaml" || die "Chart.yaml version is not the workspace's $workspace"
 grep -qx "appVersion: \"$workspace\"" "$chart/Chart.yaml" || die "Chart.yaml appVersion is not the workspace's $workspace"
+repository=$(sed -n 's/^repository = "\(.*\)"$/\1/p' "$root/Cargo.toml" | head -n 1)
+grep -qx "home: $repository" "$chart/Chart.yaml" || die "Chart.yaml home is not the workspace's repository $repository"
 
 step "namespaces, and the Prometheus Operator CRDs the monitoring toggles need"
 for name in "$namespace" smchart-tenant-a smchart-tenant-b smchart-monitoring; do

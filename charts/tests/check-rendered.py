@@ -115,14 +115,25 @@ wide = load("cluster-wide-secrets")
 check(secret_rules(one(wide, "ClusterRole")), "cluster-wide-secrets: the ClusterRole lacks Secrets")
 check(not any(a.startswith("--tenant-namespaces") for a in container(wide)["args"]), "cluster-wide: namespaces given")
 check(not [name for kind, name, _ in wide if kind == "Role" and name.endswith("-secrets")], "cluster-wide: Roles")
+check(one(wide, "PodMonitor")["spec"]["namespaceSelector"] == {"any": True}, "cluster-wide: PodMonitor namespaces")
 
 monitoring = load("monitoring")
 for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"]:
     check(kind in kinds(monitoring), f"monitoring: no {kind}")
     check(kind not in kinds(default), f"default: {kind} without its toggle")
+# The alert pack with its runbook links moved from the default docsUrl to the values file's.
+shipped = yaml.safe_load((chart / "files/alerts/securemail.rules.yaml").read_text())
+docs_url = values["prometheusRule"]["docsUrl"]
+home = yaml.safe_load((chart / "Chart.yaml").read_text())["home"]
+check(docs_url.startswith(home + "/"), f"the default docsUrl {docs_url} is not the project's ({home})")
+mirror = yaml.safe_load((chart.parent / "tests/values/monitoring.yaml").read_text())["prometheusRule"]["docsUrl"]
+mirror = mirror.rstrip("/")
+for rule in (rule for group in shipped["groups"] for rule in group["rules"]):
+    link = rule["annotations"]["runbook_url"]
+    check(link.startswith(docs_url + "/"), f"{rule['alert']}: runbook_url {link} is not under {docs_url}")
+    rule["annotations"]["runbook_url"] = mirror + link[len(docs_url):]
 rules = one(monitoring, "PrometheusRule")["spec"]
-check(rules == yaml.safe_load((chart / "files/alerts/securemail.rules.yaml").read_text()),
-      "monitoring: the PrometheusRule differs from the alert pack")
+check(rules == shipped, "monitoring: the PrometheusRule differs from the alert pack with the docsUrl of its values")
 dashboards = [doc for (kind, _, ns), doc in monitoring.items() if kind == "ConfigMap"]
 check(len(dashboards) == 1 and dashboards[0]["metadata"]["namespace"] == "smchart-monitoring"
       and dashboards[0]["metadata"]["labels"].get("grafana_dashboard") == "1", "monitoring: dashboard ConfigMap")
@@ -130,6 +141,8 @@ for name, text in (dashboards[0]["data"] if dashboards else {}).items():
     check(json.loads(text) == json.loads((chart / "files/dashboards" / name).read_text()), f"dashboard {name} differs")
 pod_monitor = one(monitoring, "PodMonitor")["spec"]
 check(pod_monitor["selector"]["matchLabels"].get("app.kubernetes.io/component") == "mta", "PodMonitor selector")
+check(pod_monitor["namespaceSelector"] == {"matchNames": ["smchart-tenant-a"]},
+      f"monitoring: the PodMonitor watches {pod_monitor['namespaceSelector']}, not the tenant namespaces")
 
 single = load("single-replica")
 check("PodDisruptionBudget" not in kinds(single), "single-replica: a PDB would block node drains")
