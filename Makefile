@@ -12,7 +12,7 @@ DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down node-up node-down node-smoke e2e e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy images check-images check-image-containers
+.PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down node-up node-down node-smoke e2e e2e-node e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy images check-images check-image-containers
 
 ## test: every check CI runs — formatting, clippy, unit tests, a fuzzing smoke run, CRD drift, end-to-end suites
 ## (control plane, data plane, fault injection and load at reduced size).
@@ -138,6 +138,15 @@ e2e: deps
 	status=0; KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_OPERATOR_BIN=$(TARGET_DIR)/debug/securemail-operator \
 	  SECUREMAIL_CLOCK_DAYS_AHEAD=$(CLOCK_AHEAD_DAYS) $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test operator \
 	  || status=$$?; e2e/cluster-down.sh; exit $$status
+
+## e2e-node: the images (make images), a control plane with a node (make node-up), SecureMail installed on it as a
+## platform team installs it (e2e/node-install.sh: images imported into the node's containerd, helm install), then
+## the node suite: the operator as two pods with one leader, example tenants Ready from their running MTA pods.
+e2e-node: deps images
+	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test node
+	SECUREMAIL_NODE=1 e2e/cluster-up.sh >/dev/null
+	status=0; e2e/node-install.sh $(TARGET_DIR)/images && KUBECONFIG=$(KUBECONFIG_FILE) \
+	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test node || status=$$?; e2e/cluster-down.sh; exit $$status
 
 ## e2e-dataplane: start the data-plane world (DNSSEC zones, validating resolver, MTA-STS server, receiving MX hosts
 ## in network namespaces), check it without the sidecar, run the sidecar suites in it, stop it again.

@@ -137,8 +137,26 @@ build_coredns() {
   mv "$dir/bin/coredns.tmp" "$dir/bin/coredns"
 }
 
+# Persistent volumes for the node's pods: Rancher's local-path provisioner (host directories as local volumes).
+build_local_path_provisioner() {
+  local dir="$cache/local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION"
+  [ -x "$dir/bin/local-path-provisioner" ] && return 0
+  echo "build-control-plane: building local-path-provisioner $LOCAL_PATH_PROVISIONER_VERSION (first run only)" >&2
+  local work="$dir/src" module=github.com/rancher/local-path-provisioner
+  rm -rf "$work"; mkdir -p "$work" "$dir/bin"
+  printf 'module securemail.local/local-path-build\n\ngo 1.26\n\nrequire %s %s\n' "$module" \
+    "$LOCAL_PATH_PROVISIONER_VERSION" > "$work/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$module" > "$work/tools.go"
+  (cd "$work" && go mod tidy >/dev/null 2>"$work/tidy.log") \
+    || { cat "$work/tidy.log" >&2; die "go mod tidy failed for local-path-provisioner"; }
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -o "$dir/bin/local-path-provisioner.tmp" "$module") \
+    || die "go build of local-path-provisioner $LOCAL_PATH_PROVISIONER_VERSION failed"
+  mv "$dir/bin/local-path-provisioner.tmp" "$dir/bin/local-path-provisioner"
+}
+
 build_etcd
 build_kubernetes
 build_cni_plugins
 build_coredns
+build_local_path_provisioner
 echo "$cache"

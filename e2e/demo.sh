@@ -32,23 +32,7 @@ echo "   Deployment's arguments and a token of the chart's ServiceAccount)"
 SECUREMAIL_OPERATOR_BIN=$operator "$here/operator-up.sh"
 
 step "kubectl apply: the example tenants, with the submission certificate and client CA Secrets they name"
-certs=$(mktemp -d)
-trap 'rm -rf "$certs"' EXIT
-# A throwaway self-signed certificate stands in for both the submission certificate and the apps' CA.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=securemail demo" \
-  -keyout "$certs/tls.key" -out "$certs/tls.crt" 2>/dev/null
-for example in "$root"/examples/*.yaml; do
-  namespace=$(sed -n 's/^  namespace: //p' "$example" | head -n 1)
-  while read -r secret; do
-    kubectl -n "$namespace" create secret tls "$secret" --cert="$certs/tls.crt" --key="$certs/tls.key" \
-      --dry-run=client -o yaml </dev/null | kubectl apply -f - >/dev/null
-  done < <(sed -n 's/^ *secretName: //p' "$example")
-  while read -r secret; do
-    kubectl -n "$namespace" create secret generic "$secret" --from-file=ca.crt="$certs/tls.crt" \
-      --dry-run=client -o yaml </dev/null | kubectl apply -f - >/dev/null
-  done < <(sed -n 's/^ *caSecretName: //p' "$example")
-  kubectl apply -f "$example"
-done
+"$here/apply-examples.sh"
 echo "(a tenant whose certificate comes from a cert-manager issuer reports ConfigValid=False until its Secret exists)"
 
 step "A spec that would weaken transport security is refused by the apiserver"

@@ -22,6 +22,8 @@ kubeconfig="$dir/kubeconfig"
 pause_image=securemail.local/pause:1
 probe_image=securemail.local/probe:1
 coredns_image=securemail.local/coredns:$COREDNS_VERSION
+local_path_image=securemail.local/local-path-provisioner:$LOCAL_PATH_PROVISIONER_VERSION
+volume_helper_image=securemail.local/volume-helper:1
 
 log() { echo "node-up: $*" >&2; }
 die() { echo "node-up: $*" >&2; exit 1; }
@@ -75,22 +77,32 @@ for plugin in bridge host-local loopback portmap; do
 done
 
 # --- Images: static Go binaries in single-layer archives, cached by the hash of their sources ---------------------
-images_key=$(cat "$here/node/pause.go" "$here/node/probe.go" "$here/node/image-tar.sh" <(go version) | sha256sum | cut -c1-16)
+images_key=$(cat "$here/node/pause.go" "$here/node/probe.go" "$here/node/volume-helper.go" "$here/node/image-tar.sh" \
+  <(go version) | sha256sum | cut -c1-16)
 images="$cache/node-images-$images_key"
-if [ ! -f "$images/probe.tar" ]; then
-  log "building the pause and probe images"
+if [ ! -f "$images/volume-helper.tar" ]; then
+  log "building the pause, probe and volume-helper images"
   rm -rf "$images.tmp"; mkdir -p "$images.tmp"
-  for prog in pause probe; do
+  for prog in pause probe volume-helper; do
     (cd "$images.tmp" && CGO_ENABLED=0 go build -trimpath -ldflags=-s -o "$images.tmp/$prog" "$here/node/$prog.go") \
       || die "go build of $prog failed"
   done
   "$here/node/image-tar.sh" "$images.tmp/pause.tar" "$pause_image" /pause "$images.tmp/pause"
   "$here/node/image-tar.sh" "$images.tmp/probe.tar" "$probe_image" /probe "$images.tmp/probe"
+  "$here/node/image-tar.sh" "$images.tmp/volume-helper.tar" "$volume_helper_image" /volume-helper \
+    "$images.tmp/volume-helper"
   rm -rf "$images"; mv "$images.tmp" "$images"
 fi
-if [ ! -f "$coredns_dir/image.tar" ] || [ "$coredns_dir/bin/coredns" -nt "$coredns_dir/image.tar" ]; then
-  "$here/node/image-tar.sh" "$coredns_dir/image.tar" "$coredns_image" /coredns "$coredns_dir/bin/coredns"
-fi
+# Images of binaries built by build-control-plane.sh, written again when the binary is newer.
+binary_image() {
+  local tar=$1 ref=$2 binary=$3
+  if [ ! -f "$tar" ] || [ "$binary" -nt "$tar" ]; then
+    "$here/node/image-tar.sh" "$tar" "$ref" "/$(basename "$binary")" "$binary"
+  fi
+}
+binary_image "$coredns_dir/image.tar" "$coredns_image" "$coredns_dir/bin/coredns"
+local_path_dir="$cache/local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION"
+binary_image "$local_path_dir/image.tar" "$local_path_image" "$local_path_dir/bin/local-path-provisioner"
 
 mkdir -p "$node_dir"/{containerd,cni/net.d,cni/ipam,kubelet,pod-logs,certs}
 chmod 700 "$node_dir"
@@ -221,7 +233,8 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 $ready || fail "containerd did not answer within 20s" containerd
-for tar in "$images/pause.tar" "$images/probe.tar" "$coredns_dir/image.tar"; do
+for tar in "$images/pause.tar" "$images/probe.tar" "$images/volume-helper.tar" "$coredns_dir/image.tar" \
+  "$local_path_dir/image.tar"; do
   ctr_ images import "$tar" >/dev/null 2>>"$dir/containerd.log" || fail "importing $tar" containerd
 done
 
@@ -333,4 +346,13 @@ sed -e "s|@COREDNS_IMAGE@|$coredns_image|" -e "s|@CLUSTER_DNS_IP@|$cluster_dns_i
   | kc apply -f - >/dev/null || fail "applying the CoreDNS manifests"
 kc -n kube-system rollout status deployment/coredns --timeout=120s >/dev/null \
   || fail "CoreDNS did not become available within 120s" kubelet
-log "cluster DNS at $cluster_dns_ip; node up in $(($(date +%s) - start))s (images $pause_image, $probe_image, $coredns_image)"
+log "cluster DNS at $cluster_dns_ip"
+
+# --- Persistent volumes ---------------------------------------------------------------------------------------------
+sed -e "s|@PROVISIONER_IMAGE@|$local_path_image|" -e "s|@HELPER_IMAGE@|$volume_helper_image|" \
+  -e "s|@VOLUME_DIR@|$node_dir/volumes|" "$here/node/local-path.yaml" | kc apply -f - >/dev/null \
+  || fail "applying the local-path provisioner manifests"
+kc -n local-path-storage rollout status deployment/local-path-provisioner --timeout=120s >/dev/null \
+  || fail "the local-path provisioner did not become available within 120s" kubelet
+log "node up in $(($(date +%s) - start))s (default StorageClass local-path; images $pause_image, $probe_image," \
+  "$coredns_image, $local_path_image, $volume_helper_image)"

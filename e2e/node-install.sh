@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs SecureMail on the test node the way a platform team does on a cluster: the images `make images` built are
+# imported into the node's containerd (there is no registry), the tenants' namespaces are created and the operator
+# chart is installed with `helm upgrade --install`; waits until both operator replicas run and one holds the Lease.
+# Usage: node-install.sh [IMAGES_DIR] (default target/images). Expects the node (make node-up).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+images=${1:-$root/target/images}
+dir=${SECUREMAIL_CLUSTER_DIR:-/tmp/securemail-cluster}
+# shellcheck source=node-lib.sh
+. "$here/node-lib.sh"
+release=securemail-operator
+namespace=securemail-system
+
+log() { echo "node-install: $*" >&2; }
+die() { echo "node-install: $*" >&2; exit 1; }
+export KUBECONFIG="$dir/kubeconfig"
+
+if [ ! -S "$containerd_sock" ] || [ ! -f "$KUBECONFIG" ]; then die "no node in $dir (run make node-up)"; fi
+for image in operator sidecar mta; do
+  [ -f "$images/$image.tar" ] || die "$images/$image.tar is missing (run make images)"
+  # The archive's index names the reference the chart and the operator use; the kubelet finds it by that name.
+  ctr -a "$containerd_sock" -n k8s.io images import --no-unpack=false "$images/$image.tar" >/dev/null \
+    || die "importing $images/$image.tar into the node's containerd failed"
+done
+log "imported: $(ctr -a "$containerd_sock" -n k8s.io images ls -q | grep '^ghcr.io/securemail/' | paste -sd' ')"
+
+namespaces=$(sed -n 's/^  namespace: //p' "$root"/examples/*.yaml | sort -u | paste -sd, -)
+for tenant_namespace in ${namespaces//,/ }; do
+  kubectl create namespace "$tenant_namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+done
+api_port=$(sed -n 's|^ *server: https://[^:]*:||p' "$KUBECONFIG")
+# The operator's NetworkPolicy opens egress to the apiserver's port as its pods see it (the endpoint of the
+# kubernetes Service, this node's apiserver port).
+"$here/helm.sh" upgrade --install "$release" "$root/charts/securemail-operator" --namespace "$namespace" \
+  --create-namespace --set "tenantNamespaces={$namespaces}" --set "networkPolicy.apiServerPorts={443,$api_port}" \
+  --wait --timeout 180s >/dev/null || {
+  kubectl -n "$namespace" get pods -o wide >&2 || true
+  kubectl -n "$namespace" describe pods >&2 || true
+  die "helm install of the operator chart did not become ready within 180s"
+}
+holder=""
+for _ in $(seq 1 60); do
+  holder=$(kubectl -n "$namespace" get lease securemail-operator -o 'jsonpath={.spec.holderIdentity}' 2>/dev/null || true)
+  [ -n "$holder" ] && kubectl -n "$namespace" get pod "$holder" >/dev/null 2>&1 && break
+  sleep 1
+done
+[ -n "$holder" ] || die "no operator pod took the Lease $namespace/securemail-operator within 60s"
+log "operator: $(kubectl -n "$namespace" get pods -l app.kubernetes.io/name=securemail-operator --no-headers | wc -l) pods, leader $holder"

@@ -1,0 +1,232 @@
+//! On the test node (`make e2e-node`): SecureMail installed as a platform team installs it. The operator runs as the
+//! chart's two pods with one leader, and example tenants' MTA pods, from the images `make images` built, are scheduled
+//! on a volume from the node's StorageClass, pass their probes and make their tenants Ready from the StatefulSet
+//! status the real controller-manager writes.
+//!
+//! `e2e/node-install.sh` (images imported, `helm upgrade --install`) runs before this suite.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use securemail_api::SecureMailTenant;
+use securemail_e2e::tenants::condition;
+use securemail_e2e::{client, eventually, kubeconfig, kubectl_ok, repo_root};
+
+const OPERATOR_NAMESPACE: &str = "securemail-system";
+/// From `kubectl apply` to Ready, key generation and volume provisioning included; a warm node needs a fraction.
+const TENANT_READY: Duration = Duration::from_secs(240);
+
+/// Examples whose prerequisites the node has: a default StorageClass and Secrets `apply-examples.sh` creates.
+const EXAMPLES: [(&str, &str, &str); 2] = [
+    ("minimal.yaml", "tenant-lakeside", "lakeside-clinic"),
+    ("strict-tls-overrides.yaml", "tenant-riverside", "riverside-pharmacy"),
+];
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|condition| condition.type_ == "Ready" && condition.status == "True")
+        })
+}
+
+/// Each container of `pod` with its image, ready flag and restart count.
+fn containers(pod: &Pod) -> Vec<(String, String, bool, i32)> {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.container_statuses.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|container| {
+            (
+                container.name,
+                container.image,
+                container.ready,
+                container.restart_count,
+            )
+        })
+        .collect()
+}
+
+fn logs(namespace: &str, pod: &str, container: &str) -> String {
+    kubectl_ok(&["logs", "-n", namespace, pod, "-c", container])
+}
+
+#[tokio::test]
+async fn the_operator_runs_as_two_pods_with_one_leader() {
+    let client = client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let operators = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=securemail-operator"))
+        .await
+        .unwrap_or_else(|err| panic!("operator pods: {err}"));
+    let names: Vec<String> = operators.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(names.len(), 2, "the chart's two operator replicas, found {names:?}");
+    for pod in &operators {
+        assert!(pod_ready(pod), "operator pod {} is not Ready", pod.name_any());
+        for (name, image, _, restarts) in containers(pod) {
+            assert!(
+                image.starts_with("ghcr.io/securemail/operator:"),
+                "{}/{name} runs {image}, not the operator image",
+                pod.name_any()
+            );
+            assert_eq!(restarts, 0, "{}/{name} restarted", pod.name_any());
+        }
+    }
+
+    let leases: Api<Lease> = Api::namespaced(client, OPERATOR_NAMESPACE);
+    let holder = leases
+        .get("securemail-operator")
+        .await
+        .unwrap_or_else(|err| panic!("the operator's Lease: {err}"))
+        .spec
+        .and_then(|spec| spec.holder_identity)
+        .unwrap_or_default();
+    assert!(
+        names.contains(&holder),
+        "the Lease is held by {holder:?}, not by one of {names:?}"
+    );
+    for name in &names {
+        let log = logs(OPERATOR_NAMESPACE, name, "operator");
+        let leads = log.contains("acquired the leader lease");
+        assert_eq!(
+            leads,
+            *name == holder,
+            "{name} {} the Lease in its log, while {holder} holds it",
+            if leads { "took" } else { "did not take" }
+        );
+        if !leads {
+            assert!(
+                log.contains("waiting for the leader lease"),
+                "the standby {name} does not wait for the Lease"
+            );
+        }
+    }
+}
+
+/// The MTA pods of a tenant's StatefulSet.
+async fn mta_pods(client: &Client, namespace: &str, tenant: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    pods.list(&ListParams::default().labels(&format!(
+        "app.kubernetes.io/component=mta,securemail.io/tenant={tenant}"
+    )))
+    .await
+    .unwrap_or_else(|err| panic!("MTA pods of {namespace}/{tenant}: {err}"))
+    .items
+}
+
+#[tokio::test]
+async fn example_tenants_become_ready_from_their_running_mta_pods() {
+    let client = client().await;
+    let examples: Vec<String> = EXAMPLES
+        .iter()
+        .map(|(file, _, _)| repo_root().join("examples").join(file).to_string_lossy().into_owned())
+        .collect();
+    let script = repo_root().join("e2e/apply-examples.sh");
+    let output = std::process::Command::new(&script)
+        .args(&examples)
+        .env("KUBECONFIG", kubeconfig())
+        .output()
+        .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
+    assert!(
+        output.status.success(),
+        "apply-examples.sh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    for (_, namespace, name) in EXAMPLES {
+        let tenants: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+        let what = format!("{namespace}/{name} Ready=True with MtaAvailable=True");
+        let tenant = eventually(&what, TENANT_READY, || async {
+            let tenant = tenants.get(name).await.ok()?;
+            let current = tenant
+                .status
+                .as_ref()
+                .is_some_and(|status| status.observed_generation == tenant.metadata.generation);
+            let ready = ["Ready", "MtaAvailable"]
+                .iter()
+                .all(|type_| condition(&tenant, type_).is_some_and(|(status, _, _)| status == "True"));
+            (current && ready).then_some(tenant)
+        })
+        .await;
+
+        // The status the operator read is the controller-manager's, for pods that really run.
+        let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+        let statefulset = statefulsets
+            .get(&format!("{name}-mta"))
+            .await
+            .unwrap_or_else(|err| panic!("StatefulSet of {namespace}/{name}: {err}"));
+        let replicas = statefulset.spec.as_ref().and_then(|spec| spec.replicas).unwrap_or(1);
+        let status = statefulset.status.unwrap_or_default();
+        assert_eq!(
+            status.ready_replicas,
+            Some(replicas),
+            "{namespace}/{name}: StatefulSet status {status:?}"
+        );
+        let addresses = tenant.spec.ip_pool.addresses.len();
+        assert_eq!(
+            usize::try_from(replicas).ok(),
+            Some(addresses),
+            "one MTA pod per pool address"
+        );
+
+        let pods = mta_pods(&client, namespace, name).await;
+        assert_eq!(pods.len(), addresses, "{namespace}/{name}: MTA pods");
+        for pod in &pods {
+            let pod_name = pod.name_any();
+            assert!(pod_ready(pod), "{namespace}/{pod_name} is not Ready");
+            let mut images: Vec<(String, String)> = Vec::new();
+            for (container, image, ready, restarts) in containers(pod) {
+                assert!(ready, "{namespace}/{pod_name}/{container} is not ready");
+                assert_eq!(restarts, 0, "{namespace}/{pod_name}/{container} restarted");
+                images.push((container, image));
+            }
+            images.sort();
+            let expected = [
+                ("postfix", "ghcr.io/securemail/mta-postfix:"),
+                ("sidecar", "ghcr.io/securemail/sidecar:"),
+            ];
+            assert!(
+                images.len() == 2
+                    && images
+                        .iter()
+                        .zip(expected)
+                        .all(|((container, image), (want_container, want_image))| {
+                            container == want_container && image.starts_with(want_image)
+                        }),
+                "{namespace}/{pod_name} runs {images:?}"
+            );
+            // Postfix came up from the operator's configuration, with the sidecar as its only transport.
+            let postfix = logs(namespace, &pod_name, "postfix");
+            assert!(
+                postfix.contains("daemon started"),
+                "{namespace}/{pod_name}: Postfix did not start:\n{postfix}"
+            );
+        }
+
+        // The queue lives on a volume the node's StorageClass provisioned for this pod.
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+        for index in 0..addresses {
+            let claim_name = format!("data-{name}-mta-{index}");
+            let claim = claims
+                .get(&claim_name)
+                .await
+                .unwrap_or_else(|err| panic!("{namespace}/{claim_name}: {err}"));
+            let phase = claim.status.and_then(|status| status.phase).unwrap_or_default();
+            assert_eq!(phase, "Bound", "{namespace}/{claim_name}");
+            let class = claim.spec.and_then(|spec| spec.storage_class_name).unwrap_or_default();
+            assert_eq!(
+                class, "local-path",
+                "{namespace}/{claim_name}: the default StorageClass"
+            );
+        }
+        println!("{namespace}/{name}: Ready with {addresses} MTA pod(s) on the node");
+    }
+}
