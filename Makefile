@@ -15,9 +15,10 @@ export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 .PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down node-up node-down node-smoke e2e e2e-node e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy images check-images check-image-containers
 
 ## test: every check CI runs — formatting, clippy, unit tests, a fuzzing smoke run, CRD drift, end-to-end suites
-## (control plane, data plane, fault injection and load at reduced size).
-test: deps fmt-check lint deny unit fuzz-smoke check-crds check-alerts check-chart e2e e2e-dataplane e2e-faults-ci \
-  e2e-load-ci
+## (control plane; the images, reproducible and run as containers; the node running them; data plane, fault
+## injection and load at reduced size).
+test: deps fmt-check lint deny unit fuzz-smoke check-crds check-alerts check-chart e2e check-images \
+  check-image-containers e2e-node e2e-dataplane e2e-faults-ci e2e-load-ci
 
 ## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
 deps:
