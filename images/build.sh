@@ -202,7 +202,7 @@ build_app_image() { # NAME BINARY
 build_mta_image() {
   local name=mta ref=$registry/mta-postfix:$version
   local stamp=$out/$name.inputs hash
-  hash=$(inputs_hash "$here/debian/mta.txt" "$here/mta/start")
+  hash=$(inputs_hash "$here/debian/mta.txt" "$here/mta/start" "$here/mta/ready")
   if [ -f "$out/$name.tar" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ]; then
     report "$name" "$ref" unchanged
     return
@@ -241,6 +241,7 @@ build_mta_image() {
   mkdir -p "$rootfs/var/spool/postfix" "$rootfs/var/lib/postfix" "$rootfs/run/securemail" \
     "$rootfs/etc/securemail/submission-tls" "$rootfs/etc/securemail/client-ca"
   install -D -m 0755 "$here/mta/start" "$rootfs/usr/local/sbin/securemail-mta-start"
+  install -D -m 0755 "$here/mta/ready" "$rootfs/usr/local/sbin/securemail-mta-ready"
   check_libraries "$rootfs"
   local config
   config=$(image_config "$name" "0:0" '["/usr/local/sbin/securemail-mta-start"]')

@@ -302,6 +302,16 @@ mkdir -p "$queue"
 start_mta first "$queue"
 check_modes
 step "mta on a fresh volume: Postfix started, queue owners and modes as postfix-files lists them"
+# The StatefulSet's probe: ready once the master runs and 587 listens; a port nobody listens on is named.
+ctr tasks exec --exec-id ready-587 first /usr/local/sbin/securemail-mta-ready 587 >"$scratch/ready.log" 2>&1 ||
+  die "the probe says the running Postfix is not ready: $(cat "$scratch/ready.log")"
+if ctr tasks exec --exec-id ready-2525 first /usr/local/sbin/securemail-mta-ready 2525 >"$scratch/ready.log" 2>&1; then
+  die "the probe says ready for port 2525, where nothing listens"
+fi
+grep -q "nothing listens on port 2525" "$scratch/ready.log" ||
+  die "the probe's refusal does not name the port: $(cat "$scratch/ready.log")"
+grep -q "connect from" "$scratch/first.log" && die "the probe made a connection Postfix logged"
+step "mta: the probe (securemail-mta-ready) sees the master and the 587 listener, opens no connection"
 message_id="<images-test-$$@notify.example>"
 nsenter -t "$netns_pid" -n swaks --silent 2 --server 127.0.0.1:587 --tls --tls-protocol tlsv1_2,tlsv1_3 \
   --tls-cert "$scratch/client.crt" --tls-key "$scratch/client.key" --ehlo client.example \

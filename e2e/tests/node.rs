@@ -209,6 +209,11 @@ async fn example_tenants_become_ready_from_their_running_mta_pods() {
                 postfix.contains("daemon started"),
                 "{namespace}/{pod_name}: Postfix did not start:\n{postfix}"
             );
+            // The probes (securemail-mta-ready) open no connection, so nothing but mail is in Postfix's log.
+            assert!(
+                !postfix.contains("lost connection after CONNECT"),
+                "{namespace}/{pod_name}: a probe connects to Postfix:\n{postfix}"
+            );
         }
 
         // The queue lives on a volume the node's StorageClass provisioned for this pod.

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection,
-    SecretVolumeSource, SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume, VolumeMount,
-    VolumeProjection, VolumeResourceRequirements,
+    EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    SeccompProfile, SecretProjection, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
+    VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -33,6 +33,8 @@ pub const SUBMISSION_CONTAINER_PORT: i32 = postfix::SUBMISSION_CONTAINER_PORT as
 const SIDECAR_UID: i64 = 65532;
 /// Time for in-flight deliveries and Postfix's queue manager to finish before a pod is killed.
 const TERMINATION_GRACE_SECONDS: i64 = 120;
+/// The MTA image's readiness and liveness check (images/mta/ready), part of the image contract.
+const MTA_READY_COMMAND: &str = "/usr/local/sbin/securemail-mta-ready";
 /// Postfix needs root plus these capabilities (and nothing else): changing queue file ownership and permissions
 /// (CHOWN, DAC_OVERRIDE, FOWNER), dropping to its unprivileged users (SETUID, SETGID), binding port 587
 /// (NET_BIND_SERVICE) and signalling its own daemons (KILL). See docs/security.md.
@@ -166,8 +168,8 @@ fn postfix_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
             ..ContainerPort::default()
         }]),
         resources: tenant.spec.mta.resources.clone(),
-        readiness_probe: Some(tcp_probe(SUBMISSION_CONTAINER_PORT, 5)),
-        liveness_probe: Some(tcp_probe(SUBMISSION_CONTAINER_PORT, 30)),
+        readiness_probe: Some(mta_probe(5)),
+        liveness_probe: Some(mta_probe(30)),
         security_context: Some(SecurityContext {
             run_as_user: Some(0),
             run_as_non_root: Some(false),
@@ -386,13 +388,19 @@ fn config_file_mount(path: &str, key: &str) -> VolumeMount {
     }
 }
 
-fn tcp_probe(port: i32, period_seconds: i32) -> Probe {
+/// The MTA image's own check (docs/images.md): Postfix's master runs and the submission port listens, read from the
+/// process table and /proc/net. A TCP probe would make smtpd log a connection every few seconds.
+fn mta_probe(period_seconds: i32) -> Probe {
     Probe {
-        tcp_socket: Some(TCPSocketAction {
-            port: IntOrString::Int(port),
-            ..TCPSocketAction::default()
+        exec: Some(ExecAction {
+            command: Some(vec![
+                MTA_READY_COMMAND.to_owned(),
+                SUBMISSION_CONTAINER_PORT.to_string(),
+            ]),
         }),
         period_seconds: Some(period_seconds),
+        // It runs postconf; a busy node must not turn a slow start of a process into an unready pod.
+        timeout_seconds: Some(5),
         ..Probe::default()
     }
 }
