@@ -437,6 +437,27 @@ mod tests {
     }
 
     #[test]
+    fn the_alert_pages_for_exactly_these_reasons() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../alerts/securemail.rules.yaml");
+        let rules: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let expr = rules["groups"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .flat_map(|group| group["rules"].as_sequence().unwrap())
+            .find(|rule| rule["alert"].as_str() == Some("SecureMailMtaPodsCannotRun"))
+            .and_then(|rule| rule["expr"].as_str())
+            .unwrap();
+        let (_, after) = expr.split_once("reason=~\"").unwrap();
+        let (pattern, _) = after.split_once('"').unwrap();
+        let mut alerted: Vec<&str> = pattern.split('|').collect();
+        let mut reasons = REASONS.to_vec();
+        alerted.sort_unstable();
+        reasons.sort_unstable();
+        assert_eq!(alerted, reasons);
+    }
+
+    #[test]
     fn ordinals_come_from_pod_names() {
         assert_eq!(ordinal("lakeside-clinic-mta-12"), Some(12));
         assert_eq!(ordinal("lakeside"), None);
