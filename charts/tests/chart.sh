@@ -78,6 +78,8 @@ yes watch secrets -n smchart-tenant-a
 yes delete persistentvolumeclaims -n smchart-tenant-a
 yes update leases.coordination.k8s.io -n smchart-system
 yes create events.events.k8s.io -n smchart-tenant-a
+yes list pods -n smchart-tenant-a
+yes watch pods -n smchart-tenant-a
 no get secrets -n smchart-tenant-b
 no get secrets -n kube-system
 no list secrets --all-namespaces
@@ -90,6 +92,8 @@ no create pods -n smchart-tenant-a
 no delete pods -n smchart-tenant-a
 no create pods --subresource=exec -n smchart-tenant-a
 no list pods --all-namespaces
+no watch pods --all-namespaces
+no watch pods -n smchart-tenant-b
 no create persistentvolumeclaims -n smchart-tenant-a
 no delete persistentvolumes
 no get nodes

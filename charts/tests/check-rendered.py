@@ -68,6 +68,11 @@ def secret_rules(role):
     return [rule for rule in role.get("rules", []) if "secrets" in rule.get("resources", [])]
 
 
+def watches_pods(role):
+    return any("pods" in rule.get("resources", []) and {"list", "watch"} <= set(rule.get("verbs", []))
+               for rule in role.get("rules", []))
+
+
 def container(objects):
     return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 
@@ -95,6 +100,7 @@ default = load("default")
 check(kinds(default) == sorted(always + ["CustomResourceDefinition", "NetworkPolicy", "PodDisruptionBudget",
                                          "ServiceAccount"]), f"default kinds: {kinds(default)}")
 check(not secret_rules(one(default, "ClusterRole")), "default: the ClusterRole grants Secrets")
+check(not watches_pods(one(default, "ClusterRole")), "default: the ClusterRole watches pods everywhere")
 check("--tenant-namespaces=" in container(default)["args"], "default: operator not limited to tenant namespaces")
 check(env(default)["SECUREMAIL_LEADER_ELECTION"] == "true", "default: two replicas without leader election")
 crd = one(default, "CustomResourceDefinition")
@@ -107,12 +113,14 @@ scoped = load("tenant-namespaces")
 roles = {ns: doc for (kind, name, ns), doc in scoped.items() if kind == "Role" and name.endswith("-secrets")}
 check(sorted(roles) == ["smchart-tenant-a", "smchart-tenant-b"], f"tenant-namespaces: Secret Roles in {sorted(roles)}")
 check(all(secret_rules(role) for role in roles.values()), "tenant-namespaces: a Role without the Secret rule")
+check(all(watches_pods(role) for role in roles.values()), "tenant-namespaces: a Role cannot watch the MTA pods")
 check(not secret_rules(one(scoped, "ClusterRole")), "tenant-namespaces: the ClusterRole grants Secrets")
 check("--tenant-namespaces=smchart-tenant-a,smchart-tenant-b" in container(scoped)["args"],
       f"tenant-namespaces: args {container(scoped)['args']}")
 
 wide = load("cluster-wide-secrets")
 check(secret_rules(one(wide, "ClusterRole")), "cluster-wide-secrets: the ClusterRole lacks Secrets")
+check(watches_pods(one(wide, "ClusterRole")), "cluster-wide-secrets: the ClusterRole cannot watch the MTA pods")
 check(not any(a.startswith("--tenant-namespaces") for a in container(wide)["args"]), "cluster-wide: namespaces given")
 check(not [name for kind, name, _ in wide if kind == "Role" and name.endswith("-secrets")], "cluster-wide: Roles")
 check(one(wide, "PodMonitor")["spec"]["namespaceSelector"] == {"any": True}, "cluster-wide: PodMonitor namespaces")

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -199,6 +199,38 @@ pub async fn pods_become_ready(client: &Client, namespace: &str, name: &str) {
     api.patch_status(&format!("{name}-mta"), &PatchParams::default(), &Patch::Merge(&status))
         .await
         .unwrap_or_else(|err| panic!("StatefulSet status: {err}"));
+}
+
+/// Stands in for the StatefulSet controller: creates MTA pod `ordinal` of tenant `name` from its StatefulSet's pod
+/// template (labels, containers, volumes, with the volume claim of `volumeClaimTemplates` by its conventional name),
+/// as a real cluster would. Its status is then the test's to write, as a kubelet's would be.
+pub async fn create_mta_pod(client: &Client, namespace: &str, name: &str, ordinal: u32) -> Pod {
+    let statefulset = format!("{name}-mta");
+    let sts = Api::<StatefulSet>::namespaced(client.clone(), namespace)
+        .get(&statefulset)
+        .await
+        .unwrap_or_else(|err| panic!("StatefulSet: {err}"));
+    let spec = sts
+        .spec
+        .unwrap_or_else(|| panic!("StatefulSet {statefulset} without a spec"));
+    let pod_name = format!("{statefulset}-{ordinal}");
+    let mut template = serde_json::to_value(&spec.template).unwrap_or_else(|err| panic!("{err}"));
+    template["metadata"]["name"] = json!(pod_name);
+    template["metadata"]["labels"]["apps.kubernetes.io/pod-index"] = json!(ordinal.to_string());
+    template["metadata"]["labels"]["statefulset.kubernetes.io/pod-name"] = json!(pod_name);
+    for claim in spec.volume_claim_templates.unwrap_or_default() {
+        let claim = claim.metadata.name.unwrap_or_default();
+        let volume = json!({"name": claim, "persistentVolumeClaim": {"claimName": format!("{claim}-{pod_name}")}});
+        match template["spec"]["volumes"].as_array_mut() {
+            Some(volumes) => volumes.push(volume),
+            None => template["spec"]["volumes"] = json!([volume]),
+        }
+    }
+    let pod: Pod = serde_json::from_value(template).unwrap_or_else(|err| panic!("pod from the template: {err}"));
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|err| panic!("pod {pod_name}: {err}"))
 }
 
 pub async fn key_secrets(client: &Client, namespace: &str) -> BTreeMap<String, (String, Vec<u8>)> {

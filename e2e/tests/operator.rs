@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
@@ -21,8 +22,8 @@ use securemail_api::warmup::state::AddressWarmup;
 use securemail_e2e::dnsbl::BlocklistServer;
 use securemail_e2e::operator::{OPERATOR_USER, Operator};
 use securemail_e2e::tenants::{
-    WAIT, assert_children, condition, create, create_secret, create_tenant, example, key_secrets, pods_become_ready,
-    reconcile_count, reconciled,
+    WAIT, assert_children, condition, create, create_mta_pod, create_secret, create_tenant, example, key_secrets,
+    pods_become_ready, reconcile_count, reconciled,
 };
 use securemail_e2e::{client, clock, ensure_crd, eventually, unique_namespace, writes_by};
 use serde_json::json;
@@ -41,6 +42,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     the_later_tenant_loses_a_shared_address(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
     a_missing_secret_makes_the_config_invalid_until_it_appears(&client, &operator).await;
+    pods_that_cannot_run_say_why_until_they_are_ready(&client, &operator).await;
     the_warmup_loop_judges_yesterday_from_the_pods_status(&client, &operator).await;
     a_listed_address_is_named_with_its_zone(&client, &blocklist).await;
     deletion_follows_the_deletion_policy(&client).await;
@@ -379,6 +381,214 @@ async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Cli
     );
     eventually("the certificate expiry in the operator's metrics", WAIT, || async {
         operator.metrics().await.contains(&series).then_some(())
+    })
+    .await;
+}
+
+/// The tenant's events with `reason`, as (note, repeated count) pairs.
+async fn events_with_reason(client: &Client, namespace: &str, reason: &str) -> Vec<(String, Option<i32>)> {
+    Api::<Event>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap_or_else(|err| panic!("events: {err}"))
+        .into_iter()
+        .filter(|event| event.reason.as_deref() == Some(reason))
+        .map(|event| (event.note.unwrap_or_default(), event.series.map(|series| series.count)))
+        .collect()
+}
+
+/// The value of the operator's `securemail_operator_tenant_mta_unavailable` series for the tenant, by reason.
+async fn unavailable_series(operator: &Operator, tenant: &str) -> Vec<String> {
+    let prefix = format!("securemail_operator_tenant_mta_unavailable{{tenant=\"{tenant}\",");
+    operator
+        .metrics()
+        .await
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+        .collect()
+}
+
+/// No kubelet here: the test writes the MTA pod's status as a kubelet would for an image that cannot be pulled, an
+/// unschedulable pod and a crash loop, and the tenant must name the pod and the cause each time, with one event per
+/// cause, a metric for the alert, and no writes while nothing changes; then it recovers when the pod is ready.
+async fn pods_that_cannot_run_say_why_until_they_are_ready(client: &Client, operator: &Operator) {
+    let namespace = unique_namespace("pod-failures");
+    let name = create(client, &example("minimal.yaml", &namespace)).await.name_any();
+    reconciled(client, &namespace, &name).await;
+    let pod = create_mta_pod(client, &namespace, &name, 0).await;
+    let pod_name = pod.name_any();
+    let image = |container: &str| {
+        pod.spec
+            .as_ref()
+            .and_then(|spec| spec.containers.iter().find(|c| c.name == container))
+            .and_then(|c| c.image.clone())
+            .unwrap_or_else(|| panic!("no {container} container in the pod template"))
+    };
+    let (postfix, sidecar) = (image("postfix"), image("sidecar"));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let set_status = |status: serde_json::Value| {
+        let (pods, pod_name) = (pods.clone(), pod_name.clone());
+        async move {
+            pods.patch_status(
+                &pod_name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": status})),
+            )
+            .await
+            .unwrap_or_else(|err| panic!("pod status: {err}"));
+        }
+    };
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let mta_says = |reason: &'static str, needle: String| {
+        let (api, name) = (api.clone(), name.clone());
+        async move {
+            eventually(&format!("MtaAvailable {reason} naming {needle}"), WAIT, || async {
+                let tenant = api.get(&name).await.ok()?;
+                let (status, found, message) = condition(&tenant, "MtaAvailable")?;
+                (status == "False" && found == reason && message.contains(&needle)).then_some(tenant)
+            })
+            .await
+        }
+    };
+    let scheduled = json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": clock::now().to_string()});
+    let sandbox = json!({"type": "PodReadyToStartContainers", "status": "True"});
+    let container = |name: &str, image: &str, ready: bool, restarts: i32, state: serde_json::Value| json!({"name": name, "image": image, "imageID": "", "ready": ready, "restartCount": restarts, "state": state});
+    let creating = json!({"waiting": {"reason": "ContainerCreating"}});
+
+    // The image cannot be pulled.
+    let back_off = format!("Back-off pulling image \"{postfix}\"");
+    set_status(json!({"phase": "Pending", "conditions": [scheduled, sandbox], "containerStatuses": [
+        container("postfix", &postfix, false, 0, json!({"waiting": {"reason": "ImagePullBackOff", "message": back_off}})),
+        container("sidecar", &sidecar, false, 0, creating.clone()),
+    ]}))
+    .await;
+    let detail =
+        format!("pod {pod_name}: container postfix: image {postfix} cannot be pulled (ImagePullBackOff: {back_off})");
+    let tenant = mta_says("ImagePullFailed", detail.clone()).await;
+    assert_eq!(
+        condition(&tenant, "Ready").map(|c| (c.0, c.1)),
+        Some(("False".to_owned(), "ImagePullFailed".to_owned())),
+        "Ready carries the same reason"
+    );
+    let tenant_label = format!("{namespace}/{name}");
+    eventually("the unavailable tenant in the operator's metrics", WAIT, || async {
+        (unavailable_series(operator, &tenant_label).await == ["reason=\"ImagePullFailed\"} 1"]).then_some(())
+    })
+    .await;
+    let events = eventually("an ImagePullFailed event", WAIT, || async {
+        let events = events_with_reason(client, &namespace, "ImagePullFailed").await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert!(events[0].0.contains(&detail), "{events:?}");
+
+    // Nothing changed: a reconcile writes nothing, no event either.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_writes = writes_by(OPERATOR_USER, &namespace);
+    let before_reconciles = reconcile_count(operator).await;
+    let patch = json!({"metadata": {"labels": {"touched": "yes"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("label patch: {err}"));
+    eventually("a reconcile after the label change", WAIT, || async {
+        (reconcile_count(operator).await > before_reconciles).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        writes_by(OPERATOR_USER, &namespace)[before_writes.len()..],
+        [] as [String; 0],
+        "a reconcile of a tenant whose pod still cannot pull its image wrote to the apiserver"
+    );
+
+    // The kubelet's next try: the message follows it, but the cause is the same, so no new event.
+    let pull_error = format!("failed to pull and unpack image \"{postfix}\": not found");
+    set_status(json!({"containerStatuses": [
+        container("postfix", &postfix, false, 0, json!({"waiting": {"reason": "ErrImagePull", "message": pull_error}})),
+        container("sidecar", &sidecar, false, 0, creating.clone()),
+    ]}))
+    .await;
+    mta_says("ImagePullFailed", format!("(ErrImagePull: {pull_error})")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = events_with_reason(client, &namespace, "ImagePullFailed").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].1, None, "the event was repeated: {events:?}");
+
+    // No node for it: the scheduler's message.
+    let unbound = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/3 nodes \
+                   are available: 3 Preemption is not helpful for scheduling.";
+    set_status(json!({"phase": "Pending", "containerStatuses": null, "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unbound,
+         "lastTransitionTime": clock::now().to_string()}]}))
+    .await;
+    mta_says(
+        "Unschedulable",
+        format!("pod {pod_name}: not scheduled: 0/3 nodes are available: pod has unbound"),
+    )
+    .await;
+    eventually("an Unschedulable event", WAIT, || async {
+        let events = events_with_reason(client, &namespace, "Unschedulable").await;
+        events.iter().any(|(note, _)| note.contains(&pod_name)).then_some(())
+    })
+    .await;
+
+    // A crash loop: restarts and the last exit, not what the program wrote.
+    let terminated = json!({"terminated": {"reason": "Error", "exitCode": 1, "message": "fatal: do-not-copy"}});
+    let mut looping = container(
+        "postfix",
+        &postfix,
+        false,
+        3,
+        json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}}),
+    );
+    looping["lastState"] = terminated;
+    let running = json!({"running": {"startedAt": clock::now().to_string()}});
+    set_status(
+        json!({"phase": "Running", "conditions": [scheduled, sandbox], "containerStatuses": [
+        looping, container("sidecar", &sidecar, true, 0, running.clone())]}),
+    )
+    .await;
+    let tenant = mta_says(
+        "CrashLooping",
+        format!("pod {pod_name}: container postfix keeps exiting: restarted 3 time(s), last exit Error (code 1)"),
+    )
+    .await;
+    assert!(
+        !serde_json::to_string(&tenant.status)
+            .unwrap_or_default()
+            .contains("do-not-copy"),
+        "the termination message reached the status"
+    );
+    eventually("a CrashLooping event", WAIT, || async {
+        (!events_with_reason(client, &namespace, "CrashLooping").await.is_empty()).then_some(())
+    })
+    .await;
+
+    // Fixed: the pod runs and is ready, and so is the StatefulSet.
+    let ready = json!({"type": "Ready", "status": "True"});
+    set_status(
+        json!({"phase": "Running", "conditions": [scheduled, sandbox, ready], "containerStatuses": [
+        container("postfix", &postfix, true, 3, running.clone()),
+        container("sidecar", &sidecar, true, 0, running)]}),
+    )
+    .await;
+    pods_become_ready(client, &namespace, &name).await;
+    eventually("MtaAvailable and Ready again", WAIT, || async {
+        let tenant = api.get(&name).await.ok()?;
+        let available = condition(&tenant, "MtaAvailable")?;
+        let ready = condition(&tenant, "Ready")?;
+        (available.0 == "True" && available.1 == "PodsReady" && ready.0 == "True").then_some(())
+    })
+    .await;
+    eventually("a PodsReady event", WAIT, || async {
+        (!events_with_reason(client, &namespace, "PodsReady").await.is_empty()).then_some(())
+    })
+    .await;
+    eventually("the tenant gone from the unavailable metric", WAIT, || async {
+        unavailable_series(operator, &tenant_label)
+            .await
+            .is_empty()
+            .then_some(())
     })
     .await;
 }

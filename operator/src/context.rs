@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 use crate::build::Settings;
 use crate::dnsbl::DnsblWatch;
 use crate::names::MANAGER;
+use crate::status::MTA_AVAILABLE;
 
 /// Where reconciles get the time; tests set it.
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -56,6 +57,8 @@ pub struct Stores {
     pub services: Store<PartialObjectMeta<Service>>,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     pub secrets: SecretStores,
+    /// The tenants' MTA pods, whose status explains pods that cannot run.
+    pub pods: PodStores,
     pub disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
     pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
 }
@@ -82,6 +85,15 @@ pub struct ReadyReplicas {
     pub ready_replicas: Option<i32>,
 }
 
+/// What reconciles read of an MTA pod: its metadata and status, which say why it cannot run. The spec (containers,
+/// volumes) is most of a pod and is skipped.
+#[derive(Clone, Debug, Deserialize, Resource)]
+#[resource(inherit = Pod)]
+pub struct MtaPod {
+    pub metadata: ObjectMeta,
+    pub status: Option<PodStatus>,
+}
+
 impl Stores {
     /// Waits until every watch has listed once, so a reconcile never mistakes "not cached yet" for "absent".
     pub async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
@@ -91,27 +103,33 @@ impl Stores {
         self.services.wait_until_ready().await?;
         self.service_accounts.wait_until_ready().await?;
         self.secrets.wait_until_ready().await?;
+        self.pods.wait_until_ready().await?;
         self.disruption_budgets.wait_until_ready().await?;
         self.network_policies.wait_until_ready().await
     }
 }
 
-/// The key Secrets cache: one watch over every namespace, or one per tenant namespace when the operator may use
-/// Secrets only there (each watch needs its own store: a re-list replaces its whole store).
+/// A cache of objects the operator may read only in tenant namespaces when it is limited to them: one watch over
+/// every namespace, or one per tenant namespace (each watch needs its own store: a re-list replaces its whole store).
 #[derive(Clone, Debug)]
-pub struct SecretStores(pub Vec<Store<PartialObjectMeta<Secret>>>);
+pub struct NamespacedStores<K: Resource<DynamicType = ()> + Clone + 'static>(pub Vec<Store<K>>);
 
-impl SecretStores {
-    /// The cached Secrets of `namespace`.
-    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<PartialObjectMeta<Secret>>> {
+/// The key Secrets cache.
+pub type SecretStores = NamespacedStores<PartialObjectMeta<Secret>>;
+/// The MTA pods cache.
+pub type PodStores = NamespacedStores<MtaPod>;
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> NamespacedStores<K> {
+    /// The cached objects of `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<K>> {
         self.0
             .iter()
             .flat_map(Store::state)
-            .filter(|secret| secret.metadata.namespace.as_deref() == Some(namespace))
+            .filter(|object| object.meta().namespace.as_deref() == Some(namespace))
             .collect()
     }
 
-    pub fn get(&self, key: &ObjectRef<PartialObjectMeta<Secret>>) -> Option<Arc<PartialObjectMeta<Secret>>> {
+    pub fn get(&self, key: &ObjectRef<K>) -> Option<Arc<K>> {
         self.0.iter().find_map(|store| store.get(key))
     }
 
@@ -210,6 +228,13 @@ pub struct TenantLabels {
     pub tenant: String,
 }
 
+/// One tenant and the reason of its `MtaAvailable=False`, for the unavailable-MTA gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantReasonLabels {
+    pub tenant: String,
+    pub reason: String,
+}
+
 /// Operator metrics; every label set is bounded by what platform teams configure (tenants and their pool
 /// addresses), never by mail traffic (no domains, no recipients).
 #[derive(Debug)]
@@ -254,9 +279,10 @@ impl Metrics {
     }
 }
 
-/// Tenants per condition, pool addresses per warmup state, each address's warmup day and daily limit, and each
-/// tenant's submission certificate expiry, computed from the tenant cache when Prometheus scrapes: one pass per
-/// scrape rather than one per reconcile, and a tenant that is gone simply is not there.
+/// Tenants per condition, pool addresses per warmup state, each address's warmup day and daily limit, each tenant
+/// whose MTA pods are unavailable and why, and each tenant's submission certificate expiry, computed from the
+/// tenant cache when Prometheus scrapes: one pass per scrape rather than one per reconcile, and a tenant that is gone
+/// simply is not there.
 #[derive(Debug)]
 struct TenantGauges {
     tenants: Arc<OnceLock<Store<SecureMailTenant>>>,
@@ -271,6 +297,7 @@ impl Collector for TenantGauges {
         let mut warmup_days = Vec::new();
         let mut daily_limits = Vec::new();
         let mut certificate_expiry = Vec::new();
+        let mut mta_unavailable = Vec::new();
         for tenant in &tenants {
             let Some(status) = &tenant.status else { continue };
             let name = format!(
@@ -282,6 +309,13 @@ impl Collector for TenantGauges {
                 *conditions
                     .entry((condition.type_.as_str(), condition.status.as_str()))
                     .or_default() += 1;
+                if condition.type_ == MTA_AVAILABLE && condition.status == "False" {
+                    let labels = TenantReasonLabels {
+                        tenant: name.clone(),
+                        reason: condition.reason.clone(),
+                    };
+                    mta_unavailable.push((labels, 1));
+                }
             }
             for address in &status.ip_pool {
                 *states.entry(address.state.as_str()).or_default() += 1;
@@ -330,6 +364,12 @@ impl Collector for TenantGauges {
             "pool_address_daily_limit",
             "Today's daily message limit of each pool address (absent once warm)",
             daily_limits,
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "tenant_mta_unavailable",
+            "1 for each tenant whose MTA pods are not all ready, labelled with the MtaAvailable reason",
+            mta_unavailable,
         )?;
         encode_gauges(
             &mut encoder,
@@ -413,5 +453,48 @@ mod tests {
                 .any(|l| l == "securemail_operator_pool_addresses{state=\"Warming\"} 1"),
             "{text}"
         );
+    }
+
+    fn with_mta_condition(mut tenant: SecureMailTenant, status: &str, reason: &str) -> SecureMailTenant {
+        let condition = serde_json::from_value(serde_json::json!({
+            "type": "MtaAvailable", "status": status, "reason": reason, "message": "",
+            "lastTransitionTime": "2026-11-25T09:00:00Z",
+        }))
+        .unwrap();
+        tenant.status.get_or_insert_default().conditions.push(condition);
+        tenant
+    }
+
+    #[test]
+    fn a_tenant_whose_mta_pods_are_unavailable_is_exported_with_the_reason() {
+        let metrics = Metrics::default();
+        let (reader, mut writer) = reflector::store();
+        metrics.read_tenants_from(reader);
+        writer.apply_watcher_event(&Event::Apply(with_mta_condition(
+            tenant("lakeside", 1),
+            "False",
+            "ImagePullFailed",
+        )));
+        writer.apply_watcher_event(&Event::Apply(with_mta_condition(
+            tenant("harbor", 1),
+            "True",
+            "PodsReady",
+        )));
+        let text = scrape(&metrics);
+        let unavailable: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("securemail_operator_tenant_mta_unavailable{"))
+            .collect();
+        assert_eq!(
+            unavailable,
+            ["securemail_operator_tenant_mta_unavailable{tenant=\"clinic/lakeside\",reason=\"ImagePullFailed\"} 1"]
+        );
+        // Recovered: the series goes.
+        writer.apply_watcher_event(&Event::Apply(with_mta_condition(
+            tenant("lakeside", 1),
+            "True",
+            "PodsReady",
+        )));
+        assert!(!scrape(&metrics).contains("tenant_mta_unavailable{"));
     }
 }

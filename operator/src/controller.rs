@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -23,10 +23,10 @@ use tracing::{debug, info, warn};
 
 use crate::admin::Health;
 use crate::build::Settings;
-use crate::context::{Clock, Context, Metrics, SecretStores, StatefulSetSize, Stores};
+use crate::context::{Clock, Context, Metrics, MtaPod, NamespacedStores, StatefulSetSize, Stores};
 use crate::dkim;
 use crate::dnsbl::DnsblWatch;
-use crate::names::{COMPONENT_LABEL, DESIRED_HASH_ANNOTATION, MANAGED_SELECTOR, MANAGER, TENANT_LABEL};
+use crate::names::{COMPONENT_LABEL, DESIRED_HASH_ANNOTATION, MANAGED_SELECTOR, MANAGER, MTA_COMPONENT, TENANT_LABEL};
 use crate::reconcile::{error_policy, reconcile};
 
 /// How long triggers for one tenant are collected before it is reconciled.
@@ -121,6 +121,20 @@ pub async fn run(
     .map(|(store, events)| (store, events.boxed()))
     .unzip();
     let secret_events = futures::stream::select_all(secret_events);
+    // MTA pods, for why they cannot run: their status changes without the StatefulSet's, and they are read where
+    // Secrets are (the chart grants list/watch on pods only in tenant namespaces).
+    let mta_pods = watcher::Config::default().labels(&format!("{MANAGED_SELECTOR},{COMPONENT_LABEL}={MTA_COMPONENT}"));
+    let (pod_stores, pod_events): (Vec<_>, Vec<_>) = match &settings.tenant_namespaces {
+        None => vec![pod_store(Api::all(client.clone()), &mta_pods)],
+        Some(namespaces) => namespaces
+            .iter()
+            .map(|namespace| pod_store(Api::namespaced(client.clone(), namespace), &mta_pods))
+            .collect(),
+    }
+    .into_iter()
+    .map(|(store, events)| (store, events.boxed()))
+    .unzip();
+    let pod_events = futures::stream::select_all(pod_events);
     let (disruption_budgets, disruption_budget_events) =
         metadata_store::<PodDisruptionBudget>(Api::all(client.clone()), &managed);
     let (network_policies, network_policy_events) = metadata_store::<NetworkPolicy>(Api::all(client.clone()), &managed);
@@ -131,7 +145,8 @@ pub async fn run(
         config_maps,
         services,
         service_accounts,
-        secrets: SecretStores(secret_stores),
+        secrets: NamespacedStores(secret_stores),
+        pods: NamespacedStores(pod_stores),
         disruption_budgets,
         network_policies,
     };
@@ -153,6 +168,11 @@ pub async fn run(
         .owns_stream(secret_events)
         .owns_stream(disruption_budget_events)
         .owns_stream(network_policy_events)
+        // Pods are owned by the StatefulSet, not the tenant: their tenant label names it.
+        .watches_stream(pod_events, |pod| {
+            let tenant = pod.labels().get(TENANT_LABEL)?.clone();
+            Some(ObjectRef::new(&tenant).within(pod.metadata.namespace.as_deref()?))
+        })
         // A reconcile's own writes come back as watch events for the tenant and its children; coalescing them
         // turns a burst of triggers into one more pass instead of one per event.
         .with_config(
@@ -248,6 +268,23 @@ where
         .reflect(writer)
         .touched_objects();
     (reader, logging_errors(events, K::kind(&())))
+}
+
+/// A watch of MTA pods through `api` (metadata and status only), cached in a store, as a stream of changed pods.
+fn pod_store(
+    api: Api<MtaPod>,
+    config: &watcher::Config,
+) -> (
+    Store<MtaPod>,
+    impl Stream<Item = Result<MtaPod, watcher::Error>> + Send + 'static,
+) {
+    let (reader, writer) = reflector::store();
+    let events = watcher(api, config.clone())
+        .default_backoff()
+        .modify(slim_metadata)
+        .reflect(writer)
+        .touched_objects();
+    (reader, logging_errors(events, MtaPod::kind(&())))
 }
 
 /// Logs a watch's errors and keeps them out of the controller's triggers. Each watch already waits out its own

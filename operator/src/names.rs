@@ -14,6 +14,8 @@ pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const TENANT_LABEL: &str = "securemail.io/tenant";
 /// What a child is for: mta, config, dkim-key, …
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Component label value of the StatefulSet and its MTA pods.
+pub const MTA_COMPONENT: &str = "mta";
 /// Component label value of DKIM key Secrets.
 pub const DKIM_KEY_COMPONENT: &str = "dkim-key";
 /// Pods that accept submissions carry `enabled`; a draining pod is relabelled so the submission Service skips it.
@@ -79,7 +81,7 @@ impl TenantNames {
     pub fn pod_selector(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             (TENANT_LABEL.to_owned(), self.tenant.clone()),
-            (COMPONENT_LABEL.to_owned(), "mta".to_owned()),
+            (COMPONENT_LABEL.to_owned(), MTA_COMPONENT.to_owned()),
         ])
     }
 

@@ -30,11 +30,11 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::build::{self, Children, Observed};
-use crate::context::{Context, StatefulSetSize};
+use crate::context::{Context, MtaPod, StatefulSetSize};
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
-use crate::{Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, inputs, pod_status};
+use crate::{Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, inputs, pod_health, pod_status};
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
 pub const FINALIZER: &str = "securemail.io/drain";
@@ -251,10 +251,11 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         ConditionUpdate::new(status::CONFIG_VALID, false, reason, missing_inputs.join("; "))
     };
     let pods = i32::try_from(observed.pods.len()).unwrap_or(i32::MAX);
+    let (pod_problems, pods_recheck) = pod_problems(ctx, &namespace, &names, now);
     let mut updates = vec![
         config_valid,
         dkim_condition(&plan, now),
-        mta_condition(ready_replicas, pods),
+        pod_health::mta_condition(ready_replicas, pods, &pod_problems),
         conflict_condition(&conflicts),
     ];
     updates.push(status::ready(&updates));
@@ -282,10 +283,20 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             update.message.clone(),
         );
         // A condition's first appearance is news only for an address conflict; pods not ready yet at creation is not.
-        let existed = conditions.iter().any(|condition| condition.type_ == type_);
-        let news =
-            existed || (matches!(type_, status::IP_POOL_CONFLICT | status::IP_LISTED) && status_now == Some(true));
-        if status::set_condition(&mut conditions, update, generation, now) && news {
+        let previous_reason = conditions
+            .iter()
+            .find(|condition| condition.type_ == type_)
+            .map(|condition| condition.reason.clone());
+        let news = previous_reason.is_some()
+            || (matches!(type_, status::IP_POOL_CONFLICT | status::IP_LISTED) && status_now == Some(true));
+        // Pods that cannot run are news whenever the cause changes, not only when the status does: the tenant was
+        // already unavailable while they started. The cause is the reason; the message follows the kubelet's
+        // retries and would make an event of each.
+        let cause_changed = type_ == status::MTA_AVAILABLE
+            && pod_health::REASONS.contains(&reason.as_str())
+            && previous_reason.as_deref() != Some(reason.as_str());
+        let transitioned = status::set_condition(&mut conditions, update, generation, now);
+        if (transitioned && news) || cause_changed {
             let kind = if transition_is_bad(type_, status_now, &reason) {
                 EventType::Warning
             } else {
@@ -342,6 +353,11 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         CRD_RECHECK
     } else {
         next_wakeup(now)
+    };
+    // A scheduled pod that has not started may be judged stuck later without changing: look again then.
+    let requeue = match pods_recheck.and_then(|at| Duration::try_from(at.duration_since(now)).ok()) {
+        Some(until) => requeue.min(until.max(Duration::from_secs(1))),
+        None => requeue,
     };
     Ok(Action::requeue(if dnsbl_spec.zones.is_empty() {
         requeue
@@ -715,22 +731,38 @@ fn dkim_condition(plan: &DkimPlan, now: Timestamp) -> ConditionUpdate {
     )
 }
 
-fn mta_condition(ready: i32, wanted: i32) -> ConditionUpdate {
-    if wanted > 0 && ready >= wanted {
-        ConditionUpdate::new(
-            status::MTA_AVAILABLE,
-            true,
-            "PodsReady",
-            format!("{ready}/{wanted} MTA pods ready"),
-        )
-    } else {
-        ConditionUpdate::new(
-            status::MTA_AVAILABLE,
-            false,
-            "PodsNotReady",
-            format!("{ready}/{wanted} MTA pods ready"),
-        )
+/// Why the tenant's MTA pods cannot run, in ordinal order, from the pod cache; and the earliest time a pod that is
+/// starting would be judged stuck.
+fn pod_problems(
+    ctx: &Context,
+    namespace: &str,
+    names: &TenantNames,
+    now: Timestamp,
+) -> (Vec<pod_health::PodProblem>, Option<Timestamp>) {
+    let mut pods: Vec<(String, Arc<MtaPod>)> = ctx
+        .stores
+        .pods
+        .in_namespace(namespace)
+        .into_iter()
+        // A pod being deleted is on its way out; its replacement is the one that counts.
+        .filter(|pod| {
+            pod.labels().get(TENANT_LABEL) == Some(&names.tenant) && pod.metadata.deletion_timestamp.is_none()
+        })
+        .map(|pod| (pod.name_any(), pod))
+        .collect();
+    pods.sort_by(|(a, _), (b, _)| (pod_health::ordinal(a), a).cmp(&(pod_health::ordinal(b), b)));
+    let mut problems = Vec::new();
+    let mut recheck: Option<Timestamp> = None;
+    for (name, pod) in &pods {
+        let Some(status) = &pod.status else { continue };
+        let diagnosis = pod_health::diagnose(name, status, now);
+        problems.extend(diagnosis.problem);
+        recheck = match (recheck, diagnosis.recheck_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
+    (problems, recheck)
 }
 
 fn conflict_condition(conflicts: &BTreeMap<String, String>) -> ConditionUpdate {

@@ -34,3 +34,11 @@ only drops the owner reference on deletionPolicy Orphan; get also checks the Sec
   resources: [secrets]
   verbs: [get, list, watch, create, patch, delete]
 {{- end -}}
+
+{{/* The MTA pods' status says why a tenant's pods cannot run (image pull, scheduling, crash loop); the operator
+lists and watches pods only where tenants live. */}}
+{{- define "securemail.podWatchRule" -}}
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+{{- end -}}

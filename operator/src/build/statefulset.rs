@@ -20,7 +20,7 @@ use super::config::{
     DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_DATA_DIR, SIDECAR_POSTFIX_QUEUE_DIR, key_file, sidecar_file,
 };
 use super::{Observed, Settings, child_meta};
-use crate::names::{SUBMISSION_LABEL, TenantNames, sha256_hex};
+use crate::names::{MTA_COMPONENT, SUBMISSION_LABEL, TenantNames, sha256_hex};
 use crate::postfix;
 use crate::{Error, Result};
 
@@ -58,7 +58,7 @@ pub(super) fn stateful_set(
     let spec = &tenant.spec;
     let replicas = i32::try_from(observed.pods.len()).map_err(|_| Error::InvalidSpec("pool too large".to_owned()))?;
     let mut pod_labels = names.pod_selector();
-    pod_labels.extend(names.labels("mta"));
+    pod_labels.extend(names.labels(MTA_COMPONENT));
     pod_labels.insert(SUBMISSION_LABEL.to_owned(), "enabled".to_owned());
     let mut pod_annotations = BTreeMap::from([(CONFIG_CHECKSUM_ANNOTATION.to_owned(), config_checksum(config_map))]);
     if spec.ip_pool.egress.mode == EgressMode::Multus

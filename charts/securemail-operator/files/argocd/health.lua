@@ -86,7 +86,8 @@ if ready.status == "True" then
   end
   return report("Healthy", describe(ready))
 end
--- Reasons the operator resolves by itself: MTA pods starting (MtaAvailable False).
+-- Reasons the operator resolves by itself: MTA pods starting (MtaAvailable False). Pods that cannot run
+-- (ImagePullFailed, ContainerConfigInvalid, CrashLooping, Unschedulable, StuckPending) wait for someone to act.
 local transient = { PodsNotReady = true }
 if ready.status == "False" and not transient[ready.reason] then
   return report("Degraded", describe(ready))
