@@ -425,3 +425,50 @@ async fn mta_sts_patterns_are_those_of_the_policy_in_force_and_never_looked_up()
     );
     assert_eq!(s.fetch.fetches.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_cleartext_exception_looks_up_tlsa_even_without_dane_and_yields_to_it() {
+    use securemail_api::tenant::{OverrideTlsMode, PolicyException, TlsOverride};
+    let dns = FakeDns::default();
+    dane_domain(&dns, 300);
+    // Only a PKIX-EE record: unusable for DANE, yet it says the host does TLS.
+    dns.tlsa.lock().unwrap().insert(
+        "mx.dane.example".into(),
+        answer(vec![Tlsa { usage: 1, ..ee() }], Security::Secure, 600),
+    );
+    let dns = Arc::new(dns);
+    let spec = |domain: &str| TlsPolicySpec {
+        dane: false,
+        overrides: vec![TlsOverride {
+            domain: domain.to_owned(),
+            mode: Some(OverrideTlsMode::Encrypted),
+            min_version: None,
+            allow_cleartext: Some(true),
+            exception: Some(PolicyException {
+                approved_by: "security-office/CHG-1".to_owned(),
+                reason: "partner has no TLS yet".to_owned(),
+            }),
+        }],
+        ..TlsPolicySpec::default()
+    };
+    let resolver = |domain: &str| {
+        PolicyResolver::new(
+            spec(domain),
+            dns.clone(),
+            Arc::new(FakeFetch::default()),
+            Arc::new(ManualClock::new()),
+        )
+    };
+
+    let policy = resolver("dane.example").resolve("dane.example").await.unwrap();
+    assert!(!policy.allow_cleartext, "{policy:?}");
+    assert_eq!(policy.mx[0].auth, PeerAuth::AnyCertificate);
+
+    // The same exception for a domain whose host publishes no TLSA applies.
+    dns.mx.lock().unwrap().insert(
+        "plain.example".into(),
+        answer(vec![mx_record(10, "mx.plain.example")], Security::Secure, 300),
+    );
+    let policy = resolver("plain.example").resolve("plain.example").await.unwrap();
+    assert!(policy.allow_cleartext, "{policy:?}");
+}

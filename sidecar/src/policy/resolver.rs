@@ -13,7 +13,9 @@ use securemail_api::sidecar_config::SidecarConfig;
 use securemail_api::tenant::{OverrideTlsMode, TlsPolicySpec};
 
 use super::clock::{Clock, SystemClock};
-use super::decide::{DomainFacts, MxFacts, TlsaFact, dane_wanted, decide, find_override, mx_hosts, tlsa_fact};
+use super::decide::{
+    DomainFacts, MxFacts, TlsaFact, cleartext_excepted, dane_wanted, decide, find_override, mx_hosts, tlsa_fact,
+};
 use super::dns::{Answer, DnsLookup, DnsSetupError, Found, HickoryDns, Security};
 use super::expiring::ExpiringMap;
 use super::mta_sts::fetch::HttpsFetcher;
@@ -205,7 +207,8 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
             facts.mx,
             MxFacts::Hosts { secure: true, .. } | MxFacts::Implicit { secure: true }
         );
-        if dane_on && mx_secure {
+        let dane_applies = dane_on && mx_secure;
+        if dane_applies || cleartext_excepted(spec, domain) {
             let answers = futures::future::join_all(hosts.iter().map(|(_, host)| self.dns.tlsa(host))).await;
             for ((_, host), answer) in hosts.iter().zip(answers) {
                 if let Ok(answer) = &answer {
@@ -215,10 +218,11 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
             }
         }
         let dane_required = find_override(spec, domain).is_some_and(|o| o.mode == Some(OverrideTlsMode::Dane));
-        let all_dane = facts
-            .tlsa
-            .iter()
-            .all(|(_, fact)| matches!(fact, TlsaFact::Secure { usable, .. } if !usable.is_empty()))
+        let all_dane = dane_applies
+            && facts
+                .tlsa
+                .iter()
+                .all(|(_, fact)| matches!(fact, TlsaFact::Secure { usable, .. } if !usable.is_empty()))
             && facts.tlsa.len() == hosts.len();
         if spec.mta_sts && !dane_required && !all_dane && !hosts.is_empty() {
             facts.mta_sts = self.sts.lookup(&self.dns, domain).await;
