@@ -18,6 +18,7 @@ use super::decide::{
 };
 use super::dns::{Answer, DnsLookup, DnsSetupError, Found, HickoryDns, Security};
 use super::expiring::ExpiringMap;
+use super::mta_sts::cache::StsCache;
 use super::mta_sts::fetch::HttpsFetcher;
 use super::mta_sts::{FetchError, MtaSts, StsFact, StsFetch};
 use super::{DomainPolicy, LookupStage, MxCandidate, PeerAuth, PolicyError, PolicyLookup};
@@ -91,26 +92,42 @@ impl<D, F> Clone for PolicyResolver<D, F> {
 }
 
 impl PolicyResolver {
-    /// From the sidecar configuration: DNSSEC-validating resolver per `dns`, system trust store for MTA-STS.
-    pub fn from_config(config: &SidecarConfig) -> Result<Self, SetupError> {
+    /// From the sidecar configuration: DNSSEC-validating resolver per `dns`, system trust store for MTA-STS,
+    /// MTA-STS policies kept in `sts_cache`.
+    pub fn from_config(config: &SidecarConfig, sts_cache: Arc<StsCache>) -> Result<Self, SetupError> {
         let dns = HickoryDns::from_settings(&config.dns)?;
         let fetcher = HttpsFetcher::from_system(dns.clone())?;
-        Ok(Self::new(
+        Ok(Self::with_sts_cache(
             config.tls_policy.clone(),
             dns,
             fetcher,
             Arc::new(SystemClock),
+            sts_cache,
         ))
     }
 }
 
 impl<D: DnsLookup, F: StsFetch> PolicyResolver<D, F> {
+    /// With an MTA-STS policy cache of its own, in memory.
     pub fn new(spec: TlsPolicySpec, dns: D, fetcher: F, clock: Arc<dyn Clock>) -> Self {
+        let sts_cache = Arc::new(StsCache::in_memory(clock.clone()));
+        Self::with_sts_cache(spec, dns, fetcher, clock, sts_cache)
+    }
+
+    /// With `sts_cache`, which outlives this resolver: on the state volume it survives restarts, and the resolver
+    /// a configuration reload builds uses the same one.
+    pub fn with_sts_cache(
+        spec: TlsPolicySpec,
+        dns: D,
+        fetcher: F,
+        clock: Arc<dyn Clock>,
+        sts_cache: Arc<StsCache>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 spec,
                 dns,
-                sts: MtaSts::new(fetcher, clock.clone()),
+                sts: MtaSts::with_cache(fetcher, sts_cache),
                 clock,
                 state: Mutex::new(State {
                     cache: ExpiringMap::new(CACHE_CAPACITY),
