@@ -733,8 +733,6 @@ impl Session {
             }
             Pending::Bytes => {}
         }
-        // The 421 may be followed by the close; read what is there without waiting.
-        while matches!(self.poll_pending(), Pending::Bytes) {}
         match reply::parse(&self.buffer) {
             Ok(Some((reply, used))) if reply.code() == 421 && used == self.buffer.len() => Err(SessionError::Stale {
                 reason: "the server closed the idle session with 421".to_owned(),
