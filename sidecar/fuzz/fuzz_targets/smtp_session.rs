@@ -51,14 +51,16 @@ struct MxLog {
     written: Vec<u8>,
 }
 
-/// Answers each unit with the next segment; stops when the script or the client ends. It reads the client as the
-/// client reads it: after DATA it takes a message only when the reply in DATA's position is a 354.
+/// Answers each unit with the next segment. It reads the client as the client reads it: after DATA it takes a
+/// message only when the reply in DATA's position is a 354. Once the script has run out it still takes in what the
+/// client has already sent (a pipelined group is sent whole), answering nothing, then closes.
 async fn mx(stream: DuplexStream, script: Vec<Vec<u8>>, log: Arc<Mutex<MxLog>>, idle: Arc<Notify>) {
     let mut segments = script.into_iter();
     let mut stream = BufReader::new(stream);
-    // Logs the unit as received, answered or not: the client cannot tell which segment a reply came in.
-    let mut answer = async |stream: &mut BufReader<DuplexStream>, unit: Unit| -> Option<Vec<u8>> {
-        let segment = segments.next();
+    // Logs the unit as received, answered (when `speak`) or not: the client cannot tell which segment a reply came
+    // in. `false` when nothing more will be answered.
+    let mut answer = async |stream: &mut BufReader<DuplexStream>, unit: Unit, speak: bool| -> bool {
+        let segment = if speak { segments.next() } else { None };
         {
             let mut log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(segment) = &segment {
@@ -67,26 +69,30 @@ async fn mx(stream: DuplexStream, script: Vec<Vec<u8>>, log: Arc<Mutex<MxLog>>, 
             let end = log.written.len();
             log.units.push((unit, end));
         }
-        let segment = segment?;
-        stream.write_all(&segment).await.ok()?;
-        Some(segment)
+        match segment {
+            Some(segment) => stream.write_all(&segment).await.is_ok(),
+            None => false,
+        }
     };
-    if answer(&mut stream, Unit::Connect).await.is_none() {
-        return;
-    }
+    let mut answering = answer(&mut stream, Unit::Connect, true).await;
     loop {
         let mut line = Vec::new();
-        tokio::select! {
-            read = stream.read_until(b'\n', &mut line) => {
-                if !matches!(read, Ok(n) if n > 0) {
-                    return;
+        if answering {
+            tokio::select! {
+                read = stream.read_until(b'\n', &mut line) => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        return;
+                    }
+                }
+                () = idle.notified() => {
+                    answering = answer(&mut stream, Unit::Idle, true).await;
+                    continue;
                 }
             }
-            () = idle.notified() => {
-                if answer(&mut stream, Unit::Idle).await.is_none() {
-                    return;
-                }
-                continue;
+        } else {
+            let read = tokio::time::timeout(Duration::ZERO, stream.read_until(b'\n', &mut line)).await;
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return;
             }
         }
         let upper = String::from_utf8_lossy(&line).trim_end().to_ascii_uppercase();
@@ -109,9 +115,7 @@ async fn mx(stream: DuplexStream, script: Vec<Vec<u8>>, log: Arc<Mutex<MxLog>>, 
         } else {
             Unit::Other
         };
-        if answer(&mut stream, unit).await.is_none() {
-            return;
-        }
+        answering = answer(&mut stream, unit, answering).await;
         // Data mode until the lone dot when the reply in DATA's position, as the client reads it, is a 354.
         let go_ahead = upper == "DATA" && {
             let log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -135,9 +139,7 @@ async fn mx(stream: DuplexStream, script: Vec<Vec<u8>>, log: Arc<Mutex<MxLog>>, 
                     break;
                 }
             }
-            if answer(&mut stream, Unit::Message).await.is_none() {
-                return;
-            }
+            answering = answer(&mut stream, Unit::Message, answering).await;
         }
     }
 }
