@@ -160,6 +160,33 @@ fn mta_sts_enforce_delivers_only_to_a_listed_mx() {
     assert_eq!(queued_for(&mta, &recipient).len(), 1, "the message stays queued");
 }
 
+#[test]
+fn a_sidecar_restarted_while_the_mta_sts_host_is_down_still_enforces_the_cached_policy() {
+    let world = World::load();
+    let mut mta = MtaHost::start(&world, "sts-restart", &manifest(&world, DEFER));
+    let (id, _) = deliver_and_receive(&world, &mta, "STS");
+    assert_eq!(first_attempt(&mta, &id)["policy"]["source"], "mta-sts");
+
+    // The policy host goes down and the sidecar restarts (kill -9, as a crash or a rescheduled pod would): the
+    // policy fetched before is on its state volume, so the domain is still delivered to under it.
+    let outage = world.stop_daemon("nginx");
+    mta.kill_sidecar();
+    mta.start_sidecar(&world);
+    let (id, _) = deliver_and_receive(&world, &mta, "STS");
+    let attempt = first_attempt(&mta, &id);
+    assert_eq!(attempt["outcome"], "delivered", "{attempt}");
+    assert_eq!(attempt["policy"]["source"], "mta-sts");
+    assert_eq!(attempt["policy"]["id"], world.get("SMDP_STS_POLICY_ID"));
+    assert_eq!(attempt["tls"]["verification"], "webpki");
+    let log = mta.sidecar_log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("MTA-STS policy cache loaded") && line.contains("\"kept\":1")),
+        "{log}"
+    );
+    drop(outage);
+}
+
 /// Cases where no secure path exists: the message must not reach the receiver, and stays queued (defer).
 const INSECURE_CASES: &[&str] = &[
     "NOSTARTTLS",

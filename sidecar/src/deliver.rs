@@ -255,6 +255,7 @@ impl<P: PolicyLookup> Engine<P> {
             tls: None,
             smtp_reply: None,
             outcome: Outcome::Deferred,
+            protocol_error: None,
             warmup: None,
         };
 
@@ -507,9 +508,9 @@ impl<P: PolicyLookup> Engine<P> {
                             attempt.mx_ip = Some(target.address);
                         }
                         if let SessionError::Refused { reply, .. } = &err {
-                            attempt.smtp_reply = remote_reply(reply);
                             hear(reply);
                         }
+                        record_failure(attempt, &err);
                         return Err(Failure::of_session(&target, &err));
                     }
                 },
@@ -531,7 +532,10 @@ impl<P: PolicyLookup> Engine<P> {
                 peer_chain_sha256: tls.peer_chain_sha256.clone(),
             })
         });
-        attempt.smtp_reply = session.last_reply().and_then(remote_reply);
+        match &sent {
+            Ok(outcome) => attempt.smtp_reply = outcome.deciding_reply().and_then(remote_reply),
+            Err(err) => record_failure(attempt, err),
+        }
         match &sent {
             Ok(TransactionOutcome::MailRefused(reply)) | Err(SessionError::Refused { reply, .. }) => hear(reply),
             Ok(TransactionOutcome::Replies { rcpt, data }) => rcpt.iter().chain(data).for_each(&mut hear),
@@ -549,7 +553,12 @@ impl<P: PolicyLookup> Engine<P> {
                 }
                 verdict
             }
-            Err(err) => Err(Failure::of_session(&target, &err)),
+            Err(err) => {
+                if let SessionError::Protocol { violation, .. } = &err {
+                    tracing::warn!(mx = target.host, %violation, "MX broke the SMTP reply sequence; session dropped");
+                }
+                Err(Failure::of_session(&target, &err))
+            }
         }
     }
 
@@ -778,7 +787,20 @@ fn paused(provider: Provider, retry_at: jiff::Timestamp) -> Answer {
     )
 }
 
-/// A remote reply for evidence (redacted there); 1xx and 3xx replies are not final and not recorded.
+/// What a failed session leaves in its evidence: the refusal that ended it, or the protocol error; no reply when
+/// the connection failed or closed before a deciding one.
+fn record_failure(attempt: &mut Attempt, err: &SessionError) {
+    attempt.smtp_reply = match err {
+        SessionError::Refused { reply, .. } => remote_reply(reply),
+        _ => None,
+    };
+    attempt.protocol_error = match err {
+        SessionError::Protocol { violation, .. } => Some(*violation),
+        _ => None,
+    };
+}
+
+/// A remote reply for evidence (redacted there).
 fn remote_reply(reply: &crate::smtp::reply::Reply) -> Option<SmtpReply> {
     SmtpReply::from_remote(reply.code(), &reply.lines().join("\n")).ok()
 }

@@ -25,6 +25,7 @@ use securemail_sidecar::evidence::{self, EvidenceLog, EvidenceWriter};
 use securemail_sidecar::lmtp::{Backend, Envelope, Limits, LmtpListener, RcptDecision, Recipient, Reply};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::dns::HickoryDns;
+use securemail_sidecar::policy::mta_sts::cache::StsCache;
 use securemail_sidecar::policy::mta_sts::fetch::HttpsFetcher;
 use securemail_sidecar::policy::{PolicyResolver, check_domain, clock};
 use securemail_sidecar::reputation::{self, BreakerSettings, Breakers};
@@ -128,7 +129,9 @@ async fn check(domain: &str, config: Option<&Path>) -> anyhow::Result<()> {
     let report = match config {
         Some(path) => {
             let config = securemail_sidecar::config::load(path)?;
-            check_domain(&PolicyResolver::from_config(&config)?, domain).await
+            // Never the pod's cache file: this command may run beside the sidecar that writes it.
+            let sts_cache = Arc::new(StsCache::in_memory(Arc::new(clock::SystemClock)));
+            check_domain(&PolicyResolver::from_config(&config, sts_cache)?, domain).await
         }
         None => {
             let dns = HickoryDns::from_settings(&DnsSettings::default())?;
@@ -206,6 +209,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         BTreeMap::new()
     };
     let parts = EngineParts {
+        sts_cache: Arc::new(StsCache::persistent(&initial.state_dir, Arc::new(clock::SystemClock))),
         keys,
         tls: Arc::new(TlsConfigs::with_native_roots()?),
         evidence: EvidenceWriter::spawn(open_evidence(&initial.evidence.dir)?)?,
@@ -342,8 +346,10 @@ fn open_evidence(dir: &Path) -> anyhow::Result<EvidenceLog> {
 }
 
 /// What every engine shares, whichever configuration built it: one evidence writer, one key store, one set of
-/// metrics, one set of circuit breakers, one set of warmup counters.
+/// metrics, one set of circuit breakers, one set of warmup counters, one MTA-STS policy cache.
 struct EngineParts {
+    /// MTA-STS policies, kept on the state volume.
+    sts_cache: Arc<StsCache>,
     keys: Arc<KeyStore>,
     tls: Arc<TlsConfigs>,
     evidence: EvidenceWriter,
@@ -374,7 +380,7 @@ impl EngineParts {
         };
         Ok(Engine::new(
             engine_config,
-            PolicyResolver::from_config(config)?,
+            PolicyResolver::from_config(config, Arc::clone(&self.sts_cache))?,
             Arc::clone(&self.keys),
             Arc::clone(&self.tls),
             self.evidence.clone(),

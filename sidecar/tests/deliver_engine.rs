@@ -29,7 +29,7 @@ use securemail_sidecar::policy::{DomainPolicy, LookupStage, MxCandidate, PeerAut
 use securemail_sidecar::provider::{Provider, ProviderSuffix};
 use securemail_sidecar::tls::TlsConfigs;
 use securemail_sidecar::warmup::WarmupLimiter;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -123,9 +123,18 @@ struct Behaviour {
     /// `None`: STARTTLS is not offered.
     tls: Option<Arc<rustls::ServerConfig>>,
     starttls_reply: &'static str,
+    /// PIPELINING is announced.
+    pipelining: bool,
+    /// What MAIL gets: one reply, or more to misbehave.
+    mail_reply: &'static str,
     /// The reply to a RCPT command line.
     rcpt: fn(&str) -> &'static str,
+    /// What DATA gets; only a 354 starts the message.
+    data_go_ahead: &'static str,
+    /// The reply after the message; empty: hang up instead.
     data_reply: &'static str,
+    /// Written 50 ms after the reply to a message, while the session is idle; a 421 is followed by the close.
+    idle_noise: Option<&'static str>,
     /// Extra EHLO keywords, each line ending in CRLF, e.g. "250-REQUIRETLS\r\n".
     extensions: &'static str,
     /// Close the connection silently after this many messages, as a server ending an idle session does.
@@ -137,8 +146,12 @@ impl Behaviour {
         Self {
             tls: Some(config),
             starttls_reply: "220 2.0.0 ready\r\n",
+            pipelining: true,
+            mail_reply: "250 2.1.0 ok\r\n",
             rcpt: |_| "250 2.1.5 ok\r\n",
+            data_go_ahead: "354 go ahead\r\n",
             data_reply: "250 2.0.0 Ok: queued as ABC123\r\n",
+            idle_noise: None,
             extensions: "",
             messages_per_connection: None,
         }
@@ -205,13 +218,15 @@ async fn serve(stream: tokio::net::TcpStream, behaviour: Behaviour, log: Arc<Mut
     commands(&mut BufReader::new(tls), &behaviour, &log, false).await;
 }
 
-/// Answers commands until QUIT or EOF; `true` when the client asked for STARTTLS and got it.
-async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
-    stream: &mut S,
+/// Answers commands until QUIT or EOF; `true` when the client asked for STARTTLS and got it. Like Postfix, replies
+/// to a pipelined group go out together, once no more of the group's input is buffered.
+async fn commands<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut BufReader<S>,
     behaviour: &Behaviour,
     log: &Mutex<Log>,
     cleartext: bool,
 ) -> bool {
+    let mut pending = Vec::new();
     let mut messages = 0;
     let mut accepted_recipients = 0;
     let mut chunks = Vec::new();
@@ -235,17 +250,16 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
             } else {
                 ""
             };
+            let pipelining = if behaviour.pipelining { "250-PIPELINING\r\n" } else { "" };
             format!(
-                "250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n{starttls}{}250 SIZE 10000000\r\n",
+                "250-mx.test\r\n{pipelining}250-8BITMIME\r\n{starttls}{}250 SIZE 10000000\r\n",
                 behaviour.extensions
             )
         } else if upper == "STARTTLS" && cleartext && behaviour.tls.is_some() {
-            stream.write_all(behaviour.starttls_reply.as_bytes()).await.unwrap();
-            stream.flush().await.unwrap();
-            return true;
+            return send_out(stream, &mut pending, behaviour.starttls_reply).await;
         } else if upper.starts_with("MAIL FROM:") {
             accepted_recipients = 0;
-            "250 2.1.0 ok\r\n".to_owned()
+            behaviour.mail_reply.to_owned()
         } else if upper.starts_with("RCPT TO:") {
             let reply = (behaviour.rcpt)(&text);
             accepted_recipients += usize::from(reply.starts_with('2'));
@@ -268,11 +282,18 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
             } else {
                 chunks.extend_from_slice(&chunk);
                 log.lock().unwrap().messages.push(std::mem::take(&mut chunks));
-                behaviour.data_reply.to_owned()
+                if !answer_message(stream, &mut pending, behaviour).await {
+                    return false;
+                }
+                continue;
             }
         } else if upper == "DATA" {
-            stream.write_all(b"354 go ahead\r\n").await.unwrap();
-            stream.flush().await.unwrap();
+            if !send_out(stream, &mut pending, behaviour.data_go_ahead).await {
+                return false;
+            }
+            if !behaviour.data_go_ahead.starts_with("354") {
+                continue;
+            }
             let mut message = Vec::new();
             loop {
                 let mut data_line = Vec::new();
@@ -287,25 +308,52 @@ async fn commands<S: AsyncBufRead + AsyncWrite + Unpin>(
             log.lock().unwrap().messages.push(message);
             messages += 1;
             if behaviour.messages_per_connection == Some(messages) {
-                let _ = stream.write_all(behaviour.data_reply.as_bytes()).await;
-                let _ = stream.flush().await;
+                send_out(stream, &mut pending, behaviour.data_reply).await;
                 return false;
             }
-            behaviour.data_reply.to_owned()
+            if !answer_message(stream, &mut pending, behaviour).await {
+                return false;
+            }
+            continue;
         } else if upper == "RSET" {
             accepted_recipients = 0;
             chunks.clear();
             "250 2.0.0 ok\r\n".to_owned()
         } else if upper == "QUIT" {
-            let _ = stream.write_all(b"221 2.0.0 bye\r\n").await;
+            send_out(stream, &mut pending, "221 2.0.0 bye\r\n").await;
             return false;
         } else {
             "502 5.5.2 unknown\r\n".to_owned()
         };
-        if stream.write_all(reply.as_bytes()).await.is_err() || stream.flush().await.is_err() {
+        pending.extend_from_slice(reply.as_bytes());
+        if stream.buffer().is_empty() && !send_out(stream, &mut pending, "").await {
             return false;
         }
     }
+}
+
+/// Writes the replies held back and `more`; `false` when the client is gone.
+async fn send_out<S: AsyncWrite + Unpin>(stream: &mut S, pending: &mut Vec<u8>, more: &str) -> bool {
+    pending.extend_from_slice(more.as_bytes());
+    let written = stream.write_all(pending).await.is_ok() && stream.flush().await.is_ok();
+    pending.clear();
+    written
+}
+
+/// The reply to a received message, then any idle noise; `false` when the connection is to end.
+async fn answer_message<S: AsyncWrite + Unpin>(stream: &mut S, pending: &mut Vec<u8>, behaviour: &Behaviour) -> bool {
+    if behaviour.data_reply.is_empty() {
+        return false;
+    }
+    if !send_out(stream, pending, behaviour.data_reply).await {
+        return false;
+    }
+    let Some(noise) = behaviour.idle_noise else {
+        return true;
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let written = stream.write_all(noise.as_bytes()).await.is_ok() && stream.flush().await.is_ok();
+    written && !noise.starts_with("421")
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1607,4 +1655,201 @@ async fn other_addresses_at_the_feedback_domain_are_refused_at_rcpt() {
         "{output}"
     );
     assert_eq!(receiver.log().connections, 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A remote MX that breaks the reply sequence
+
+/// One message to a receiver behaving as `behaviour`: the answer and the evidence record.
+async fn one_message(behaviour: Behaviour, pki: &Pki) -> (Vec<String>, serde_json::Value, Receiver, Harness) {
+    let receiver = Receiver::start(behaviour).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+    let replies = harness.send(&["patient@example.net"], MESSAGE).await;
+    let (_, records) = harness.evidence();
+    (replies, records[0].clone(), receiver, harness)
+}
+
+#[tokio::test]
+async fn surplus_replies_that_would_make_a_refused_recipient_look_accepted_defer_and_drop_the_session() {
+    let pki = Pki::new();
+    // Two replies too many to MAIL: read by position, the RCPT's 550 and the BDAT's 554 would become 250s.
+    let behaviour = Behaviour {
+        mail_reply: "250 2.1.0 ok\r\n250 2.1.0 ok\r\n250 2.1.0 ok\r\n",
+        ..chunking(&pki.leaf("mx.test"), |_| "550 5.1.1 no such user\r\n")
+    };
+    let (replies, record, receiver, harness) = one_message(behaviour, &pki).await;
+
+    assert_eq!(replies.len(), 1);
+    assert!(
+        replies[0].starts_with("451 4.4.1 mx.test: protocol error at end of transaction: surplus reply"),
+        "{replies:?}"
+    );
+    assert_eq!(record["outcome"], "deferred");
+    assert_eq!(record["protocolError"], "surplus-reply");
+    assert!(record["smtpReply"].is_null(), "{record}");
+    // The dropped session is not reused.
+    let next = harness.send(&["nurse@example.net"], MESSAGE).await;
+    assert!(next[0].starts_with("451 "), "{next:?}");
+    assert_eq!(receiver.log().connections, 2);
+}
+
+#[tokio::test]
+async fn a_surplus_reply_after_the_message_defers_it_and_the_next_message_gets_a_fresh_session() {
+    let pki = Pki::new();
+    for pipelining in [true, false] {
+        let behaviour = Behaviour {
+            pipelining,
+            data_reply: "250 2.0.0 Ok: queued as ABC123\r\n550 5.7.1 second thoughts\r\n",
+            ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+        };
+        let (replies, record, receiver, harness) = one_message(behaviour, &pki).await;
+
+        assert!(replies[0].starts_with("451 "), "pipelining {pipelining}: {replies:?}");
+        assert_eq!(record["outcome"], "deferred");
+        assert_eq!(record["protocolError"], "surplus-reply");
+        assert!(record["smtpReply"].is_null(), "{record}");
+        harness.send(&["nurse@example.net"], MESSAGE).await;
+        assert_eq!(receiver.log().connections, 2, "pipelining {pipelining}");
+    }
+}
+
+#[tokio::test]
+async fn a_surplus_reply_in_lock_step_is_caught_before_the_next_command() {
+    let pki = Pki::new();
+    // Without PIPELINING the extra 250 would answer the RCPT, which the server refuses.
+    let behaviour = Behaviour {
+        pipelining: false,
+        mail_reply: "250 2.1.0 ok\r\n250 2.1.5 ok\r\n",
+        rcpt: |_| "550 5.1.1 no such user\r\n",
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    };
+    let (replies, record, receiver, _harness) = one_message(behaviour, &pki).await;
+
+    assert!(
+        replies[0].starts_with("451 4.4.1 mx.test: protocol error at MAIL: surplus reply"),
+        "{replies:?}"
+    );
+    assert_eq!(record["protocolError"], "surplus-reply");
+    let log = receiver.log();
+    assert!(
+        !log.commands.iter().any(|c| c.starts_with("RCPT")),
+        "{:?}",
+        log.commands
+    );
+    assert!(log.messages.is_empty());
+}
+
+#[tokio::test]
+async fn a_2xx_to_data_is_never_read_as_the_message_accepted() {
+    let pki = Pki::new();
+    let behaviour = Behaviour {
+        data_go_ahead: "250 2.0.0 ok\r\n",
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    };
+    let (replies, record, receiver, _harness) = one_message(behaviour, &pki).await;
+
+    assert!(
+        replies[0].starts_with("451 4.4.1 mx.test: protocol error at DATA: a reply the command cannot have"),
+        "{replies:?}"
+    );
+    assert_eq!(record["protocolError"], "unexpected-reply");
+    assert!(record["smtpReply"].is_null(), "{record}");
+    assert!(receiver.log().messages.is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_closed_after_the_message_defers_with_no_deciding_reply() {
+    let pki = Pki::new();
+    for behaviour in [
+        Behaviour {
+            data_reply: "",
+            ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+        },
+        Behaviour {
+            data_reply: "",
+            ..chunking(&pki.leaf("mx.test"), |_| "250 2.1.5 ok\r\n")
+        },
+    ] {
+        let (replies, record, receiver, _harness) = one_message(behaviour, &pki).await;
+
+        assert!(replies[0].starts_with("451 "), "{replies:?}");
+        assert_eq!(receiver.log().messages.len(), 1, "the message went");
+        assert_eq!(record["outcome"], "deferred");
+        // Neither the 354 nor the RCPT's 250 decided anything.
+        assert!(record["smtpReply"].is_null(), "{record}");
+        assert!(record["protocolError"].is_null(), "{record}");
+    }
+}
+
+#[tokio::test]
+async fn the_deciding_reply_is_recorded_not_the_last_one_read() {
+    let pki = Pki::new();
+    // Every recipient refused: the pipelined DATA still gets its 554, which decided nothing.
+    let behaviour = Behaviour {
+        rcpt: |_| "550 5.1.1 no such user\r\n",
+        data_go_ahead: "554 5.5.1 no valid recipients\r\n",
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    };
+    let (replies, record, _receiver, _harness) = one_message(behaviour, &pki).await;
+
+    assert_eq!(replies, ["550 5.1.1 mx.test said: no such user"]);
+    assert_eq!(record["smtpReply"]["code"], 550);
+    assert_eq!(record["smtpReply"]["enhancedStatus"], "5.1.1");
+}
+
+#[tokio::test]
+async fn bytes_sent_on_an_idle_session_fail_the_transaction_that_would_reuse_it() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour {
+        idle_noise: Some("250 2.0.0 Ok: queued as LATE\r\n"),
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    })
+    .await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let first = harness.send(&["patient@example.net"], MESSAGE).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = harness.send(&["nurse@example.net"], MESSAGE).await;
+    let third = harness.send(&["ward@example.net"], MESSAGE).await;
+
+    assert!(first[0].starts_with("250 "), "{first:?}");
+    assert!(
+        second[0].starts_with("451 4.4.1 mx.test: protocol error at idle session: unsolicited bytes"),
+        "{second:?}"
+    );
+    assert!(third[0].starts_with("250 "), "{third:?}");
+    let log = receiver.log();
+    assert_eq!(
+        (log.connections, log.messages.len()),
+        (2, 2),
+        "nothing of the second went on the noisy session"
+    );
+    let (_, records) = harness.evidence();
+    assert_eq!(records[1]["outcome"], "deferred");
+    assert_eq!(records[1]["protocolError"], "unsolicited-while-idle");
+    assert!(records[1]["smtpReply"].is_null());
+}
+
+#[tokio::test]
+async fn a_421_on_an_idle_session_is_a_close_not_a_protocol_error() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour {
+        idle_noise: Some("421 4.4.2 mx.test idle timeout\r\n"),
+        ..Behaviour::tls(server_config(&pki.leaf("mx.test")))
+    })
+    .await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+
+    let first = harness.send(&["patient@example.net"], MESSAGE).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = harness.send(&["nurse@example.net"], MESSAGE).await;
+
+    assert!(
+        first[0].starts_with("250 ") && second[0].starts_with("250 "),
+        "{first:?} {second:?}"
+    );
+    assert_eq!(receiver.log().connections, 2);
+    let (summary, records) = harness.evidence();
+    assert_eq!(summary.records, 2);
+    assert!(records[1]["protocolError"].is_null());
 }

@@ -21,6 +21,7 @@ fn attempt(outcome: Outcome) -> Attempt {
         tls: None,
         smtp_reply: Some(SmtpReply::from_remote(451, "4.7.0 try again later").unwrap()),
         outcome,
+        protocol_error: None,
         warmup: None,
     }
 }

@@ -449,3 +449,77 @@ fn unobtainable_mta_sts_policy_leaves_the_dane_hosts() {
     assert_eq!(hosts(&policy), vec!["mx2.clinic.example"]);
     assert_eq!(policy.mx[0].source, PolicySource::Dane);
 }
+
+/// An approved cleartext exception for [`DOMAIN`], under a tenant with DANE on or off.
+fn cleartext_exception(dane: bool) -> TlsPolicySpec {
+    let mut spec = with_override(TlsOverride {
+        mode: Some(OverrideTlsMode::Encrypted),
+        allow_cleartext: Some(true),
+        exception: exception(),
+        ..override_for(DOMAIN)
+    });
+    spec.dane = dane;
+    spec
+}
+
+#[test]
+fn a_host_publishing_only_unusable_tlsa_records_still_gets_tls_under_a_cleartext_exception() {
+    // PKIX usages only: no DANE authentication, but RFC 7672 section 2.2 still makes TLS mandatory.
+    let pkix_only = secure_tlsa(vec![Tlsa { usage: 1, ..ee() }, Tlsa { usage: 0, ..ee() }]);
+    for (dane, mx_secure) in [(true, true), (false, true), (false, false)] {
+        let f = facts(
+            mx(&[(10, "mx1.clinic.example")], mx_secure),
+            vec![("mx1.clinic.example", pkix_only.clone())],
+            StsFact::Absent,
+        );
+        let policy = decide(&cleartext_exception(dane), &f).unwrap();
+        assert_eq!(hosts(&policy), ["mx1.clinic.example"]);
+        assert_eq!(
+            (policy.mx[0].source, &policy.mx[0].auth),
+            (PolicySource::Override, &PeerAuth::AnyCertificate),
+            "dane {dane}, mx secure {mx_secure}"
+        );
+        assert!(!policy.allow_cleartext, "dane {dane}, mx secure {mx_secure}");
+    }
+
+    // One host of the domain with TLSA is enough: the policy Postfix reads is per domain.
+    let mixed = facts(
+        mx(&[(10, "mx1.clinic.example"), (20, "mx2.clinic.example")], true),
+        vec![
+            (
+                "mx1.clinic.example",
+                TlsaFact::NoDane {
+                    reason: "none".to_owned(),
+                },
+            ),
+            ("mx2.clinic.example", secure_tlsa(vec![ee()])),
+        ],
+        StsFact::Absent,
+    );
+    assert!(!decide(&cleartext_exception(false), &mixed).unwrap().allow_cleartext);
+}
+
+#[test]
+fn a_failed_tlsa_lookup_keeps_tls_mandatory_and_without_dane_does_not_skip_the_host() {
+    let failed = facts(
+        mx(&[(10, "mx1.clinic.example")], false),
+        vec![("mx1.clinic.example", TlsaFact::Failed("SERVFAIL".to_owned()))],
+        StsFact::Absent,
+    );
+    let policy = decide(&cleartext_exception(false), &failed).unwrap();
+    assert_eq!(hosts(&policy), ["mx1.clinic.example"]);
+    assert!(!policy.allow_cleartext);
+
+    // The control: no TLSA at all, and the exception applies.
+    let none = facts(
+        mx(&[(10, "mx1.clinic.example")], true),
+        vec![(
+            "mx1.clinic.example",
+            TlsaFact::NoDane {
+                reason: "secure denial".to_owned(),
+            },
+        )],
+        StsFact::Absent,
+    );
+    assert!(decide(&cleartext_exception(true), &none).unwrap().allow_cleartext);
+}

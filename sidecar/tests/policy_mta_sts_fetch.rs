@@ -15,8 +15,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use securemail_sidecar::policy::Tlsa;
 use securemail_sidecar::policy::clock::ManualClock;
 use securemail_sidecar::policy::dns::{Answer, DnsFailure, DnsLookup, Found, MxRecord, Security};
+use securemail_sidecar::policy::mta_sts::cache::StsCache;
 use securemail_sidecar::policy::mta_sts::fetch::{HttpsFetcher, MAX_POLICY_BYTES};
-use securemail_sidecar::policy::mta_sts::{MtaSts, StsFact, StsFetch};
+use securemail_sidecar::policy::mta_sts::{Mode, MtaSts, StsFact, StsFetch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -259,4 +260,57 @@ async fn failed_refresh_keeps_the_cached_unexpired_policy() {
         matches!(&fact, StsFact::Policy { id, stale_refresh: None, .. } if id == "second"),
         "{fact:?}"
     );
+}
+
+#[tokio::test]
+async fn a_restart_during_an_https_outage_keeps_the_unexpired_enforce_policy_from_the_state_volume() {
+    let state = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let dns = TxtOnly::default();
+    dns.txt
+        .lock()
+        .unwrap()
+        .insert("_mta-sts.good.example".into(), "v=STSv1; id=first;".into());
+    let (port, ca) = server(names()).await;
+    {
+        let cache = Arc::new(StsCache::persistent(state.path(), clock.clone()));
+        let sts = MtaSts::with_cache(fetcher(port, &ca), cache);
+        let fact = sts.lookup(&dns, "good.example").await;
+        assert!(matches!(&fact, StsFact::Policy { id, .. } if id == "first"), "{fact:?}");
+    }
+
+    // Restarted an hour later; the policy host is gone (nothing listens where it was) and the id has changed.
+    let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone_port = gone.local_addr().unwrap().port();
+    drop(gone);
+    clock.advance(Duration::from_secs(3600));
+    dns.txt
+        .lock()
+        .unwrap()
+        .insert("_mta-sts.good.example".into(), "v=STSv1; id=second;".into());
+    let restarted = MtaSts::with_cache(
+        fetcher(gone_port, &ca),
+        Arc::new(StsCache::persistent(state.path(), clock.clone())),
+    );
+    let fact = restarted.lookup(&dns, "good.example").await;
+    let StsFact::Policy {
+        id,
+        policy,
+        stale_refresh,
+    } = &fact
+    else {
+        panic!("the persisted policy expected: {fact:?}")
+    };
+    assert_eq!((id.as_str(), policy.mode), ("first", Mode::Enforce));
+    assert!(policy.matches("mx1.good.example") && !policy.matches("mx.rogue.example"));
+    assert!(stale_refresh.is_some(), "{fact:?}");
+
+    // A restart after max_age (86400 s) finds nothing to fall back on.
+    clock.advance(Duration::from_secs(86_400));
+    let expired = MtaSts::with_cache(
+        fetcher(gone_port, &ca),
+        Arc::new(StsCache::persistent(state.path(), clock.clone())),
+    );
+    let fact = expired.lookup(&dns, "good.example").await;
+    assert!(matches!(&fact, StsFact::Failed(_)), "{fact:?}");
 }

@@ -88,10 +88,6 @@ fn policy_refusals_name_the_line_or_field() {
         ),
         ("version: STSv1\nmode: enforce\nmx: a.example\n", "no max_age field"),
         (
-            "version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 31557601\n",
-            "line 4: max_age must be",
-        ),
-        (
             "version: STSv1\nmode: enforce\nmx: a.example\nmax_age: -1\n",
             "line 4: max_age must be",
         ),
@@ -125,6 +121,26 @@ fn policy_refusals_name_the_line_or_field() {
         MAX_MAX_AGE
     );
 }
+
+#[test]
+fn a_max_age_above_the_rfc_maximum_is_capped_not_refused() {
+    for max_age in ["31557601", "63115200", "99999999999", "184467440737095516150"] {
+        let policy = parse_policy(&format!(
+            "version: STSv1\nmode: enforce\nmx: a.example\nmax_age: {max_age}\n"
+        ))
+        .unwrap_or_else(|err| panic!("max_age {max_age} refused: {err}"));
+        assert_eq!((policy.mode, policy.max_age), (Mode::Enforce, MAX_MAX_AGE), "{max_age}");
+    }
+}
+
+#[test]
+fn a_policy_reads_back_from_its_text() {
+    let policy = parse_policy(POLICY_TEXT_FOR_ROUND_TRIP).unwrap();
+    assert_eq!(parse_policy(&policy.text()).unwrap(), policy);
+}
+
+const POLICY_TEXT_FOR_ROUND_TRIP: &str = "version: STSv1\r\nmode: testing\r\nmx: MX1.Example.ORG.\r\nmx: *.example.net\r\n\
+    max_age: 86400\r\nfuture: 1\r\n";
 
 #[test]
 fn wildcard_matches_exactly_one_leftmost_label() {

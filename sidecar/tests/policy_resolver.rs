@@ -12,6 +12,7 @@ use securemail_api::tenant::TlsPolicySpec;
 use securemail_sidecar::evidence::PolicySource;
 use securemail_sidecar::policy::clock::ManualClock;
 use securemail_sidecar::policy::dns::{Answer, DnsFailure, DnsLookup, Found, MxRecord, Security};
+use securemail_sidecar::policy::mta_sts::cache::StsCache;
 use securemail_sidecar::policy::mta_sts::{FetchError, StsFetch};
 use securemail_sidecar::policy::{
     LookupStage, PeerAuth, PolicyError, PolicyLookup, PolicyResolver, Tlsa, check_domain,
@@ -424,4 +425,105 @@ async fn mta_sts_patterns_are_those_of_the_policy_in_force_and_never_looked_up()
         "max_age ran out"
     );
     assert_eq!(s.fetch.fetches.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_cleartext_exception_looks_up_tlsa_even_without_dane_and_yields_to_it() {
+    use securemail_api::tenant::{OverrideTlsMode, PolicyException, TlsOverride};
+    let dns = FakeDns::default();
+    dane_domain(&dns, 300);
+    // Only a PKIX-EE record: unusable for DANE, yet it says the host does TLS.
+    dns.tlsa.lock().unwrap().insert(
+        "mx.dane.example".into(),
+        answer(vec![Tlsa { usage: 1, ..ee() }], Security::Secure, 600),
+    );
+    let dns = Arc::new(dns);
+    let spec = |domain: &str| TlsPolicySpec {
+        dane: false,
+        overrides: vec![TlsOverride {
+            domain: domain.to_owned(),
+            mode: Some(OverrideTlsMode::Encrypted),
+            min_version: None,
+            allow_cleartext: Some(true),
+            exception: Some(PolicyException {
+                approved_by: "security-office/CHG-1".to_owned(),
+                reason: "partner has no TLS yet".to_owned(),
+            }),
+        }],
+        ..TlsPolicySpec::default()
+    };
+    let resolver = |domain: &str| {
+        PolicyResolver::new(
+            spec(domain),
+            dns.clone(),
+            Arc::new(FakeFetch::default()),
+            Arc::new(ManualClock::new()),
+        )
+    };
+
+    let policy = resolver("dane.example").resolve("dane.example").await.unwrap();
+    assert!(!policy.allow_cleartext, "{policy:?}");
+    assert_eq!(policy.mx[0].auth, PeerAuth::AnyCertificate);
+
+    // The same exception for a domain whose host publishes no TLSA applies.
+    dns.mx.lock().unwrap().insert(
+        "plain.example".into(),
+        answer(vec![mx_record(10, "mx.plain.example")], Security::Secure, 300),
+    );
+    let policy = resolver("plain.example").resolve("plain.example").await.unwrap();
+    assert!(policy.allow_cleartext, "{policy:?}");
+}
+
+#[tokio::test]
+async fn a_restarted_resolver_enforces_the_persisted_mta_sts_policy_while_the_policy_server_is_down() {
+    let state = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let dns = FakeDns::default();
+    sts_domain(&dns, "one");
+    let dns = Arc::new(dns);
+    let resolver = |fetch: Arc<FakeFetch>| {
+        PolicyResolver::with_sts_cache(
+            TlsPolicySpec::default(),
+            dns.clone(),
+            fetch,
+            clock.clone(),
+            Arc::new(StsCache::persistent(state.path(), clock.clone())),
+        )
+    };
+    let serving = Arc::new(FakeFetch::default());
+    serving
+        .bodies
+        .lock()
+        .unwrap()
+        .insert("sts.example".into(), Ok(POLICY_V1.to_owned()));
+    assert_eq!(resolver(serving).resolve("sts.example").await.unwrap().mx.len(), 1);
+
+    // The restarted sidecar's policy server answers nothing.
+    clock.advance(Duration::from_secs(600));
+    let down = Arc::new(FakeFetch::default());
+    let policy = resolver(down.clone()).resolve("sts.example").await.unwrap();
+    assert_eq!(
+        down.fetches.load(Ordering::SeqCst),
+        0,
+        "same id: served from the persisted cache"
+    );
+    assert_eq!(policy.mx.len(), 1, "the rogue MX stays excluded");
+    assert_eq!(
+        (policy.mx[0].source, policy.mx[0].policy_id.as_deref()),
+        (PolicySource::MtaSts, Some("one"))
+    );
+
+    // Past max_age (3600 s) a restart defers rather than fall back to the tenant policy.
+    clock.advance(Duration::from_secs(3600));
+    let error = resolver(down).resolve("sts.example").await.unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            PolicyError::Temporary {
+                stage: LookupStage::MtaSts,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
 }

@@ -35,9 +35,14 @@ pub struct Attempt {
     /// Absent when no TLS session was established: nothing was sent, or, only under an approved `allowCleartext`
     /// override, the message went in cleartext.
     pub tls: Option<TlsSession>,
-    /// The remote MX's final reply; absent when no SMTP reply was received.
+    /// The remote reply that decided the outcome (the reply to the message, a refused MAIL or DATA, the last RCPT
+    /// reply when every recipient was refused); absent when none did, e.g. the connection closed after the data.
     pub smtp_reply: Option<SmtpReply>,
     pub outcome: Outcome,
+    /// Why the attempt was abandoned when the MX broke the SMTP reply sequence. Absent otherwise, and in records of
+    /// earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_error: Option<ProtocolError>,
     /// Recipients this attempt counted against the address's warmup allowance: the durable copy of the count, read
     /// back on start (see `warmup`). Absent when nothing counted, and in records of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -95,6 +100,23 @@ pub enum Verification {
     Webpki,
     /// Encrypted, certificate not checked (tenant mode `encrypted`).
     UnverifiedEncrypted,
+}
+
+/// How a remote MX broke the reply sequence (RFC 5321 section 4.2, RFC 2920 section 3.1: one reply per command,
+/// in order). Replies are matched to commands by position, so any of these could make a refused message look
+/// accepted: the attempt is deferred and its session dropped.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProtocolError {
+    /// Bytes after the reply to the last command sent: more replies than commands.
+    #[error("surplus reply: the server sent more replies than commands")]
+    SurplusReply,
+    /// Bytes waiting on an idle session when it was about to carry the next transaction.
+    #[error("unsolicited bytes on the idle session before its reuse")]
+    UnsolicitedWhileIdle,
+    /// A reply the command cannot have, such as 2xx to DATA or 354 after the message.
+    #[error("a reply the command cannot have")]
+    UnexpectedReply,
 }
 
 /// What the attempt did to the message.
@@ -489,6 +511,7 @@ pub(super) mod tests {
             }),
             smtp_reply: Some(SmtpReply::from_remote(250, "2.0.0 Ok: queued as 4XyZ").unwrap()),
             outcome: Outcome::Delivered,
+            protocol_error: None,
             warmup: Some(WarmupCount {
                 provider: Provider::Microsoft,
                 recipients: NonZeroU32::new(2).unwrap(),
@@ -667,6 +690,11 @@ pub(super) mod tests {
                 proptest::option::of(reply),
                 outcome,
                 proptest::option::of(warmup),
+                proptest::option::of(prop_oneof![
+                    Just(ProtocolError::SurplusReply),
+                    Just(ProtocolError::UnsolicitedWhileIdle),
+                    Just(ProtocolError::UnexpectedReply),
+                ]),
             ),
         )
             .prop_map(
@@ -674,7 +702,7 @@ pub(super) mod tests {
                     (second, tenant, message_id),
                     (recipient_domain, count, mx_host),
                     (mx_ip, source_ip),
-                    (policy, tls, smtp_reply, outcome, warmup),
+                    (policy, tls, smtp_reply, outcome, warmup, protocol_error),
                 )| Attempt {
                     time: Timestamp::from_second(second).unwrap(),
                     tenant: tenant.parse().unwrap(),
@@ -688,6 +716,7 @@ pub(super) mod tests {
                     tls,
                     smtp_reply,
                     outcome,
+                    protocol_error,
                     warmup,
                 },
             )

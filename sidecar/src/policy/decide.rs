@@ -82,6 +82,12 @@ pub fn dane_wanted(spec: &TlsPolicySpec, domain: &str) -> bool {
     spec.dane || find_override(spec, domain).is_some_and(|o| o.mode == Some(OverrideTlsMode::Dane))
 }
 
+/// Whether the tenant has an approved exception that allows cleartext to this domain. Its MX hosts' TLSA records
+/// are then looked up even without DANE: a host that publishes them must get TLS (RFC 7672 section 2.2).
+pub fn cleartext_excepted(spec: &TlsPolicySpec, domain: &str) -> bool {
+    find_override(spec, domain).is_some_and(|o| o.allow_cleartext == Some(true) && o.exception.is_some())
+}
+
 /// MX hosts to consider, lowest preference first, without duplicates; `None` for a null MX or NXDOMAIN.
 pub fn mx_hosts(facts: &DomainFacts) -> Vec<(u16, String)> {
     let mut hosts: Vec<(u16, String)> = match &facts.mx {
@@ -145,7 +151,7 @@ pub fn decide(spec: &TlsPolicySpec, facts: &DomainFacts) -> Result<DomainPolicy,
             TlsaFact::Secure { usable, .. } if mx_secure && !usable.is_empty() => {
                 dane.push((preference, host, usable.clone()))
             }
-            TlsaFact::Failed(reason) => {
+            TlsaFact::Failed(reason) if mx_secure => {
                 // RFC 7672 section 2.2: a host whose TLSA lookup fails is skipped, never used without DANE.
                 tracing::warn!(domain, mx = %host, %reason, "skipping MX host: TLSA lookup failed");
                 failures.push(format!("MX {host}: {reason}"));
@@ -206,11 +212,24 @@ pub fn decide(spec: &TlsPolicySpec, facts: &DomainFacts) -> Result<DomainPolicy,
     let min_version = over
         .and_then(|o| o.min_version)
         .map_or(spec.min_version, |v| v.max(spec.min_version));
-    // Cleartext only with an approved exception, and never where DANE or MTA-STS asks for authenticated TLS.
-    let allow_cleartext = over.is_some_and(|o| o.allow_cleartext == Some(true) && o.exception.is_some())
+    // Cleartext only with an approved exception, never where DANE or MTA-STS asks for authenticated TLS, and never
+    // to a domain with a host that publishes TLSA records, usable or not, or whose TLSA lookup failed: RFC 7672
+    // section 2.2 makes TLS mandatory for such a host, and the policy table Postfix reads is per domain.
+    let tls_published = facts
+        .tlsa
+        .iter()
+        .any(|(_, fact)| matches!(fact, TlsaFact::Secure { .. } | TlsaFact::Failed(_)));
+    let allow_cleartext = cleartext_excepted(spec, domain)
+        && !tls_published
         && candidates
             .iter()
             .all(|c| matches!(c.source, PolicySource::Tenant | PolicySource::Override));
+    if cleartext_excepted(spec, domain) && tls_published {
+        tracing::info!(
+            domain,
+            "cleartext exception not applied: an MX host publishes TLSA records"
+        );
+    }
     Ok(DomainPolicy {
         mx: candidates,
         min_version,

@@ -46,6 +46,14 @@ impl<V> ExpiringMap<V> {
     pub fn count(&self) -> usize {
         self.entries.len()
     }
+
+    /// The entries that have not expired at `now`.
+    pub fn live(&self, now: Instant) -> impl Iterator<Item = (&str, &V)> {
+        self.entries
+            .iter()
+            .filter(move |(_, (expires, _))| *expires > now)
+            .map(|(name, (_, value))| (name.as_str(), value))
+    }
 }
 
 #[cfg(test)]

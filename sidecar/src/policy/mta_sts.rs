@@ -1,17 +1,17 @@
 //! MTA-STS (RFC 8461): the `_mta-sts` TXT record, the policy file, and the per-domain policy cache.
 
+pub mod cache;
 pub mod fetch;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use super::clock::Clock;
 use super::dns::{DnsLookup, Found};
-use super::expiring::ExpiringMap;
+use cache::{Cached, StsCache};
 
-/// Longest `max_age` RFC 8461 allows (about one year), in seconds.
+/// Longest `max_age` RFC 8461 allows (about one year), in seconds; a longer one is cut to it.
 pub const MAX_MAX_AGE: u64 = 31_557_600;
 
 /// The policy's `mode`.
@@ -52,6 +52,21 @@ impl StsPolicy {
             None => *pattern == host,
         })
     }
+
+    /// The policy in RFC 8461 syntax; [`parse_policy`] reads it back as the same policy.
+    pub fn text(&self) -> String {
+        let mut text = format!("version: STSv1\nmode: {}\n", self.mode);
+        for pattern in &self.mx {
+            text.push_str(&format!("mx: {pattern}\n"));
+        }
+        text.push_str(&format!("max_age: {}\n", self.max_age));
+        text
+    }
+}
+
+/// RFC 8461 section 3.1: 1 to 32 letters or digits.
+fn valid_id(id: &str) -> bool {
+    (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// A refused TXT record or policy file; the message names the record, line or field.
@@ -84,8 +99,7 @@ pub fn parse_txt(records: &[String]) -> Result<String, ParseError> {
             return Err(ParseError(format!("TXT field {field:?} is not key=value")));
         };
         if key == "id" {
-            let valid = (1..=32).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_alphanumeric());
-            if !valid {
+            if !valid_id(value) {
                 return Err(ParseError(format!(
                     "TXT field id={value:?} must be 1 to 32 letters or digits"
                 )));
@@ -145,16 +159,13 @@ pub fn parse_policy(text: &str) -> Result<StsPolicy, ParseError> {
             }
             "max_age" => {
                 once(max_age.is_some())?;
-                let parsed = (!value.is_empty() && value.len() <= 10 && value.bytes().all(|b| b.is_ascii_digit()))
-                    .then(|| value.parse::<u64>().ok())
-                    .flatten()
-                    .filter(|v| *v <= MAX_MAX_AGE);
-                let Some(parsed) = parsed else {
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(ParseError(format!(
-                        "policy line {line_no}: max_age must be a number of seconds from 0 to {MAX_MAX_AGE}"
+                        "policy line {line_no}: max_age must be a number of seconds"
                     )));
-                };
-                max_age = Some(parsed);
+                }
+                // Above the RFC 8461 section 3.2 maximum (or beyond u64): capped, so the policy still applies.
+                max_age = Some(value.parse::<u64>().map_or(MAX_MAX_AGE, |v| v.min(MAX_MAX_AGE)));
             }
             "mx" => {
                 mx.push(parse_mx_pattern(value).map_err(|why| ParseError(format!("policy line {line_no}: {why}")))?)
@@ -230,42 +241,25 @@ pub enum StsFact {
     Failed(String),
 }
 
-#[derive(Clone, Debug)]
-struct Cached {
-    id: String,
-    policy: Arc<StsPolicy>,
-}
-
 /// Policies by domain, refreshed when the TXT id changes or `max_age` runs out.
 pub struct MtaSts<F> {
     fetcher: F,
-    clock: Arc<dyn Clock>,
-    cache: Mutex<ExpiringMap<Cached>>,
+    cache: Arc<StsCache>,
 }
 
-/// Bound on cached policies; beyond it the entry closest to expiry goes.
-const CACHE_CAPACITY: usize = 10_000;
-
 impl<F: StsFetch> MtaSts<F> {
+    /// With a cache of its own, in memory.
     pub fn new(fetcher: F, clock: Arc<dyn Clock>) -> Self {
-        Self {
-            fetcher,
-            clock,
-            cache: Mutex::new(ExpiringMap::new(CACHE_CAPACITY)),
-        }
+        Self::with_cache(fetcher, Arc::new(StsCache::in_memory(clock)))
+    }
+
+    /// With `cache`, which may be kept on disk and shared with the resolvers that replace this one.
+    pub fn with_cache(fetcher: F, cache: Arc<StsCache>) -> Self {
+        Self { fetcher, cache }
     }
 
     fn cached(&self, domain: &str) -> Option<Cached> {
-        let now = self.clock.now();
-        let cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache.get(domain, now).cloned()
-    }
-
-    fn store(&self, domain: &str, id: String, policy: Arc<StsPolicy>) {
-        let now = self.clock.now();
-        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let expires = now + Duration::from_secs(policy.max_age);
-        cache.insert(domain.to_owned(), Cached { id, policy }, expires, now);
+        self.cache.get(domain)
     }
 
     /// The unexpired cached policy of `domain` if its identifier is `id`; never looks anything up.
@@ -315,7 +309,7 @@ impl<F: StsFetch> MtaSts<F> {
         match fetched {
             Ok(policy) => {
                 let policy = Arc::new(policy);
-                self.store(domain, id.clone(), policy.clone());
+                self.cache.insert(domain, id.clone(), policy.clone()).await;
                 StsFact::Policy {
                     id,
                     policy,

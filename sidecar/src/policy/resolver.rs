@@ -13,9 +13,12 @@ use securemail_api::sidecar_config::SidecarConfig;
 use securemail_api::tenant::{OverrideTlsMode, TlsPolicySpec};
 
 use super::clock::{Clock, SystemClock};
-use super::decide::{DomainFacts, MxFacts, TlsaFact, dane_wanted, decide, find_override, mx_hosts, tlsa_fact};
+use super::decide::{
+    DomainFacts, MxFacts, TlsaFact, cleartext_excepted, dane_wanted, decide, find_override, mx_hosts, tlsa_fact,
+};
 use super::dns::{Answer, DnsLookup, DnsSetupError, Found, HickoryDns, Security};
 use super::expiring::ExpiringMap;
+use super::mta_sts::cache::StsCache;
 use super::mta_sts::fetch::HttpsFetcher;
 use super::mta_sts::{FetchError, MtaSts, StsFact, StsFetch};
 use super::{DomainPolicy, LookupStage, MxCandidate, PeerAuth, PolicyError, PolicyLookup};
@@ -89,26 +92,42 @@ impl<D, F> Clone for PolicyResolver<D, F> {
 }
 
 impl PolicyResolver {
-    /// From the sidecar configuration: DNSSEC-validating resolver per `dns`, system trust store for MTA-STS.
-    pub fn from_config(config: &SidecarConfig) -> Result<Self, SetupError> {
+    /// From the sidecar configuration: DNSSEC-validating resolver per `dns`, system trust store for MTA-STS,
+    /// MTA-STS policies kept in `sts_cache`.
+    pub fn from_config(config: &SidecarConfig, sts_cache: Arc<StsCache>) -> Result<Self, SetupError> {
         let dns = HickoryDns::from_settings(&config.dns)?;
         let fetcher = HttpsFetcher::from_system(dns.clone())?;
-        Ok(Self::new(
+        Ok(Self::with_sts_cache(
             config.tls_policy.clone(),
             dns,
             fetcher,
             Arc::new(SystemClock),
+            sts_cache,
         ))
     }
 }
 
 impl<D: DnsLookup, F: StsFetch> PolicyResolver<D, F> {
+    /// With an MTA-STS policy cache of its own, in memory.
     pub fn new(spec: TlsPolicySpec, dns: D, fetcher: F, clock: Arc<dyn Clock>) -> Self {
+        let sts_cache = Arc::new(StsCache::in_memory(clock.clone()));
+        Self::with_sts_cache(spec, dns, fetcher, clock, sts_cache)
+    }
+
+    /// With `sts_cache`, which outlives this resolver: on the state volume it survives restarts, and the resolver
+    /// a configuration reload builds uses the same one.
+    pub fn with_sts_cache(
+        spec: TlsPolicySpec,
+        dns: D,
+        fetcher: F,
+        clock: Arc<dyn Clock>,
+        sts_cache: Arc<StsCache>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 spec,
                 dns,
-                sts: MtaSts::new(fetcher, clock.clone()),
+                sts: MtaSts::with_cache(fetcher, sts_cache),
                 clock,
                 state: Mutex::new(State {
                     cache: ExpiringMap::new(CACHE_CAPACITY),
@@ -205,7 +224,8 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
             facts.mx,
             MxFacts::Hosts { secure: true, .. } | MxFacts::Implicit { secure: true }
         );
-        if dane_on && mx_secure {
+        let dane_applies = dane_on && mx_secure;
+        if dane_applies || cleartext_excepted(spec, domain) {
             let answers = futures::future::join_all(hosts.iter().map(|(_, host)| self.dns.tlsa(host))).await;
             for ((_, host), answer) in hosts.iter().zip(answers) {
                 if let Ok(answer) = &answer {
@@ -215,10 +235,11 @@ impl<D: DnsLookup, F: StsFetch> Inner<D, F> {
             }
         }
         let dane_required = find_override(spec, domain).is_some_and(|o| o.mode == Some(OverrideTlsMode::Dane));
-        let all_dane = facts
-            .tlsa
-            .iter()
-            .all(|(_, fact)| matches!(fact, TlsaFact::Secure { usable, .. } if !usable.is_empty()))
+        let all_dane = dane_applies
+            && facts
+                .tlsa
+                .iter()
+                .all(|(_, fact)| matches!(fact, TlsaFact::Secure { usable, .. } if !usable.is_empty()))
             && facts.tlsa.len() == hosts.len();
         if spec.mta_sts && !dane_required && !all_dane && !hosts.is_empty() {
             facts.mta_sts = self.sts.lookup(&self.dns, domain).await;

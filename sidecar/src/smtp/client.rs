@@ -8,21 +8,27 @@
 //! - CHUNKING (RFC 3030) with PIPELINING: MAIL, the RCPTs and `BDAT <size> LAST` with the message go in one write,
 //!   one round trip per message and no dot-stuffing; larger messages wait for the RCPT replies first.
 //! - Timeouts per RFC 5321 section 4.5.3.2, in [`Timeouts`].
+//! - Replies are matched to commands by position, so a reply to nothing would shift onto the next command and could
+//!   make a refused recipient look accepted. Whenever every command sent has had its reply, anything more from the
+//!   server (surplus replies, bytes waiting on an idle session about to be reused) is a protocol error, as is a
+//!   reply no command can get (250 to DATA, 354 after the message): the transaction fails temporarily and the
+//!   session is dropped, never pooled.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use rustls::pki_types::{CertificateDer, ServerName};
 use securemail_api::tenant::TlsVersion;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::reply::{self, Reply, ReplyError};
-use crate::evidence::{Sha256Hex, Verification};
+use crate::evidence::{ProtocolError, Sha256Hex, Verification};
 use crate::lmtp::{Body, MailParams, Mailbox, Recipient, Ret};
 use crate::policy::PeerAuth;
 use crate::tls::{HandshakeFailure, TlsConfigs, dane};
@@ -108,6 +114,12 @@ pub enum SessionError {
     },
     #[error("no STARTTLS offered")]
     NoStartTls,
+    /// The server broke the reply sequence; nothing it said in this session can be trusted.
+    #[error("protocol error at {phase}: {violation}")]
+    Protocol {
+        phase: &'static str,
+        violation: ProtocolError,
+    },
     /// The idle session had been closed by the server: nothing of the transaction reached it.
     #[error("the reused session was closed by the server ({reason})")]
     Stale { reason: String },
@@ -191,9 +203,29 @@ pub enum TransactionOutcome {
     },
 }
 
+impl TransactionOutcome {
+    /// The remote reply that decided the outcome: the refused MAIL, the reply to the message (or the refused DATA),
+    /// else the last RCPT reply (every recipient refused, or a 421 that ended the session). Never a 354 or an
+    /// accepted RCPT when the message was answered. `None`: decided locally.
+    pub fn deciding_reply(&self) -> Option<&Reply> {
+        match self {
+            TransactionOutcome::MailRefused(reply) => Some(reply),
+            TransactionOutcome::Replies { data: Some(data), .. } => Some(data),
+            TransactionOutcome::Replies { rcpt, data: None } => rcpt.last(),
+            TransactionOutcome::Unsupported { .. } => None,
+        }
+    }
+}
+
+/// The byte stream under a session: a TCP connection in production; anything that reads and writes, such as an
+/// in-memory pipe, when a test or the fuzz target plays the server.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection for T {}
+
 enum Transport {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Plain(Box<dyn Connection>),
+    Tls(Box<TlsStream<Box<dyn Connection>>>),
     /// Only between taking the TCP stream for STARTTLS and the end of the handshake.
     Taken,
 }
@@ -206,13 +238,11 @@ pub struct Session {
     extensions: Extensions,
     tls: Option<TlsInfo>,
     timeouts: Timeouts,
-    /// The reply to the last command, for evidence when a session fails.
-    last_reply: Option<Reply>,
     /// Transactions started on this session; a session with any is a reused one.
     transactions: u32,
     /// The last transaction ended before its final reply (refused MAIL, no recipient, DATA refused).
     needs_reset: bool,
-    /// The server said 421: it is closing the session.
+    /// The server said 421, or closed the connection: the session cannot carry another transaction.
     closed: bool,
 }
 
@@ -237,21 +267,31 @@ impl Session {
         configs: &TlsConfigs,
         target: Target<'_>,
     ) -> Result<Self, SessionError> {
-        let timeouts = settings.timeouts;
         let stream = connect(settings, target.address).await?;
+        Self::over(stream, &settings.helo_name, settings.timeouts, configs, target).await
+    }
+
+    /// [`Session::open`] over a connection already made to `target`.
+    pub async fn over(
+        stream: impl Connection,
+        helo_name: &str,
+        timeouts: Timeouts,
+        configs: &TlsConfigs,
+        target: Target<'_>,
+    ) -> Result<Self, SessionError> {
         let mut session = Self {
-            transport: Transport::Plain(stream),
+            transport: Transport::Plain(Box::new(stream)),
             buffer: Vec::new(),
             extensions: Extensions::default(),
             tls: None,
             timeouts,
-            last_reply: None,
             transactions: 0,
             needs_reset: false,
             closed: false,
         };
         session.expect("greeting", timeouts.greeting, 2).await?;
-        session.ehlo(&settings.helo_name).await?;
+        session.drained("greeting")?;
+        session.ehlo(helo_name).await?;
         if !session.extensions.starttls {
             return if target.allow_cleartext {
                 Ok(session)
@@ -265,7 +305,7 @@ impl Session {
         // Anything after the 220 was sent before the handshake, so no one can vouch for it.
         session.buffer.clear();
         session.start_tls(configs, target).await?;
-        session.ehlo(&settings.helo_name).await?;
+        session.ehlo(helo_name).await?;
         Ok(session)
     }
 
@@ -274,12 +314,7 @@ impl Session {
         self.tls.as_ref()
     }
 
-    /// The server's most recent reply.
-    pub fn last_reply(&self) -> Option<&Reply> {
-        self.last_reply.as_ref()
-    }
-
-    /// The server announced it is closing the session (421): it cannot carry another transaction.
+    /// The server announced it is closing the session (421), or closed it: it cannot carry another transaction.
     pub fn is_closed(&self) -> bool {
         self.closed
     }
@@ -298,10 +333,21 @@ impl Session {
         }
     }
 
-    /// Runs one transaction. An `Err` leaves the session unusable; `Ok` leaves it ready for the next one.
-    /// [`SessionError::Stale`]: a reused session turned out closed before anything was sent; a fresh one may
-    /// carry the same transaction.
+    /// Runs one transaction. An `Err` leaves the session unusable; `Ok` leaves it ready for the next one unless
+    /// [`Session::is_closed`]. [`SessionError::Stale`]: a reused session turned out closed before anything was
+    /// sent; a fresh one may carry the same transaction.
     pub async fn send(&mut self, transaction: &Transaction<'_>) -> Result<TransactionOutcome, SessionError> {
+        if self.transactions > 0 {
+            self.check_idle()?;
+        }
+        let outcome = self.transact(transaction).await?;
+        if !self.closed {
+            self.drained("end of transaction")?;
+        }
+        Ok(outcome)
+    }
+
+    async fn transact(&mut self, transaction: &Transaction<'_>) -> Result<TransactionOutcome, SessionError> {
         let ext = &self.extensions;
         let params = transaction.params;
         if params.smtputf8 && !ext.smtputf8 {
@@ -379,13 +425,16 @@ impl Session {
             Ok(replies) => replies,
             Err(early) => return Ok(early),
         };
-        let data_reply = self.read("DATA", self.timeouts.data_init).await?;
-        self.closing(&data_reply);
+        let data_reply = self.read_data_reply().await?;
+        if !self.closing(&data_reply) {
+            // Every command of the batch has had its reply.
+            self.drained("DATA")?;
+        }
         let accepted = mail_reply.class() == 2 && any_accepted(&rcpt_replies);
         if data_reply.code() == 354 && !accepted {
             // A server that lets DATA through without a recipient gets an empty message it cannot deliver.
             self.write("end of data", b".\r\n", self.timeouts.data_block).await?;
-            self.read("end of data", self.timeouts.data_done).await?;
+            self.read_final("end of data", self.timeouts.data_done).await?;
         } else if data_reply.code() == 354 {
             return self.send_data(transaction, rcpt_replies).await;
         }
@@ -421,12 +470,13 @@ impl Session {
             if !accepted {
                 return Ok(envelope_outcome(mail_reply, rcpt_replies, None));
             }
+            self.drained("RCPT")?;
             self.write("BDAT", bdat.as_bytes(), self.timeouts.data_block).await?;
             for chunk in content.chunks(DATA_CHUNK) {
                 self.write("message data", chunk, self.timeouts.data_block).await?;
             }
         }
-        let done = self.read("end of data", self.timeouts.data_done).await?;
+        let done = self.read_final("end of data", self.timeouts.data_done).await?;
         self.closing(&done);
         // RFC 3030 section 2: after a refused chunk the transaction must be reset.
         self.needs_reset = done.class() != 2;
@@ -452,7 +502,7 @@ impl Session {
                 .map_err(|err| stale_if(reused, err))?;
         }
         let mail_reply = self
-            .read("MAIL", self.timeouts.mail)
+            .read_final("MAIL", self.timeouts.mail)
             .await
             .map_err(|err| stale_if(reused && !reset, err))?;
         if self.closing(&mail_reply) {
@@ -460,7 +510,7 @@ impl Session {
         }
         let mut rcpt_replies = Vec::with_capacity(recipients);
         for _ in 0..recipients {
-            let reply = self.read("RCPT", self.timeouts.rcpt).await?;
+            let reply = self.read_final("RCPT", self.timeouts.rcpt).await?;
             if self.closing(&reply) {
                 return Ok(Err(closed_at_rcpt(rcpt_replies, reply, recipients)));
             }
@@ -469,7 +519,7 @@ impl Session {
         Ok(Ok((mail_reply, rcpt_replies)))
     }
 
-    /// Without PIPELINING: one command, one reply.
+    /// Without PIPELINING: one command, one reply, and nothing more before the next command.
     async fn send_in_steps(
         &mut self,
         transaction: &Transaction<'_>,
@@ -482,25 +532,28 @@ impl Session {
             self.command("RSET", b"RSET\r\n", self.timeouts.rset, 2)
                 .await
                 .map_err(|err| stale_if(reused, err))?;
+            self.drained("RSET")?;
         }
         self.write("MAIL", mail, self.timeouts.mail)
             .await
             .map_err(|err| stale_if(reused, err))?;
         let mail_reply = self
-            .read("MAIL", self.timeouts.mail)
+            .read_final("MAIL", self.timeouts.mail)
             .await
             .map_err(|err| stale_if(reused && !reset, err))?;
         if mail_reply.class() != 2 {
             self.closing(&mail_reply);
             return Ok(TransactionOutcome::MailRefused(mail_reply));
         }
+        self.drained("MAIL")?;
         let mut rcpt_replies = Vec::with_capacity(rcpts.len());
         for rcpt in rcpts {
             self.write("RCPT", rcpt, self.timeouts.rcpt).await?;
-            let reply = self.read("RCPT", self.timeouts.rcpt).await?;
+            let reply = self.read_final("RCPT", self.timeouts.rcpt).await?;
             if self.closing(&reply) {
                 return Ok(closed_at_rcpt(rcpt_replies, reply, rcpts.len()));
             }
+            self.drained("RCPT")?;
             rcpt_replies.push(reply);
         }
         if !any_accepted(&rcpt_replies) {
@@ -510,13 +563,15 @@ impl Session {
             });
         }
         self.write("DATA", b"DATA\r\n", self.timeouts.data_init).await?;
-        let go_ahead = self.read("DATA", self.timeouts.data_init).await?;
+        let go_ahead = self.read_data_reply().await?;
         if go_ahead.code() != 354 {
+            self.closing(&go_ahead);
             return Ok(TransactionOutcome::Replies {
                 rcpt: rcpt_replies,
                 data: Some(go_ahead),
             });
         }
+        self.drained("DATA")?;
         self.send_data(transaction, rcpt_replies).await
     }
 
@@ -529,7 +584,7 @@ impl Session {
         for chunk in dot_stuff(transaction.content).chunks(DATA_CHUNK) {
             self.write("message data", chunk, self.timeouts.data_block).await?;
         }
-        let done = self.read("end of data", self.timeouts.data_done).await?;
+        let done = self.read_final("end of data", self.timeouts.data_done).await?;
         self.closing(&done);
         self.needs_reset = false;
         Ok(TransactionOutcome::Replies {
@@ -541,6 +596,7 @@ impl Session {
     async fn ehlo(&mut self, helo_name: &str) -> Result<(), SessionError> {
         let command = format!("EHLO {helo_name}\r\n");
         let reply = self.command("EHLO", command.as_bytes(), self.timeouts.ehlo, 2).await?;
+        self.drained("EHLO")?;
         self.extensions = Extensions::of(&reply);
         Ok(())
     }
@@ -615,11 +671,95 @@ impl Session {
     }
 
     async fn read(&mut self, phase: &'static str, timeout: Duration) -> Result<Reply, SessionError> {
-        let reply = tokio::time::timeout(timeout, self.read_reply(phase))
+        tokio::time::timeout(timeout, self.read_reply(phase))
             .await
-            .map_err(|_| SessionError::Timeout { phase })??;
-        self.last_reply = Some(reply.clone());
-        Ok(reply)
+            .map_err(|_| SessionError::Timeout { phase })?
+    }
+
+    /// A reply that ends a command (MAIL, RCPT, the message): 2xx, 4xx or 5xx; a 1xx or 3xx answers nothing here.
+    async fn read_final(&mut self, phase: &'static str, timeout: Duration) -> Result<Reply, SessionError> {
+        let reply = self.read(phase, timeout).await?;
+        if matches!(reply.class(), 2 | 4 | 5) {
+            Ok(reply)
+        } else {
+            Err(unexpected(phase))
+        }
+    }
+
+    /// The reply to DATA: 354, or a refusal. A 2xx would read as the message accepted before it was sent.
+    async fn read_data_reply(&mut self) -> Result<Reply, SessionError> {
+        let reply = self.read("DATA", self.timeouts.data_init).await?;
+        if reply.code() == 354 || matches!(reply.class(), 4 | 5) {
+            Ok(reply)
+        } else {
+            Err(unexpected("DATA"))
+        }
+    }
+
+    /// Called when every command sent has had its reply: any byte already received, or waiting on the connection,
+    /// answers nothing the client asked. A closed connection is noted, not an error: the replies so far stand.
+    fn drained(&mut self, phase: &'static str) -> Result<(), SessionError> {
+        if self.buffer.is_empty() {
+            match self.poll_pending() {
+                Pending::Nothing => return Ok(()),
+                Pending::Closed => {
+                    self.closed = true;
+                    return Ok(());
+                }
+                Pending::Bytes => {}
+            }
+        }
+        Err(SessionError::Protocol {
+            phase,
+            violation: ProtocolError::SurplusReply,
+        })
+    }
+
+    /// Before an idle session carries another transaction. A server that closed it meanwhile (EOF, or a lone 421
+    /// per RFC 5321 section 4.5.3.2) leaves it stale: a fresh session may carry the transaction. Anything else it
+    /// sent while nothing was asked is a protocol error.
+    fn check_idle(&mut self) -> Result<(), SessionError> {
+        let pending = if self.buffer.is_empty() {
+            self.poll_pending()
+        } else {
+            Pending::Bytes
+        };
+        match pending {
+            Pending::Nothing => return Ok(()),
+            Pending::Closed => {
+                return Err(SessionError::Stale {
+                    reason: "connection closed while idle".to_owned(),
+                });
+            }
+            Pending::Bytes => {}
+        }
+        match reply::parse(&self.buffer) {
+            Ok(Some((reply, used))) if reply.code() == 421 && used == self.buffer.len() => Err(SessionError::Stale {
+                reason: "the server closed the idle session with 421".to_owned(),
+            }),
+            _ => Err(SessionError::Protocol {
+                phase: "idle session",
+                violation: ProtocolError::UnsolicitedWhileIdle,
+            }),
+        }
+    }
+
+    /// Reads what the connection has already received, without waiting, into the buffer.
+    fn poll_pending(&mut self) -> Pending {
+        let mut chunk = [0; READ_CHUNK];
+        let read = match &mut self.transport {
+            Transport::Plain(stream) => stream.read(&mut chunk).now_or_never(),
+            Transport::Tls(stream) => stream.read(&mut chunk).now_or_never(),
+            Transport::Taken => return Pending::Closed,
+        };
+        match read {
+            None => Pending::Nothing,
+            Some(Ok(0) | Err(_)) => Pending::Closed,
+            Some(Ok(n)) => {
+                self.buffer.extend_from_slice(&chunk[..n]);
+                Pending::Bytes
+            }
+        }
     }
 
     async fn read_reply(&mut self, phase: &'static str) -> Result<Reply, SessionError> {
@@ -669,6 +809,20 @@ impl Session {
             .await
             .map_err(|_| SessionError::Timeout { phase })?
             .map_err(|err| io_error(phase, &err))
+    }
+}
+
+/// What a connection holds that has not been read, learned without waiting.
+enum Pending {
+    Nothing,
+    Bytes,
+    Closed,
+}
+
+fn unexpected(phase: &'static str) -> SessionError {
+    SessionError::Protocol {
+        phase,
+        violation: ProtocolError::UnexpectedReply,
     }
 }
 
