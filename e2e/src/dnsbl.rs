@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -14,8 +14,22 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 
-/// Where the operators of the e2e suites send their DNSBL queries.
-pub const DNSBL_SERVER: &str = "127.0.0.1:15353";
+/// The server's socket, bound once per test process to a free loopback port: suites running side by side (and the
+/// operators each starts) never contend for one port, and a server that stopped leaves the port to the next one.
+fn socket() -> &'static UdpSocket {
+    static SOCKET: OnceLock<UdpSocket> = OnceLock::new();
+    SOCKET.get_or_init(|| {
+        UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|err| panic!("cannot listen on a loopback UDP port: {err}"))
+    })
+}
+
+/// Where the operators this test process starts send their DNSBL queries.
+pub fn address() -> String {
+    socket()
+        .local_addr()
+        .unwrap_or_else(|err| panic!("the blocklist socket has no address: {err}"))
+        .to_string()
+}
 
 #[derive(Debug, Default)]
 struct Table {
@@ -25,9 +39,9 @@ struct Table {
     broken: Vec<String>,
 }
 
-/// The running server, on a thread of its own: dropping it closes the port before the drop returns, so the next
-/// test can bind it at once. (A task on the test's runtime kept the port until that runtime shut down, after the
-/// next test had already tried to bind it.)
+/// The running server, on a thread of its own: dropping it stops the thread before the drop returns, so the next
+/// test's server alone answers. (A task on the test's runtime ran on until that runtime shut down, after the next
+/// test's server had started.)
 #[derive(Debug)]
 pub struct BlocklistServer {
     table: Arc<Mutex<Table>>,
@@ -40,11 +54,12 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 
 impl BlocklistServer {
     pub fn start() -> Self {
-        let socket =
-            UdpSocket::bind(DNSBL_SERVER).unwrap_or_else(|err| panic!("cannot listen on {DNSBL_SERVER}/udp: {err}"));
+        let socket = socket()
+            .try_clone()
+            .unwrap_or_else(|err| panic!("cannot share the blocklist socket: {err}"));
         socket
             .set_read_timeout(Some(STOP_POLL))
-            .unwrap_or_else(|err| panic!("cannot set a read timeout on {DNSBL_SERVER}/udp: {err}"));
+            .unwrap_or_else(|err| panic!("cannot set a read timeout on the blocklist socket: {err}"));
         let table = Arc::new(Mutex::new(Table::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (answers, stopping) = (Arc::clone(&table), Arc::clone(&stop));
