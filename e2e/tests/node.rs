@@ -5,7 +5,7 @@
 //!
 //! `e2e/node-install.sh` (images imported, `helm upgrade --install`) runs before this suite.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -14,7 +14,7 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_e2e::tenants::condition;
-use securemail_e2e::{client, eventually, kubeconfig, kubectl_ok, repo_root};
+use securemail_e2e::{client, kubeconfig, kubectl, kubectl_ok, repo_root};
 
 const OPERATOR_NAMESPACE: &str = "securemail-system";
 /// From `kubectl apply` to Ready, key generation and volume provisioning included; a warm node needs a fraction.
@@ -122,6 +122,44 @@ async fn mta_pods(client: &Client, namespace: &str, tenant: &str) -> Vec<Pod> {
     .items
 }
 
+/// Waits until the tenant is Ready=True with MtaAvailable=True for its current generation; on timeout the panic
+/// shows its conditions, its pods and the namespace's events, which say why.
+async fn wait_ready(tenants: &Api<SecureMailTenant>, namespace: &str, name: &str) -> SecureMailTenant {
+    let deadline = Instant::now() + TENANT_READY;
+    loop {
+        if let Ok(tenant) = tenants.get(name).await {
+            let current = tenant
+                .status
+                .as_ref()
+                .is_some_and(|status| status.observed_generation == tenant.metadata.generation);
+            let ready = ["Ready", "MtaAvailable"]
+                .iter()
+                .all(|type_| condition(&tenant, type_).is_some_and(|(status, _, _)| status == "True"));
+            if current && ready {
+                return tenant;
+            }
+        }
+        if Instant::now() > deadline {
+            let show = |args: &[&str]| String::from_utf8_lossy(&kubectl(args).stdout).into_owned();
+            panic!(
+                "{namespace}/{name} not Ready=True with MtaAvailable=True after {TENANT_READY:?}\nconditions:\n{}\npods:\n{}\nevents:\n{}",
+                show(&[
+                    "get",
+                    "smt",
+                    "-n",
+                    namespace,
+                    name,
+                    "-o",
+                    "jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}"
+                ]),
+                show(&["get", "pods", "-n", namespace, "-o", "wide"]),
+                show(&["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"]),
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 #[tokio::test]
 async fn example_tenants_become_ready_from_their_running_mta_pods() {
     let client = client().await;
@@ -143,19 +181,7 @@ async fn example_tenants_become_ready_from_their_running_mta_pods() {
 
     for (_, namespace, name) in EXAMPLES {
         let tenants: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
-        let what = format!("{namespace}/{name} Ready=True with MtaAvailable=True");
-        let tenant = eventually(&what, TENANT_READY, || async {
-            let tenant = tenants.get(name).await.ok()?;
-            let current = tenant
-                .status
-                .as_ref()
-                .is_some_and(|status| status.observed_generation == tenant.metadata.generation);
-            let ready = ["Ready", "MtaAvailable"]
-                .iter()
-                .all(|type_| condition(&tenant, type_).is_some_and(|(status, _, _)| status == "True"));
-            (current && ready).then_some(tenant)
-        })
-        .await;
+        let tenant = wait_ready(&tenants, namespace, name).await;
 
         // The status the operator read is the controller-manager's, for pods that really run.
         let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
