@@ -213,8 +213,9 @@ dataplane-up: deps
 dataplane-down:
 	e2e/dataplane/down.sh $(DATAPLANE_DIR)
 
-## demo: the main job end to end on a local control plane (left running; stop it with `make cluster-down`).
-demo: deps
+## demo: the main job end to end on a local Kubernetes with a node, from the images (left running; stop it with
+## `make cluster-down`).
+demo: deps images
 	e2e/demo.sh
 
 ## bench-operator: N tenants to DkimReady+ConfigValid vs the RSA keygen floor, peak RSS, no-op writes (N=1000);
