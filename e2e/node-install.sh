@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs SecureMail on the test node the way a platform team does on a cluster: the images `make images` built are
-# imported into the node's containerd (there is no registry), the tenants' namespaces are created and the operator
-# chart is installed with `helm upgrade --install`; waits until both operator replicas run and one holds the Lease.
+# imported into the node's containerd (there is no registry), the operator's and the tenants' namespaces are created
+# with their Pod Security levels and the operator chart is installed with `helm upgrade --install`; waits until both
+# operator replicas run and one holds the Lease.
 # Usage: node-install.sh [IMAGES_DIR] (default target/images). Expects the node (make node-up).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,9 +27,19 @@ for image in operator sidecar mta; do
 done
 log "imported: $(ctr -a "$containerd_sock" -n k8s.io images ls -q | grep '^ghcr.io/securemail/' | paste -sd' ')"
 
+# Pod Security admission as docs/security.md asks a platform team to set it: the operator's namespace enforces
+# `restricted`, the tenants' `baseline` (Postfix's master runs as root); audit and warn at the same level, so the
+# apiserver's audit log names any violation, also of a Deployment's or StatefulSet's pod template.
+# (`kubectl label`, not labels in an applied manifest: a later `kubectl apply` of the namespace keeps them.)
+pod_security() { # NAMESPACE LEVEL
+  kubectl create namespace "$1" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl label --overwrite namespace "$1" "pod-security.kubernetes.io/enforce=$2" \
+    "pod-security.kubernetes.io/audit=$2" "pod-security.kubernetes.io/warn=$2" >/dev/null
+}
+pod_security "$namespace" restricted
 namespaces=$(sed -n 's/^  namespace: //p' "$root"/examples/*.yaml | sort -u | paste -sd, -)
 for tenant_namespace in ${namespaces//,/ }; do
-  kubectl create namespace "$tenant_namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  pod_security "$tenant_namespace" baseline
 done
 api_port=$(sed -n 's|^ *server: https://[^:]*:||p' "$KUBECONFIG")
 # The operator's NetworkPolicy opens egress to the apiserver's port as its pods see it (the endpoint of the

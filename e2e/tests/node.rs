@@ -1,7 +1,8 @@
 //! On the test node (`make e2e-node`): SecureMail installed as a platform team installs it. The operator runs as the
 //! chart's two pods with one leader, and example tenants' MTA pods, from the images `make images` built, are scheduled
 //! on a volume from the node's StorageClass, pass their probes and make their tenants Ready from the StatefulSet
-//! status the real controller-manager writes.
+//! status the real controller-manager writes, and every pod meets the Pod Security level its namespace enforces
+//! (`restricted` for the operator, `baseline` for tenants) without an audited violation.
 //!
 //! `e2e/node-install.sh` (images imported, `helm upgrade --install`) runs before this suite.
 
@@ -14,7 +15,7 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_e2e::tenants::condition;
-use securemail_e2e::{client, kubeconfig, kubectl, kubectl_ok, repo_root};
+use securemail_e2e::{audit_log, client, kubeconfig, kubectl, kubectl_ok, repo_root};
 
 const OPERATOR_NAMESPACE: &str = "securemail-system";
 /// From `kubectl apply` to Ready, key generation and volume provisioning included; a warm node needs a fraction.
@@ -260,4 +261,51 @@ async fn example_tenants_become_ready_from_their_running_mta_pods() {
         }
         println!("{namespace}/{name}: Ready with {addresses} MTA pod(s) on the node");
     }
+    let mut namespaces: Vec<&str> = EXAMPLES.iter().map(|(_, namespace, _)| *namespace).collect();
+    namespaces.push(OPERATOR_NAMESPACE);
+    assert_pod_security_clean(&namespaces);
+}
+
+/// Every pod and pod template written in `namespaces` met the Pod Security level the namespace audits
+/// (node-install.sh labels them: `restricted` for the operator, `baseline` for tenants): the apiserver's audit log
+/// holds writes of pods and workloads there, none with a violation. Enforcement alone would show only pods refused;
+/// this also catches a StatefulSet template that would be.
+fn assert_pod_security_clean(namespaces: &[&str]) {
+    for namespace in namespaces {
+        let labels = kubectl_ok(&["get", "namespace", namespace, "-o", "jsonpath={.metadata.labels}"]);
+        assert!(
+            labels.contains("\"pod-security.kubernetes.io/audit\""),
+            "{namespace} has no Pod Security audit level: {labels}"
+        );
+    }
+    let log = std::fs::read_to_string(audit_log()).unwrap_or_else(|err| panic!("{}: {err}", audit_log().display()));
+    let mut checked = 0;
+    for event in log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    {
+        let namespace = event
+            .pointer("/objectRef/namespace")
+            .and_then(|value| value.as_str())
+            .unwrap_or_default();
+        let resource = event
+            .pointer("/objectRef/resource")
+            .and_then(|value| value.as_str())
+            .unwrap_or_default();
+        if !namespaces.contains(&namespace)
+            || !["pods", "deployments", "statefulsets", "replicasets"].contains(&resource)
+        {
+            continue;
+        }
+        checked += 1;
+        let violations = event.pointer("/annotations/pod-security.kubernetes.io~1audit-violations");
+        assert!(
+            violations.is_none(),
+            "a {resource} write in {namespace} violates its Pod Security level: {violations:?}"
+        );
+    }
+    assert!(
+        checked > 0,
+        "no pod or workload write in {namespaces:?} in the audit log"
+    );
 }
