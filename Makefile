@@ -12,7 +12,7 @@ DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down node-up node-down node-smoke e2e e2e-node e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-sidecar bench-policy images check-images check-image-containers
+.PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down node-up node-down node-smoke e2e e2e-node e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-node bench-sidecar bench-policy images check-images check-image-containers
 
 ## test: every check CI runs — formatting, clippy, unit tests, a fuzzing smoke run, CRD drift, end-to-end suites
 ## (control plane; the images, reproducible and run as containers; the node running them; data plane, fault
@@ -223,6 +223,12 @@ demo: deps images
 bench-operator: N ?= 1000
 bench-operator: deps
 	e2e/bench-operator.sh $(N)
+
+## bench-node: on the node, kubectl apply of a one-address tenant to Ready vs a bare pod's start plus one RSA key, the
+## idle MTA pod's memory and the node's own cost (RUNS=3); leaves the cluster running (make cluster-down).
+bench-node: RUNS ?= 3
+bench-node: deps images
+	e2e/bench-node.sh $(RUNS)
 
 ## bench-sidecar: Postfix → sidecar → TLS 1.3 receiver vs Postfix direct with TLS, in a data-plane world of its own
 ## (holds /tmp/securemail-dataplane.lock while it runs): messages/s, latency, sidecar CPU and RSS, policy cache.

@@ -168,6 +168,7 @@ fn postfix_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
             ..ContainerPort::default()
         }]),
         resources: tenant.spec.mta.resources.clone(),
+        startup_probe: Some(startup(mta_probe(1))),
         readiness_probe: Some(mta_probe(5)),
         liveness_probe: Some(mta_probe(30)),
         security_context: Some(SecurityContext {
@@ -229,6 +230,7 @@ fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
             ..ContainerPort::default()
         }]),
         resources: tenant.spec.mta.sidecar_resources.clone(),
+        startup_probe: Some(startup(http_probe("/livez", 1))),
         readiness_probe: Some(http_probe("/readyz", 5)),
         liveness_probe: Some(http_probe("/livez", 30)),
         // Pod Security "restricted".
@@ -402,6 +404,19 @@ fn mta_probe(period_seconds: i32) -> Probe {
         // It runs postconf; a busy node must not turn a slow start of a process into an unready pod.
         timeout_seconds: Some(5),
         ..Probe::default()
+    }
+}
+
+/// How long a container may take to start before the kubelet restarts it.
+const STARTUP_SECONDS: i32 = 120;
+
+/// A start-up probe asked every second: the pod is Ready a second after its containers are, instead of at the next
+/// readiness period, and liveness is not judged before the container has started.
+fn startup(probe: Probe) -> Probe {
+    let period = probe.period_seconds.unwrap_or(1).max(1);
+    Probe {
+        failure_threshold: Some(STARTUP_SECONDS / period),
+        ..probe
     }
 }
 
