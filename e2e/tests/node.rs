@@ -2,7 +2,8 @@
 //! chart's two pods with one leader, and example tenants' MTA pods, from the images `make images` built, are scheduled
 //! on a volume from the node's StorageClass, pass their probes and make their tenants Ready from the StatefulSet
 //! status the real controller-manager writes, and every pod meets the Pod Security level its namespace enforces
-//! (`restricted` for the operator, `baseline` for tenants) without an audited violation.
+//! (`restricted` for the operator, `baseline` for tenants) without an audited violation. A tenant deleted with
+//! `deletionPolicy: Drain` drains its pod and the garbage collector removes its children; with `Orphan` they run on.
 //!
 //! `e2e/node-install.sh` (images imported, `helm upgrade --install`) runs before this suite.
 
@@ -123,6 +124,29 @@ async fn mta_pods(client: &Client, namespace: &str, tenant: &str) -> Vec<Pod> {
     .items
 }
 
+/// Applies [`EXAMPLES`] with the Secrets they name (`apply-examples.sh`), once per test process: the cases that need
+/// them run side by side.
+fn apply_examples() {
+    static APPLIED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    APPLIED.get_or_init(|| {
+        let script = repo_root().join("e2e/apply-examples.sh");
+        let output = std::process::Command::new(&script)
+            .args(
+                EXAMPLES
+                    .iter()
+                    .map(|(file, _, _)| repo_root().join("examples").join(file)),
+            )
+            .env("KUBECONFIG", kubeconfig())
+            .output()
+            .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
+        assert!(
+            output.status.success(),
+            "apply-examples.sh: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+}
+
 /// Waits until the tenant is Ready=True with MtaAvailable=True for its current generation; on timeout the panic
 /// shows its conditions, its pods and the namespace's events, which say why.
 async fn wait_ready(tenants: &Api<SecureMailTenant>, namespace: &str, name: &str) -> SecureMailTenant {
@@ -164,21 +188,7 @@ async fn wait_ready(tenants: &Api<SecureMailTenant>, namespace: &str, name: &str
 #[tokio::test]
 async fn example_tenants_become_ready_from_their_running_mta_pods() {
     let client = client().await;
-    let examples: Vec<String> = EXAMPLES
-        .iter()
-        .map(|(file, _, _)| repo_root().join("examples").join(file).to_string_lossy().into_owned())
-        .collect();
-    let script = repo_root().join("e2e/apply-examples.sh");
-    let output = std::process::Command::new(&script)
-        .args(&examples)
-        .env("KUBECONFIG", kubeconfig())
-        .output()
-        .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
-    assert!(
-        output.status.success(),
-        "apply-examples.sh: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    apply_examples();
 
     for (_, namespace, name) in EXAMPLES {
         let tenants: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
@@ -308,4 +318,136 @@ fn assert_pod_security_clean(namespaces: &[&str]) {
         checked > 0,
         "no pod or workload write in {namespaces:?} in the audit log"
     );
+}
+
+/// A one-address tenant of its own in the examples' first namespace (the chart manages only those), named `name`,
+/// with `deletion_policy`: the minimal example with its own name, domain and address.
+fn own_tenant(name: &str, address: &str, deletion_policy: &str) -> String {
+    let example = std::fs::read_to_string(repo_root().join("examples/minimal.yaml"))
+        .unwrap_or_else(|err| panic!("examples/minimal.yaml: {err}"));
+    example
+        .replace("  name: lakeside-clinic", &format!("  name: {name}"))
+        .replace(
+            "notify.lakeside-clinic.example",
+            &format!("{name}.lakeside-clinic.example"),
+        )
+        .replace("192.0.2.10", address)
+        .replace("spec:\n", &format!("spec:\n  deletionPolicy: {deletion_policy}\n"))
+}
+
+/// Names of the objects of `kind` in `namespace` that belong to tenant `name` (by its label).
+fn children(kind: &str, namespace: &str, name: &str) -> Vec<String> {
+    kubectl_ok(&[
+        "get",
+        kind,
+        "-n",
+        namespace,
+        "-l",
+        &format!("securemail.io/tenant={name}"),
+        "-o",
+        "name",
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+#[tokio::test]
+async fn a_deleted_tenant_drains_and_its_children_go_while_an_orphaned_one_keeps_running() {
+    let client = client().await;
+    let namespace = EXAMPLES[0].1;
+    let tenants: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+    // The examples' Secrets (apply-examples.sh) are what these tenants name too.
+    apply_examples();
+    for (name, address, policy) in [
+        ("drained", "192.0.2.231", "Drain"),
+        ("orphaned", "192.0.2.232", "Orphan"),
+    ] {
+        let manifest = own_tenant(name, address, policy);
+        let mut apply = std::process::Command::new("kubectl")
+            .args(["--kubeconfig", &kubeconfig(), "apply", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("kubectl apply: {err}"));
+        if let Some(mut stdin) = apply.stdin.take() {
+            std::io::Write::write_all(&mut stdin, manifest.as_bytes()).unwrap_or_else(|err| panic!("{err}"));
+        }
+        assert!(
+            apply.wait().is_ok_and(|status| status.success()),
+            "kubectl apply of tenant {name}"
+        );
+        wait_ready(&tenants, namespace, name).await;
+    }
+
+    // Drain: the finalizer stays until the pod's queue read empty twice; then the operator deletes the volume and the
+    // garbage collector (the real controller-manager) the StatefulSet, its pod and the other children.
+    kubectl_ok(&["delete", "smt", "-n", namespace, "drained", "--wait=false"]);
+    let deadline = Instant::now() + TENANT_READY;
+    let kinds = "statefulsets,pods,services,configmaps,secrets,persistentvolumeclaims";
+    while tenants.get_opt("drained").await.ok().flatten().is_some() || !children(kinds, namespace, "drained").is_empty()
+    {
+        let claim = kubectl(&["get", "pvc", "-n", namespace, "data-drained-mta-0", "-o", "name"]);
+        assert!(
+            Instant::now() < deadline,
+            "{namespace}/drained not gone with its children after {TENANT_READY:?}: left {:?}, claim {}",
+            children(kinds, namespace, "drained"),
+            String::from_utf8_lossy(&claim.stdout)
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let claim = kubectl(&["get", "pvc", "-n", namespace, "data-drained-mta-0"]);
+    assert!(
+        !claim.status.success(),
+        "the drained tenant's volume claim is still there"
+    );
+
+    // Orphan: the tenant goes at once, its StatefulSet keeps running its pod on its volume, owned by nobody.
+    kubectl_ok(&[
+        "delete",
+        "smt",
+        "-n",
+        namespace,
+        "orphaned",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let owners = kubectl_ok(&[
+        "get",
+        "statefulset",
+        "-n",
+        namespace,
+        "orphaned-mta",
+        "-o",
+        "jsonpath={.metadata.ownerReferences}",
+    ]);
+    assert!(
+        owners.trim().is_empty(),
+        "the orphaned StatefulSet still has owners: {owners}"
+    );
+    let pods = mta_pods(&client, namespace, "orphaned").await;
+    assert!(
+        pods.len() == 1 && pods.iter().all(pod_ready),
+        "the orphaned tenant's MTA pod no longer runs: {:?}",
+        pods.iter().map(ResourceExt::name_any).collect::<Vec<_>>()
+    );
+    kubectl_ok(&["get", "pvc", "-n", namespace, "data-orphaned-mta-0"]);
+    // What a platform team does with orphans once it has taken the mail elsewhere.
+    for kind in [
+        "statefulsets",
+        "services",
+        "configmaps",
+        "secrets",
+        "poddisruptionbudgets",
+        "networkpolicies",
+    ] {
+        kubectl_ok(&[
+            "delete",
+            kind,
+            "-n",
+            namespace,
+            "-l",
+            "securemail.io/tenant=orphaned",
+            "--wait=false",
+        ]);
+    }
 }
