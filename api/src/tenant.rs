@@ -7,6 +7,7 @@
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::{Message, Rule};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,39 @@ use crate::provider::ProviderSuffix;
 /// label that starts with a letter (no top-level domain is numeric, RFC 3696 section 2, and Postfix refuses a
 /// numeric one in `myhostname`).
 pub(crate) const DNS_NAME_PATTERN: &str = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
+// CEL rules that refuse the usual near-misses of a DNS name naming the fix, beside `DNS_NAME_PATTERN`'s generic
+// refusal. Names are compared byte for byte (DKIM signing domains, Postfix's sender table, ownership between
+// tenants), so `Example.ORG`, `example.org.` and `bücher.example` would each be another name that never matches.
+fn no_trailing_dot(field: &str) -> Rule {
+    Rule::new("!self.endsWith('.')").message(Message::Message(format!(
+        "{field} must not end with a dot: write notify.example.org, not notify.example.org."
+    )))
+}
+fn lower_case(field: &str) -> Rule {
+    Rule::new("self == self.lowerAscii()").message(Message::Message(format!(
+        "{field} must be lower case: write notify.example.org, not Notify.Example.ORG"
+    )))
+}
+fn a_label(field: &str) -> Rule {
+    Rule::new("self.matches('^[ -~]*$')").message(Message::Message(format!(
+        "{field} must be ASCII: write an internationalized (Unicode) name as its A-label (punycode), e.g. \
+         xn--bcher-kva.example for bücher.example (idn2 bücher.example prints it)"
+    )))
+}
+
+/// A pool address must be one receivers can see mail come from. Go's (and so CEL's) global unicast excludes exactly
+/// the never-public kinds: loopback, unspecified, link-local, multicast and the IPv4 broadcast address; private and
+/// documentation ranges stay allowed (NAT, test clusters, the examples).
+fn public_source_rule() -> Rule {
+    Rule::new("!isIP(self) || ip(self).isGlobalUnicast()").message(Message::Expression(
+        "'ipPool address ' + self + ' is ' + (ip(self).isLoopback() ? 'a loopback' : ip(self).isUnspecified() ? \
+         'the unspecified' : ip(self).isLinkLocalUnicast() ? 'a link-local' : ip(self).isLinkLocalMulticast() ? \
+         'a link-local multicast' : 'a multicast or broadcast') + ' address and can never be a public source; use \
+         the address receivers see the mail come from'"
+            .to_owned(),
+    ))
+}
+
 /// A single lower-case DNS label such as `sm` or `billing-app`.
 const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// A mail address for DMARC reports (`mailto:` is added when the record is rendered).
@@ -121,8 +155,15 @@ pub struct SecureMailTenantSpec {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DomainSpec {
-    /// The domain in the From: header, e.g. `notify.example-hospital.org` (lower case, no trailing dot).
+    /// The domain in the From: header, e.g. `notify.example-hospital.org`: lower case, no trailing dot, and an
+    /// internationalized name as its A-label (`xn--...`). A domain belongs to one tenant at a time: a tenant that
+    /// lists a domain another tenant holds gets `DomainConflict` and nothing for that domain.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_NAME_PATTERN))]
+    #[x_kube(
+        validation = no_trailing_dot("a domain name"),
+        validation = lower_case("a domain name"),
+        validation = a_label("a domain name")
+    )]
     pub name: String,
 
     /// DKIM signing for this domain.
@@ -276,12 +317,20 @@ pub struct IpPoolSpec {
 pub struct PoolAddress {
     /// IPv4 or IPv6 address in canonical form, e.g. `192.0.2.10` or `2001:db8::10`.
     #[schemars(length(max = 45))]
-    #[x_kube(validation = Rule::new("isIP(self) && ip.isCanonical(self)").message("must be an IPv4 or IPv6 address in canonical form, e.g. 192.0.2.10 or 2001:db8::10"))]
+    #[x_kube(
+        validation = Rule::new("isIP(self) && ip.isCanonical(self)").message("must be an IPv4 or IPv6 address in canonical form, e.g. 192.0.2.10 or 2001:db8::10"),
+        validation = public_source_rule()
+    )]
     pub address: String,
 
     /// The PTR (reverse DNS) name of the address and the name used in EHLO, e.g. `mta1.notify.example.org`.
     /// It must resolve back to the address (forward-confirmed reverse DNS); large receivers refuse mail otherwise.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_NAME_PATTERN))]
+    #[x_kube(
+        validation = no_trailing_dot("an ipPool hostname"),
+        validation = lower_case("an ipPool hostname"),
+        validation = a_label("an ipPool hostname")
+    )]
     pub hostname: String,
 }
 
@@ -574,6 +623,11 @@ pub enum OnFailure {
 pub struct TlsOverride {
     /// Recipient domain this override applies to, e.g. `partner-clinic.example`.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_NAME_PATTERN))]
+    #[x_kube(
+        validation = no_trailing_dot("a tlsPolicy override domain"),
+        validation = lower_case("a tlsPolicy override domain"),
+        validation = a_label("a tlsPolicy override domain")
+    )]
     pub domain: String,
 
     /// dane: DANE is required (no DANE ⇒ no delivery). verified / encrypted: as the tenant mode.

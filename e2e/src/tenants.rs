@@ -36,6 +36,11 @@ pub fn example(file: &str, namespace: &str) -> SecureMailTenant {
             format!("10.{}.{}.{}", block / 256 % 256, block % 256, index + 1)
         };
     }
+    // And domains of its own, for the same reason: a domain belongs to the tenant that claimed it first. A
+    // namespace name is a DNS label.
+    for domain in &mut tenant.spec.domains {
+        domain.name = format!("{namespace}.{}", domain.name);
+    }
     tenant
 }
 

@@ -1,6 +1,6 @@
 //! The operator against a real kube-apiserver, running as its own ServiceAccount: every example reconciles into
 //! owned, labelled children with a truthful status; a second reconcile writes nothing; a restart keeps the DKIM
-//! keys; a deleted key gets a new selector; address conflicts, pausing and deletion behave as documented.
+//! keys; a deleted key gets a new selector; address and domain conflicts, pausing and deletion behave as documented.
 //!
 //! One operator serves the whole file (two would fight over the same tenants), so the scenarios run in sequence
 //! inside one test, each in its own namespace.
@@ -50,6 +50,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     deleting_a_drain_tenant_waits_for_empty_queues(&client).await;
     // Last: they install the external-dns and cert-manager CRDs into the shared control plane.
     dns_endpoints_follow_the_external_dns_crd(&client).await;
+    operator = a_domain_belongs_to_one_tenant_at_a_time(&client, operator).await;
     the_submission_certificate_comes_from_cert_manager(&client).await;
     drop(operator);
 }
@@ -303,7 +304,8 @@ async fn a_paused_tenant_is_left_alone(client: &Client) {
         .map(|cm| cm.resource_version());
 
     let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
-    let patch = json!({"spec": {"paused": true, "domains": [{"name": "notify.lakeside-clinic.example"}, {"name": "other.lakeside-clinic.example"}]}});
+    let domain = &tenant.spec.domains[0].name;
+    let patch = json!({"spec": {"paused": true, "domains": [{"name": domain}, {"name": format!("other.{domain}")}]}});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap_or_else(|err| panic!("{err}"));
@@ -1152,4 +1154,210 @@ async fn dns_endpoints_follow_the_external_dns_crd(client: &Client) {
             .is_some_and(|t| t.starts_with("v=DKIM1; k=") && !t.contains('"'))
     );
     assert_eq!(endpoint["metadata"]["ownerReferences"][0]["name"], name.as_str());
+}
+
+/// What a tenant publishes or signs for `domain`, from the apiserver: key Secrets, status selectors and records,
+/// its DNSEndpoint, its sidecar signing config and Postfix's envelope-sender table. Empty when it has nothing.
+async fn traces_of_domain(client: &Client, tenant: &SecureMailTenant, domain: &str) -> Vec<String> {
+    let namespace = tenant.namespace().unwrap_or_default();
+    let name = tenant.name_any();
+    let in_domain = |dns_name: &str| dns_name == domain || dns_name.ends_with(&format!(".{domain}"));
+    let mut traces = Vec::new();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    for secret in secrets
+        .list(&ListParams::default().labels(&format!(
+            "securemail.io/tenant={name},app.kubernetes.io/component=dkim-key"
+        )))
+        .await
+        .unwrap_or_else(|err| panic!("key Secrets: {err}"))
+    {
+        if secret
+            .annotations()
+            .get("securemail.io/dkim-domain")
+            .map(String::as_str)
+            == Some(domain)
+        {
+            traces.push(format!("key Secret {}", secret.name_any()));
+        }
+    }
+    let status = tenant.status.clone().unwrap_or_default();
+    for selector in status.dkim_selectors.iter().filter(|s| s.domain == domain) {
+        traces.push(format!("status selector {}", selector.selector));
+    }
+    for record in status.dns_records.iter().filter(|r| in_domain(&r.name)) {
+        traces.push(format!("status record {}", record.name));
+    }
+    let endpoint = securemail_e2e::kubectl(&[
+        "get",
+        "dnsendpoints",
+        "-n",
+        &namespace,
+        &format!("{name}-mta"),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        endpoint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&endpoint.stderr)
+    );
+    let endpoint: serde_json::Value = serde_json::from_slice(&endpoint.stdout).unwrap_or_else(|err| panic!("{err}"));
+    for entry in endpoint["spec"]["endpoints"].as_array().cloned().unwrap_or_default() {
+        if entry["dnsName"].as_str().is_some_and(in_domain) {
+            traces.push(format!("DNSEndpoint entry {}", entry["dnsName"]));
+        }
+    }
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let config = config_maps
+        .get(&format!("{name}-mta-config"))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"))
+        .data
+        .unwrap_or_default();
+    for (file, text) in &config {
+        if file.starts_with("sidecar-") {
+            let sidecar: serde_yaml::Value = serde_yaml::from_str(text).unwrap_or_else(|err| panic!("{file}: {err}"));
+            let signing = sidecar["signing"].as_sequence().cloned().unwrap_or_default();
+            if signing.iter().any(|entry| entry["domain"].as_str() == Some(domain)) {
+                traces.push(format!("signing entry in {file}"));
+            }
+        }
+    }
+    if config
+        .get("main.cf")
+        .is_some_and(|main| main.contains(&format!("{{ {domain} = OK }}")))
+    {
+        traces.push("envelope sender allowed in main.cf".to_owned());
+    }
+    traces
+}
+
+/// Two tenants in two namespaces list one domain, both publishing through external-dns: the first holds it across an
+/// operator restart, the later one is told who holds it and gets nothing for it (its own domain and its pods work),
+/// and deleting the first hands the domain over.
+async fn a_domain_belongs_to_one_tenant_at_a_time(client: &Client, operator: Operator) -> Operator {
+    securemail_e2e::install_third_party_crd("external-dns", "dnsendpoints.externaldns.k8s.io");
+    let first_ns = unique_namespace("domain-a");
+    let second_ns = unique_namespace("domain-b");
+    let mut first = example("minimal.yaml", &first_ns);
+    first.spec.dns.external_dns = true;
+    let shared = first.spec.domains[0].name.clone();
+    let first = create(client, &first).await;
+    let first_name = first.name_any();
+    let first_api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &first_ns);
+    let holds = |tenant: &SecureMailTenant| {
+        condition(tenant, "DkimReady").is_some_and(|c| c.0 == "True")
+            && condition(tenant, "DnsPublished").is_some_and(|c| c.0 == "True")
+            && tenant
+                .status
+                .as_ref()
+                .is_some_and(|s| s.dkim_selectors.iter().any(|k| k.domain == shared))
+    };
+    eventually("the first tenant holds the domain", WAIT, || async {
+        first_api.get(&first_name).await.ok().filter(|t| holds(t))
+    })
+    .await;
+    let first_keys = key_secrets(client, &first_ns).await;
+
+    // The later tenant lists the shared domain beside one of its own.
+    let mut second = example("strict-tls-overrides.yaml", &second_ns);
+    second.spec.dns.external_dns = true;
+    second.spec.domains[0].name = shared.clone();
+    let own = second.spec.domains[1].name.clone();
+    let second = create(client, &second).await;
+    let second_name = second.name_any();
+    let second_api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &second_ns);
+    let in_conflict = |tenant: &SecureMailTenant| {
+        condition(tenant, "DomainConflict").is_some_and(|c| c.0 == "True")
+            && condition(tenant, "DnsPublished").is_some_and(|c| c.0 == "True")
+            && tenant
+                .status
+                .as_ref()
+                .is_some_and(|s| s.dkim_selectors.iter().any(|k| k.domain == own))
+    };
+    eventually("the later tenant is told the domain is held", WAIT, || async {
+        second_api.get(&second_name).await.ok().filter(|t| in_conflict(t))
+    })
+    .await;
+
+    // A restarted operator decides the same from what the apiserver stores; a spec change makes it write status.
+    let port = operator.admin_port;
+    operator.kill();
+    let operator = Operator::start(port + 1);
+    let patch = json!({"spec": {"domains": [{"name": shared}, {"name": own, "dmarc": {"policy": "none"}}]}});
+    second_api
+        .patch(&second_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let second = reconciled(client, &second_ns, &second_name).await;
+    assert!(
+        reconcile_count(&operator).await > 0,
+        "not reconciled by the restarted operator"
+    );
+    let (status, reason, message) = condition(&second, "DomainConflict").unwrap_or_default();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "DomainInUse"), "{message}");
+    assert!(
+        message.contains(&shared) && message.contains(&format!("{first_ns}/{first_name}")),
+        "the condition names the domain and its holder: {message}"
+    );
+    assert_eq!(
+        traces_of_domain(client, &second, &shared).await,
+        Vec::<String>::new(),
+        "the later tenant has something for the held domain"
+    );
+    // Everything else of it works: its own domain is signed and published, and it has a pod per address.
+    let own_traces = traces_of_domain(client, &second, &own).await;
+    for expected in ["key Secret", "DNSEndpoint entry", "signing entry", "envelope sender"] {
+        assert!(
+            own_traces.iter().any(|trace| trace.starts_with(expected)),
+            "no {expected} for its own domain: {own_traces:?}"
+        );
+    }
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &second_ns);
+    let replicas = sts
+        .get(&format!("{second_name}-mta"))
+        .await
+        .ok()
+        .and_then(|s| s.spec?.replicas);
+    assert_eq!(replicas, Some(2));
+    // The holder kept its keys and publishes the domain.
+    let first = first_api.get(&first_name).await.unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(
+        condition(&first, "DomainConflict").map(|c| c.0),
+        Some("False".to_owned())
+    );
+    assert_eq!(key_secrets(client, &first_ns).await, first_keys);
+    let first_traces = traces_of_domain(client, &first, &shared).await;
+    assert!(
+        first_traces.iter().any(|trace| trace.starts_with("DNSEndpoint entry")),
+        "{first_traces:?}"
+    );
+
+    // The holder goes: the later tenant gets the domain without being touched.
+    first_api
+        .delete(&first_name, &DeleteParams::default())
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let second = eventually("the domain handed over", WAIT, || async {
+        let tenant = second_api.get(&second_name).await.ok()?;
+        let free = condition(&tenant, "DomainConflict").is_some_and(|c| c.0 == "False");
+        let keyed = tenant
+            .status
+            .as_ref()
+            .is_some_and(|s| s.dkim_selectors.iter().any(|k| k.domain == shared));
+        (free && keyed).then_some(tenant)
+    })
+    .await;
+    let traces = traces_of_domain(client, &second, &shared).await;
+    for expected in ["key Secret", "DNSEndpoint entry", "signing entry", "envelope sender"] {
+        assert!(
+            traces.iter().any(|trace| trace.starts_with(expected)),
+            "no {expected} for the handed-over domain: {traces:?}"
+        );
+    }
+    assert!(
+        events_with_reason(client, &second_ns, "DomainInUse").await.len() == 1,
+        "one warning when the conflict began"
+    );
+    operator
 }

@@ -27,6 +27,7 @@ use crate::context::{Clock, Context, Metrics, MtaPod, NamespacedStores, Stateful
 use crate::dkim;
 use crate::dnsbl::DnsblWatch;
 use crate::names::{COMPONENT_LABEL, DESIRED_HASH_ANNOTATION, MANAGED_SELECTOR, MANAGER, MTA_COMPONENT, TENANT_LABEL};
+use crate::ownership;
 use crate::reconcile::{error_policy, reconcile};
 
 /// How long triggers for one tenant are collected before it is reconciled.
@@ -86,15 +87,31 @@ pub async fn run(
     let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
     let controller = {
         let (reader, writer) = reflector::store();
+        // A tenant that releases a domain or address (deleted, or dropped from its spec) hands it to the next
+        // claimant at once: each change is compared with the cached version before the cache takes it.
+        let (recheck, rechecks) = futures::channel::mpsc::unbounded();
+        let cache = reader.clone();
         let tenants = watcher(
             Api::<SecureMailTenant>::all(client.clone()),
             watcher::Config::default().any_semantic(),
         )
         .default_backoff()
         .modify(slim_tenant)
+        .inspect(move |event| {
+            let (before, after) = match event {
+                Ok(watcher::Event::Apply(tenant)) => (cache.get(&ObjectRef::from_obj(tenant)), Some(tenant)),
+                Ok(watcher::Event::Delete(tenant)) => (Some(Arc::new(tenant.clone())), None),
+                // A (re)listed cache reconciles every tenant anyway.
+                _ => return,
+            };
+            for tenant in ownership::tenants_to_recheck(before.as_deref(), after, &cache.state()) {
+                // Fails only once the controller stopped.
+                let _ = recheck.unbounded_send(tenant);
+            }
+        })
         .reflect(writer)
         .applied_objects();
-        Controller::for_stream(logging_errors(tenants, SecureMailTenant::kind(&())), reader)
+        Controller::for_stream(logging_errors(tenants, SecureMailTenant::kind(&())), reader).reconcile_on(rechecks)
     };
     let (stateful_sets, stateful_set_events) = {
         let (reader, writer) = reflector::store();

@@ -16,6 +16,7 @@ pub mod drain;
 mod error;
 pub mod inputs;
 pub mod names;
+pub mod ownership;
 pub mod pod_health;
 pub mod pod_status;
 pub mod postfix;

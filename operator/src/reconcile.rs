@@ -1,5 +1,6 @@
 //! The reconcile loop: finalizer first, then gather facts, decide (pure), apply, sweep and write status.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -34,7 +35,9 @@ use crate::context::{Context, MtaPod, StatefulSetSize};
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
-use crate::{Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, inputs, pod_health, pod_status};
+use crate::{
+    Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, inputs, ownership, pod_health, pod_status,
+};
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
 pub const FINALIZER: &str = "securemail.io/drain";
@@ -166,8 +169,15 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     }
     conditions.retain(|condition| condition.type_ != status::PAUSED);
 
-    // Addresses first claimed by another tenant get no pod here.
-    let conflicts = status::claimed_elsewhere(tenant, &ctx.stores.tenants.state());
+    // Addresses first claimed by another tenant get no pod here; domains another tenant holds get no key, record or
+    // signing here. Everything else of the tenant works as usual.
+    let cached_tenants = ctx.stores.tenants.state();
+    let conflicts = status::claimed_elsewhere(tenant, &cached_tenants);
+    let domains_held = ownership::domains_held_elsewhere(tenant, &cached_tenants, |namespace| {
+        ctx.settings.manages_namespace(namespace)
+    });
+    drop(cached_tenants);
+    let owned = without_domains(tenant, &domains_held);
     let usable: Vec<&PoolAddress> = tenant
         .spec
         .ip_pool
@@ -200,7 +210,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     // DKIM keys: adopt what is stored, generate what is missing, retire what is done.
     let mut stored = stored_keys(ctx, &namespace, &names)?;
     confirm_recorded_keys(ctx, &namespace, &names, &previous.dkim_selectors, &mut stored).await?;
-    let plan = dkim::plan(&tenant.spec.domains, &previous.dkim_selectors, &stored, now);
+    let plan = dkim::plan(&owned.spec.domains, &previous.dkim_selectors, &stored, now);
     let generated = create_keys(ctx, tenant, &names, &plan).await?;
     delete_keys(ctx, &namespace, &names, &plan).await?;
     let signing_keys = build::signing_keys(&plan.selectors, &names);
@@ -221,12 +231,12 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         signing_keys,
         pods: pool_plan.pods.clone(),
     };
-    let children = build::children(tenant, &observed, &ctx.settings)?;
+    let children = build::children(&owned, &observed, &ctx.settings)?;
     let ready_replicas = apply_children(ctx, &namespace, &names, children).await?;
     drain::delete_volumes(ctx, &namespace, &names, &pool_plan.removed).await?;
 
     let public_keys = public_keys(ctx, &namespace, &names, &plan).await?;
-    let dns_records = build::dns_records(tenant, &public_keys)?;
+    let dns_records = build::dns_records(&owned, &public_keys)?;
 
     // Without cert-manager nothing will issue the submission Secret; a Secret that exists anyway still serves.
     let inputs = inputs::check(ctx, tenant, &namespace, &names, now).await?;
@@ -257,6 +267,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         dkim_condition(&plan, now),
         pod_health::mta_condition(ready_replicas, pods, &pod_problems),
         conflict_condition(&conflicts),
+        domain_condition(&domains_held),
     ];
     updates.push(status::ready(&updates));
     // Beside Ready: a listing hurts delivery, but the tenant's infrastructure is as configured.
@@ -282,13 +293,17 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             update.reason.clone(),
             update.message.clone(),
         );
-        // A condition's first appearance is news only for an address conflict; pods not ready yet at creation is not.
+        // A condition's first appearance is news only for a conflict or a listing; pods not ready yet at creation is
+        // not.
         let previous_reason = conditions
             .iter()
             .find(|condition| condition.type_ == type_)
             .map(|condition| condition.reason.clone());
         let news = previous_reason.is_some()
-            || (matches!(type_, status::IP_POOL_CONFLICT | status::IP_LISTED) && status_now == Some(true));
+            || (matches!(
+                type_,
+                status::IP_POOL_CONFLICT | status::DOMAIN_CONFLICT | status::IP_LISTED
+            ) && status_now == Some(true));
         // Pods that cannot run are news whenever the cause changes, not only when the status does: the tenant was
         // already unavailable while they started. The cause is the reason; the message follows the kubelet's
         // retries and would make an event of each.
@@ -786,9 +801,45 @@ fn conflict_condition(conflicts: &BTreeMap<String, String>) -> ConditionUpdate {
     )
 }
 
+/// `DomainConflict`: True naming each domain another tenant holds, and that tenant.
+fn domain_condition(held: &BTreeMap<String, String>) -> ConditionUpdate {
+    if held.is_empty() {
+        return ConditionUpdate::new(
+            status::DOMAIN_CONFLICT,
+            false,
+            "NoConflict",
+            "every domain is this tenant's",
+        );
+    }
+    let list: Vec<String> = held
+        .iter()
+        .map(|(domain, holder)| format!("domain {domain} is held by tenant {holder}"))
+        .collect();
+    ConditionUpdate::new(
+        status::DOMAIN_CONFLICT,
+        true,
+        "DomainInUse",
+        format!(
+            "{}; this tenant gets no DKIM key, DNS record, DNSEndpoint entry or signing for it until that tenant \
+             releases it",
+            list.join(", ")
+        ),
+    )
+}
+
+/// The tenant as the builders and the DKIM plan see it: without the domains another tenant holds.
+fn without_domains<'t>(tenant: &'t SecureMailTenant, held: &BTreeMap<String, String>) -> Cow<'t, SecureMailTenant> {
+    if held.is_empty() {
+        return Cow::Borrowed(tenant);
+    }
+    let mut owned = tenant.clone();
+    owned.spec.domains.retain(|domain| !held.contains_key(&domain.name));
+    Cow::Owned(owned)
+}
+
 fn transition_is_bad(type_: &str, status_now: Option<bool>, reason: &str) -> bool {
     match type_ {
-        status::IP_POOL_CONFLICT | status::DRAINING => status_now == Some(true),
+        status::IP_POOL_CONFLICT | status::DOMAIN_CONFLICT | status::DRAINING => status_now == Some(true),
         // Listed, or not known whether listed.
         status::IP_LISTED => status_now != Some(false),
         // Publishing DNS by hand is a choice, not a problem.

@@ -18,6 +18,7 @@ pub const CONFIG_VALID: &str = "ConfigValid";
 pub const DKIM_READY: &str = "DkimReady";
 pub const MTA_AVAILABLE: &str = "MtaAvailable";
 pub const IP_POOL_CONFLICT: &str = "IpPoolConflict";
+pub const DOMAIN_CONFLICT: &str = "DomainConflict";
 pub const PAUSED: &str = "Paused";
 pub const DRAINING: &str = "Draining";
 pub const DNS_PUBLISHED: &str = "DnsPublished";
@@ -95,7 +96,7 @@ pub fn set_condition(
 /// The Ready summary: true only when every typed condition is good; otherwise the first bad one explains why.
 pub fn ready(updates: &[ConditionUpdate]) -> ConditionUpdate {
     let bad = updates.iter().find(|update| {
-        let healthy_when_true = update.type_ != IP_POOL_CONFLICT;
+        let healthy_when_true = !matches!(update.type_, IP_POOL_CONFLICT | DOMAIN_CONFLICT);
         update.status != Some(healthy_when_true)
     });
     match bad {
@@ -113,13 +114,7 @@ pub fn ready(updates: &[ConditionUpdate]) -> ConditionUpdate {
 /// namespace/name order), mapped to that tenant's `namespace/name`.
 pub fn claimed_elsewhere(tenant: &SecureMailTenant, all: &[impl AsRef<SecureMailTenant>]) -> BTreeMap<String, String> {
     // Runs over every tenant at each reconcile: borrowed keys, and the order is asked only for a shared address.
-    fn key(t: &SecureMailTenant) -> (Option<jiff::Timestamp>, &str, &str) {
-        (
-            t.metadata.creation_timestamp.as_ref().map(|time| time.0),
-            t.metadata.namespace.as_deref().unwrap_or_default(),
-            t.metadata.name.as_deref().unwrap_or_default(),
-        )
-    }
+    let key = crate::ownership::claim_order;
     let mine = &tenant.spec.ip_pool.addresses;
     let mut claimed = BTreeMap::new();
     for other in all.iter().map(AsRef::as_ref) {

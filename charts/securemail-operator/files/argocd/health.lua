@@ -1,5 +1,5 @@
 -- Argo CD health of a securemail.io/SecureMailTenant, from the conditions the operator writes. Ready sums up
--- ConfigValid, DkimReady, MtaAvailable and IpPoolConflict; its reason is that of the first one that is bad.
+-- ConfigValid, DkimReady, MtaAvailable, IpPoolConflict and DomainConflict; its reason is that of the first one that is bad.
 -- Argo CD runs it in gopher-lua (Lua 5.1) with only the base, table and os libraries: no string or math functions.
 local hs = {}
 
@@ -72,6 +72,10 @@ end
 local conflict = condition("IpPoolConflict")
 if conflict ~= nil and conflict.status == "True" then
   return report("Degraded", describe(conflict))
+end
+local domains = condition("DomainConflict")
+if domains ~= nil and domains.status == "True" then
+  return report("Degraded", describe(domains))
 end
 
 local ready = condition("Ready")
