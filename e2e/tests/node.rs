@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
+use securemail_e2e::dataplane::output_with_input;
 use securemail_e2e::tenants::condition;
 use securemail_e2e::{audit_log, client, kubeconfig, kubectl, kubectl_ok, repo_root};
 
@@ -364,17 +365,14 @@ async fn a_deleted_tenant_drains_and_its_children_go_while_an_orphaned_one_keeps
         ("orphaned", "192.0.2.232", "Orphan"),
     ] {
         let manifest = own_tenant(name, address, policy);
-        let mut apply = std::process::Command::new("kubectl")
-            .args(["--kubeconfig", &kubeconfig(), "apply", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|err| panic!("kubectl apply: {err}"));
-        if let Some(mut stdin) = apply.stdin.take() {
-            std::io::Write::write_all(&mut stdin, manifest.as_bytes()).unwrap_or_else(|err| panic!("{err}"));
-        }
+        let applied = output_with_input(
+            std::process::Command::new("kubectl").args(["--kubeconfig", &kubeconfig(), "apply", "-f", "-"]),
+            manifest.as_bytes(),
+        );
         assert!(
-            apply.wait().is_ok_and(|status| status.success()),
-            "kubectl apply of tenant {name}"
+            applied.status.success(),
+            "kubectl apply of tenant {name}: {}",
+            String::from_utf8_lossy(&applied.stderr)
         );
         wait_ready(&tenants, namespace, name).await;
     }
