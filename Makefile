@@ -60,8 +60,8 @@ crds:
 
 ## check-crds: fail when the committed CRD differs from what the code generates.
 check-crds:
-	@$(CARGO) run $(CARGO_FLAGS) -q -p securemail-operator --bin crdgen > target/crd.generated.yaml
-	@diff -u $(CRD_FILE) target/crd.generated.yaml || { echo "$(CRD_FILE) is stale: run 'make crds' and commit it" >&2; exit 1; }
+	@$(CARGO) run $(CARGO_FLAGS) -q -p securemail-operator --bin crdgen > $(TARGET_DIR)/crd.generated.yaml
+	@diff -u $(CRD_FILE) $(TARGET_DIR)/crd.generated.yaml || { echo "$(CRD_FILE) is stale: run 'make crds' and commit it" >&2; exit 1; }
 
 ## check-alerts: promtool check and unit tests of the alert pack (alerts/); promtool built once, pinned, from Go.
 check-alerts:
