@@ -4,13 +4,16 @@
 //! written for a platform engineer reading it cold. Validation that the apiserver can do (ranges, patterns, CEL
 //! rules) lives in the schema so a bad spec is refused at `kubectl apply` time with a message naming the fix.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::{Message, Rule};
 use kube::{CustomResource, KubeSchema};
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use crate::provider::ProviderSuffix;
 
@@ -53,6 +56,15 @@ fn public_source_rule() -> Rule {
 
 /// A single lower-case DNS label such as `sm` or `billing-app`.
 const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+/// A Kubernetes label key (a qualified name): an optional DNS subdomain prefix and `/`, then a name of up to 63
+/// letters, digits, `-`, `_` and `.` that starts and ends with a letter or digit, e.g. `node-role.example.org/egress`.
+const LABEL_KEY_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// A Kubernetes label value: empty, or up to 63 letters, digits, `-`, `_` and `.` starting and ending with a letter
+/// or digit.
+const LABEL_VALUE_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
+/// Most node labels and tolerations an MTA pod may ask for; real placements need a handful. The bound also keeps
+/// the estimated cost of the CEL rules over them within the apiserver's budget.
+const MAX_PLACEMENT_ENTRIES: u32 = 32;
 /// A mail address for DMARC reports (`mailto:` is added when the record is rendered).
 const MAILBOX_PATTERN: &str = r"^[^@\s]+@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
 
@@ -780,6 +792,79 @@ pub struct MtaSpec {
     /// The per-pod volume holding the Postfix queue and the sidecar's counters and evidence.
     #[serde(default)]
     pub storage: QueueStorage,
+
+    /// Node labels the MTA pods' nodes must carry (the pods' nodeSelector), e.g. the label of the egress nodes that
+    /// own the pool addresses. At most 32.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = MAX_PLACEMENT_ENTRIES,
+        "additionalProperties" = {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}
+    ))]
+    #[x_kube(validation = Rule::new(format!("self.all(k, k.matches('{LABEL_KEY_PATTERN}'))")).message("mta.nodeSelector keys must be label keys: an optional DNS prefix and '/', then up to 63 letters, digits, '-', '_' or '.', e.g. node-role.example.org/mail-egress"))]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints the MTA pods tolerate, e.g. the NoSchedule taint that keeps other workloads off the egress nodes.
+    /// At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "tolerations_schema")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Node affinity and pod (anti-)affinity of the MTA pods. The operator always adds a topology spread over
+    /// nodes (kubernetes.io/hostname, best effort) so a node failure takes as few pool addresses offline as it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+/// Kubernetes' Toleration schema, bounded and checked the way the apiserver checks a pod's tolerations. Without this
+/// a mistake would pass `kubectl apply` and be refused only when the operator writes the StatefulSet, where it shows
+/// in the operator's log instead of to whoever applied the tenant.
+fn tolerations_schema(generator: &mut SchemaGenerator) -> Schema {
+    let mut toleration = Toleration::json_schema(generator);
+    let bounds = [
+        (
+            "key",
+            json!({"maxLength": 317, "pattern": format!("^$|{LABEL_KEY_PATTERN}")}),
+        ),
+        ("operator", json!({"enum": ["", "Equal", "Exists"]})),
+        ("value", json!({"maxLength": 63, "pattern": LABEL_VALUE_PATTERN})),
+        (
+            "effect",
+            json!({"enum": ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]}),
+        ),
+    ];
+    if let Some(properties) = toleration.get_mut("properties").and_then(Value::as_object_mut) {
+        for (name, bound) in bounds {
+            if let (Some(Value::Object(property)), Value::Object(bound)) = (properties.get_mut(name), bound) {
+                property.extend(bound);
+            }
+        }
+    }
+    let rules = [
+        (
+            "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            "a toleration without key tolerates every taint and needs operator Exists",
+        ),
+        (
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "a toleration with operator Exists matches every value of its key: remove value",
+        ),
+        (
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "tolerationSeconds (how long a pod stays after the taint appears) needs effect NoExecute",
+        ),
+    ];
+    toleration.insert(
+        "x-kubernetes-validations".to_owned(),
+        rules
+            .iter()
+            .map(|(rule, message)| json!({"rule": rule, "message": message}))
+            .collect(),
+    );
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": MAX_PLACEMENT_ENTRIES,
+        "items": toleration,
+    })
 }
 
 /// The per-pod persistent volume.

@@ -41,6 +41,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     a_deleted_key_secret_gets_a_new_selector(&client, &namespace).await;
     the_later_tenant_loses_a_shared_address(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
+    placement_follows_the_spec_and_leaves_the_volumes(&client).await;
     a_missing_secret_makes_the_config_invalid_until_it_appears(&client, &operator).await;
     pods_that_cannot_run_say_why_until_they_are_ready(&client, &operator).await;
     the_warmup_loop_judges_yesterday_from_the_pods_status(&client, &operator).await;
@@ -324,6 +325,74 @@ async fn a_paused_tenant_is_left_alone(client: &Client) {
         key_secrets(client, &namespace).await.len(),
         1,
         "no key generated for the domain added while paused"
+    );
+}
+
+/// The example's placement reaches the pod template; taken out of the spec, it leaves the StatefulSet (server-side
+/// apply drops what the operator no longer asks for), which is updated in place: neither it nor a pod's volume claim
+/// is deleted.
+async fn placement_follows_the_spec_and_leaves_the_volumes(client: &Client) {
+    let namespace = unique_namespace("placement");
+    let tenant = create(client, &example("dedicated-warmup.yaml", &namespace)).await;
+    let name = tenant.name_any();
+    reconciled(client, &namespace, &name).await;
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
+    let placement = |stateful_set: &StatefulSet| {
+        let pod = stateful_set.spec.as_ref()?.template.spec.clone()?;
+        Some((
+            pod.node_selector,
+            pod.tolerations,
+            pod.affinity,
+            pod.topology_spread_constraints,
+        ))
+    };
+    let placed = stateful_sets
+        .get(&format!("{name}-mta"))
+        .await
+        .unwrap_or_else(|err| panic!("the StatefulSet: {err}"));
+    let (node_selector, tolerations, affinity, spread) = placement(&placed).unwrap_or_default();
+    let mta = &tenant.spec.mta;
+    assert_eq!(node_selector.as_ref(), Some(&mta.node_selector));
+    assert_eq!(tolerations.as_ref(), Some(&mta.tolerations));
+    assert_eq!(affinity, mta.affinity);
+    assert!(spread.is_some(), "the operator's spread over nodes");
+    // The claim the StatefulSet controller (absent from this control plane) would have made for pod 0.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": format!("data-{name}-mta-0")},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    }))
+    .unwrap_or_else(|err| panic!("{err}"));
+    let claim = claims
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap_or_else(|err| panic!("claim: {err}"));
+
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &namespace);
+    let patch = json!({"spec": {"mta": {"nodeSelector": null, "tolerations": null, "affinity": null}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let unplaced = eventually("the StatefulSet without placement", WAIT, || async {
+        let stateful_set = stateful_sets.get(&format!("{name}-mta")).await.ok()?;
+        let (node_selector, tolerations, affinity, _) = placement(&stateful_set)?;
+        (node_selector.is_none() && tolerations.is_none() && affinity.is_none()).then_some(stateful_set)
+    })
+    .await;
+    assert_eq!(
+        unplaced.uid(),
+        placed.uid(),
+        "the StatefulSet was replaced, not updated"
+    );
+    assert_eq!(placement(&unplaced).and_then(|placement| placement.3), spread);
+    let kept = claims
+        .get_opt(&claim.name_any())
+        .await
+        .unwrap_or_else(|err| panic!("claim: {err}"));
+    assert_eq!(
+        kept.and_then(|kept| kept.uid()),
+        claim.uid(),
+        "the pod's volume claim went"
     );
 }
 

@@ -80,6 +80,10 @@ pub(super) fn stateful_set(
             seccomp_profile: Some(runtime_default_seccomp()),
             ..PodSecurityContext::default()
         }),
+        // The platform's placement (e.g. the egress nodes and their taints) beside the operator's spread below.
+        node_selector: (!spec.mta.node_selector.is_empty()).then(|| spec.mta.node_selector.clone()),
+        tolerations: (!spec.mta.tolerations.is_empty()).then(|| spec.mta.tolerations.clone()),
+        affinity: spec.mta.affinity.clone(),
         topology_spread_constraints: Some(vec![TopologySpreadConstraint {
             max_skew: 1,
             topology_key: "kubernetes.io/hostname".to_owned(),
@@ -436,5 +440,146 @@ fn runtime_default_seccomp() -> SeccompProfile {
     SeccompProfile {
         type_: "RuntimeDefault".to_owned(),
         ..SeccompProfile::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{
+        Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Toleration,
+    };
+    use securemail_api::tenant::PoolAddress;
+
+    use super::*;
+    use crate::build::{PodAssignment, children};
+
+    fn minimal() -> SecureMailTenant {
+        let mut tenant: SecureMailTenant =
+            serde_yaml::from_str(include_str!("../../../examples/minimal.yaml")).expect("the minimal example parses");
+        tenant.metadata.uid = Some("0f5c2a5e-uid".to_owned());
+        tenant
+    }
+
+    fn built(tenant: &SecureMailTenant) -> StatefulSet {
+        let observed = Observed {
+            today: jiff::civil::date(2026, 12, 3),
+            signing_keys: Vec::new(),
+            pods: vec![PodAssignment {
+                ordinal: 0,
+                address: PoolAddress {
+                    address: "192.0.2.10".to_owned(),
+                    hostname: "mta1.notify.lakeside-clinic.example".to_owned(),
+                },
+                warmup_day: Some(1),
+                daily_limit: Some(50),
+                draining: false,
+            }],
+        };
+        children(tenant, &observed, &Settings::default())
+            .expect("builds")
+            .stateful_set
+    }
+
+    fn pod_spec(stateful_set: &StatefulSet) -> &PodSpec {
+        stateful_set
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.template.spec.as_ref())
+            .expect("a pod template")
+    }
+
+    fn egress_nodes() -> SecureMailTenant {
+        let mut tenant = minimal();
+        let mta = &mut tenant.spec.mta;
+        mta.node_selector = BTreeMap::from([("node-role.example.org/mail-egress".to_owned(), "true".to_owned())]);
+        mta.tolerations = vec![Toleration {
+            key: Some("node-role.example.org/mail-egress".to_owned()),
+            operator: Some("Exists".to_owned()),
+            effect: Some("NoSchedule".to_owned()),
+            ..Toleration::default()
+        }];
+        mta.affinity = Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: "topology.kubernetes.io/zone".to_owned(),
+                            operator: "In".to_owned(),
+                            values: Some(vec!["zone-a".to_owned()]),
+                        }]),
+                        ..NodeSelectorTerm::default()
+                    }],
+                }),
+                ..NodeAffinity::default()
+            }),
+            ..Affinity::default()
+        });
+        tenant
+    }
+
+    #[test]
+    fn placement_reaches_the_pod_template_beside_the_spread_over_nodes() {
+        let tenant = egress_nodes();
+        let stateful_set = built(&tenant);
+        let pod = pod_spec(&stateful_set);
+        assert_eq!(pod.node_selector.as_ref(), Some(&tenant.spec.mta.node_selector));
+        assert_eq!(pod.tolerations.as_ref(), Some(&tenant.spec.mta.tolerations));
+        assert_eq!(pod.affinity, tenant.spec.mta.affinity);
+        let spread = pod.topology_spread_constraints.as_deref().unwrap_or_default();
+        assert_eq!(
+            spread
+                .iter()
+                .map(|constraint| constraint.topology_key.as_str())
+                .collect::<Vec<_>>(),
+            ["kubernetes.io/hostname"]
+        );
+
+        let unplaced = built(&minimal());
+        let unplaced_pod = pod_spec(&unplaced);
+        assert_eq!(
+            (
+                &unplaced_pod.node_selector,
+                &unplaced_pod.tolerations,
+                &unplaced_pod.affinity
+            ),
+            (&None, &None, &None),
+            "no placement asked, none written (the scheduler's defaults apply)"
+        );
+        assert_eq!(
+            unplaced_pod.topology_spread_constraints,
+            pod.topology_spread_constraints
+        );
+    }
+
+    /// Placement lives in the pod template only: changing it rolls the pods like any template change, and the volume
+    /// claims (the queues) stay as they are.
+    #[test]
+    fn changing_placement_changes_only_the_pod_template() {
+        let placed = built(&egress_nodes());
+        let unplaced = built(&minimal());
+        let (placed, unplaced) = (placed.spec.expect("spec"), unplaced.spec.expect("spec"));
+        assert_ne!(placed.template, unplaced.template);
+        assert_eq!(
+            placed.update_strategy, None,
+            "RollingUpdate, the default, rolls the pods on a template change"
+        );
+        let retention = placed
+            .persistent_volume_claim_retention_policy
+            .clone()
+            .unwrap_or_default();
+        assert_eq!(
+            (retention.when_deleted.as_deref(), retention.when_scaled.as_deref()),
+            (Some("Retain"), Some("Retain"))
+        );
+        assert_eq!(
+            StatefulSetSpec {
+                template: PodTemplateSpec::default(),
+                ..placed
+            },
+            StatefulSetSpec {
+                template: PodTemplateSpec::default(),
+                ..unplaced
+            }
+        );
     }
 }
