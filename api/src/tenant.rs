@@ -349,11 +349,16 @@ pub struct PoolAddress {
 /// How the MTA pods send from their pool address.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.mode != 'Multus' || has(self.networkAttachment)").message("egress mode Multus needs networkAttachment (the NetworkAttachmentDefinition, as name or namespace/name)"))]
+#[x_kube(
+    validation = Rule::new("self.mode != 'Multus' || has(self.networkAttachment)").message("egress mode Multus needs networkAttachment (the NetworkAttachmentDefinition, as name or namespace/name)"),
+    // Refused on create and on any change of the egress section; validation ratcheting lets a tenant stored with it
+    // keep updating its other fields, and the operator renders it like None.
+    validation = Rule::new("self.mode != 'HostNetwork'").message("egress mode HostNetwork is no longer offered: host-network pods break the MTA namespace's Pod Security level and cannot be pinned to the node owning each address; use Socks5Proxy (a SOCKS5 proxy on the egress hosts sends from each address) or None (the platform puts each address on its pod); see docs/egress.md")
+)]
 pub struct EgressSpec {
     /// None: the address is configured outside SecureMail (e.g. SNAT on the node) and the pod binds to it if
-    /// present. HostNetwork: the pod runs in the node's network namespace. Multus: a secondary interface from
-    /// networkAttachment carries the address.
+    /// present. Multus: a secondary interface from networkAttachment carries the address. HostNetwork is refused:
+    /// a tenant stored with it runs its pods on the ordinary pod network, as with None.
     #[serde(default)]
     pub mode: EgressMode,
 
@@ -368,6 +373,7 @@ pub struct EgressSpec {
 pub enum EgressMode {
     #[default]
     None,
+    // Kept so tenants stored with it still parse; the CRD refuses it for new and changed egress sections.
     HostNetwork,
     Multus,
 }

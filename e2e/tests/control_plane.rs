@@ -3,12 +3,18 @@
 //! status is only writable through its subresource.
 
 use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use securemail_api::SecureMailTenant;
-use securemail_e2e::{client, ensure_crd, ensure_namespace, kubectl, kubectl_ok, unique_namespace, yaml_files};
-use serde_json::json;
+use securemail_e2e::dataplane::output_with_input;
+use securemail_e2e::{
+    client, ensure_crd, ensure_namespace, eventually, kubeconfig, kubectl, kubectl_ok, repo_root, unique_namespace,
+    yaml_files,
+};
+use serde_json::{Value, json};
 
 fn read_tenant(path: &Path) -> SecureMailTenant {
     let text = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()));
@@ -70,6 +76,117 @@ fn invalid_specs_are_refused_with_a_message_naming_the_fix() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// kubectl `args` with `object` as the file (`-f -`).
+fn kubectl_with(args: &[&str], object: &Value) -> Output {
+    output_with_input(
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig())
+            .args(args)
+            .args(["-f", "-"]),
+        object.to_string().as_bytes(),
+    )
+}
+
+/// A tenant stored with egress mode HostNetwork before the CRD refused it keeps updating while its egress section
+/// stays as it is (the apiserver ratchets a rule whose object is unchanged), and is refused once that section
+/// changes. Shown on a copy of the CRD under another group: replacing the real one would race this binary's other
+/// tests.
+#[tokio::test]
+async fn a_tenant_stored_with_host_network_updates_until_its_egress_changes() {
+    let crd_text = std::fs::read_to_string(repo_root().join("crds/securemailtenants.securemail.io.yaml"))
+        .unwrap_or_else(|err| panic!("the CRD: {err}"));
+    let mut refusing: Value = serde_yaml::from_str(&crd_text).unwrap_or_else(|err| panic!("the CRD: {err}"));
+    let crd_name = "ratchetedtenants.ratchet.securemail.io";
+    refusing["metadata"] = json!({"name": crd_name});
+    refusing["spec"]["group"] = json!("ratchet.securemail.io");
+    refusing["spec"]["names"] = json!({
+        "kind": "RatchetedTenant", "listKind": "RatchetedTenantList",
+        "plural": "ratchetedtenants", "singular": "ratchetedtenant",
+    });
+    let mut accepting = refusing.clone();
+    let egress_rules = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/ipPool/properties/egress\
+                        /x-kubernetes-validations";
+    let rules = accepting
+        .pointer_mut(egress_rules)
+        .and_then(Value::as_array_mut)
+        .unwrap_or_else(|| panic!("the CRD has no rules at {egress_rules}"));
+    let before = rules.len();
+    rules.retain(|rule| !rule["rule"].as_str().unwrap_or_default().contains("HostNetwork"));
+    assert_eq!(
+        rules.len() + 1,
+        before,
+        "one rule on spec.ipPool.egress refuses HostNetwork"
+    );
+
+    let fixture_path = repo_root().join("e2e/testdata/invalid/host-network-egress.yaml");
+    let fixture = std::fs::read_to_string(&fixture_path).unwrap_or_else(|err| panic!("the fixture: {err}"));
+    let refusal = fixture
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("# expect: "))
+        .unwrap_or_else(|| panic!("{} names no refusal", fixture_path.display()));
+    let namespace = unique_namespace("ratchet");
+    let mut tenant: Value = serde_yaml::from_str(&fixture).unwrap_or_else(|err| panic!("the fixture: {err}"));
+    tenant["apiVersion"] = json!("ratchet.securemail.io/v1alpha1");
+    tenant["kind"] = json!("RatchetedTenant");
+    tenant["metadata"] = json!({"name": "stored", "namespace": namespace});
+
+    let apply_crd = ["apply", "--server-side", "--force-conflicts"];
+    let output = kubectl_with(&apply_crd, &accepting);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        &format!("crd/{crd_name}"),
+    ]);
+    eventually(
+        "the CRD without the rule to store the tenant",
+        Duration::from_secs(30),
+        || async { kubectl_with(&["create"], &tenant).status.success().then_some(()) },
+    )
+    .await;
+
+    let output = kubectl_with(&apply_crd, &refusing);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut another = tenant.clone();
+    another["metadata"]["name"] = json!("new");
+    eventually(
+        "the rule to refuse a new HostNetwork tenant",
+        Duration::from_secs(30),
+        || async {
+            let output = kubectl_with(&["create", "--dry-run=server"], &another);
+            String::from_utf8_lossy(&output.stderr).contains(refusal).then_some(())
+        },
+    )
+    .await;
+
+    let patch = |spec: Value| {
+        kubectl(&[
+            "patch",
+            "ratchetedtenant",
+            "stored",
+            "-n",
+            &namespace,
+            "--type",
+            "merge",
+            "-p",
+            &json!({"spec": spec}).to_string(),
+        ])
+    };
+    let paused = patch(json!({"paused": true}));
+    assert!(
+        paused.status.success(),
+        "an update leaving the egress section alone was refused: {}",
+        String::from_utf8_lossy(&paused.stderr)
+    );
+    let changed = patch(json!({"ipPool": {"egress": {"networkAttachment": "public-pool"}}}));
+    let stderr = String::from_utf8_lossy(&changed.stderr);
+    assert!(!changed.status.success() && stderr.contains(refusal), "{stderr}");
+    kubectl_ok(&["delete", "crd", crd_name, "--wait=false"]);
 }
 
 #[tokio::test]

@@ -329,8 +329,8 @@ async fn a_paused_tenant_is_left_alone(client: &Client) {
 }
 
 /// The example's placement reaches the pod template; taken out of the spec, it leaves the StatefulSet (server-side
-/// apply drops what the operator no longer asks for), which is updated in place: neither it nor a pod's volume claim
-/// is deleted.
+/// apply drops what the operator no longer asks for, as it does hostNetwork for a tenant stored with that egress
+/// mode), which is updated in place: neither it nor a pod's volume claim is deleted.
 async fn placement_follows_the_spec_and_leaves_the_volumes(client: &Client) {
     let namespace = unique_namespace("placement");
     let tenant = create(client, &example("dedicated-warmup.yaml", &namespace)).await;

@@ -26,8 +26,9 @@ pub const QUEUE_DIRECTORY: &str = "/var/spool/postfix";
 pub const DATA_DIRECTORY: &str = "/var/lib/postfix";
 /// Directory shared by the Postfix and sidecar containers only (an emptyDir), holding the LMTP socket.
 pub const SIDECAR_RUN_DIR: &str = "/run/securemail";
-/// Where the sidecar listens for LMTP: Postfix's only way out. A Unix socket rather than TCP on loopback, because
-/// under hostNetwork egress loopback is the node's, shared with every other host-network pod.
+/// Where the sidecar listens for LMTP: Postfix's only way out. A Unix socket rather than TCP on loopback, so that the
+/// socket's directory, mounted in the Postfix and sidecar containers only, decides who can connect, not the pod's
+/// network.
 pub const SIDECAR_LMTP_SOCKET: &str = "/run/securemail/lmtp.sock";
 /// The submission port inside the pod; the Service maps `spec.submission.port` onto it.
 pub const SUBMISSION_CONTAINER_PORT: u16 = 587;

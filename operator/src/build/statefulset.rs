@@ -66,13 +66,13 @@ pub(super) fn stateful_set(
     {
         pod_annotations.insert("k8s.v1.cni.cncf.io/networks".to_owned(), attachment.clone());
     }
-    let host_network = spec.ip_pool.egress.mode == EgressMode::HostNetwork;
 
+    // Every egress mode runs on the pod network. HostNetwork, refused by the CRD but possibly still stored, renders
+    // like None: host-network pods would break the namespace's Pod Security level and could not be pinned to the node
+    // owning each address.
     let pod_spec = PodSpec {
         service_account_name: Some(names.mta()),
         automount_service_account_token: Some(false),
-        host_network: host_network.then_some(true),
-        dns_policy: host_network.then(|| "ClusterFirstWithHostNet".to_owned()),
         termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
         security_context: Some(PodSecurityContext {
             fs_group: Some(SIDECAR_UID),
@@ -581,5 +581,15 @@ mod tests {
                 ..unplaced
             }
         );
+    }
+
+    #[test]
+    fn a_stored_host_network_tenant_gets_the_pod_network_like_egress_mode_none() {
+        let mut host_network = minimal();
+        host_network.spec.ip_pool.egress.mode = EgressMode::HostNetwork;
+        let stateful_set = built(&host_network);
+        let pod = pod_spec(&stateful_set);
+        assert_eq!((pod.host_network, pod.dns_policy.as_deref()), (None, None));
+        assert_eq!(stateful_set, built(&minimal()));
     }
 }
