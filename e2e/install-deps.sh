@@ -31,6 +31,8 @@ declare -A packages=(
   [prometheus]=prometheus
   # Greylisting for the data-plane world's "smart" receiver (first attempt 4xx, accepted on retry).
   [postgrey]=postgrey
+  # The data-plane world's egress host: Dante's SOCKS5 server, one outgoing source address per listening address.
+  [danted]=dante-server
 )
 missing=()
 for cmd in "${!packages[@]}"; do
@@ -38,6 +40,9 @@ for cmd in "${!packages[@]}"; do
 done
 # swaks speaks TLS only with these Perl modules, which it merely recommends.
 perl -MIO::Socket::SSL -MNet::SSLeay -e 1 2>/dev/null || missing+=(libio-socket-ssl-perl libnet-ssleay-perl)
+# pyspf, the independent SPF checker the data-plane world's smoke test runs against the world's DNS (a module only,
+# no command to look for).
+dpkg-query -W -f='${Status}' python3-spf 2>/dev/null | grep -q 'ok installed' || missing+=(python3-spf)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}" >&2
   command -v apt-get >/dev/null || die "apt-get not found; install ${missing[*]} by hand"
@@ -49,7 +54,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     # Only units of packages installed just now; a service the machine already ran is left alone.
     for pair in named:bind9 unbound:unbound unbound-resolvconf:unbound nginx:nginx prometheus:prometheus \
-      postgrey:postgrey; do
+      postgrey:postgrey danted:dante-server; do
       unit=${pair%%:*}
       [[ " ${missing[*]} " == *" ${pair#*:} "* ]] || continue
       if systemctl cat "$unit.service" >/dev/null 2>&1; then
@@ -60,12 +65,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # dkimpy (pynacl for Ed25519, dnspython for zone-file TXT parsing) is the independent DKIM verifier that the
-# operator's key tests sign and verify with; PyYAML reads rendered manifests in the demo.
-if ! python3 -c 'import dkim, nacl, dns.rdata, yaml' 2>/dev/null; then
+# operator's key tests sign and verify with; PyYAML reads rendered manifests in the demo. pyspf is Debian's
+# python3-spf above, again for a python3 that is not Debian's (then dist-packages is not on its path); same version.
+if ! python3 -c 'import dkim, nacl, dns.rdata, yaml, spf' 2>/dev/null; then
   command -v python3 >/dev/null || die "python3 is not installed (see README: Requirements)"
-  echo "install-deps: installing dkimpy, pynacl, dnspython, pyyaml" >&2
+  echo "install-deps: installing dkimpy, pynacl, dnspython, pyyaml, pyspf" >&2
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    dkimpy==1.1.8 pynacl==1.5.0 dnspython==2.9.2 pyyaml==6.0.3 || die "pip install of the Python test tools failed"
+    dkimpy==1.1.8 pynacl==1.5.0 dnspython==2.9.2 pyyaml==6.0.3 pyspf==2.0.14 \
+    || die "pip install of the Python test tools failed"
 fi
 
 for tool in cargo go kubectl; do

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Stops the data-plane test world started by up.sh DIR: the daemons it recorded, then anything else still running
 # inside the world's namespaces (such as the Postfix and sidecar a test started in smdp-mta), then deletes those
-# namespaces (the bridge and every veth go with them) and /etc/netns/smdp-mta. DIR keeps its logs, mailboxes and
-# configs for inspection; pid files are removed. Safe to run twice, and after an up.sh that failed halfway.
+# namespaces (the bridge and every veth go with them) and /etc/netns/smdp-mta. A host link (host-link.sh) goes
+# first. DIR keeps its logs, mailboxes and configs for inspection; pid files are removed. Safe to run twice, and
+# after an up.sh that failed halfway.
 # Usage: down.sh DIR
-#        down.sh --lost   when DIR was deleted while its world ran: treats every smdp-* namespace as the world's.
+#        down.sh --lost   when DIR was deleted while its world ran: treats every smdp-* namespace, and the root
+#                         namespace's smdp-host link, as the world's.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
@@ -22,12 +24,20 @@ if [ "$1" = --lost ]; then
   : >"$dir/.smdp-world"
   ip netns list | awk '$1 ~ /^smdp-/ { print $1 }' >"$dir/netns"
   echo "/etc/netns/$SMDP_MTA_NS" >"$dir/etc-netns"
+  if ip link show dev "$SMDP_HOST_LINK_IF" >/dev/null 2>&1; then echo "link $SMDP_HOST_LINK_IF" >"$dir/host-link"; fi
 else
   dir=$(absolute_dir "$1")
 fi
 if [ ! -e "$dir/.smdp-world" ]; then
   log "no world in $dir; nothing to do"
   exit 0
+fi
+
+# The host link first: its veth is in the root namespace, and a check that died leaves a scratch namespace and
+# net.ipv4.ip_forward to restore. Its peer is on the world's bridge, so deleting the namespaces would also take the
+# veth, but not the rest.
+if [ -f "$dir/host-link" ] || [ -f "$dir/host-link-check" ]; then
+  "$here/host-link.sh" down "$dir" || log "the host link of $dir was not fully removed (see above); going on"
 fi
 
 # Only namespaces this DIR recorded (up.sh writes each name before creating it) and that still exist.

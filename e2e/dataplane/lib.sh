@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Shared by up.sh, down.sh and smoke.sh: the fixed topology of the data-plane test world and small helpers.
-# Sourced, never run; the constants are used by the scripts that source it.
+# Shared by up.sh, down.sh, smoke.sh and host-link.sh: the fixed topology of the data-plane test world and small
+# helpers. Sourced, never run; the constants are used by the scripts that source it.
 # shellcheck disable=SC2034
 # Namespace names are fixed (prefix smdp-), so only one world runs on a machine at a time.
 
@@ -18,6 +18,23 @@ SMDP_WEB_ADDR=10.77.0.80
 SMDP_STS_POLICY_ID=20261125
 # postgrey's policy service, on the smart receiver's loopback.
 SMDP_POSTGREY_PORT=10023
+# The egress host: Dante's SOCKS5 server on each address, and each address is also the source of the connections
+# made for clients that came in on it (external.rotation same-same).
+SMDP_EGRESS_NS=smdp-egress
+SMDP_EGRESS_ADDRS=(10.77.0.61 10.77.0.62)
+SMDP_EGRESS_PORT=1080
+# Zones the tests publish into at run time with DNS UPDATE (unsigned, insecurely delegated from the test root).
+SMDP_DYNAMIC_ZONES=(tenant.test. 0.77.10.in-addr.arpa. 0.78.10.in-addr.arpa.)
+# host-link.sh: a veth from the machine's root namespace onto the world's bridge, for a Kubernetes node running
+# there, and the range of pod addresses the world routes back through it.
+SMDP_HOST_LINK_IF=smdp-host
+SMDP_HOST_LINK_PEER=vhost
+SMDP_HOST_LINK_ADDR=10.77.0.2
+SMDP_HOST_ROUTED_CIDR=10.78.0.0/24
+# host-link.sh check: a stand-in pod (a namespace routed through the root namespace) with an address from the
+# routed range.
+SMDP_SCRATCH_NS=smdp-scratch
+SMDP_SCRATCH_ADDR=10.78.0.5
 
 # One receiving Postfix per line: name, address, MX host name, accepted domains (comma separated), certificate
 # kind, TLS mode. Certificate kinds: ca (test CA, right name), chain (the same, CA certificate sent too, for
@@ -55,7 +72,7 @@ receiver_ns() { echo "smdp-mx-$1"; }
 # Every namespace the world can have, in start order; down.sh also walks this list.
 all_namespaces() {
   local line rx_name
-  echo "$SMDP_LAN_NS" "$SMDP_DNS_NS" "$SMDP_WEB_NS" "$SMDP_MTA_NS"
+  echo "$SMDP_LAN_NS" "$SMDP_DNS_NS" "$SMDP_WEB_NS" "$SMDP_MTA_NS" "$SMDP_EGRESS_NS"
   for line in "${SMDP_RECEIVERS[@]}"; do
     rx_name=${line%% *}
     receiver_ns "$rx_name"
@@ -73,3 +90,23 @@ pid_alive() {
 
 # Resolves a user-supplied state directory to an absolute path without requiring it to exist.
 absolute_dir() { realpath -m -- "$1"; }
+
+# load_world_env FILE: world.env (KEY=value, no quoting) into the associative array `world`, read as data rather
+# than sourced.
+declare -A world=()
+load_world_env() {
+  local key value
+  while IFS='=' read -r key value; do
+    [[ $key =~ ^SMDP_[A-Z0-9_]+$ ]] && world[$key]=$value
+  done <"$1"
+}
+
+# logged LOG SINCE TEXT [TEXT2]: waits up to 5 s for a line of LOG after its first SINCE lines that holds TEXT (and
+# TEXT2), e.g. a receiver's "connect from" a given address.
+logged() {
+  for _ in $(seq 1 50); do
+    tail -n +"$(($2 + 1))" "$1" | grep -F -- "$3" | grep -qF -- "${4:-$3}" && return 0
+    sleep 0.1
+  done
+  return 1
+}

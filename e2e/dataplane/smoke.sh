@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Proves the data-plane test world in DIR works without the sidecar, with independent tools run from the MTA's
 # namespace: DNSSEC answers through unbound (dig), independent validation from the trust anchor (delv, drill),
-# each receiver's TLS behaviour (openssl s_client), the MTA-STS policy (curl) and one delivery over verified TLS
-# (swaks). Every check can fail; the first failure is named and the script exits non-zero. Usage: smoke.sh DIR
+# records published at run time (nsupdate) and an SPF check against them (pyspf), each receiver's TLS behaviour
+# (openssl s_client), the MTA-STS policy (curl), the egress host's SOCKS5 source addresses (socks5_probe.py) and one
+# delivery over verified TLS (swaks). Every check can fail; the first failure is named and the script exits
+# non-zero. Records it publishes (1 s TTL) are removed again. Usage: smoke.sh DIR
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
@@ -23,19 +25,17 @@ fail() {
 dir=$(absolute_dir "$1")
 [ "$(id -u)" -eq 0 ] || die "must run as root (ip netns exec)"
 [ -f "$dir/world.env" ] || die "no $dir/world.env: start the world with up.sh $dir"
-for cmd in dig delv drill openssl curl swaks; do
+for cmd in dig delv drill openssl curl swaks nsupdate; do
   command -v "$cmd" >/dev/null || die "$cmd is not installed: run e2e/install-deps.sh"
 done
 
-# world.env is KEY=value without quoting; read it as data rather than sourcing it.
-declare -A world
-while IFS='=' read -r key value; do
-  [[ $key =~ ^SMDP_[A-Z0-9_]+$ ]] && world[$key]=$value
-done <"$dir/world.env"
+load_world_env "$dir/world.env"
 w() { [ -n "${world[$1]:-}" ] || die "world.env has no $1"; echo "${world[$1]}"; }
 mta() { in_ns "$(w SMDP_MTA_NETNS)" "$@"; }
 ca=$(w SMDP_CA_FILE)
 resolver=$(w SMDP_RESOLVER)
+IFS=, read -r -a egress_addrs <<<"$(w SMDP_EGRESS_ADDRS)"
+[ "${#egress_addrs[@]}" -eq 2 ] || die "SMDP_EGRESS_ADDRS is $(w SMDP_EGRESS_ADDRS), expected two addresses"
 
 spki_sha256() { openssl x509 -in "$1" -noout -pubkey | openssl pkey -pubin -outform DER | sha256sum | cut -d' ' -f1; }
 # TLSA rdata as one line "usage selector matching HEX" (dig splits long hex into chunks).
@@ -101,6 +101,79 @@ txt=$(mta dig +short "@$resolver" _mta-sts.sts.test TXT) || fail "no answer from
 
 check "system resolver in smdp-mta is the test resolver"
 [ "$(mta dig +short mx.good.plain.test A)" = "$(w SMDP_RX_GOOD_ADDR)" ] || fail "mx.good.plain.test does not resolve"
+
+# --- Records published at run time -------------------------------------------------------------------------------
+[ "$(w SMDP_DYNAMIC_ZONES)" = tenant.test,0.77.10.in-addr.arpa,0.78.10.in-addr.arpa ] \
+  || die "SMDP_DYNAMIC_ZONES is $(w SMDP_DYNAMIC_ZONES)"
+# update ZONE COMMAND...: one DNS UPDATE to the authoritative server, as a tenant's DNS automation would send it.
+update() {
+  local zone=$1 out
+  shift
+  out=$({ printf 'server %s\nzone %s\n' "$(w SMDP_AUTH_DNS)" "$zone"; printf '%s\n' "$@" send; } \
+    | mta nsupdate -t 5 2>&1) || fail "nsupdate in $zone refused" "$out"
+}
+# answer NAME TYPE: the resolver's full reply (dig +dnssec, so the ad flag shows).
+answer() { mta dig +dnssec +time=2 +tries=1 "@$resolver" "$1" "$2"; }
+# published NAME TYPE: waits up to 10 s for the resolver to answer with records; prints the reply.
+published() {
+  local out
+  for _ in $(seq 1 100); do
+    out=$(answer "$1" "$2") || true
+    if grep -q 'status: NOERROR' <<<"$out" && ! grep -q 'ANSWER: 0,' <<<"$out"; then
+      printf '%s\n' "$out"
+      return 0
+    fi
+    sleep 0.1
+  done
+  fail "the resolver has no $2 for $1 10 s after it was published" "$out"
+}
+insecure() { if grep -Eq '^;; flags:[a-z ]* ad[ ;]' <<<"$1"; then fail "answered with ad" "$1"; fi; }
+# Unique names, so a run never meets a previous run's cache.
+token=$(date +%s%N)
+
+check "tenant.test: a TXT published with nsupdate is answered by the resolver (insecure, no ad), also after a miss"
+name=smoke-$token.tenant.test
+out=$(answer "$name" TXT) || fail "no answer from the resolver" "$out"
+grep -q 'status: NXDOMAIN' <<<"$out" || fail "$name exists before it was published" "$out"
+update tenant.test "update add $name 1 TXT \"smoke $token\""
+started=$(date +%s%3N)
+out=$(published "$name" TXT)
+log "  found $(($(date +%s%3N) - started)) ms after it was published (the miss was cached before)"
+insecure "$out"
+grep -q "TXT.*\"smoke $token\"" <<<"$out" || fail "wrong TXT" "$out"
+update tenant.test "update delete $name TXT"
+
+check "reverse zones: PTRs published with nsupdate for ${egress_addrs[0]} and 10.78.0.5 are answered by the resolver"
+for pair in "${egress_addrs[0]}:0.77.10.in-addr.arpa" "10.78.0.5:0.78.10.in-addr.arpa"; do
+  addr=${pair%%:*}
+  zone=${pair#*:}
+  ptr=$(awk -F. '{ print $4 "." $3 "." $2 "." $1 ".in-addr.arpa" }' <<<"$addr")
+  # A run that failed halfway may have left its record.
+  update "$zone" "update delete $ptr PTR"
+  # Before: an NXDOMAIN from the world's own zone (its SOA), not from a resolver's built-in RFC 1918 zone.
+  out=$(mta dig +time=2 +tries=1 "@$resolver" -x "$addr") || fail "no answer from the resolver" "$out"
+  grep -q 'status: NXDOMAIN' <<<"$out" || fail "PTR for $addr exists before it was published" "$out"
+  grep -Eq "^$zone\.[[:space:]].*SOA[[:space:]]+ns\.test\." <<<"$out" || fail "NXDOMAIN not from $zone" "$out"
+  update "$zone" "update add $ptr 1 PTR smoke-$token.tenant.test."
+  out=$(published "$ptr" PTR)
+  insecure "$out"
+  [ "$(mta dig +short "@$resolver" -x "$addr")" = "smoke-$token.tenant.test." ] || fail "dig -x $addr" "$out"
+  update "$zone" "update delete $ptr PTR"
+done
+
+check "pyspf checks SPF against the world's DNS: v=spf1 ip4:${egress_addrs[0]} -all passes it, fails ${egress_addrs[1]}"
+mta python3 -c 'import spf' 2>/dev/null || die "python3 has no spf module (pyspf): run e2e/install-deps.sh"
+update tenant.test "update delete spf-smoke.tenant.test TXT" \
+  "update add spf-smoke.tenant.test 1 TXT \"v=spf1 ip4:${egress_addrs[0]} -all\""
+published spf-smoke.tenant.test TXT >/dev/null
+for expect in "${egress_addrs[0]}:pass" "${egress_addrs[1]}:fail"; do
+  # shellcheck disable=SC2016 # python, not shell
+  result=$(mta python3 -c 'import spf, sys
+print(spf.check2(i=sys.argv[1], s="x@spf-smoke.tenant.test", h="h.spf-smoke.tenant.test")[0])' "${expect%:*}" 2>&1) \
+    || fail "pyspf failed" "$result"
+  [ "$result" = "${expect#*:}" ] || fail "SPF for ${expect%:*} is '$result', not ${expect#*:}"
+done
+update tenant.test "update delete spf-smoke.tenant.test TXT"
 
 # --- Independent validation from DIR/trust-anchor ----------------------------------------------------------------
 check "delv validates dane.test TLSA from the test trust anchor and rejects dane-servfail.test"
@@ -230,6 +303,29 @@ body=$(mta curl -fsS --max-time 10 --cacert "$ca" -D "$headers" "$(w SMDP_STS_PO
 grep -qi '^content-type: text/plain' "$headers" || fail "wrong content type" "$(cat "$headers")"
 grep -q '^mode: enforce' <<<"$body" || fail "policy is not enforce" "$body"
 grep -qx 'mx: mx.sts.test.\?' <<<"$body" || fail "policy does not list mx.sts.test" "$body"
+
+# --- Egress host --------------------------------------------------------------------------------------------------
+maillog=$(w SMDP_RX_GOOD_MAILLOG)
+for proxy in "${egress_addrs[@]}"; do
+  check "egress: SOCKS5 via $proxy reaches the good receiver from $proxy, and the CONNECT reply's BND.ADDR says so"
+  since=$(wc -l <"$maillog")
+  out=$(mta python3 "$here/socks5_probe.py" --proxy "$proxy:$(w SMDP_EGRESS_SOCKS_PORT)" \
+    --target "$(w SMDP_RX_GOOD_ADDR):25" 2>&1) || fail "SOCKS5 session failed" "$out"
+  grep -qx "banner=220 $(w SMDP_RX_GOOD_HOST) .*" <<<"$out" || fail "no banner of the good receiver" "$out"
+  bnd=$(sed -n 's/^bnd_addr=//p' <<<"$out")
+  [ "$bnd" = "$proxy" ] || fail "BND.ADDR is '$bnd'" "$out"
+  logged "$maillog" "$since" ": connect from " "[$proxy]" \
+    || fail "the good receiver logged no connection from $proxy" "$(tail -n 5 "$maillog")"
+done
+
+check "egress: BIND and UDP ASSOCIATE are refused by the ruleset (TCP CONNECT only)"
+for command in bind udp-associate; do
+  if out=$(mta python3 "$here/socks5_probe.py" --proxy "${egress_addrs[0]}:$(w SMDP_EGRESS_SOCKS_PORT)" \
+    --target "$(w SMDP_RX_GOOD_ADDR):25" --command "$command" 2>&1); then
+    fail "$command accepted" "$out"
+  fi
+  grep -q 'reply 2 (connection not allowed by ruleset)' <<<"$out" || fail "$command: unexpected refusal" "$out"
+done
 
 # --- Delivery -----------------------------------------------------------------------------------------------------
 check "a message over verified TLS lands in good's Maildir, received with TLS"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts the data-plane test world: network namespaces on one bridge, a DNSSEC-signed test root with bind9 and a
-# validating unbound, nginx serving MTA-STS policies, one real Postfix receiver per TLS case and a STARTTLS-stripping
-# proxy. Usage: up.sh DIR. DIR holds every config, key, log, mailbox and pid; DIR/world.env describes the world.
+# validating unbound and zones tests can update at run time, nginx serving MTA-STS policies, one real Postfix
+# receiver per TLS case, a STARTTLS-stripping proxy and an egress host (Dante's SOCKS5 server on two source
+# addresses). Usage: up.sh DIR. DIR holds every config, key, log, mailbox and pid; DIR/world.env describes the world.
 # Nothing listens outside our own namespaces. A world already running from DIR is stopped and replaced; a failed
 # start is cleaned up by down.sh (logs stay in DIR). Needs root (namespaces, Postfix).
 set -euo pipefail
@@ -21,7 +22,7 @@ die() { echo "dataplane-up: $*" >&2; exit 1; }
 dir=$(absolute_dir "$1")
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, Postfix)"
 for cmd in ip openssl named dnssec-keygen dnssec-signzone dnssec-dsfromkey unbound unbound-checkconf nginx \
-  postconf postfix dig python3 setpriv; do
+  postconf postfix dig python3 setpriv danted; do
   command -v "$cmd" >/dev/null || die "$cmd is not installed: run e2e/install-deps.sh"
 done
 python=$(command -v python3)
@@ -46,7 +47,7 @@ if [ -e /etc/netns/$SMDP_MTA_NS ]; then
   die "/etc/netns/$SMDP_MTA_NS already exists (left by another world?); remove it or run its down.sh"
 fi
 
-mkdir -p "$dir"/{pids,pki,dns,web/html,web/tmp,mx,mta}
+mkdir -p "$dir"/{pids,pki,dns,web/html,web/tmp,mx,mta,egress}
 : >"$marker"
 # Postfix daemons run as the postfix user and must reach their queue and mailboxes inside DIR.
 chmod 755 "$dir"
@@ -250,10 +251,20 @@ mx_records() {
   echo "gmail-smtp-in.l IN A $(host_addr ratelimited)"
 } >"$dns/google.com.db"
 
+# Zones the tests publish into at run time (DNS UPDATE, allowed from anywhere: only the world reaches named). Empty
+# but for SOA and NS; 5 s records and a 1 s negative TTL, so a name looked up just before it was published is found
+# about a second later.
+for zone in "${SMDP_DYNAMIC_ZONES[@]}"; do
+  # shellcheck disable=SC2016 # $TTL is a zone-file directive, not a shell variable
+  printf '$TTL 5\n%s IN SOA ns.test. hostmaster.test. 1 3600 600 86400 1\n%s IN NS ns.test.\n' "$zone" "$zone" \
+    >"$dns/${zone%.}.db"
+done
+
 signed_zones=(dane.test. dane-ta.test. dane-mismatch.test. dane-servfail.test.)
 unsigned_zones=(sts.test. sts-nomatch.test. plain.test. sender.test. google.com.)
 # The root holds ns.test itself (no zone cut at test.), delegations with DS to the signed zones and without DS to
-# the unsigned ones, which makes those provably insecure.
+# the unsigned and the dynamic ones, which makes those provably insecure. The reverse zones are delegated straight
+# from the root (arpa., in-addr.arpa. and 10.in-addr.arpa. are empty non-terminals of the test root).
 {
   zone_head .
   echo "ns.test. IN A $SMDP_AUTH_ADDR"
@@ -262,7 +273,7 @@ for zone in "${signed_zones[@]}"; do
   ds=$(sign "$zone")
   { echo "$zone IN NS ns.test."; echo "$ds"; } >>"$dns/root.db"
 done
-for zone in "${unsigned_zones[@]}"; do
+for zone in "${unsigned_zones[@]}" "${SMDP_DYNAMIC_ZONES[@]}"; do
   echo "$zone IN NS ns.test." >>"$dns/root.db"
 done
 root_ds=$(sign .)
@@ -312,6 +323,10 @@ EOF
   for zone in "${unsigned_zones[@]}"; do
     echo "zone \"$zone\" { type primary; file \"$dns/${zone%.}.db\"; };"
   done
+  # named keeps each update in ZONE.db.jnl next to the zone file.
+  for zone in "${SMDP_DYNAMIC_ZONES[@]}"; do
+    echo "zone \"$zone\" { type primary; file \"$dns/${zone%.}.db\"; allow-update { any; }; };"
+  done
 } >"$dns/named.conf"
 named-checkconf -z "$dns/named.conf" >"$dns/named-checkconf.log" 2>&1 \
   || die "named-checkconf failed (see $dns/named-checkconf.log)"
@@ -338,6 +353,9 @@ server:
   trust-anchor-file: "$dir/trust-anchor"
   # .test is a locally served zone by default (RFC 6761); here it must be resolved from the test root.
   local-zone: "test." nodefault
+  # The RFC 1918 reverse zones (10.in-addr.arpa. and others) are locally served empty zones by default; here the
+  # world's reverse zones must be resolved from the test root's delegations.
+  unblock-lan-zones: yes
   # Short caches: a test that restarts a component does not inherit yesterday's answers for long.
   cache-max-ttl: 60
   cache-max-negative-ttl: 5
@@ -387,6 +405,47 @@ http {
   }
 }
 EOF
+
+# --- Egress host: Dante's SOCKS5 server ---------------------------------------------------------------------------
+# A client that connects to one address gets its outgoing connection from the same address (same-same), and the
+# CONNECT reply's BND.ADDR names it. No authentication; TCP CONNECT only, and only from 10.0.0.0/8 (the world, the
+# host link and the pods behind it). Each session is logged with both of its connections' addresses.
+egress=$dir/egress
+{
+  echo "logoutput: $egress/danted.log"
+  for addr in "${SMDP_EGRESS_ADDRS[@]}"; do echo "internal: $addr port = $SMDP_EGRESS_PORT"; done
+  for addr in "${SMDP_EGRESS_ADDRS[@]}"; do echo "external: $addr"; done
+  cat <<EOF
+external.rotation: same-same
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {
+  from: 10.0.0.0/8 to: 0.0.0.0/0
+  log: error connect disconnect
+}
+client block {
+  from: 0.0.0.0/0 to: 0.0.0.0/0
+  log: error connect
+}
+socks block {
+  from: 0.0.0.0/0 to: 0.0.0.0/0
+  command: bind bindreply udpassociate udpreply
+  log: error connect
+}
+socks pass {
+  from: 10.0.0.0/8 to: 0.0.0.0/0
+  command: connect
+  protocol: tcp
+  log: error connect disconnect
+}
+socks block {
+  from: 0.0.0.0/0 to: 0.0.0.0/0
+  log: error connect
+}
+EOF
+} >"$egress/danted.conf"
 
 # --- Postfix receivers --------------------------------------------------------------------------------------------
 postfix_uid=$(id -u postfix)
@@ -545,6 +604,8 @@ add_ns "$SMDP_WEB_NS"
 attach "$SMDP_WEB_NS" "$SMDP_WEB_ADDR"
 add_ns "$SMDP_MTA_NS"
 attach "$SMDP_MTA_NS" "$SMDP_MTA_ADDR"
+add_ns "$SMDP_EGRESS_NS"
+attach "$SMDP_EGRESS_NS" "${SMDP_EGRESS_ADDRS[@]}"
 for line in "${SMDP_RECEIVERS[@]}"; do
   receiver_fields "$line"
   add_ns "$(receiver_ns "$rx_name")"
@@ -588,13 +649,19 @@ start_daemon() {
   ip netns exec "$ns" setsid "$@" </dev/null >>"$logfile" 2>&1 &
   echo $! >"$dir/pids/$name.pid"
 }
-log "starting named, unbound, nginx, Postfix receivers and the stripping proxy"
-# nginx -t binds its listen address, so it can only check the config inside the web namespace.
+log "starting named, unbound, nginx, Dante, Postfix receivers and the stripping proxy"
+# nginx -t binds its listen address, so it can only check the config inside the web namespace; danted -V looks
+# for its addresses on the namespace's interfaces.
 in_ns "$SMDP_WEB_NS" nginx -t -q -p "$web" -e "$web/error.log" -c "$web/nginx.conf" 2>"$web/nginx-t.log" \
   || die "nginx -t failed (see $web/nginx-t.log)"
+in_ns "$SMDP_EGRESS_NS" danted -V -f "$egress/danted.conf" >"$egress/danted-V.log" 2>&1 \
+  || die "danted -V failed (see $egress/danted-V.log)"
 start_daemon named "$SMDP_DNS_NS" "$dns/named.stderr" named -f -4 -c "$dns/named.conf"
 start_daemon unbound "$SMDP_DNS_NS" "$dns/unbound.stderr" unbound -d -c "$dns/unbound.conf"
 start_daemon nginx "$SMDP_WEB_NS" "$web/nginx.stderr" nginx -p "$web" -e "$web/error.log" -c "$web/nginx.conf"
+# Without -D danted stays in the foreground; -p keeps its own pid file out of /run.
+start_daemon danted "$SMDP_EGRESS_NS" "$egress/danted.stderr" danted -f "$egress/danted.conf" \
+  -p "$egress/danted.pid"
 for line in "${SMDP_RECEIVERS[@]}"; do
   receiver_fields "$line"
   rx=$dir/mx/$rx_name
@@ -646,6 +713,9 @@ wait_for named "$dns/named.log" named \
 wait_for unbound "$dns/unbound.log" unbound \
   in_ns "$SMDP_MTA_NS" dig +time=1 +tries=1 "@$SMDP_RESOLVER_ADDR" . SOA
 wait_for nginx "$web/error.log" nginx tcp_open "$SMDP_WEB_ADDR" 443
+for addr in "${SMDP_EGRESS_ADDRS[@]}"; do
+  wait_for danted "$egress/danted.log" danted tcp_open "$addr" "$SMDP_EGRESS_PORT"
+done
 for line in "${SMDP_RECEIVERS[@]}"; do
   receiver_fields "$line"
   pidname=postfix-$rx_name
@@ -697,6 +767,14 @@ done
   echo "SMDP_GOOD_UNKNOWN_RECIPIENT=nobody@good.plain.test"
   # A sender domain whose MX is the smart receiver, so DSNs to it can be counted there.
   echo "SMDP_DSN_DOMAIN=notices.sender.test"
+  # The egress host: SOCKS5 on each address, outgoing connections from the address the client connected to.
+  echo "SMDP_EGRESS_NETNS=$SMDP_EGRESS_NS"
+  echo "SMDP_EGRESS_ADDRS=$(IFS=,; echo "${SMDP_EGRESS_ADDRS[*]}")"
+  echo "SMDP_EGRESS_SOCKS_PORT=$SMDP_EGRESS_PORT"
+  echo "SMDP_EGRESS_LOG=$egress/danted.log"
+  # Zones that accept DNS UPDATE (nsupdate to SMDP_AUTH_DNS) from anywhere in the world.
+  dynamic=("${SMDP_DYNAMIC_ZONES[@]%.}")
+  echo "SMDP_DYNAMIC_ZONES=$(IFS=,; echo "${dynamic[*]}")"
   # Recipient domain per policy case, for tests that think in cases rather than hosts.
   # SMDP_CASE_<CASE>=domain and SMDP_CASE_<CASE>_RX=the receiver (SMDP_RX_<RX>_*) its mail should reach, or not.
   for pair in DANE=dane.test:dane DANE_TA=dane-ta.test:daneta DANE_MISMATCH=dane-mismatch.test:danemismatch \
