@@ -140,14 +140,20 @@ e2e: deps
 	  SECUREMAIL_CLOCK_DAYS_AHEAD=$(CLOCK_AHEAD_DAYS) $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test operator \
 	  || status=$$?; e2e/cluster-down.sh; exit $$status
 
-## e2e-node: the images (make images), a control plane with a node (make node-up), SecureMail installed on it as a
-## platform team installs it (e2e/node-install.sh: images imported into the node's containerd, helm install), then
-## the node suite: the operator as two pods with one leader, example tenants Ready from their running MTA pods.
+## e2e-node: the images (make images), the data-plane world linked to this machine as the node's Internet
+## (e2e/dataplane/host-link.sh), a control plane with a node (make node-up), SecureMail installed on it as a platform
+## team installs it (e2e/node-install.sh: images imported into the node's containerd, helm install, the sidecars
+## resolving through the world), then the node suites: the operator as two pods with one leader, example tenants
+## unready until their pods get their addresses, then Ready from their running MTA pods (node.rs); a tenant sending
+## through the world's SOCKS5 egress host, each pod from its own address (node_egress.rs).
 e2e-node: deps images
-	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test node
-	SECUREMAIL_NODE=1 e2e/cluster-up.sh >/dev/null
-	status=0; e2e/node-install.sh $(TARGET_DIR)/images && KUBECONFIG=$(KUBECONFIG_FILE) \
-	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test node || status=$$?; e2e/cluster-down.sh; exit $$status
+	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test node --test node_egress
+	flock $(DATAPLANE_LOCK) bash -c 'trap "e2e/cluster-down.sh; e2e/dataplane/down.sh $(DATAPLANE_DIR)" EXIT; \
+	  e2e/dataplane/up.sh $(DATAPLANE_DIR) >/dev/null && e2e/dataplane/host-link.sh up $(DATAPLANE_DIR) && \
+	  SECUREMAIL_NODE=1 e2e/cluster-up.sh >/dev/null && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
+	  SECUREMAIL_EXTRA_TENANT_NAMESPACES=tenant-egress e2e/node-install.sh $(TARGET_DIR)/images && \
+	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
+	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test node --test node_egress'
 
 ## e2e-dataplane: start the data-plane world (DNSSEC zones, validating resolver, MTA-STS server, receiving MX hosts
 ## in network namespaces), check it without the sidecar, run the sidecar suites in it, stop it again.

@@ -22,6 +22,8 @@ export KUBECONFIG
 KUBECONFIG=$(SECUREMAIL_NODE=1 "$here/cluster-up.sh" | tail -n 1)
 "$here/node-install.sh" "$root/target/images"
 "$here/apply-examples.sh" "$root/examples/minimal.yaml" >/dev/null
+# Egress mode None: the platform puts each pool address on its pod (docs/egress.md); here as soon as the sidecar runs.
+"$here/node/pod-address.sh" add "$namespace" lakeside-clinic-mta-0 192.0.2.10
 kubectl wait --for=condition=Ready --timeout=240s -n "$namespace" smt/lakeside-clinic >/dev/null
 
 # Milliseconds until `kubectl wait` saw the condition, from $1 (ms).
@@ -65,6 +67,7 @@ for i in $(seq 1 "$runs"); do
 
   start=$(now_ms)
   tenant "$i" | kubectl apply -f - >/dev/null
+  "$here/node/pod-address.sh" add "$namespace" "bench-$i-mta-0" "192.0.2.$((200 + i))"
   kubectl wait --for=condition=Ready --timeout=240s -n "$namespace" "smt/bench-$i" >/dev/null
   ready+=("$(waited_since "$start")")
   log "run $i: bare pod ${bare[-1]} ms, RSA-2048 key ${keygen[-1]} ms, tenant Ready ${ready[-1]} ms"

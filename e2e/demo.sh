@@ -30,9 +30,29 @@ if kubectl apply --dry-run=server -f "$here/testdata/invalid/cleartext-without-e
   exit 1
 fi
 
-step "Waiting for the MTA pods: every tenant Ready, or a condition that names what it lacks"
+step "Waiting for the MTA pods: each checks it can send from its pool address, and cannot yet"
+# The examples send from documentation addresses (egress mode None: the platform puts each address on its pod).
+# No pod here has one, so every sidecar stays unready and its tenant names the pod and the address.
+for tenant in tenant-lakeside/lakeside-clinic tenant-riverside/riverside-pharmacy; do
+  kubectl wait --for=condition=EgressReady=False --timeout=240s -n "${tenant%/*}" "smt/${tenant#*/}" >/dev/null
+  kubectl get smt -n "${tenant%/*}" "${tenant#*/}" \
+    -o jsonpath='{.metadata.name}: EgressReady=False: {.status.conditions[?(@.type=="EgressReady")].message}{"\n"}'
+done
+
+step "The platform's part of mode None: each pod gets its address (docs/egress.md); then every tenant Ready, or a"
+echo "   condition that names what it lacks"
+for tenant in tenant-lakeside/lakeside-clinic tenant-riverside/riverside-pharmacy; do
+  namespace=${tenant%/*} name=${tenant#*/}
+  addresses=$(kubectl get smt -n "$namespace" "$name" -o jsonpath='{.spec.ipPool.addresses[*].address}')
+  ordinal=0
+  for address in $addresses; do
+    "$here/node/pod-address.sh" add "$namespace" "$name-mta-$ordinal" "$address"
+    echo "   $namespace/$name-mta-$ordinal: $address"
+    ordinal=$((ordinal + 1))
+  done
+done
 # dedicated-warmup.yaml asks for prerequisites this cluster deliberately lacks (a StorageClass fast-retain, a
-# cert-manager issuer, a secondary network): its status says which.
+# cert-manager issuer, egress hosts with SOCKS5 proxies): its status says which.
 kubectl wait --for=condition=Ready --timeout=180s -n tenant-lakeside smt/lakeside-clinic >/dev/null
 kubectl wait --for=condition=Ready --timeout=180s -n tenant-riverside smt/riverside-pharmacy >/dev/null
 kubectl get smt -A -o wide

@@ -4,6 +4,9 @@
 # with their Pod Security levels and the operator chart is installed with `helm upgrade --install`; waits until both
 # operator replicas run and one holds the Lease.
 # Usage: node-install.sh [IMAGES_DIR] (default target/images). Expects the node (make node-up).
+# With SECUREMAIL_DATAPLANE_DIR naming a running data-plane world linked to this machine (dataplane/host-link.sh),
+# the sidecars resolve through the world's validating resolver and trust its root; SECUREMAIL_EXTRA_TENANT_NAMESPACES
+# (comma-separated) adds tenant namespaces beyond the examples'.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -37,16 +40,25 @@ pod_security() { # NAMESPACE LEVEL
     "pod-security.kubernetes.io/audit=$2" "pod-security.kubernetes.io/warn=$2" >/dev/null
 }
 pod_security "$namespace" restricted
-namespaces=$(sed -n 's/^  namespace: //p' "$root"/examples/*.yaml | sort -u | paste -sd, -)
+namespaces=$( (sed -n 's/^  namespace: //p' "$root"/examples/*.yaml; tr ',' '\n' <<<"${SECUREMAIL_EXTRA_TENANT_NAMESPACES:-}") \
+  | grep -v '^$' | sort -u | paste -sd, -)
 for tenant_namespace in ${namespaces//,/ }; do
   pod_security "$tenant_namespace" baseline
 done
+sidecar_dns=()
+if [ -n "${SECUREMAIL_DATAPLANE_DIR:-}" ]; then
+  world_env=$SECUREMAIL_DATAPLANE_DIR/world.env
+  [ -f "$world_env" ] || die "SECUREMAIL_DATAPLANE_DIR=$SECUREMAIL_DATAPLANE_DIR has no world.env (run dataplane/up.sh)"
+  resolver=$(sed -n 's/^SMDP_RESOLVER=//p' "$world_env")
+  sidecar_dns=(--set "sidecarDns.nameservers={$resolver:53}"
+    --set-file "sidecarDns.trustAnchors=$(sed -n 's/^SMDP_TRUST_ANCHOR=//p' "$world_env")")
+fi
 api_port=$(sed -n 's|^ *server: https://[^:]*:||p' "$KUBECONFIG")
 # The operator's NetworkPolicy opens egress to the apiserver's port as its pods see it (the endpoint of the
 # kubernetes Service, this node's apiserver port).
 "$here/helm.sh" upgrade --install "$release" "$root/charts/securemail-operator" --namespace "$namespace" \
   --create-namespace --set "tenantNamespaces={$namespaces}" --set "networkPolicy.apiServerPorts={443,$api_port}" \
-  --wait --timeout 180s >/dev/null || {
+  "${sidecar_dns[@]}" --wait --timeout 180s >/dev/null || {
   kubectl -n "$namespace" get pods -o wide >&2 || true
   kubectl -n "$namespace" describe pods >&2 || true
   die "helm install of the operator chart did not become ready within 180s"

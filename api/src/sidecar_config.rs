@@ -48,6 +48,28 @@ pub struct SidecarConfig {
     /// the whole list to attribute it. Absent in files from older operators: then only `source` is known.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pool_addresses: Vec<IpAddr>,
+    /// How connections reach the Internet from `source.address`. Absent in files from older operators: directly.
+    #[serde(default, skip_serializing_if = "Egress::is_direct")]
+    pub egress: Egress,
+}
+
+/// The way out for this pod's connections to MX hosts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(tag = "mode", rename_all = "camelCase", deny_unknown_fields)]
+pub enum Egress {
+    /// `source.address` is assigned to an interface of the pod; every connection binds it.
+    #[default]
+    Direct,
+    /// Through the SOCKS5 proxy at `proxy`, which must open every connection from `source.address` (it reports the
+    /// address it used in each CONNECT reply, and a connection from any other address is closed unused).
+    #[serde(rename_all = "camelCase")]
+    Socks5Proxy { proxy: SocketAddr },
+}
+
+impl Egress {
+    fn is_direct(&self) -> bool {
+        *self == Self::Direct
+    }
 }
 
 /// DNS resolution for MX, TLSA, MTA-STS and DNSBL lookups.
@@ -171,6 +193,7 @@ mod tests {
                 "192.0.2.10".parse().expect("address"),
                 "192.0.2.11".parse().expect("address"),
             ],
+            egress: Egress::Direct,
         }
     }
 
@@ -197,6 +220,25 @@ mod tests {
         let yaml = serde_yaml::to_string(&config).expect("serializes");
         assert!(!yaml.contains("poolAddresses"), "{yaml}");
         assert_eq!(serde_yaml::from_str::<SidecarConfig>(&yaml).expect("parses"), config);
+    }
+
+    #[test]
+    fn egress_is_direct_unless_a_proxy_is_named() {
+        let yaml = serde_yaml::to_string(&sample()).expect("serializes");
+        assert!(!yaml.contains("egress"), "{yaml}");
+        let mut config = sample();
+        config.egress = Egress::Socks5Proxy {
+            proxy: "192.0.2.10:1080".parse().expect("socket"),
+        };
+        let yaml = serde_yaml::to_string(&config).expect("serializes");
+        assert!(
+            yaml.contains("egress:\n  mode: socks5Proxy\n  proxy: 192.0.2.10:1080\n"),
+            "{yaml}"
+        );
+        assert_eq!(serde_yaml::from_str::<SidecarConfig>(&yaml).expect("parses"), config);
+        let typo = yaml.replace("  proxy:", "  proxi:");
+        let err = serde_yaml::from_str::<SidecarConfig>(&typo).expect_err("unknown field refused");
+        assert!(err.to_string().contains("proxi"), "{err}");
     }
 
     #[test]

@@ -30,6 +30,21 @@ pub struct SidecarStatus {
     /// sensors (an older version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reputation: Option<ReputationStatus>,
+    /// Whether this pod can send from its address, as its last self-check found; absent from an older sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressStatus>,
+}
+
+/// The result of the sidecar's egress self-check (bind and route, or the proxy's source address).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressStatus {
+    pub ready: bool,
+    /// Why the pod cannot send from its address; absent when ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the check last ran.
+    pub checked_at: Timestamp,
 }
 
 /// What the remote MX hosts said to this address today and which providers it is pausing.

@@ -350,19 +350,27 @@ pub struct PoolAddress {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.mode != 'Multus' || has(self.networkAttachment)").message("egress mode Multus needs networkAttachment (the NetworkAttachmentDefinition, as name or namespace/name)"),
-    // Refused on create and on any change of the egress section; validation ratcheting lets a tenant stored with it
-    // keep updating its other fields, and the operator renders it like None.
+    validation = Rule::new("!has(self.proxyPort) || self.mode == 'Socks5Proxy'").message("egress.proxyPort applies to mode Socks5Proxy only; remove it or set mode: Socks5Proxy"),
+    // HostNetwork and Multus are refused on create and on any change of the egress section; validation ratcheting
+    // lets a tenant stored with one keep updating its other fields, and the operator renders it like None.
+    validation = Rule::new("self.mode != 'Multus'").message("egress mode Multus is no longer offered: one network attachment on the pod template cannot give pod i address i; use Socks5Proxy (a SOCKS5 proxy on the egress hosts sends from each address) or None (the platform puts each address on its pod, with a secondary network of its own if it likes); see docs/egress.md"),
+    validation = Rule::new("!has(self.networkAttachment)").message("egress.networkAttachment belonged to mode Multus, which is no longer offered; remove it; see docs/egress.md"),
     validation = Rule::new("self.mode != 'HostNetwork'").message("egress mode HostNetwork is no longer offered: host-network pods break the MTA namespace's Pod Security level and cannot be pinned to the node owning each address; use Socks5Proxy (a SOCKS5 proxy on the egress hosts sends from each address) or None (the platform puts each address on its pod); see docs/egress.md")
 )]
 pub struct EgressSpec {
-    /// None: the address is configured outside SecureMail (e.g. SNAT on the node) and the pod binds to it if
-    /// present. Multus: a secondary interface from networkAttachment carries the address. HostNetwork is refused:
-    /// a tenant stored with it runs its pods on the ordinary pod network, as with None.
+    /// None: the platform puts each address on its pod (outside SecureMail) and the pod binds it. Socks5Proxy:
+    /// pod i connects through the SOCKS5 proxy listening on address i (port proxyPort), which sends from that
+    /// address. Every pod checks that it can send from its address and reports EgressReady; see docs/egress.md.
+    /// HostNetwork and Multus are refused: a tenant stored with one runs its pods as with None.
     #[serde(default)]
     pub mode: EgressMode,
 
-    /// NetworkAttachmentDefinition (`name` or `namespace/name`) used when mode is Multus.
+    /// Port of the SOCKS5 proxy on each pool address, when mode is Socks5Proxy. Default 1080.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub proxy_port: Option<u16>,
+
+    /// Refused: belonged to mode Multus. Kept so tenants stored with it still parse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 317))]
     pub network_attachment: Option<String>,
@@ -373,9 +381,15 @@ pub struct EgressSpec {
 pub enum EgressMode {
     #[default]
     None,
-    // Kept so tenants stored with it still parse; the CRD refuses it for new and changed egress sections.
+    // Kept so tenants stored with them still parse; the CRD refuses them for new and changed egress sections.
     HostNetwork,
     Multus,
+    Socks5Proxy,
+}
+
+impl EgressSpec {
+    /// The SOCKS5 proxy port when none is given.
+    pub const DEFAULT_PROXY_PORT: u16 = 1080;
 }
 
 /// Warmup schedule and the thresholds that pause it.

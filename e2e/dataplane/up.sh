@@ -604,6 +604,9 @@ add_ns "$SMDP_WEB_NS"
 attach "$SMDP_WEB_NS" "$SMDP_WEB_ADDR"
 add_ns "$SMDP_MTA_NS"
 attach "$SMDP_MTA_NS" "$SMDP_MTA_ADDR"
+# A sending host has a way to the Internet: the sidecar's egress self-check asks the kernel for a route to a root
+# server from its address. The LAN is this world's Internet, so the default route is the LAN itself.
+ip -n "$SMDP_MTA_NS" route add default dev eth0
 add_ns "$SMDP_EGRESS_NS"
 attach "$SMDP_EGRESS_NS" "${SMDP_EGRESS_ADDRS[@]}"
 for line in "${SMDP_RECEIVERS[@]}"; do

@@ -942,7 +942,7 @@ fn make_dkim_keys(keys: &Path, manifest: &str) {
 }
 
 /// A server certificate for the submission listener and a client CA with one client certificate.
-fn make_submission_certificates(tls: &Path) {
+pub fn make_submission_certificates(tls: &Path) {
     for (ca, subject) in [
         ("server-ca", "submission test CA"),
         ("client-ca", "tenant apps test CA"),

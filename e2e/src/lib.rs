@@ -8,6 +8,7 @@ pub mod clock;
 pub mod dataplane;
 pub mod dnsbl;
 pub mod leaks;
+pub mod node;
 pub mod operator;
 pub mod tenants;
 

@@ -13,54 +13,22 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_e2e::dataplane::output_with_input;
+use securemail_e2e::node::{
+    TENANT_READY, containers, give_pods_their_addresses, logs, mta_pods, pod_ready, wait_for_conditions, wait_ready,
+};
 use securemail_e2e::tenants::condition;
 use securemail_e2e::{audit_log, client, kubeconfig, kubectl, kubectl_ok, repo_root};
 
 const OPERATOR_NAMESPACE: &str = "securemail-system";
-/// From `kubectl apply` to Ready, key generation and volume provisioning included; a warm node needs a fraction.
-const TENANT_READY: Duration = Duration::from_secs(240);
 
 /// Examples whose prerequisites the node has: a default StorageClass and Secrets `apply-examples.sh` creates.
 const EXAMPLES: [(&str, &str, &str); 2] = [
     ("minimal.yaml", "tenant-lakeside", "lakeside-clinic"),
     ("strict-tls-overrides.yaml", "tenant-riverside", "riverside-pharmacy"),
 ];
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|status| status.conditions.as_ref())
-        .is_some_and(|conditions| {
-            conditions
-                .iter()
-                .any(|condition| condition.type_ == "Ready" && condition.status == "True")
-        })
-}
-
-/// Each container of `pod` with its image, ready flag and restart count.
-fn containers(pod: &Pod) -> Vec<(String, String, bool, i32)> {
-    pod.status
-        .as_ref()
-        .and_then(|status| status.container_statuses.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|container| {
-            (
-                container.name,
-                container.image,
-                container.ready,
-                container.restart_count,
-            )
-        })
-        .collect()
-}
-
-fn logs(namespace: &str, pod: &str, container: &str) -> String {
-    kubectl_ok(&["logs", "-n", namespace, pod, "-c", container])
-}
 
 #[tokio::test]
 async fn the_operator_runs_as_two_pods_with_one_leader() {
@@ -115,16 +83,6 @@ async fn the_operator_runs_as_two_pods_with_one_leader() {
 }
 
 /// The MTA pods of a tenant's StatefulSet.
-async fn mta_pods(client: &Client, namespace: &str, tenant: &str) -> Vec<Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    pods.list(&ListParams::default().labels(&format!(
-        "app.kubernetes.io/component=mta,securemail.io/tenant={tenant}"
-    )))
-    .await
-    .unwrap_or_else(|err| panic!("MTA pods of {namespace}/{tenant}: {err}"))
-    .items
-}
-
 /// Applies [`EXAMPLES`] with the Secrets they name (`apply-examples.sh`), once per test process: the cases that need
 /// them run side by side.
 fn apply_examples() {
@@ -148,44 +106,6 @@ fn apply_examples() {
     });
 }
 
-/// Waits until the tenant is Ready=True with MtaAvailable=True for its current generation; on timeout the panic
-/// shows its conditions, its pods and the namespace's events, which say why.
-async fn wait_ready(tenants: &Api<SecureMailTenant>, namespace: &str, name: &str) -> SecureMailTenant {
-    let deadline = Instant::now() + TENANT_READY;
-    loop {
-        if let Ok(tenant) = tenants.get(name).await {
-            let current = tenant
-                .status
-                .as_ref()
-                .is_some_and(|status| status.observed_generation == tenant.metadata.generation);
-            let ready = ["Ready", "MtaAvailable"]
-                .iter()
-                .all(|type_| condition(&tenant, type_).is_some_and(|(status, _, _)| status == "True"));
-            if current && ready {
-                return tenant;
-            }
-        }
-        if Instant::now() > deadline {
-            let show = |args: &[&str]| String::from_utf8_lossy(&kubectl(args).stdout).into_owned();
-            panic!(
-                "{namespace}/{name} not Ready=True with MtaAvailable=True after {TENANT_READY:?}\nconditions:\n{}\npods:\n{}\nevents:\n{}",
-                show(&[
-                    "get",
-                    "smt",
-                    "-n",
-                    namespace,
-                    name,
-                    "-o",
-                    "jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}"
-                ]),
-                show(&["get", "pods", "-n", namespace, "-o", "wide"]),
-                show(&["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"]),
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
 #[tokio::test]
 async fn example_tenants_become_ready_from_their_running_mta_pods() {
     let client = client().await;
@@ -193,7 +113,47 @@ async fn example_tenants_become_ready_from_their_running_mta_pods() {
 
     for (_, namespace, name) in EXAMPLES {
         let tenants: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+        // The examples send from documentation addresses (egress mode None) that no pod on this node has: each
+        // sidecar finds it cannot send, stays unready, and the tenant names the pod and the address.
+        let tenant = wait_for_conditions(
+            &tenants,
+            namespace,
+            name,
+            &[("EgressReady", "False"), ("Ready", "False")],
+        )
+        .await;
+        let (_, reason, message) = condition(&tenant, "EgressReady").expect("EgressReady");
+        assert_eq!(reason, "CannotSendFromAddress", "{namespace}/{name}: {message}");
+        for (ordinal, pool) in tenant.spec.ip_pool.addresses.iter().enumerate() {
+            let expected = format!(
+                "pod {name}-mta-{ordinal} cannot send from {}: the address is not assigned to any interface of this \
+                 pod",
+                pool.address
+            );
+            assert!(message.contains(&expected), "{namespace}/{name}: {message}");
+        }
+        let (_, ready_reason, _) = condition(&tenant, "Ready").expect("Ready");
+        assert_eq!(ready_reason, "CannotSendFromAddress", "{namespace}/{name}");
+        let events = kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            "reason=CannotSendFromAddress",
+            "-o",
+            "name",
+        ]);
+        assert!(
+            !events.trim().is_empty(),
+            "{namespace}/{name}: no CannotSendFromAddress event"
+        );
+
+        // The platform's part of mode None: the address on its pod. The sidecar's next check passes.
+        give_pods_their_addresses(&client, &tenants, namespace, name).await;
         let tenant = wait_ready(&tenants, namespace, name).await;
+        let (status, _, _) = condition(&tenant, "EgressReady").expect("EgressReady");
+        assert_eq!(status, "True", "{namespace}/{name}");
 
         // The status the operator read is the controller-manager's, for pods that really run.
         let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
@@ -374,6 +334,7 @@ async fn a_deleted_tenant_drains_and_its_children_go_while_an_orphaned_one_keeps
             "kubectl apply of tenant {name}: {}",
             String::from_utf8_lossy(&applied.stderr)
         );
+        give_pods_their_addresses(&client, &tenants, namespace, name).await;
         wait_ready(&tenants, namespace, name).await;
     }
 

@@ -290,7 +290,7 @@ async fn stop_submissions(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
 }
 
 async fn read_queue(pod: &Pod) -> QueueState {
-    match pod_status::read(pod).await {
+    match pod_status::read(pod.status.as_ref()).await {
         Ok(status) if status.queue.is_empty() => QueueState::Empty,
         Ok(status) => QueueState::Holding(status.queue.messages),
         Err(reason) => QueueState::Unknown(reason),

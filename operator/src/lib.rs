@@ -13,6 +13,7 @@ pub mod dkim_keys;
 pub mod dns_endpoint;
 pub mod dnsbl;
 pub mod drain;
+pub mod egress;
 mod error;
 pub mod inputs;
 pub mod names;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use jiff::civil::Date;
 use securemail_api::SecureMailTenant;
 use securemail_operator::admin::{self, Health};
-use securemail_operator::build::{DEFAULT_DRAIN_CONFIRMATION, Settings};
+use securemail_operator::build::{DEFAULT_DRAIN_CONFIRMATION, Settings, SidecarDns};
 use securemail_operator::context::{Metrics, SystemClock};
 use securemail_operator::controller::{self, LeaderElection};
 use tracing_subscriber::EnvFilter;
@@ -40,20 +40,29 @@ enum Command {
         #[arg(long)]
         keys_dir: Option<PathBuf>,
         #[command(flatten)]
-        images: ImageArgs,
+        children: ChildArgs,
     },
     /// Print the SecureMailTenant CRD (apply it with `kubectl apply --server-side -f -`).
     Crd,
 }
 
+/// Operator-wide choices that shape every tenant's children.
 #[derive(clap::Args, Debug)]
-struct ImageArgs {
+struct ChildArgs {
     /// Postfix image for tenants that do not name one.
     #[arg(long, env = "SECUREMAIL_MTA_IMAGE")]
     mta_image: Option<String>,
     /// Sidecar image for tenants that do not name one.
     #[arg(long, env = "SECUREMAIL_SIDECAR_IMAGE")]
     sidecar_image: Option<String>,
+    /// Recursive resolvers (address:port, comma-separated) every sidecar asks for MX, TLSA and MTA-STS records; they
+    /// must pass DNSSEC records through (the sidecar validates them itself). Default: the pod's /etc/resolv.conf.
+    #[arg(long, env = "SECUREMAIL_SIDECAR_NAMESERVERS", value_delimiter = ',')]
+    sidecar_nameservers: Vec<SocketAddr>,
+    /// DNSSEC trust anchors (zone-file format) the sidecars validate with, for a network with its own signed root;
+    /// default: the IANA root's.
+    #[arg(long, env = "SECUREMAIL_SIDECAR_TRUST_ANCHORS_FILE")]
+    sidecar_trust_anchors_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -85,16 +94,27 @@ struct RunArgs {
     #[arg(long, env = "SECUREMAIL_TENANT_NAMESPACES", value_delimiter = ',')]
     tenant_namespaces: Option<Vec<String>>,
     #[command(flatten)]
-    images: ImageArgs,
+    children: ChildArgs,
 }
 
-impl ImageArgs {
-    fn settings(self, defaults: Settings) -> Settings {
-        Settings {
+impl ChildArgs {
+    fn settings(self, defaults: Settings) -> anyhow::Result<Settings> {
+        let trust_anchors = self
+            .sidecar_trust_anchors_file
+            .map(|file| {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read the sidecar trust anchors {}", file.display()))
+            })
+            .transpose()?;
+        Ok(Settings {
             mta_image: self.mta_image.unwrap_or(defaults.mta_image),
             sidecar_image: self.sidecar_image.unwrap_or(defaults.sidecar_image),
+            sidecar_dns: SidecarDns {
+                nameservers: self.sidecar_nameservers,
+                trust_anchors,
+            },
             ..defaults
-        }
+        })
     }
 }
 
@@ -106,13 +126,13 @@ async fn main() -> anyhow::Result<()> {
             file,
             date,
             keys_dir,
-            images,
+            children,
         } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let tenant: SecureMailTenant = serde_yaml::from_str(&text)
                 .with_context(|| format!("{} is not a valid SecureMailTenant", file.display()))?;
             let today = date.unwrap_or_else(|| jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC).date());
-            let settings = images.settings(Settings::default());
+            let settings = children.settings(Settings::default())?;
             print!(
                 "{}",
                 securemail_operator::render::render(&tenant, today, keys_dir.as_deref(), &settings)?
@@ -144,7 +164,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("POD_NAME {identity:?} cannot be sent in a User-Agent header"))?,
     ));
     let client = kube::Client::try_from(config).context("cannot build a Kubernetes client")?;
-    let settings = args.images.settings(Settings {
+    let settings = args.children.settings(Settings {
         monitoring_namespace: args.monitoring_namespace,
         operator_namespace: args.namespace.clone(),
         drain_confirmation: Duration::from_secs(args.drain_confirmation_seconds),
@@ -156,7 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .collect()
         }),
         ..Settings::default()
-    });
+    })?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let admin = tokio::spawn(admin::serve(args.admin_address, metrics.clone(), health.clone()));

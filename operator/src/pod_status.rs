@@ -1,9 +1,10 @@
-//! Reading an MTA pod's `/status` from its sidecar: the queue for draining, yesterday's results for the warmup loop.
+//! Reading an MTA pod's `/status` from its sidecar: the queue for draining, yesterday's results for the warmup loop,
+//! why an unready pod cannot send.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::PodStatus;
 use securemail_api::sidecar_status::SidecarStatus;
 
 use crate::build::config::SIDECAR_ADMIN_PORT;
@@ -11,11 +12,9 @@ use crate::build::config::SIDECAR_ADMIN_PORT;
 /// How long a sidecar may take to answer `/status`.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The pod's `/status`, or why it could not be read.
-pub async fn read(pod: &Pod) -> Result<SidecarStatus, String> {
+/// The `/status` of the pod with this status, or why it could not be read.
+pub async fn read(pod: Option<&PodStatus>) -> Result<SidecarStatus, String> {
     let ip = pod
-        .status
-        .as_ref()
         .and_then(|status| status.pod_ip.as_deref())
         .ok_or("the pod has no IP yet")?;
     let host = if ip.contains(':') {

@@ -11,7 +11,7 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -36,7 +36,8 @@ use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
 use crate::{
-    Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, inputs, ownership, pod_health, pod_status,
+    Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, egress, inputs, ownership, pod_health,
+    pod_status,
 };
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
@@ -261,10 +262,14 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         ConditionUpdate::new(status::CONFIG_VALID, false, reason, missing_inputs.join("; "))
     };
     let pods = i32::try_from(observed.pods.len()).unwrap_or(i32::MAX);
-    let (pod_problems, pods_recheck) = pod_problems(ctx, &namespace, &names, now);
+    let mta_pods = tenant_pods(ctx, &namespace, &names);
+    let (pod_problems, pods_recheck) = pod_problems(&mta_pods, now);
+    let pod_egress = egress::observe(&mta_pods).await;
     let mut updates = vec![
         config_valid,
         dkim_condition(&plan, now),
+        // Before MtaAvailable: a pod that cannot send is why it is not ready, and Ready names the first bad one.
+        egress::condition(&pod_egress),
         pod_health::mta_condition(ready_replicas, pods, &pod_problems),
         conflict_condition(&conflicts),
         domain_condition(&domains_held),
@@ -293,8 +298,8 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             update.reason.clone(),
             update.message.clone(),
         );
-        // A condition's first appearance is news only for a conflict or a listing; pods not ready yet at creation is
-        // not.
+        // A condition's first appearance is news only for a conflict, a listing or a pod that cannot send; pods not
+        // ready yet at creation is not.
         let previous_reason = conditions
             .iter()
             .find(|condition| condition.type_ == type_)
@@ -303,7 +308,8 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             || (matches!(
                 type_,
                 status::IP_POOL_CONFLICT | status::DOMAIN_CONFLICT | status::IP_LISTED
-            ) && status_now == Some(true));
+            ) && status_now == Some(true))
+            || (type_ == status::EGRESS_READY && status_now == Some(false));
         // Pods that cannot run are news whenever the cause changes, not only when the status does: the tenant was
         // already unavailable while they started. The cause is the reason; the message follows the kubelet's
         // retries and would make an event of each.
@@ -317,7 +323,19 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             } else {
                 EventType::Normal
             };
-            publish(ctx, tenant, kind, &reason, &message).await;
+            // Each pod that cannot send is its own event series (the recorder folds repeats of one reason on one
+            // object into the first event, note included).
+            let related = (type_ == status::EGRESS_READY)
+                .then(|| egress::first_failing(&pod_egress))
+                .flatten()
+                .map(|pod| ObjectReference {
+                    api_version: Some("v1".to_owned()),
+                    kind: Some("Pod".to_owned()),
+                    name: Some(pod.to_owned()),
+                    namespace: Some(namespace.clone()),
+                    ..ObjectReference::default()
+                });
+            publish_related(ctx, tenant, kind, &reason, &message, related).await;
         }
     }
     for replaced in &plan.replaced {
@@ -746,14 +764,8 @@ fn dkim_condition(plan: &DkimPlan, now: Timestamp) -> ConditionUpdate {
     )
 }
 
-/// Why the tenant's MTA pods cannot run, in ordinal order, from the pod cache; and the earliest time a pod that is
-/// starting would be judged stuck.
-fn pod_problems(
-    ctx: &Context,
-    namespace: &str,
-    names: &TenantNames,
-    now: Timestamp,
-) -> (Vec<pod_health::PodProblem>, Option<Timestamp>) {
+/// The tenant's MTA pods in the pod cache, in ordinal order, without those being deleted.
+fn tenant_pods(ctx: &Context, namespace: &str, names: &TenantNames) -> Vec<(String, Arc<MtaPod>)> {
     let mut pods: Vec<(String, Arc<MtaPod>)> = ctx
         .stores
         .pods
@@ -766,9 +778,15 @@ fn pod_problems(
         .map(|pod| (pod.name_any(), pod))
         .collect();
     pods.sort_by(|(a, _), (b, _)| (pod_health::ordinal(a), a).cmp(&(pod_health::ordinal(b), b)));
+    pods
+}
+
+/// Why the tenant's MTA pods cannot run, in their order; and the earliest time a pod that is starting would be
+/// judged stuck.
+fn pod_problems(pods: &[(String, Arc<MtaPod>)], now: Timestamp) -> (Vec<pod_health::PodProblem>, Option<Timestamp>) {
     let mut problems = Vec::new();
     let mut recheck: Option<Timestamp> = None;
-    for (name, pod) in &pods {
+    for (name, pod) in pods {
         let Some(status) = &pod.status else { continue };
         let diagnosis = pod_health::diagnose(name, status, now);
         problems.extend(diagnosis.problem);
@@ -876,12 +894,24 @@ async fn write_status(
 
 /// Events go to the tenant; failing to publish one is logged, never fatal.
 async fn publish(ctx: &Context, tenant: &SecureMailTenant, type_: EventType, reason: &str, note: &str) {
+    publish_related(ctx, tenant, type_, reason, note, None).await;
+}
+
+/// An event about the tenant and, when given, the object it concerns most (a pod).
+async fn publish_related(
+    ctx: &Context,
+    tenant: &SecureMailTenant,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+    related: Option<ObjectReference>,
+) {
     let event = KubeEvent {
         type_,
         reason: reason.to_owned(),
         note: Some(note.to_owned()),
         action: "Reconcile".to_owned(),
-        secondary: None,
+        secondary: related,
     };
     if let Err(error) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
         warn!(tenant = %tenant.name_any(), %error, "event not published");
@@ -906,7 +936,7 @@ async fn yesterday_results(
     for (address, ordinal) in due {
         let pod_name = format!("{}-{ordinal}", names.mta());
         let reading = match pods.get_opt(&pod_name).await? {
-            Some(pod) => pod_status::read(&pod).await,
+            Some(pod) => pod_status::read(pod.status.as_ref()).await,
             None => Err("no pod".to_owned()),
         };
         match reading {

@@ -23,6 +23,7 @@ pub const PAUSED: &str = "Paused";
 pub const DRAINING: &str = "Draining";
 pub const DNS_PUBLISHED: &str = "DnsPublished";
 pub const IP_LISTED: &str = "IpListed";
+pub const EGRESS_READY: &str = "EgressReady";
 
 /// The desired state of one condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,10 +95,13 @@ pub fn set_condition(
 }
 
 /// The Ready summary: true only when every typed condition is good; otherwise the first bad one explains why.
+/// `EgressReady` counts only when False: Unknown means no sidecar could say, and `MtaAvailable` speaks for pods
+/// that are not ready.
 pub fn ready(updates: &[ConditionUpdate]) -> ConditionUpdate {
-    let bad = updates.iter().find(|update| {
-        let healthy_when_true = !matches!(update.type_, IP_POOL_CONFLICT | DOMAIN_CONFLICT);
-        update.status != Some(healthy_when_true)
+    let bad = updates.iter().find(|update| match update.type_ {
+        IP_POOL_CONFLICT | DOMAIN_CONFLICT => update.status != Some(false),
+        EGRESS_READY => update.status == Some(false),
+        _ => update.status != Some(true),
     });
     match bad {
         Some(update) => ConditionUpdate::new(READY, false, &update.reason, update.message.clone()),
@@ -388,6 +392,17 @@ mod tests {
         let summary = ready(&updates);
         assert_eq!(summary.status, Some(false));
         assert_eq!(summary.reason, "AddressInUse");
+    }
+
+    #[test]
+    fn a_pod_that_cannot_send_makes_the_tenant_unready_but_an_unknown_egress_does_not() {
+        let available = ConditionUpdate::new(MTA_AVAILABLE, true, "PodsReady", "2/2 MTA pods ready");
+        let not_checked = ConditionUpdate::unknown(EGRESS_READY, "NotChecked", "no sidecar running");
+        assert_eq!(ready(&[not_checked, available.clone()]).status, Some(true));
+        let failing = ConditionUpdate::new(EGRESS_READY, false, "CannotSendFromAddress", "pod t-mta-1 …");
+        let summary = ready(&[failing, available]);
+        assert_eq!(summary.status, Some(false));
+        assert_eq!(summary.reason, "CannotSendFromAddress");
     }
 
     fn no_results() -> BTreeMap<String, DayResults> {

@@ -17,9 +17,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::egress::EgressHealth;
 use crate::error::{Error, Result};
 
-pub use status::{MetricsRefresh, StatusError, StatusSource, pod_status, queue_metrics, with_reputation};
+pub use status::{MetricsRefresh, StatusError, StatusSource, pod_status, queue_metrics, with_egress, with_reputation};
 
 /// Content type of `/metrics`.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -48,20 +49,26 @@ pub struct Readiness {
     /// The evidence log accepts appends; cleared when an append fails, since delivering without evidence is not
     /// allowed.
     pub evidence_writable: ReadyFlag,
+    /// The pod can send from its pool address (the egress self-check).
+    pub egress: EgressHealth,
 }
 
 impl Readiness {
     /// Why the sidecar is not ready; empty when it is.
-    pub fn unmet(&self) -> Vec<&'static str> {
-        [
+    pub fn unmet(&self) -> Vec<String> {
+        let mut unmet: Vec<String> = [
             (&self.config_loaded, "configuration not loaded"),
             (&self.lmtp_listening, "LMTP socket not listening"),
             (&self.evidence_writable, "evidence log not writable"),
         ]
         .into_iter()
         .filter(|(flag, _)| !flag.get())
-        .map(|(_, reason)| reason)
-        .collect()
+        .map(|(_, reason)| reason.to_owned())
+        .collect();
+        if let Some(problem) = self.egress.problem() {
+            unmet.push(format!("cannot send from the pool address: {problem}"));
+        }
+        unmet
     }
 }
 

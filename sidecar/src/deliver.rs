@@ -28,6 +28,7 @@ use securemail_api::tenant::OnFailure;
 
 use crate::admin::ReadyFlag;
 use crate::dkim::KeyStore;
+use crate::egress::{self, EgressHealth};
 use crate::evidence::{
     Attempt, DomainName, EvidenceWriter, MessageIdHash, Outcome, Policy, SmtpReply, TenantRef, TlsSession, Token,
 };
@@ -123,6 +124,8 @@ pub struct Engine<P> {
     breakers: Arc<Breakers>,
     /// Today's warmup caps; none in tests that do not exercise them.
     warmup: Option<Arc<WarmupLimiter>>,
+    /// The egress self-check's verdict; none in tests that do not exercise it.
+    egress: Option<EgressHealth>,
 }
 
 fn writable() -> ReadyFlag {
@@ -180,7 +183,15 @@ impl<P: PolicyLookup> Engine<P> {
             pool,
             breakers: Arc::new(breakers),
             warmup: None,
+            egress: None,
         }
+    }
+
+    /// Delivers only while `health` says the pod can send from its address, and reports connections that could
+    /// not leave from it there.
+    pub fn with_egress(mut self, health: EgressHealth) -> Self {
+        self.egress = Some(health);
+        self
     }
 
     /// Reports evidence failures in `flag` (the sidecar's `/readyz` condition) and stops delivering while it is
@@ -504,7 +515,10 @@ impl<P: PolicyLookup> Engine<P> {
                 None => match Session::open(&self.config.session, &self.tls, target).await {
                     Ok(session) => session,
                     Err(err) => {
-                        if !matches!(err, SessionError::Connect { .. }) {
+                        if let (SessionError::Egress(failure), Some(health)) = (&err, &self.egress) {
+                            health.connection_failed(failure, self.clock.now());
+                        }
+                        if !matches!(err, SessionError::Connect { .. } | SessionError::Egress(_)) {
                             attempt.mx_ip = Some(target.address);
                         }
                         if let SessionError::Refused { reply, .. } = &err {
@@ -669,6 +683,20 @@ impl<P: PolicyLookup> Engine<P> {
                 451,
                 (4, 3, 0),
                 "evidence log unavailable; delivery paused until the sidecar restarts",
+            ));
+        }
+        if let Some(health) = &self.egress {
+            health.first_check(egress::CHECK_TIMEOUT + Duration::from_secs(1)).await;
+        }
+        if let Some(problem) = self.egress.as_ref().and_then(EgressHealth::problem) {
+            // Postfix keeps the message and retries; the pod is unready meanwhile, so new mail goes elsewhere.
+            return all(Answer::local(
+                451,
+                (4, 4, 0),
+                format!(
+                    "cannot send from {}: {problem}; delivery paused",
+                    self.config.session.source
+                ),
             ));
         }
         let prepared = match self.prepare(message) {

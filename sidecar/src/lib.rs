@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod deliver;
 pub mod dkim;
+pub mod egress;
 pub mod error;
 pub mod evidence;
 pub mod feedback;

@@ -16,11 +16,12 @@ use securemail_api::provider::Provider;
 use securemail_api::sidecar_config::{DnsSettings, SidecarConfig};
 use securemail_api::tenant::TlsPolicySpec;
 use securemail_sidecar::admin::{
-    AdminServer, AdminState, Readiness, ReadyFlag, pod_status, queue_metrics, with_reputation,
+    AdminServer, AdminState, Readiness, ReadyFlag, pod_status, queue_metrics, with_egress, with_reputation,
 };
 use securemail_sidecar::config::{ConfigWatcher, DEFAULT_POLL_INTERVAL, WatchEvent};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::dkim::KeyStore;
+use securemail_sidecar::egress::{self, EgressHealth};
 use securemail_sidecar::evidence::{self, EvidenceLog, EvidenceWriter};
 use securemail_sidecar::lmtp::{Backend, Envelope, Limits, LmtpListener, RcptDecision, Recipient, Reply};
 use securemail_sidecar::metrics::Metrics;
@@ -223,6 +224,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             &recorded,
         )?),
         evidence_writable: readiness.evidence_writable.clone(),
+        egress: readiness.egress.clone(),
     };
     readiness.evidence_writable.set(true);
     let backend = Arc::new(LiveEngine {
@@ -237,6 +239,12 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             reload_metrics.config_rejected();
         }
     }));
+    tokio::spawn(egress::run_checks(
+        config.clone(),
+        readiness.egress.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let day_counts = Arc::clone(&parts.warmup);
     tokio::spawn(swap_engine_on_change(config.clone(), Arc::clone(&backend), parts));
 
@@ -245,11 +253,14 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
         refresh_metrics: queue_metrics(config.clone(), SystemTime::now, metrics.clone()),
-        status: with_reputation(
-            pod_status(config, SystemTime::now, move || {
-                day_counts.results(jiff::Timestamp::now())
-            }),
-            move || reputation::status(&metrics, &breakers),
+        status: with_egress(
+            with_reputation(
+                pod_status(config, SystemTime::now, move || {
+                    day_counts.results(jiff::Timestamp::now())
+                }),
+                move || reputation::status(&metrics, &breakers),
+            ),
+            readiness.egress.clone(),
         ),
     };
     let admin = tokio::spawn(admin.serve(state, shutdown.clone()));
@@ -358,6 +369,7 @@ struct EngineParts {
     breakers: Arc<Breakers>,
     warmup: Arc<WarmupLimiter>,
     evidence_writable: ReadyFlag,
+    egress: EgressHealth,
 }
 
 impl EngineParts {
@@ -365,6 +377,7 @@ impl EngineParts {
         let session = SessionSettings {
             helo_name: config.source.hostname.clone(),
             source: config.source.address,
+            egress: config.egress.clone(),
             port: 25,
             timeouts: Timeouts::default(),
         };
@@ -389,7 +402,8 @@ impl EngineParts {
         )
         .with_breakers(Arc::clone(&self.breakers))
         .with_warmup(Arc::clone(&self.warmup))
-        .with_evidence_writable(self.evidence_writable.clone()))
+        .with_evidence_writable(self.evidence_writable.clone())
+        .with_egress(self.egress.clone()))
     }
 }
 

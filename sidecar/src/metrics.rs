@@ -48,6 +48,7 @@ struct Inner {
     queue_messages: Family<NoLabels, Gauge>,
     queue_oldest_age: Family<NoLabels, Gauge>,
     queue_scan_failures: Counter,
+    egress_ready: Gauge,
     today: Mutex<Today>,
     clock: Arc<dyn WallClock>,
 }
@@ -212,6 +213,7 @@ impl Metrics {
             queue_messages: Family::default(),
             queue_oldest_age: Family::default(),
             queue_scan_failures: Counter::default(),
+            egress_ready: Gauge::default(),
             today: Mutex::new(Today {
                 date,
                 replies: BTreeMap::new(),
@@ -253,6 +255,12 @@ impl Metrics {
             "securemail_evidence_append_failures",
             "Evidence records that could not be written; new deliveries are deferred after one",
             inner.evidence_failures.clone(),
+        );
+        registry.register(
+            "securemail_egress_ready",
+            "1 while the last egress self-check found this pod can send from its pool address, 0 while it cannot \
+             (delivery paused, the pod unready)",
+            inner.egress_ready.clone(),
         );
         registry.register(
             "securemail_config_reload_failures",
@@ -408,6 +416,11 @@ impl Metrics {
 
     pub fn evidence_failure(&self) {
         self.inner.evidence_failures.inc();
+    }
+
+    /// The egress self-check ran.
+    pub fn egress_checked(&self, ready: bool) {
+        self.inner.egress_ready.set(i64::from(ready));
     }
 
     /// A changed configuration or key file was refused.

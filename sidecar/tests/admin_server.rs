@@ -10,11 +10,13 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use securemail_api::provider::Provider;
-use securemail_api::sidecar_config::{DnsSettings, EvidenceSettings, Listen, SidecarConfig, SourceAddress, WarmupCaps};
-use securemail_api::sidecar_status::{DeliveryDay, QueueStatus, ResultCounts, SidecarStatus};
+use securemail_api::sidecar_config::{
+    DnsSettings, Egress, EvidenceSettings, Listen, SidecarConfig, SourceAddress, WarmupCaps,
+};
+use securemail_api::sidecar_status::{DeliveryDay, EgressStatus, QueueStatus, ResultCounts, SidecarStatus};
 use securemail_api::tenant::{ProviderShares, TlsPolicySpec};
 use securemail_sidecar::admin::{
-    AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, pod_status, queue_metrics,
+    AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, pod_status, queue_metrics, with_egress,
 };
 use securemail_sidecar::deliver::SystemClock;
 use securemail_sidecar::metrics::Metrics;
@@ -81,6 +83,7 @@ fn config(queue_dir: Option<&Path>) -> SidecarConfig {
         postfix_queue_dir: queue_dir.map(Path::to_owned),
         provider_suffixes: Vec::new(),
         pool_addresses: Vec::new(),
+        egress: Egress::Direct,
     }
 }
 
@@ -122,15 +125,18 @@ async fn start(queue_dir: Option<&Path>, mut registry: Registry) -> Running {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
         refresh_metrics: queue_metrics(receiver.clone(), || SystemTime::UNIX_EPOCH + NOW, metrics),
-        status: pod_status(
-            receiver,
-            || SystemTime::UNIX_EPOCH + NOW,
-            || {
-                (
-                    delivery_day(jiff::civil::date(2026, 11, 25)),
-                    Some(delivery_day(jiff::civil::date(2026, 11, 24))),
-                )
-            },
+        status: with_egress(
+            pod_status(
+                receiver,
+                || SystemTime::UNIX_EPOCH + NOW,
+                || {
+                    (
+                        delivery_day(jiff::civil::date(2026, 11, 25)),
+                        Some(delivery_day(jiff::civil::date(2026, 11, 24))),
+                    )
+                },
+            ),
+            readiness.egress.clone(),
         ),
     };
     let server = AdminServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
@@ -158,6 +164,7 @@ async fn livez_answers_and_readyz_follows_every_readiness_flag() {
         "configuration not loaded",
         "LMTP socket not listening",
         "evidence log not writable",
+        "cannot send from the pool address: egress not checked yet",
     ] {
         assert!(
             readyz.body.contains(reason),
@@ -168,6 +175,7 @@ async fn livez_answers_and_readyz_follows_every_readiness_flag() {
 
     running.readiness.config_loaded.set(true);
     running.readiness.lmtp_listening.set(true);
+    running.readiness.egress.record(Ok(()), jiff::Timestamp::UNIX_EPOCH);
     let readyz = get(running.addr, "/readyz").await;
     assert_eq!(
         (readyz.status, readyz.body.trim()),
@@ -180,6 +188,21 @@ async fn livez_answers_and_readyz_follows_every_readiness_flag() {
     // An evidence append failed: not ready again.
     running.readiness.evidence_writable.set(false);
     assert_eq!(get(running.addr, "/readyz").await.status, 503);
+    running.readiness.evidence_writable.set(true);
+
+    // The pod lost its address: not ready, and the reason is given.
+    running.readiness.egress.record(
+        Err("the address is not assigned to any interface of this pod".to_owned()),
+        jiff::Timestamp::UNIX_EPOCH,
+    );
+    let readyz = get(running.addr, "/readyz").await;
+    assert_eq!(
+        (readyz.status, readyz.body.trim()),
+        (
+            503,
+            "not ready: cannot send from the pool address: the address is not assigned to any interface of this pod"
+        )
+    );
     assert_eq!(get(running.addr, "/nope").await.status, 404);
 }
 
@@ -224,6 +247,11 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
         .set_modified(SystemTime::UNIX_EPOCH + NOW - Duration::from_secs(90))
         .unwrap();
     let running = start(Some(&queue), Registry::default()).await;
+    let checked_at = jiff::Timestamp::from_second(1_790_000_000).unwrap();
+    running.readiness.egress.record(
+        Err("proxy 192.0.2.1:1080 sends from 192.0.2.11 instead".to_owned()),
+        checked_at,
+    );
 
     let response = get(running.addr, "/status").await;
     assert_eq!(response.status, 200, "{}", response.body);
@@ -240,6 +268,11 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
             today: Some(delivery_day(jiff::civil::date(2026, 11, 25))),
             yesterday: Some(delivery_day(jiff::civil::date(2026, 11, 24))),
             reputation: None,
+            egress: Some(EgressStatus {
+                ready: false,
+                reason: Some("proxy 192.0.2.1:1080 sends from 192.0.2.11 instead".to_owned()),
+                checked_at,
+            }),
         }
     );
     assert_eq!(
@@ -254,6 +287,11 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
             "yesterday": {
                 "date": "2026-11-24",
                 "providers": {"gmail": {"delivered": 3, "deferred": 1, "bounced": 0}},
+            },
+            "egress": {
+                "ready": false,
+                "reason": "proxy 192.0.2.1:1080 sends from 192.0.2.11 instead",
+                "checkedAt": "2026-09-21T14:13:20Z",
             },
         })
     );

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use securemail_api::sidecar_config::{
-    DnsSettings, EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
+    DnsSettings, Egress, EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
 };
 use securemail_api::tenant::{DkimAlgorithm, ProviderShares, TlsPolicySpec};
 use securemail_sidecar::config::{self, ConfigError};
@@ -48,6 +48,7 @@ fn sample(dir: &Path) -> SidecarConfig {
         postfix_queue_dir: Some(dir.join("spool")),
         provider_suffixes: Vec::new(),
         pool_addresses: Vec::new(),
+        egress: Egress::Direct,
     }
 }
 

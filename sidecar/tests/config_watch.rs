@@ -9,7 +9,7 @@ use std::time::Duration;
 use aws_lc_rs::encoding::{AsDer as _, Pkcs8V1Der};
 use aws_lc_rs::signature::Ed25519KeyPair;
 use securemail_api::sidecar_config::{
-    DnsSettings, EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
+    DnsSettings, Egress, EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
 };
 use securemail_api::tenant::{DkimAlgorithm, ProviderShares, TlsPolicySpec};
 use securemail_sidecar::config::{ConfigError, ConfigWatcher, WatchEvent};
@@ -58,6 +58,7 @@ fn sample(data_dir: &Path, key_file: PathBuf) -> SidecarConfig {
         postfix_queue_dir: None,
         provider_suffixes: Vec::new(),
         pool_addresses: Vec::new(),
+        egress: Egress::Direct,
     }
 }
 

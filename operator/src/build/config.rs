@@ -1,14 +1,17 @@
 //! The ConfigMap holding Postfix's main.cf/master.cf (shared by all pods) and one sidecar.yaml per pod.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use securemail_api::SecureMailTenant;
 use securemail_api::sidecar_config::{
-    DnsSettings, EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
+    DnsSettings, Egress, EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
 };
 
-use super::{Observed, PodAssignment, child_meta, tenant_name};
+use securemail_api::tenant::{EgressMode, EgressSpec};
+
+use super::{Observed, PodAssignment, Settings, child_meta, tenant_name};
 use crate::names::TenantNames;
 use crate::postfix;
 use crate::{Error, Result};
@@ -17,6 +20,8 @@ use crate::{Error, Result};
 pub const DKIM_KEY_DIR: &str = "/etc/securemail/dkim";
 /// The sidecar's directory on the pod volume.
 pub const SIDECAR_DATA_DIR: &str = "/var/lib/securemail";
+/// Where the sidecar reads its configuration files (the ConfigMap's items).
+pub const SIDECAR_CONFIG_DIR: &str = "/etc/securemail/sidecar";
 /// The sidecar's admin port (`/livez`, `/readyz`, `/metrics`, `/status`).
 pub const SIDECAR_ADMIN_PORT: u16 = 9090;
 /// Where the sidecar sees Postfix's queue (read-only) to count it for `/status`.
@@ -32,13 +37,24 @@ pub fn key_file(secret_name: &str) -> String {
     format!("{DKIM_KEY_DIR}/{secret_name}.pem")
 }
 
-pub(super) fn config_map(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames) -> Result<ConfigMap> {
+/// File name of the sidecars' DNSSEC trust anchors inside the ConfigMap, present when the operator is given any.
+pub const TRUST_ANCHORS_FILE: &str = "dnssec-trust-anchors";
+
+pub(super) fn config_map(
+    tenant: &SecureMailTenant,
+    observed: &Observed,
+    names: &TenantNames,
+    settings: &Settings,
+) -> Result<ConfigMap> {
     let mut data = BTreeMap::from([
         ("main.cf".to_owned(), postfix::main_cf(&tenant.spec)),
         ("master.cf".to_owned(), postfix::master_cf(&tenant.spec)),
     ]);
+    if let Some(anchors) = &settings.sidecar_dns.trust_anchors {
+        data.insert(TRUST_ANCHORS_FILE.to_owned(), anchors.clone());
+    }
     for pod in &observed.pods {
-        let config = sidecar_config(tenant, observed, pod)?;
+        let config = sidecar_config(tenant, observed, pod, settings)?;
         let yaml = serde_yaml::to_string(&config)?;
         data.insert(sidecar_file(pod.ordinal), yaml);
     }
@@ -65,7 +81,12 @@ fn pool_addresses(observed: &Observed) -> Result<Vec<std::net::IpAddr>> {
 }
 
 /// The sidecar.yaml of one pod.
-pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodAssignment) -> Result<SidecarConfig> {
+pub fn sidecar_config(
+    tenant: &SecureMailTenant,
+    observed: &Observed,
+    pod: &PodAssignment,
+    settings: &Settings,
+) -> Result<SidecarConfig> {
     let namespace = tenant
         .metadata
         .namespace
@@ -117,9 +138,28 @@ pub fn sidecar_config(tenant: &SecureMailTenant, observed: &Observed, pod: &PodA
         },
         state_dir: format!("{SIDECAR_DATA_DIR}/state").into(),
         max_message_bytes: postfix::MESSAGE_SIZE_LIMIT_BYTES,
-        dns: DnsSettings::default(),
+        dns: DnsSettings {
+            nameservers: settings.sidecar_dns.nameservers.clone(),
+            trust_anchor_file: settings
+                .sidecar_dns
+                .trust_anchors
+                .as_ref()
+                .map(|_| format!("{SIDECAR_CONFIG_DIR}/{TRUST_ANCHORS_FILE}").into()),
+        },
         postfix_queue_dir: Some(SIDECAR_POSTFIX_QUEUE_DIR.into()),
         provider_suffixes: tenant.spec.ip_pool.warmup.provider_suffixes.clone(),
         pool_addresses: pool_addresses(observed)?,
+        egress: egress(&tenant.spec.ip_pool.egress, address),
     })
+}
+
+/// Pod i's way out: through the proxy on its own address, or bound to the address on the pod (None, and the refused
+/// HostNetwork and Multus, whose pods run on the pod network and say so through the self-check).
+fn egress(spec: &EgressSpec, address: IpAddr) -> Egress {
+    match spec.mode {
+        EgressMode::Socks5Proxy => Egress::Socks5Proxy {
+            proxy: SocketAddr::new(address, spec.proxy_port.unwrap_or(EgressSpec::DEFAULT_PROXY_PORT)),
+        },
+        EgressMode::None | EgressMode::Multus | EgressMode::HostNetwork => Egress::Direct,
+    }
 }

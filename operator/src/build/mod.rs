@@ -24,6 +24,7 @@ use crate::names::TenantNames;
 use crate::{Error, Result};
 
 pub use config::sidecar_config;
+pub use statefulset::SIDECAR_CONTAINER;
 
 /// Operator-wide settings that shape every tenant's children.
 #[derive(Debug, Clone)]
@@ -43,6 +44,17 @@ pub struct Settings {
     pub dnsbl_nameserver: Option<SocketAddr>,
     /// Namespaces whose tenants the operator manages when it may use Secrets only there; `None`: every namespace.
     pub tenant_namespaces: Option<BTreeSet<String>>,
+    /// How every sidecar resolves DNS.
+    pub sidecar_dns: SidecarDns,
+}
+
+/// The sidecars' resolvers and DNSSEC trust anchors, the same for every tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SidecarDns {
+    /// Recursive resolvers; empty: the pod's /etc/resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    /// DNSSEC trust anchors in zone-file format, for a network with its own signed root; `None`: the IANA root's.
+    pub trust_anchors: Option<String>,
 }
 
 impl Settings {
@@ -81,6 +93,7 @@ impl Default for Settings {
             drain_confirmation: DEFAULT_DRAIN_CONFIRMATION,
             dnsbl_nameserver: None,
             tenant_namespaces: None,
+            sidecar_dns: SidecarDns::default(),
         }
     }
 }
@@ -130,7 +143,7 @@ pub struct Children {
 /// Builds the desired children of `tenant`.
 pub fn children(tenant: &SecureMailTenant, observed: &Observed, settings: &Settings) -> Result<Children> {
     let names = TenantNames::new(&tenant_name(tenant)?);
-    let config_map = config::config_map(tenant, observed, &names)?;
+    let config_map = config::config_map(tenant, observed, &names, settings)?;
     let stateful_set = statefulset::stateful_set(tenant, observed, settings, &names, &config_map)?;
     Ok(Children {
         service_account: network::service_account(tenant, &names)?,

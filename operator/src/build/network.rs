@@ -2,13 +2,14 @@
 
 use k8s_openapi::api::core::v1::{Service, ServiceAccount, ServicePort, ServiceSpec};
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use securemail_api::SecureMailTenant;
+use securemail_api::tenant::{EgressMode, EgressSpec};
 
 use super::config::SIDECAR_ADMIN_PORT;
 use super::statefulset::SUBMISSION_CONTAINER_PORT;
@@ -80,7 +81,8 @@ pub(super) fn disruption_budget(tenant: &SecureMailTenant, names: &TenantNames) 
 }
 
 /// Ingress: submission only from the tenant's own and its allowed namespaces; the admin port only from the
-/// monitoring and operator namespaces. Egress: SMTP, DNS and HTTPS (MTA-STS policies) only.
+/// monitoring and operator namespaces. Egress: SMTP, DNS and HTTPS (MTA-STS policies) only, plus the SOCKS5 proxy
+/// port on the pool addresses when the proxies send the mail.
 pub(super) fn network_policy(
     tenant: &SecureMailTenant,
     settings: &Settings,
@@ -113,17 +115,46 @@ pub(super) fn network_policy(
                     ports: Some(vec![policy_port("TCP", i32::from(SIDECAR_ADMIN_PORT))]),
                 },
             ]),
-            egress: Some(vec![NetworkPolicyEgressRule {
-                to: None,
-                ports: Some(vec![
-                    policy_port("TCP", 25),
-                    policy_port("UDP", 53),
-                    policy_port("TCP", 53),
-                    policy_port("TCP", 443),
-                ]),
-            }]),
+            egress: Some(egress_rules(tenant)),
         }),
     })
+}
+
+fn egress_rules(tenant: &SecureMailTenant) -> Vec<NetworkPolicyEgressRule> {
+    let mut rules = vec![NetworkPolicyEgressRule {
+        to: None,
+        ports: Some(vec![
+            policy_port("TCP", 25),
+            policy_port("UDP", 53),
+            policy_port("TCP", 53),
+            policy_port("TCP", 443),
+        ]),
+    }];
+    let egress = &tenant.spec.ip_pool.egress;
+    if egress.mode == EgressMode::Socks5Proxy {
+        let proxies = tenant
+            .spec
+            .ip_pool
+            .addresses
+            .iter()
+            .map(|pool| {
+                let host_prefix = if pool.address.contains(':') { 128 } else { 32 };
+                NetworkPolicyPeer {
+                    ip_block: Some(IPBlock {
+                        cidr: format!("{}/{host_prefix}", pool.address),
+                        except: None,
+                    }),
+                    ..NetworkPolicyPeer::default()
+                }
+            })
+            .collect();
+        let port = egress.proxy_port.unwrap_or(EgressSpec::DEFAULT_PROXY_PORT);
+        rules.push(NetworkPolicyEgressRule {
+            to: Some(proxies),
+            ports: Some(vec![policy_port("TCP", i32::from(port))]),
+        });
+    }
+    rules
 }
 
 fn port(name: &str, port: i32, target: i32) -> ServicePort {

@@ -14,10 +14,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use securemail_api::SecureMailTenant;
-use securemail_api::tenant::EgressMode;
 
 use super::config::{
-    DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_DATA_DIR, SIDECAR_POSTFIX_QUEUE_DIR, key_file, sidecar_file,
+    DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_CONFIG_DIR, SIDECAR_DATA_DIR, SIDECAR_POSTFIX_QUEUE_DIR,
+    TRUST_ANCHORS_FILE, key_file, sidecar_file,
 };
 use super::{Observed, Settings, child_meta};
 use crate::names::{MTA_COMPONENT, SUBMISSION_LABEL, TenantNames, sha256_hex};
@@ -60,16 +60,11 @@ pub(super) fn stateful_set(
     let mut pod_labels = names.pod_selector();
     pod_labels.extend(names.labels(MTA_COMPONENT));
     pod_labels.insert(SUBMISSION_LABEL.to_owned(), "enabled".to_owned());
-    let mut pod_annotations = BTreeMap::from([(CONFIG_CHECKSUM_ANNOTATION.to_owned(), config_checksum(config_map))]);
-    if spec.ip_pool.egress.mode == EgressMode::Multus
-        && let Some(attachment) = &spec.ip_pool.egress.network_attachment
-    {
-        pod_annotations.insert("k8s.v1.cni.cncf.io/networks".to_owned(), attachment.clone());
-    }
+    let pod_annotations = BTreeMap::from([(CONFIG_CHECKSUM_ANNOTATION.to_owned(), config_checksum(config_map))]);
 
-    // Every egress mode runs on the pod network. HostNetwork, refused by the CRD but possibly still stored, renders
-    // like None: host-network pods would break the namespace's Pod Security level and could not be pinned to the node
-    // owning each address.
+    // Every egress mode runs on the pod network. HostNetwork and Multus, refused by the CRD but possibly still
+    // stored, render like None: host-network pods would break the namespace's Pod Security level and could not be
+    // pinned to the node owning each address, and one network attachment on the template cannot give pod i address i.
     let pod_spec = PodSpec {
         service_account_name: Some(names.mta()),
         automount_service_account_token: Some(false),
@@ -95,7 +90,7 @@ pub(super) fn stateful_set(
             ..TopologySpreadConstraint::default()
         }]),
         containers: vec![postfix_container(tenant, settings), sidecar_container(tenant, settings)],
-        volumes: Some(volumes(tenant, observed, names)),
+        volumes: Some(volumes(tenant, observed, names, settings)),
         ..PodSpec::default()
     };
 
@@ -152,7 +147,8 @@ const SUBMISSION_TLS_VOLUME: &str = "submission-tls";
 const CLIENT_CA_VOLUME: &str = "client-ca";
 const POSTFIX_RUNTIME_VOLUME: &str = "postfix-runtime";
 const SIDECAR_RUN_VOLUME: &str = "sidecar-run";
-const SIDECAR_CONFIG_DIR: &str = "/etc/securemail/sidecar";
+/// Name of the sidecar's container in every MTA pod.
+pub const SIDECAR_CONTAINER: &str = "sidecar";
 
 fn postfix_container(tenant: &SecureMailTenant, settings: &Settings) -> Container {
     Container {
@@ -201,7 +197,7 @@ fn postfix_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
 
 fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Container {
     Container {
-        name: "sidecar".to_owned(),
+        name: SIDECAR_CONTAINER.to_owned(),
         image: Some(
             tenant
                 .spec
@@ -267,7 +263,7 @@ fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
     }
 }
 
-fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames) -> Vec<Volume> {
+fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames, settings: &Settings) -> Vec<Volume> {
     let submission = &tenant.spec.submission;
     let submission_secret = super::submission_tls_secret(tenant, names);
     let key_projections = observed
@@ -294,6 +290,13 @@ fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames) 
         .iter()
         .map(|pod| sidecar_file(pod.ordinal))
         .chain(["main.cf".to_owned(), "master.cf".to_owned()])
+        .chain(
+            settings
+                .sidecar_dns
+                .trust_anchors
+                .as_ref()
+                .map(|_| TRUST_ANCHORS_FILE.to_owned()),
+        )
         .map(|key| KeyToPath {
             path: key.clone(),
             key,
@@ -448,7 +451,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{
         Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Toleration,
     };
-    use securemail_api::tenant::PoolAddress;
+    use securemail_api::tenant::{EgressMode, PoolAddress};
 
     use super::*;
     use crate::build::{PodAssignment, children};
@@ -460,8 +463,9 @@ mod tests {
         tenant
     }
 
-    fn built(tenant: &SecureMailTenant) -> StatefulSet {
-        let observed = Observed {
+    /// The minimal example's one pod, on warmup day 1.
+    fn one_pod() -> Observed {
+        Observed {
             today: jiff::civil::date(2026, 12, 3),
             signing_keys: Vec::new(),
             pods: vec![PodAssignment {
@@ -474,8 +478,11 @@ mod tests {
                 daily_limit: Some(50),
                 draining: false,
             }],
-        };
-        children(tenant, &observed, &Settings::default())
+        }
+    }
+
+    fn built(tenant: &SecureMailTenant) -> StatefulSet {
+        children(tenant, &one_pod(), &Settings::default())
             .expect("builds")
             .stateful_set
     }
@@ -591,5 +598,67 @@ mod tests {
         let pod = pod_spec(&stateful_set);
         assert_eq!((pod.host_network, pod.dns_policy.as_deref()), (None, None));
         assert_eq!(stateful_set, built(&minimal()));
+    }
+
+    #[test]
+    fn a_socks5_tenant_sends_through_the_proxy_on_each_address_and_may_reach_it() {
+        let mut proxied = minimal();
+        proxied.spec.ip_pool.egress.mode = EgressMode::Socks5Proxy;
+        proxied.spec.ip_pool.egress.proxy_port = Some(1081);
+        let observed = one_pod();
+        let settings = Settings {
+            sidecar_dns: crate::build::SidecarDns {
+                nameservers: vec!["10.0.0.53:53".parse().expect("address")],
+                trust_anchors: Some(". 3600 IN DS 1 8 2 00".to_owned()),
+            },
+            ..Settings::default()
+        };
+        let built = children(&proxied, &observed, &settings).expect("builds");
+
+        let data = built.config_map.data.clone().unwrap_or_default();
+        let sidecar_yaml = &data[&sidecar_file(0)];
+        assert!(
+            sidecar_yaml.contains("egress:\n  mode: socks5Proxy\n  proxy: 192.0.2.10:1081\n"),
+            "{sidecar_yaml}"
+        );
+        assert!(sidecar_yaml.contains("10.0.0.53:53"), "{sidecar_yaml}");
+        assert!(sidecar_yaml.contains(&format!("{SIDECAR_CONFIG_DIR}/{TRUST_ANCHORS_FILE}")));
+        assert_eq!(data[TRUST_ANCHORS_FILE], ". 3600 IN DS 1 8 2 00");
+        let projected = pod_spec(&built.stateful_set)
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|volume| volume.config_map.as_ref())
+            .flat_map(|config_map| config_map.items.iter().flatten())
+            .any(|item| item.key == TRUST_ANCHORS_FILE);
+        assert!(projected, "the trust anchors reach the sidecar");
+
+        let rules = built
+            .network_policy
+            .spec
+            .and_then(|spec| spec.egress)
+            .unwrap_or_default();
+        let proxy_rule = rules.last().expect("egress rules");
+        let peers: Vec<_> = proxy_rule
+            .to
+            .iter()
+            .flatten()
+            .filter_map(|peer| peer.ip_block.as_ref().map(|block| block.cidr.clone()))
+            .collect();
+        assert_eq!(peers, ["192.0.2.10/32"]);
+        assert_eq!(
+            proxy_rule.ports.as_ref().and_then(|ports| ports[0].port.clone()),
+            Some(IntOrString::Int(1081))
+        );
+
+        let direct = children(&minimal(), &observed, &Settings::default()).expect("builds");
+        let direct_yaml = &direct.config_map.data.unwrap_or_default()[&sidecar_file(0)];
+        assert!(!direct_yaml.contains("egress"), "Direct is the default: {direct_yaml}");
+        let direct_rules = direct
+            .network_policy
+            .spec
+            .and_then(|spec| spec.egress)
+            .unwrap_or_default();
+        assert_eq!(direct_rules.len(), 1, "no proxy rule without a proxy");
     }
 }

@@ -9,6 +9,7 @@ use securemail_api::sidecar_config::SidecarConfig;
 use securemail_api::sidecar_status::{DeliveryDay, QueueStatus, ReputationStatus, SidecarStatus};
 use tokio::sync::watch;
 
+use crate::egress::EgressHealth;
 use crate::metrics::Metrics;
 use crate::queue::{self, QueueError};
 
@@ -39,6 +40,7 @@ pub fn pod_status(
             today: Some(today),
             yesterday,
             reputation: None,
+            egress: None,
         })
     })
 }
@@ -75,6 +77,15 @@ pub fn with_reputation(
     Arc::new(move || {
         let mut status = source()?;
         status.reputation = Some(reputation());
+        Ok(status)
+    })
+}
+
+/// `source`'s status with the egress self-check's last result added.
+pub fn with_egress(source: StatusSource, health: EgressHealth) -> StatusSource {
+    Arc::new(move || {
+        let mut status = source()?;
+        status.egress = health.status();
         Ok(status)
     })
 }

@@ -21,13 +21,15 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use rustls::pki_types::{CertificateDer, ServerName};
+use securemail_api::sidecar_config::Egress;
 use securemail_api::tenant::TlsVersion;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::reply::{self, Reply, ReplyError};
+use crate::egress::{self, ConnectError, EgressError};
 use crate::evidence::{ProtocolError, Sha256Hex, Verification};
 use crate::lmtp::{Body, MailParams, Mailbox, Recipient, Ret};
 use crate::policy::PeerAuth;
@@ -78,6 +80,8 @@ pub struct SessionSettings {
     pub helo_name: String,
     /// The pod's pool address; every connection leaves from it.
     pub source: IpAddr,
+    /// How connections leave from `source`.
+    pub egress: Egress,
     /// 25, except in tests.
     pub port: u16,
     pub timeouts: Timeouts,
@@ -100,6 +104,9 @@ pub struct Target<'a> {
 pub enum SessionError {
     #[error("cannot connect to {address}: {reason}")]
     Connect { address: SocketAddr, reason: String },
+    /// The connection could not leave from the pool address: the pod's fault, not the MX's.
+    #[error(transparent)]
+    Egress(EgressError),
     #[error("timed out waiting for {phase}")]
     Timeout { phase: &'static str },
     #[error("connection lost during {phase}: {reason}")]
@@ -883,22 +890,15 @@ fn io_error(phase: &'static str, err: &io::Error) -> SessionError {
 /// A TCP connection from the pod's source address.
 async fn connect(settings: &SessionSettings, address: IpAddr) -> Result<TcpStream, SessionError> {
     let remote = SocketAddr::new(address, settings.port);
-    let error = |reason: String| SessionError::Connect {
-        address: remote,
-        reason,
-    };
-    let socket = match address {
-        IpAddr::V4(_) => TcpSocket::new_v4(),
-        IpAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(|err| error(err.to_string()))?;
-    socket
-        .bind(SocketAddr::new(settings.source, 0))
-        .map_err(|err| error(format!("cannot bind source address {}: {err}", settings.source)))?;
-    tokio::time::timeout(settings.timeouts.connect, socket.connect(remote))
+    egress::connect(&settings.egress, settings.source, remote, settings.timeouts.connect)
         .await
-        .map_err(|_| error("timed out".to_owned()))?
-        .map_err(|err| error(err.to_string()))
+        .map_err(|err| match err {
+            ConnectError::Egress(err) => SessionError::Egress(err),
+            ConnectError::Remote(reason) => SessionError::Connect {
+                address: remote,
+                reason,
+            },
+        })
 }
 
 fn mail_command(transaction: &Transaction<'_>, ext: &Extensions) -> Vec<u8> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::signature::Ed25519KeyPair;
 use base64::Engine as _;
-use securemail_api::sidecar_config::{SigningDomain, SigningKey};
+use securemail_api::sidecar_config::{Egress, SigningDomain, SigningKey};
 use securemail_api::tenant::DkimAlgorithm;
 use securemail_sidecar::dkim::KeyStore;
 use securemail_sidecar::smtp::client::{SessionSettings, Timeouts};
@@ -47,6 +47,7 @@ pub fn session(port: u16) -> SessionSettings {
     SessionSettings {
         helo_name: "mta-0.sender.test".into(),
         source: "127.0.0.1".parse().unwrap(),
+        egress: Egress::Direct,
         port,
         timeouts: Timeouts {
             connect: seconds,
