@@ -1,7 +1,8 @@
 //! What the operator builds for each example, judged by the real apiserver and against the promises in
 //! docs/security.md: the MTA pod passes Pod Security `baseline` and breaks `restricted` only where Postfix must (its
 //! container), the sidecar container is `restricted`, and the NetworkPolicy opens exactly submission from the allowed
-//! namespaces, metrics from the monitoring and operator namespaces, and egress to SMTP, DNS and HTTPS.
+//! namespaces, metrics from the monitoring and operator namespaces, and egress to SMTP, DNS and HTTPS (and to the
+//! SOCKS5 proxies on the pool addresses, for egress mode Socks5Proxy).
 #![allow(clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -215,14 +216,47 @@ fn the_network_policy_opens_exactly_submission_metrics_and_outbound_smtp_dns_htt
             example.display()
         );
 
+        // To anywhere: SMTP, DNS and HTTPS only. Through SOCKS5 proxies: their port, on the pool addresses only.
         let egress = policy["spec"]["egress"].as_array().expect("egress rules");
+        let (anywhere, proxies): (Vec<&Value>, Vec<&Value>) = egress.iter().partition(|rule| rule["to"].is_null());
         let mut outbound = BTreeSet::new();
-        for rule in egress {
+        for rule in anywhere {
             outbound.extend(port_set(rule));
         }
         let expected: Ports = [("TCP", 25), ("UDP", 53), ("TCP", 53), ("TCP", 443)]
             .map(|(protocol, port)| (protocol.to_owned(), port))
             .into();
         assert_eq!(outbound, expected, "{}: egress", example.display());
+        let egress_spec = &tenant["spec"]["ipPool"]["egress"];
+        let expected_proxies: Vec<(Ports, BTreeSet<String>)> = if egress_spec["mode"] == "Socks5Proxy" {
+            let blocks = tenant["spec"]["ipPool"]["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|pool| pool["address"].as_str())
+                .map(|address| format!("{address}/{}", if address.contains(':') { 128 } else { 32 }))
+                .collect();
+            vec![(tcp(egress_spec["proxyPort"].as_u64().unwrap_or(1080)), blocks)]
+        } else {
+            Vec::new()
+        };
+        let proxy_rules: Vec<(Ports, BTreeSet<String>)> = proxies
+            .iter()
+            .map(|rule| {
+                let blocks = rule["to"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|peer| peer["ipBlock"]["cidr"].as_str().unwrap_or("not an ipBlock").to_owned())
+                    .collect();
+                (port_set(rule), blocks)
+            })
+            .collect();
+        assert_eq!(
+            proxy_rules,
+            expected_proxies,
+            "{}: egress to the proxies",
+            example.display()
+        );
     }
 }
