@@ -6,12 +6,12 @@
 //!   interface, a host route to the pod, and the world routing the range to this machine).
 //!
 //! Messages submitted to the tenant's submission Service (and to each pod, so both deliver) reach a receiver in the
-//! world. For each, the receiver's Received header gives the source address and the HELO name; they must be the
-//! address and host name of the pod whose evidence log records the delivery, SPF for the tenant's domain must pass
-//! for that address (pyspf against the world's DNS) and its PTR must confirm forward. When the second address goes
-//! out of its pod's reach, that pod turns unready, the tenant's EgressReady names the pod and the address, an event
-//! and the sidecar's metric say so, and its mail waits; once the address is back every message is delivered exactly
-//! once.
+//! world over TLS verified by DANE, with a DKIM signature dkimpy verifies. For each, the receiver's Received header
+//! gives the source address and the HELO name; they must be the address and host name of the pod whose evidence log
+//! (on its volume) records the delivery, SPF for the tenant's domain must pass for that address (pyspf against the
+//! world's DNS) and its PTR must confirm forward. When the second address goes out of its pod's reach, that pod
+//! turns unready, the tenant's EgressReady names the pod and the address, an event and the sidecar's metric say so,
+//! and its mail waits; once the address is back every message is delivered exactly once.
 // Test support: a step that fails is a failed test, reported with the step's description.
 #![allow(clippy::expect_used)]
 
@@ -362,7 +362,7 @@ async fn volume_dir(client: &Client, proof: &Proof, ordinal: usize) -> PathBuf {
 }
 
 /// Source addresses of the evidence records of message `id` in the evidence log on pod `ordinal`'s volume.
-fn evidence_sources(volume: &Path, proof: &Proof, id: &str) -> Vec<String> {
+fn evidence_of_delivery(volume: &Path, proof: &Proof, id: &str) -> Vec<serde_json::Value> {
     let hash = sha256_hex(&format!("<{id}@{}>", proof.domain));
     let Ok(entries) = fs::read_dir(volume.join("sidecar/evidence")) else {
         return Vec::new();
@@ -376,10 +376,43 @@ fn evidence_sources(volume: &Path, proof: &Proof, id: &str) -> Vec<String> {
                 .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
                 .filter(|record| record["messageIdSha256"].as_str() == Some(hash.as_str()))
                 .filter(|record| record["outcome"].as_str() == Some("delivered"))
-                .filter_map(|record| record["sourceIp"].as_str().map(str::to_owned))
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// Verifies every DKIM signature of message `id` as received, with dkimpy (e2e/dataplane/dkimverify.py) and the DKIM
+/// records the tenant's status lists for publishing.
+fn assert_dkim_verifies(world: &World, proof: &Proof, tenant: &SecureMailTenant, id: &str) {
+    let records: Vec<String> = tenant
+        .status
+        .as_ref()
+        .expect("status")
+        .dns_records
+        .iter()
+        .filter(|record| record.purpose == "dkim")
+        // A TXT value is one or more quoted strings; DNS hands the verifier their concatenation.
+        .map(|record| {
+            let joined: String = record.value.split('"').skip(1).step_by(2).collect();
+            format!("{}={joined}", record.name.trim_end_matches('.'))
+        })
+        .collect();
+    let needle = format!("Message-ID: <{id}@{}>", proof.domain);
+    let message = received_containing(world, RECEIVER_CASE, &needle)
+        .pop()
+        .unwrap_or_else(|| panic!("{id} was not received"));
+    let output = output_with_input(
+        Command::new("python3")
+            .arg(repo_root().join("e2e/dataplane/dkimverify.py"))
+            .args(&records),
+        &message,
+    );
+    assert!(
+        output.status.success(),
+        "{id}: dkimpy rejects the signature:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// SPF for the tenant's domain, evaluated by pyspf for `address` and `helo` against the world's DNS.
@@ -492,7 +525,7 @@ async fn prove(mode: Mode) {
         assert_eq!(copies.len(), 1, "{id}: delivered once, got {copies:?}");
         let (source, helo) = &copies[0];
         let senders: Vec<usize> = (0..proof.pool.len())
-            .filter(|index| !evidence_sources(&volumes[*index], &proof, id).is_empty())
+            .filter(|index| !evidence_of_delivery(&volumes[*index], &proof, id).is_empty())
             .collect();
         assert_eq!(
             senders.len(),
@@ -507,10 +540,14 @@ async fn prove(mode: Mode) {
             (address, hostname),
             "{id} was delivered by pod {sender}: it must come from that pod's address with its host name"
         );
-        assert_eq!(
-            evidence_sources(&volumes[sender], &proof, id),
-            std::slice::from_ref(address)
-        );
+        // The evidence on the pod's volume: sent from its address, over TLS verified by DANE (the receiver's TLSA
+        // records under the world's DNSSEC root).
+        let evidence = evidence_of_delivery(&volumes[sender], &proof, id);
+        assert_eq!(evidence.len(), 1, "{id}: {evidence:?}");
+        assert_eq!(evidence[0]["sourceIp"].as_str(), Some(address.as_str()), "{id}");
+        assert_eq!(evidence[0]["policy"]["source"], "dane", "{id}: {}", evidence[0]);
+        assert_eq!(evidence[0]["tls"]["verification"], "dane-ee", "{id}: {}", evidence[0]);
+        assert_dkim_verifies(&world, &proof, &tenant, id);
     }
     assert!(
         per_pod.iter().all(|count| *count >= 2),
