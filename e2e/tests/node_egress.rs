@@ -5,8 +5,10 @@
 //! - `None`: the platform puts each address on its pod and routes it back (here: the address added to the pod's
 //!   interface, a host route to the pod, and the world routing the range to this machine).
 //!
-//! Messages submitted to the tenant's submission Service (and to each pod, so both deliver) reach a receiver in the
-//! world over TLS verified by DANE, with a DKIM signature dkimpy verifies. For each, the receiver's Received header
+//! Messages submitted to the tenant's submission Service (by an application pod in the tenant's namespace through the
+//! Service's cluster DNS name with its client certificate, from the node through the Service's address, and to each
+//! pod, so both deliver; a pod without a client certificate is refused) reach a receiver in the world over TLS
+//! verified by DANE, with a DKIM signature dkimpy verifies. For each, the receiver's Received header
 //! gives the source address and the HELO name; they must be the address and host name of the pod whose evidence log
 //! (on its volume) records the delivery, SPF for the tenant's domain must pass for that address (pyspf against the
 //! world's DNS) and its PTR must confirm forward. When the second address goes out of its pod's reach, that pod
@@ -341,6 +343,84 @@ fn wait_delivered(world: &World, proof: &Proof, ids: &[String]) {
     }
 }
 
+/// An application pod in the tenant's namespace (the probe image), with the submission server's CA and, when
+/// `with_certificate`, the application's client certificate from a Secret; waits until it runs.
+fn start_app(proof: &Proof, tls: &Path, pod: &str, with_certificate: bool) {
+    let file = |name: &str| tls.join(name).to_string_lossy().into_owned();
+    let secret = kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "-n",
+        NAMESPACE,
+        &format!("{pod}-tls"),
+        &format!("--from-file=ca.crt={}", file("server-ca.crt")),
+        &format!("--from-file=tls.crt={}", file("client.crt")),
+        &format!("--from-file=tls.key={}", file("client.key")),
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
+    let certificate = if with_certificate {
+        "    - {name: CERT_FILE, value: /etc/app-tls/tls.crt}\n    - {name: KEY_FILE, value: /etc/app-tls/tls.key}\n"
+    } else {
+        ""
+    };
+    let manifest = format!(
+        "{secret}---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {pod}, namespace: {NAMESPACE}}}
+spec:
+  securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}
+  containers:
+  - name: app
+    image: securemail.local/probe:1
+    imagePullPolicy: Never
+    command: [/probe, serve, ':8080']
+    env:
+    - {{name: FROM, value: {sender}}}
+    - {{name: TO, value: {RECIPIENT}}}
+    - {{name: CA_FILE, value: /etc/app-tls/ca.crt}}
+    - {{name: SERVER_NAME, value: submission.test}}
+{certificate}    volumeMounts: [{{name: tls, mountPath: /etc/app-tls, readOnly: true}}]
+    securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
+  volumes: [{{name: tls, secret: {{secretName: {pod}-tls}}}}]
+",
+        sender = proof.sender(),
+    );
+    let path = tls.join(format!("{pod}.yaml"));
+    fs::write(&path, manifest).expect("manifest written");
+    kubectl_ok(&["apply", "-f", &path.to_string_lossy()]);
+    kubectl_ok(&[
+        "wait",
+        "-n",
+        NAMESPACE,
+        "--for=condition=Ready",
+        "--timeout=120s",
+        &format!("pod/{pod}"),
+    ]);
+}
+
+/// The application pod `pod` submits message `id` to the tenant's submission Service by its cluster DNS name;
+/// returns whether the probe said "sent", and what it printed.
+fn app_submit(proof: &Proof, pod: &str, id: &str) -> (bool, String) {
+    let service = format!("{}-submission.{NAMESPACE}.svc:587", proof.tenant);
+    let output = output_with_input(
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(securemail_e2e::kubeconfig())
+            .args(["exec", "-i", "-n", NAMESPACE, pod, "--", "/probe", "submit", &service]),
+        &message(proof, id),
+    );
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success() && printed.trim() == "sent", printed)
+}
+
 /// Where the volume of pod `ordinal` lives on the node (the local-path provisioner's directory).
 async fn volume_dir(client: &Client, proof: &Proof, ordinal: usize) -> PathBuf {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NAMESPACE);
@@ -506,6 +586,28 @@ async fn prove(mode: Mode) {
         submit(&tls, &proof, &service_ip, &id);
         ids.push(id);
     }
+    // An application in the tenant's namespace, by the Service's cluster DNS name, with its client certificate; one
+    // without a certificate is refused.
+    let app = format!("{name}-app");
+    start_app(&proof, &tls, &app, true);
+    for index in 0..2 {
+        let id = format!("{name}-{run}-app-{index}");
+        let (sent, printed) = app_submit(&proof, &app, &id);
+        assert!(sent, "{app} submitting {id}: {printed}");
+        ids.push(id);
+    }
+    let anonymous = format!("{name}-app-no-cert");
+    start_app(&proof, &tls, &anonymous, false);
+    let (sent, printed) = app_submit(&proof, &anonymous, &format!("{name}-{run}-no-cert"));
+    assert!(!sent, "{anonymous} submitted without a client certificate: {printed}");
+    // Refused by the server it reached and verified, not lost on the way.
+    assert!(
+        ["dial tcp", "lookup ", "unknown authority", "greeting:"]
+            .iter()
+            .all(|failure| !printed.contains(failure)),
+        "{anonymous} must reach and verify the submission server, then be refused: {printed}"
+    );
+    println!("{anonymous}: {}", printed.trim());
     for pod in &pods {
         for index in 0..2 {
             let id = format!("{name}-{run}-{}-{index}", pod.name_any());
