@@ -390,6 +390,11 @@ pub enum EgressMode {
 impl EgressSpec {
     /// The SOCKS5 proxy port when none is given.
     pub const DEFAULT_PROXY_PORT: u16 = 1080;
+
+    /// The port of the SOCKS5 proxy on each pool address: `proxyPort`, or the default.
+    pub fn proxy_port(&self) -> u16 {
+        self.proxy_port.unwrap_or(Self::DEFAULT_PROXY_PORT)
+    }
 }
 
 /// Warmup schedule and the thresholds that pause it.

@@ -910,6 +910,24 @@ pub fn sidecar_bin() -> PathBuf {
         .expect("SECUREMAIL_SIDECAR_BIN names the sidecar binary (set by `make e2e-dataplane`)")
 }
 
+/// Verifies every DKIM signature of `message` with dkimpy (e2e/dataplane/dkimverify.py), an implementation
+/// independent of the sidecar's, against `records` (`name=value`, the TXT records the tenant is told to publish);
+/// panics with dkimpy's output naming `what` unless all verify.
+pub fn assert_dkimpy_verifies(records: &[String], message: &[u8], what: &str) {
+    let output = output_with_input(
+        Command::new("python3")
+            .arg(repo_root().join("e2e/dataplane/dkimverify.py"))
+            .args(records),
+        message,
+    );
+    assert!(
+        output.status.success(),
+        "{what}: dkimpy rejects the signature:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Runs openssl in `dir`; panics with its output unless it succeeds.
 pub fn openssl(dir: &Path, args: &[&str]) {
     run_ok(Command::new("openssl").current_dir(dir).args(args));

@@ -27,8 +27,8 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, S
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_e2e::dataplane::{
-    World, in_netns, json_report, make_submission_certificates, output_with_input, received_containing, run_ok,
-    sha256_hex,
+    World, assert_dkimpy_verifies, in_netns, json_report, make_submission_certificates, output_with_input,
+    received_containing, run_ok, sha256_hex,
 };
 use securemail_e2e::node::{mta_pods, ordinal, pod_address, wait_for_conditions, wait_ready};
 use securemail_e2e::tenants::condition;
@@ -481,18 +481,7 @@ fn assert_dkim_verifies(world: &World, proof: &Proof, tenant: &SecureMailTenant,
     let message = received_containing(world, RECEIVER_CASE, &needle)
         .pop()
         .unwrap_or_else(|| panic!("{id} was not received"));
-    let output = output_with_input(
-        Command::new("python3")
-            .arg(repo_root().join("e2e/dataplane/dkimverify.py"))
-            .args(&records),
-        &message,
-    );
-    assert!(
-        output.status.success(),
-        "{id}: dkimpy rejects the signature:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_dkimpy_verifies(&records, &message, id);
 }
 
 /// SPF for the tenant's domain, evaluated by pyspf for `address` and `helo` against the world's DNS.

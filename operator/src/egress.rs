@@ -7,14 +7,12 @@ use std::sync::Arc;
 
 use crate::build::SIDECAR_CONTAINER;
 use crate::context::MtaPod;
+use crate::pod_health::{NAMED_PODS, fit_event_note};
 use crate::pod_status;
 use crate::status::{self, ConditionUpdate};
 
 /// A pod cannot send from its address; its deliveries wait in its queue.
 pub const CANNOT_SEND: &str = "CannotSendFromAddress";
-
-/// Pods a condition message names; the rest are counted.
-const NAMED_PODS: usize = 3;
 
 /// What one MTA pod says about its way out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,42 +28,34 @@ pub enum PodEgress {
 }
 
 /// The egress of each pod whose sidecar is running, in the order given; pods whose sidecar is not running have
-/// nothing to say (`MtaAvailable` covers them).
+/// nothing to say (`MtaAvailable` covers them). The unready ones are asked side by side, so one pod that does not
+/// answer delays the reconcile by one `/status` timeout, not one per pod.
 pub async fn observe(pods: &[(String, Arc<MtaPod>)]) -> Vec<(String, PodEgress)> {
-    let mut observed = Vec::new();
-    for (name, pod) in pods {
+    let running = pods.iter().filter_map(|(name, pod)| {
         let pod = pod.status.as_ref();
-        let Some(sidecar) = pod
+        let sidecar = pod
             .and_then(|status| status.container_statuses.as_ref())
-            .and_then(|containers| containers.iter().find(|container| container.name == SIDECAR_CONTAINER))
-        else {
-            continue;
-        };
-        if sidecar
-            .state
-            .as_ref()
-            .and_then(|state| state.running.as_ref())
-            .is_none()
-        {
-            continue;
-        }
-        let egress = if sidecar.ready {
-            PodEgress::Ready
-        } else {
-            match pod_status::read(pod).await {
-                Ok(status) => match status.egress {
-                    Some(egress) if !egress.ready => PodEgress::Failing {
-                        address: status.address.to_string(),
-                        reason: egress.reason.unwrap_or_else(|| "no reason given".to_owned()),
+            .and_then(|containers| containers.iter().find(|container| container.name == SIDECAR_CONTAINER))?;
+        sidecar.state.as_ref().and_then(|state| state.running.as_ref())?;
+        Some(async move {
+            let egress = if sidecar.ready {
+                PodEgress::Ready
+            } else {
+                match pod_status::read(pod).await {
+                    Ok(status) => match status.egress {
+                        Some(egress) if !egress.ready => PodEgress::Failing {
+                            address: status.address.to_string(),
+                            reason: egress.reason.unwrap_or_else(|| "no reason given".to_owned()),
+                        },
+                        _ => PodEgress::OtherwiseUnready,
                     },
-                    _ => PodEgress::OtherwiseUnready,
-                },
-                Err(reason) => PodEgress::Unreadable(reason),
-            }
-        };
-        observed.push((name.clone(), egress));
-    }
-    observed
+                    Err(reason) => PodEgress::Unreadable(reason),
+                }
+            };
+            (name.clone(), egress)
+        })
+    });
+    futures::future::join_all(running).await
 }
 
 /// `EgressReady` from the pods' egress: False naming each pod that cannot send, its address and why; Unknown when
@@ -83,7 +73,10 @@ pub fn condition(pods: &[(String, PodEgress)]) -> ConditionUpdate {
             status::EGRESS_READY,
             false,
             CANNOT_SEND,
-            format!("{}; its mail waits in its queue (see docs/egress.md)", named(&failing)),
+            fit_event_note(format!(
+                "{}; its mail waits in its queue (see docs/egress.md)",
+                named(&failing)
+            )),
         );
     }
     let unreadable: Vec<String> = pods
@@ -94,7 +87,11 @@ pub fn condition(pods: &[(String, PodEgress)]) -> ConditionUpdate {
         })
         .collect();
     if !unreadable.is_empty() {
-        return ConditionUpdate::unknown(status::EGRESS_READY, "StatusUnreadable", named(&unreadable));
+        return ConditionUpdate::unknown(
+            status::EGRESS_READY,
+            "StatusUnreadable",
+            fit_event_note(named(&unreadable)),
+        );
     }
     if pods.is_empty() {
         return ConditionUpdate::unknown(
@@ -118,6 +115,7 @@ pub fn first_failing(pods: &[(String, PodEgress)]) -> Option<&str> {
         .map(|(pod, _)| pod.as_str())
 }
 
+/// Up to [`NAMED_PODS`] items, then a count.
 fn named(items: &[String]) -> String {
     let mut message = items.iter().take(NAMED_PODS).cloned().collect::<Vec<_>>().join("; ");
     if items.len() > NAMED_PODS {
@@ -167,6 +165,21 @@ mod tests {
         let update = condition(&pods);
         assert!(update.message.contains("and 2 more pod(s)"), "{}", update.message);
         assert!(!update.message.contains("192.0.2.3"), "{}", update.message);
+    }
+
+    #[test]
+    fn a_long_reason_still_fits_an_event_note() {
+        let long = PodEgress::Failing {
+            address: "192.0.2.10".to_owned(),
+            reason: "x".repeat(2000),
+        };
+        let update = condition(&[pod("acme-mta-0", long)]);
+        assert!(update.message.len() <= 1000, "{} bytes", update.message.len());
+        assert!(
+            update
+                .message
+                .starts_with("pod acme-mta-0 cannot send from 192.0.2.10: xxx")
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ const LOOP_RESTARTS: i32 = 2;
 /// Longest excerpt of one kubelet or scheduler message in a condition.
 const DETAIL_CHARS: usize = 160;
 /// Pods a condition message names; the rest are counted.
-const NAMED_PODS: usize = 3;
+pub const NAMED_PODS: usize = 3;
 /// Events refuse notes over 1 KiB, and the condition message is the event's note.
 const MESSAGE_BYTES: usize = 1000;
 
@@ -210,6 +210,11 @@ pub fn mta_condition(ready: i32, wanted: i32, problems: &[PodProblem]) -> Condit
     if problems.len() > NAMED_PODS {
         message.push_str(&format!("; {} more pod(s) cannot run", problems.len() - NAMED_PODS));
     }
+    ConditionUpdate::new(status::MTA_AVAILABLE, false, first.reason, fit_event_note(message))
+}
+
+/// `message` cut to what an event note may hold (the condition message becomes the event's note).
+pub fn fit_event_note(mut message: String) -> String {
     if message.len() > MESSAGE_BYTES {
         let mut end = MESSAGE_BYTES - '…'.len_utf8();
         while !message.is_char_boundary(end) {
@@ -218,7 +223,7 @@ pub fn mta_condition(ready: i32, wanted: i32, problems: &[PodProblem]) -> Condit
         message.truncate(end);
         message.push('…');
     }
-    ConditionUpdate::new(status::MTA_AVAILABLE, false, first.reason, message)
+    message
 }
 
 /// A StatefulSet pod's ordinal, from its name (`<statefulset>-<ordinal>`), to list pods in pool order.

@@ -166,7 +166,6 @@ pub async fn check(egress: &Egress, source: IpAddr) -> Result<(), String> {
             } else {
                 ROUTE_PROBE_V6
             };
-            bound_socket(source, probe)?;
             let socket = UdpSocket::bind(SocketAddr::new(source, 0)).map_err(|err| bind_failure(&err))?;
             socket
                 .connect(SocketAddr::new(probe, 25))

@@ -8,7 +8,6 @@ use securemail_api::SecureMailTenant;
 use securemail_api::sidecar_config::{
     DnsSettings, Egress, EvidenceSettings, Listen, SidecarConfig, SigningDomain, SigningKey, SourceAddress, WarmupCaps,
 };
-
 use securemail_api::tenant::{EgressMode, EgressSpec};
 
 use super::{Observed, PodAssignment, Settings, child_meta, tenant_name};
@@ -158,7 +157,7 @@ pub fn sidecar_config(
 fn egress(spec: &EgressSpec, address: IpAddr) -> Egress {
     match spec.mode {
         EgressMode::Socks5Proxy => Egress::Socks5Proxy {
-            proxy: SocketAddr::new(address, spec.proxy_port.unwrap_or(EgressSpec::DEFAULT_PROXY_PORT)),
+            proxy: SocketAddr::new(address, spec.proxy_port()),
         },
         EgressMode::None | EgressMode::Multus | EgressMode::HostNetwork => Egress::Direct,
     }

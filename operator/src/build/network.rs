@@ -9,7 +9,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use securemail_api::SecureMailTenant;
-use securemail_api::tenant::{EgressMode, EgressSpec};
+use securemail_api::tenant::EgressMode;
 
 use super::config::SIDECAR_ADMIN_PORT;
 use super::statefulset::SUBMISSION_CONTAINER_PORT;
@@ -148,10 +148,9 @@ fn egress_rules(tenant: &SecureMailTenant) -> Vec<NetworkPolicyEgressRule> {
                 }
             })
             .collect();
-        let port = egress.proxy_port.unwrap_or(EgressSpec::DEFAULT_PROXY_PORT);
         rules.push(NetworkPolicyEgressRule {
             to: Some(proxies),
-            ports: Some(vec![policy_port("TCP", i32::from(port))]),
+            ports: Some(vec![policy_port("TCP", i32::from(egress.proxy_port()))]),
         });
     }
     rules
