@@ -193,7 +193,8 @@ pub fn overdue(status: &[PoolAddressStatus], now: Timestamp) -> Vec<String> {
 }
 
 /// Reads the queue of each pod in `ordinals`: the pod's sidecar `/status` (an empty queue confirmed as described
-/// in the module docs), or `NoVolume` when neither pod nor volume exists or the pod's claim was never bound. Draining pods are also taken out of the
+/// in the module docs), or `NoVolume` when neither pod nor volume exists, or the pod never ran and its claim was
+/// never bound. Draining pods are also taken out of the
 /// submission Service.
 pub async fn probe(
     ctx: &Context,
@@ -209,7 +210,7 @@ pub async fn probe(
         let state = match pods.get_opt(&pod_name).await? {
             Some(pod) => {
                 stop_submissions(&pods, &pod).await?;
-                if never_bound(&claims, names, ordinal).await? {
+                if never_ran(&pod) && never_bound(&claims, names, ordinal).await? {
                     states.insert(ordinal, QueueState::NoVolume);
                     continue;
                 }
@@ -232,9 +233,17 @@ pub async fn probe(
     Ok(states)
 }
 
-/// True when pod `ordinal`'s volume claim exists but was never bound to a volume: the pod never started (a volume
-/// binds before its pod runs), so it never held mail. Such a pod (unschedulable, say) drains at once instead of
-/// waiting for a queue reading it can never give.
+/// A pod still `Pending` (or without a phase): none of its containers has started.
+fn never_ran(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.phase.as_deref())
+        .is_none_or(|phase| phase == "Pending")
+}
+
+/// True when pod `ordinal`'s volume claim exists but was never bound to a volume. With a pod that never ran (a
+/// volume binds before its pod starts), nothing was ever queued: such a pod (unschedulable, say) drains at once
+/// instead of waiting for a queue reading it can never give.
 async fn never_bound(claims: &Api<PersistentVolumeClaim>, names: &TenantNames, ordinal: u32) -> Result<bool> {
     Ok(claims
         .get_opt(&claim_name(names, ordinal))
