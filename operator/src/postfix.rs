@@ -257,7 +257,10 @@ const FOREIGN_FROM_REFUSAL: &str = "is not one of this tenant's sending domains"
 ///
 /// Received: the one smtpd adds names the application's pod (HELO, cluster reverse-DNS name, address) and, for a
 /// single recipient, that recipient. It is replaced by one naming only this host's name (the tenant's first domain),
-/// the protocol, the queue id and the time; any other form of it from this host is removed.
+/// the protocol, the queue id and the time; any other form of it from this host is removed. Rewritten here rather
+/// than removed by the sidecar before signing: the pod's names then never reach the queue file, nor the copy of the
+/// headers a DSN carries, and the rule sits next to the listener that writes the header. `regexp:` because the mta
+/// image's Postfix has no PCRE map (images/debian/mta.txt); inline, so the ConfigMap holds no extra file.
 fn render_submission_header_checks(cf: &mut ConfigText, sender_domains: &[&str], hostname: &str) {
     cf.section(&format!(
         "Header checks of submitted mail (the submission listener's own cleanup service, {SUBMISSION_CLEANUP} in \
