@@ -219,30 +219,7 @@ impl<P: PolicyLookup> Engine<P> {
     /// Signs the message. A header From the tenant may not send as is refused for good (5.7.1: a retry would be
     /// refused alike, so Postfix bounces at once with this text in the DSN); any other signing failure defers it.
     fn prepare(&self, message: &[u8]) -> Result<Prepared, Unsendable> {
-        let signatures =
-            self.keys
-                .signer()
-                .sign(message, self.clock.now())
-                .map_err(|err| match header_from_refusal(&err) {
-                    Some(refusal) => {
-                        tracing::info!(error = %err, "header From refused; the message bounces");
-                        Unsendable {
-                            answer: Answer::local(550, (5, 7, 1), format!("{err}; the message was not sent")),
-                            refusal: Some(refusal),
-                        }
-                    }
-                    None => {
-                        tracing::warn!(error = %err, "DKIM signing failed; deferring the message");
-                        Unsendable {
-                            answer: Answer::local(
-                                451,
-                                (4, 7, 0),
-                                format!("DKIM signing failed: {err}; the message was not sent"),
-                            ),
-                            refusal: None,
-                        }
-                    }
-                })?;
+        let signatures = self.keys.signer().sign(message, self.clock.now()).map_err(unsendable)?;
         let mut content = Vec::with_capacity(signatures.len() + message.len() + 2);
         content.extend_from_slice(&signatures);
         content.extend_from_slice(message);
@@ -847,6 +824,30 @@ impl<P: PolicyLookup> Engine<P> {
 struct Unsendable {
     answer: Answer,
     refusal: Option<Refusal>,
+}
+
+/// The answer to a message that cannot be signed: 550 5.7.1 for a header From problem, 451 4.7.0 for any other.
+fn unsendable(err: SignError) -> Unsendable {
+    match header_from_refusal(&err) {
+        Some(refusal) => {
+            tracing::info!(error = %err, "header From refused; the message bounces");
+            Unsendable {
+                answer: Answer::local(550, (5, 7, 1), format!("{err}; the message was not sent")),
+                refusal: Some(refusal),
+            }
+        }
+        None => {
+            tracing::warn!(error = %err, "DKIM signing failed; deferring the message");
+            Unsendable {
+                answer: Answer::local(
+                    451,
+                    (4, 7, 0),
+                    format!("DKIM signing failed: {err}; the message was not sent"),
+                ),
+                refusal: None,
+            }
+        }
+    }
 }
 
 /// The header From problems no retry can cure: the message must bounce, naming the problem. A tenant domain without
