@@ -53,12 +53,15 @@ if [ -n "${SECUREMAIL_DATAPLANE_DIR:-}" ]; then
   sidecar_dns=(--set "sidecarDns.nameservers={$resolver:53}"
     --set-file "sidecarDns.trustAnchors=$(sed -n 's/^SMDP_TRUST_ANCHOR=//p' "$world_env")")
 fi
+# A drained pod goes after its queue read empty twice this far apart: shorter than the chart's minute, so the node
+# suites' drains take seconds.
+drain_confirmation=${SECUREMAIL_DRAIN_CONFIRMATION_SECONDS:-10}
 api_port=$(sed -n 's|^ *server: https://[^:]*:||p' "$KUBECONFIG")
 # The operator's NetworkPolicy opens egress to the apiserver's port as its pods see it (the endpoint of the
 # kubernetes Service, this node's apiserver port).
 "$here/helm.sh" upgrade --install "$release" "$root/charts/securemail-operator" --namespace "$namespace" \
   --create-namespace --set "tenantNamespaces={$namespaces}" --set "networkPolicy.apiServerPorts={443,$api_port}" \
-  "${sidecar_dns[@]}" --wait --timeout 180s >/dev/null || {
+  --set "drainConfirmationSeconds=$drain_confirmation" "${sidecar_dns[@]}" --wait --timeout 180s >/dev/null || {
   kubectl -n "$namespace" get pods -o wide >&2 || true
   kubectl -n "$namespace" describe pods >&2 || true
   die "helm install of the operator chart did not become ready within 180s"

@@ -21,7 +21,8 @@ SMDP_POSTGREY_PORT=10023
 # The egress host: Dante's SOCKS5 server on each address, and each address is also the source of the connections
 # made for clients that came in on it (external.rotation same-same).
 SMDP_EGRESS_NS=smdp-egress
-SMDP_EGRESS_ADDRS=(10.77.0.61 10.77.0.62)
+# Two per node-suite tenant that sends through the proxy (node_egress.rs, node_queue.rs).
+SMDP_EGRESS_ADDRS=(10.77.0.61 10.77.0.62 10.77.0.63 10.77.0.64)
 SMDP_EGRESS_PORT=1080
 # Zones the tests publish into at run time with DNS UPDATE (unsigned, insecurely delegated from the test root).
 SMDP_DYNAMIC_ZONES=(tenant.test. 0.77.10.in-addr.arpa. 0.78.10.in-addr.arpa.)

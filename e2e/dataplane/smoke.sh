@@ -35,7 +35,7 @@ mta() { in_ns "$(w SMDP_MTA_NETNS)" "$@"; }
 ca=$(w SMDP_CA_FILE)
 resolver=$(w SMDP_RESOLVER)
 IFS=, read -r -a egress_addrs <<<"$(w SMDP_EGRESS_ADDRS)"
-[ "${#egress_addrs[@]}" -eq 2 ] || die "SMDP_EGRESS_ADDRS is $(w SMDP_EGRESS_ADDRS), expected two addresses"
+[ "${#egress_addrs[@]}" -ge 2 ] || die "SMDP_EGRESS_ADDRS is $(w SMDP_EGRESS_ADDRS), expected two addresses or more"
 
 spki_sha256() { openssl x509 -in "$1" -noout -pubkey | openssl pkey -pubin -outform DER | sha256sum | cut -d' ' -f1; }
 # TLSA rdata as one line "usage selector matching HEX" (dig splits long hex into chunks).

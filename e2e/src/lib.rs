@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod dnsbl;
 pub mod leaks;
 pub mod node;
+pub mod node_mail;
 pub mod operator;
 pub mod tenants;
 

@@ -410,3 +410,63 @@ async fn a_deleted_tenant_drains_and_its_children_go_while_an_orphaned_one_keeps
         ]);
     }
 }
+
+#[tokio::test]
+async fn a_tenant_whose_pod_the_scheduler_cannot_place_says_why() {
+    let client = client().await;
+    let namespace = EXAMPLES[0].1;
+    let name = "unplaceable";
+    let tenants: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+    apply_examples();
+    // Placement on nodes labelled for mail egress, which this node is not.
+    let manifest = own_tenant(name, "192.0.2.233", "Drain").replace(
+        "spec:\n",
+        "spec:\n  mta:\n    nodeSelector: {node-role.example.org/mail-egress: \"true\"}\n",
+    );
+    let applied = output_with_input(
+        std::process::Command::new("kubectl").args(["--kubeconfig", &kubeconfig(), "apply", "-f", "-"]),
+        manifest.as_bytes(),
+    );
+    assert!(
+        applied.status.success(),
+        "kubectl apply of tenant {name}: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    // The real scheduler's verdict, read from the pod's status, names the pod and the cause.
+    let tenant = wait_for_conditions(&tenants, namespace, name, &[("MtaAvailable", "False")]).await;
+    let deadline = Instant::now() + TENANT_READY;
+    let mut tenant = tenant;
+    while condition(&tenant, "MtaAvailable").is_none_or(|(_, reason, _)| reason != "Unschedulable") {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: MtaAvailable {:?}",
+            condition(&tenant, "MtaAvailable")
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tenant = tenants.get(name).await.expect("tenant");
+    }
+    let (_, _, message) = condition(&tenant, "MtaAvailable").expect("MtaAvailable");
+    assert!(
+        message.contains(&format!("{name}-mta-0")) && message.contains("node affinity/selector"),
+        "the condition names the pod and the scheduler's reason: {message}"
+    );
+    let (ready, ready_reason, _) = condition(&tenant, "Ready").expect("Ready");
+    assert_eq!((ready.as_str(), ready_reason.as_str()), ("False", "Unschedulable"));
+    let events = kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        &format!("reason=Unschedulable,involvedObject.name={name}"),
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    assert!(
+        events.contains(&format!("{name}-mta-0")),
+        "an event names the pod: {events}"
+    );
+    println!("{name}: {message}");
+    // Nothing ran, so nothing waits: the tenant goes at once.
+    kubectl_ok(&["delete", "smt", "-n", namespace, name, "--timeout=120s"]);
+}

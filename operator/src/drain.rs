@@ -193,7 +193,7 @@ pub fn overdue(status: &[PoolAddressStatus], now: Timestamp) -> Vec<String> {
 }
 
 /// Reads the queue of each pod in `ordinals`: the pod's sidecar `/status` (an empty queue confirmed as described
-/// in the module docs), or `NoVolume` when neither pod nor volume exists. Draining pods are also taken out of the
+/// in the module docs), or `NoVolume` when neither pod nor volume exists or the pod's claim was never bound. Draining pods are also taken out of the
 /// submission Service.
 pub async fn probe(
     ctx: &Context,
@@ -209,6 +209,10 @@ pub async fn probe(
         let state = match pods.get_opt(&pod_name).await? {
             Some(pod) => {
                 stop_submissions(&pods, &pod).await?;
+                if never_bound(&claims, names, ordinal).await? {
+                    states.insert(ordinal, QueueState::NoVolume);
+                    continue;
+                }
                 let reading = read_queue(&pod).await;
                 let empty_since = pod
                     .annotations()
@@ -226,6 +230,16 @@ pub async fn probe(
         states.insert(ordinal, state);
     }
     Ok(states)
+}
+
+/// True when pod `ordinal`'s volume claim exists but was never bound to a volume: the pod never started (a volume
+/// binds before its pod runs), so it never held mail. Such a pod (unschedulable, say) drains at once instead of
+/// waiting for a queue reading it can never give.
+async fn never_bound(claims: &Api<PersistentVolumeClaim>, names: &TenantNames, ordinal: u32) -> Result<bool> {
+    Ok(claims
+        .get_opt(&claim_name(names, ordinal))
+        .await?
+        .is_some_and(|claim| claim.spec.and_then(|spec| spec.volume_name).is_none()))
 }
 
 /// Deletes the volumes of drained, removed pods.

@@ -31,6 +31,13 @@ pub fn sidecar_file(ordinal: u32) -> String {
     format!("sidecar-{ordinal}.yaml")
 }
 
+/// Whether a ConfigMap key is a pod's sidecar configuration ([`sidecar_file`]), which the sidecar reloads live.
+pub fn is_sidecar_file(key: &str) -> bool {
+    key.strip_prefix("sidecar-")
+        .and_then(|rest| rest.strip_suffix(".yaml"))
+        .is_some_and(|ordinal| ordinal.parse::<u32>().is_ok())
+}
+
 /// Path of a signing key's PEM file inside the pod.
 pub fn key_file(secret_name: &str) -> String {
     format!("{DKIM_KEY_DIR}/{secret_name}.pem")

@@ -16,8 +16,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use securemail_api::SecureMailTenant;
 
 use super::config::{
-    DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_CONFIG_DIR, SIDECAR_DATA_DIR, SIDECAR_POSTFIX_QUEUE_DIR,
-    TRUST_ANCHORS_FILE, key_file, sidecar_file,
+    DKIM_KEY_DIR, SIDECAR_ADMIN_PORT, SIDECAR_CONFIG_DIR, SIDECAR_DATA_DIR, SIDECAR_POSTFIX_QUEUE_DIR, is_sidecar_file,
+    key_file,
 };
 use super::{Observed, Settings, child_meta};
 use crate::names::{MTA_COMPONENT, SUBMISSION_LABEL, TenantNames, sha256_hex};
@@ -90,7 +90,7 @@ pub(super) fn stateful_set(
             ..TopologySpreadConstraint::default()
         }]),
         containers: vec![postfix_container(tenant, settings), sidecar_container(tenant, settings)],
-        volumes: Some(volumes(tenant, observed, names, settings)),
+        volumes: Some(volumes(tenant, observed, names)),
         ..PodSpec::default()
     };
 
@@ -263,7 +263,7 @@ fn sidecar_container(tenant: &SecureMailTenant, settings: &Settings) -> Containe
     }
 }
 
-fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames, settings: &Settings) -> Vec<Volume> {
+fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames) -> Vec<Volume> {
     let submission = &tenant.spec.submission;
     let submission_secret = super::submission_tls_secret(tenant, names);
     let key_projections = observed
@@ -285,30 +285,13 @@ fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames, 
             ..VolumeProjection::default()
         })
         .collect();
-    let config_items = observed
-        .pods
-        .iter()
-        .map(|pod| sidecar_file(pod.ordinal))
-        .chain(["main.cf".to_owned(), "master.cf".to_owned()])
-        .chain(
-            settings
-                .sidecar_dns
-                .trust_anchors
-                .as_ref()
-                .map(|_| TRUST_ANCHORS_FILE.to_owned()),
-        )
-        .map(|key| KeyToPath {
-            path: key.clone(),
-            key,
-            mode: None,
-        })
-        .collect();
     vec![
         Volume {
             name: CONFIG_VOLUME.to_owned(),
+            // Every key as a file of its name. Not listed one by one: the list would name each pod's sidecar file,
+            // and a pool change would then change the pod template and restart every pod.
             config_map: Some(ConfigMapVolumeSource {
                 name: names.config_map(),
-                items: Some(config_items),
                 ..ConfigMapVolumeSource::default()
             }),
             ..Volume::default()
@@ -360,10 +343,17 @@ fn volumes(tenant: &SecureMailTenant, observed: &Observed, names: &TenantNames, 
     ]
 }
 
-/// SHA-256 over the ConfigMap's data in key order (BTreeMap), hex-encoded.
+/// SHA-256 over the ConfigMap's files a running pod cannot take up, in key order (BTreeMap), hex-encoded: a change
+/// to them rolls the pods. The sidecars' own files are left out: each sidecar reloads its file when the kubelet
+/// updates the mounted directory, so a pool change or the next warmup day (both in those files) restarts no pod.
 fn config_checksum(config_map: &ConfigMap) -> String {
     let mut bytes = Vec::new();
-    for (key, value) in config_map.data.iter().flatten() {
+    let needs_restart = config_map
+        .data
+        .iter()
+        .flatten()
+        .filter(|(key, _)| !is_sidecar_file(key));
+    for (key, value) in needs_restart {
         bytes.extend_from_slice(key.as_bytes());
         bytes.push(0);
         bytes.extend_from_slice(value.as_bytes());
@@ -385,8 +375,8 @@ fn mount(volume: &str, path: &str, sub_path: Option<&str>) -> VolumeMount {
     }
 }
 
-/// A single file from the config volume (subPath mounts do not see ConfigMap updates, but the checksum annotation
-/// rolls the pods on every change anyway).
+/// A single file from the config volume (subPath mounts do not see ConfigMap updates: the checksum annotation
+/// rolls the pods when one of these changes).
 fn config_file_mount(path: &str, key: &str) -> VolumeMount {
     VolumeMount {
         name: CONFIG_VOLUME.to_owned(),
@@ -454,6 +444,7 @@ mod tests {
     use securemail_api::tenant::{EgressMode, PoolAddress};
 
     use super::*;
+    use crate::build::config::{TRUST_ANCHORS_FILE, sidecar_file};
     use crate::build::{PodAssignment, children};
 
     fn minimal() -> SecureMailTenant {
@@ -522,6 +513,59 @@ mod tests {
             ..Affinity::default()
         });
         tenant
+    }
+
+    fn checksum(stateful_set: &StatefulSet) -> String {
+        stateful_set
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.template.metadata.as_ref())
+            .and_then(|meta| meta.annotations.as_ref())
+            .and_then(|annotations| annotations.get(CONFIG_CHECKSUM_ANNOTATION))
+            .cloned()
+            .expect("the config checksum annotation")
+    }
+
+    #[test]
+    fn only_what_a_running_pod_cannot_reload_changes_the_pod_template() {
+        let tenant = minimal();
+        let settings = Settings::default();
+        let first = children(&tenant, &one_pod(), &settings).expect("builds");
+        // The next warmup day and a draining pod change only the sidecars' files, which the sidecars reload.
+        let mut next_day = one_pod();
+        next_day.pods[0].warmup_day = Some(2);
+        next_day.pods[0].daily_limit = Some(100);
+        next_day.pods.push(PodAssignment {
+            ordinal: 1,
+            address: PoolAddress {
+                address: "192.0.2.11".to_owned(),
+                hostname: "mta2.notify.lakeside-clinic.example".to_owned(),
+            },
+            warmup_day: None,
+            daily_limit: None,
+            draining: true,
+        });
+        let second = children(&tenant, &next_day, &settings).expect("builds");
+        assert_ne!(
+            first.config_map.data, second.config_map.data,
+            "the sidecar files changed"
+        );
+        let template =
+            |children: &crate::build::Children| children.stateful_set.spec.as_ref().map(|spec| spec.template.clone());
+        assert_eq!(
+            template(&first),
+            template(&second),
+            "the pod template, so no pod restarts"
+        );
+        // Postfix reads main.cf once, at start: a change to it rolls the pods.
+        let mut renamed = tenant.clone();
+        renamed.spec.domains[0].name = "notify.lakeside-health.example".to_owned();
+        let third = children(&renamed, &one_pod(), &settings).expect("builds");
+        assert_ne!(
+            first.config_map.data.as_ref().and_then(|data| data.get("main.cf")),
+            third.config_map.data.as_ref().and_then(|data| data.get("main.cf"))
+        );
+        assert_ne!(checksum(&first.stateful_set), checksum(&third.stateful_set));
     }
 
     #[test]
@@ -624,14 +668,21 @@ mod tests {
         assert!(sidecar_yaml.contains("10.0.0.53:53"), "{sidecar_yaml}");
         assert!(sidecar_yaml.contains(&format!("{SIDECAR_CONFIG_DIR}/{TRUST_ANCHORS_FILE}")));
         assert_eq!(data[TRUST_ANCHORS_FILE], ". 3600 IN DS 1 8 2 00");
-        let projected = pod_spec(&built.stateful_set)
+        // Every key of the ConfigMap is a file in the sidecar's config directory.
+        let pod = pod_spec(&built.stateful_set);
+        let whole_map = pod
             .volumes
             .iter()
             .flatten()
-            .filter_map(|volume| volume.config_map.as_ref())
-            .flat_map(|config_map| config_map.items.iter().flatten())
-            .any(|item| item.key == TRUST_ANCHORS_FILE);
-        assert!(projected, "the trust anchors reach the sidecar");
+            .find(|volume| volume.name == CONFIG_VOLUME)
+            .and_then(|volume| volume.config_map.as_ref())
+            .is_some_and(|config_map| config_map.items.is_none());
+        let sidecar_mount = pod
+            .containers
+            .iter()
+            .flat_map(|container| container.volume_mounts.iter().flatten())
+            .any(|mount| mount.name == CONFIG_VOLUME && mount.mount_path == SIDECAR_CONFIG_DIR);
+        assert!(whole_map && sidecar_mount, "the trust anchors reach the sidecar");
 
         let rules = built
             .network_policy
