@@ -161,13 +161,13 @@ e2e-node: deps images
 e2e-dataplane: deps
 	$(CARGO) build $(CARGO_FLAGS) -p securemail-operator --bin securemail-operator -p securemail-sidecar \
 	  --bin securemail-sidecar
-	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test dataplane --test socketmap
+	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test dataplane --test dataplane_headers --test socketmap
 	# One world per machine (fixed namespace names): the lock serialises suites and benchmarks that need it.
 	flock $(DATAPLANE_LOCK) bash -c 'e2e/dataplane/up.sh $(DATAPLANE_DIR) >/dev/null || exit 1; status=0; \
 	  e2e/dataplane/smoke.sh $(DATAPLANE_DIR) && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
 	  SECUREMAIL_OPERATOR_BIN=$(TARGET_DIR)/debug/securemail-operator \
 	  SECUREMAIL_SIDECAR_BIN=$(TARGET_DIR)/debug/securemail-sidecar \
-	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test dataplane --test socketmap -- --test-threads=1 \
+	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test dataplane --test dataplane_headers --test socketmap -- --test-threads=1 \
 	  || status=$$?; e2e/dataplane/down.sh $(DATAPLANE_DIR); exit $$status'
 
 ## e2e-faults: fault injection in a data-plane world of its own (e2e/tests/faults.rs): FAULT_MESSAGES submitted while

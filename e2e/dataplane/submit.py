@@ -19,6 +19,8 @@ def main() -> int:
     parser.add_argument("--cert", help="client certificate; without one the server must refuse")
     parser.add_argument("--key")
     parser.add_argument("--no-tls", action="store_true", help="try MAIL FROM without STARTTLS")
+    parser.add_argument("--source", help="connect from this local address, as an application pod would from its own")
+    parser.add_argument("--helo", default="app.test", help="the name to say EHLO with")
     parser.add_argument(
         "--raw",
         action="store_true",
@@ -29,7 +31,8 @@ def main() -> int:
 
     report = {"stage": "connect"}
     try:
-        with smtplib.SMTP(args.host, args.port, local_hostname="app.test", timeout=60) as smtp:
+        source = (args.source, 0) if args.source else None
+        with smtplib.SMTP(args.host, args.port, local_hostname=args.helo, timeout=60, source_address=source) as smtp:
             smtp.ehlo()
             if not args.no_tls:
                 report["stage"] = "starttls"

@@ -232,6 +232,11 @@ pub struct Submission {
     pub without_client_certificate: bool,
     /// The message is sent after DATA byte for byte and must end with its own end-of-data marker.
     pub raw: bool,
+    /// Connect from this address of the MTA's namespace (see [`MtaHost::add_client_address`]) instead of the one the
+    /// kernel picks (the MTA's own).
+    pub source: Option<&'static str>,
+    /// EHLO with this name instead of `app.test`.
+    pub helo: Option<&'static str>,
 }
 
 /// The sending side of one tenant: Postfix accepting submissions on the pool address and the sidecar delivering
@@ -560,6 +565,12 @@ impl MtaHost {
         if how.raw {
             command.arg("--raw");
         }
+        if let Some(source) = how.source {
+            command.args(["--source", source]);
+        }
+        if let Some(helo) = how.helo {
+            command.args(["--helo", helo]);
+        }
         for recipient in to {
             command.args(["--to", recipient]);
         }
@@ -568,6 +579,17 @@ impl MtaHost {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extend(to.iter().map(|recipient| (*recipient).to_owned()));
         json_report(&output_with_input(&mut command, message), "submit.py")
+    }
+
+    /// Gives the MTA's namespace `address` (on its loopback) for a submitting client to connect from, as an
+    /// application pod connects from its own pod address; removed again when the returned guard drops. Connections
+    /// that do not ask for it never leave from it: it is on no interface with a route out.
+    pub fn add_client_address(&self, address: &str) -> ClientAddress {
+        run_ok(in_netns(&self.netns, "ip").args(["addr", "replace", &format!("{address}/32"), "dev", "lo"]));
+        ClientAddress {
+            netns: self.netns.clone(),
+            address: address.to_owned(),
+        }
     }
 
     /// Messages in Postfix's queue (`postqueue -j`), one JSON object each.
@@ -668,6 +690,21 @@ impl MtaHost {
             }
         }
         (secrets, sources)
+    }
+}
+
+/// An address added to the MTA's namespace for submitting clients (see [`MtaHost::add_client_address`]).
+#[derive(Debug)]
+pub struct ClientAddress {
+    netns: String,
+    address: String,
+}
+
+impl Drop for ClientAddress {
+    fn drop(&mut self) {
+        let _ = in_netns(&self.netns, "ip")
+            .args(["addr", "del", &format!("{}/32", self.address), "dev", "lo"])
+            .output();
     }
 }
 

@@ -148,6 +148,7 @@ pub fn main_cf(spec: &SecureMailTenantSpec) -> String {
     cf.param("smtpd_recipient_restrictions", "reject_non_fqdn_recipient");
 
     render_sender_restriction(&mut cf, &sender_domains);
+    render_submission_header_checks(&mut cf, &sender_domains, primary_domain);
 
     cf.section(
         "Protocol hardening. SMTP smuggling: the end of DATA must be <CR><LF>.<CR><LF>; other bare <LF> are \
@@ -236,6 +237,66 @@ fn render_sender_restriction(cf: &mut ConfigText, sender_domains: &[&str]) {
     cf.param("smtpd_sender_restrictions", &restrictions);
 }
 
+/// Name of the main.cf parameter holding the header checks of submitted mail; master.cf hands it to the submission
+/// listener's own cleanup service as its `header_checks`.
+pub const SUBMISSION_HEADER_CHECKS: &str = "submission_header_checks";
+/// The cleanup service that receives what the submission listener accepts (and nothing else: Postfix's own bounces
+/// go through `cleanup`, unchecked).
+const SUBMISSION_CLEANUP: &str = "submission-cleanup";
+/// The refusal of a header From outside the tenant's domains, after the From domain (`$$3`: the regexp table's third
+/// group, `$$` being main.cf's literal `$`).
+const FOREIGN_FROM_REFUSAL: &str = "is not one of this tenant's sending domains";
+
+/// Header checks of submitted mail: the header From, and the Received header smtpd adds.
+///
+/// From: the sidecar signs only for the tenant's domains (it answers 5.7.1 for any other), so a From naming another
+/// domain is refused here, at the end of DATA while the application is still connected, instead of bouncing later.
+/// The patterns judge only one mailbox in a plain form (`local@domain`, `Name <local@domain>`, quoted display names
+/// without quoted pairs); anything else (comments, quoted pairs, several mailboxes, non-ASCII) passes to the sidecar,
+/// whose parser decides. So no pattern refuses a From the sidecar would sign.
+///
+/// Received: the one smtpd adds names the application's pod (HELO, cluster reverse-DNS name, address) and, for a
+/// single recipient, that recipient. It is replaced by one naming only this host's name (the tenant's first domain),
+/// the protocol, the queue id and the time; any other form of it from this host is removed. Rewritten here rather
+/// than removed by the sidecar before signing: the pod's names then never reach the queue file, nor the copy of the
+/// headers a DSN carries, and the rule sits next to the listener that writes the header. `regexp:` because the mta
+/// image's Postfix has no PCRE map (images/debian/mta.txt); inline, so the ConfigMap holds no extra file.
+fn render_submission_header_checks(cf: &mut ConfigText, sender_domains: &[&str], hostname: &str) {
+    cf.section(&format!(
+        "Header checks of submitted mail (the submission listener's own cleanup service, {SUBMISSION_CLEANUP} in \
+         master.cf; attached messages are not checked). A header From of one mailbox at a domain that is not the \
+         tenant's is refused at the end of DATA with 5.7.1, as the sidecar would refuse to sign it; forms these \
+         patterns cannot judge (comments, quoted pairs, several mailboxes) pass, and the sidecar refuses what it \
+         cannot sign with 5.7.1. The Received header smtpd adds, which names the application's pod address, HELO \
+         and reverse-DNS name and a recipient, is replaced by one naming only this host; any other form of it is \
+         removed. $$ is a literal $ in main.cf."
+    ));
+    let display_name = r#"(([^<>@,;:"()\]|"[^"\]*")*<)?"#;
+    let local_part = r#"[^[:space:]<>@,;:"()\]+"#;
+    let from = |domain: &str| format!("/^From:[[:space:]]*{display_name}{local_part}@({domain})>?[[:space:]]*$$/");
+    let mut entries: Vec<String> = sender_domains
+        .iter()
+        .map(|domain| format!("{{ {} DUNNO }}", from(&domain.replace('.', r"\."))))
+        .collect();
+    entries.push(format!(
+        "{{ {} REJECT 5.7.1 header From domain $$3 {FOREIGN_FROM_REFUSAL} }}",
+        from("[-a-z0-9.]+")
+    ));
+    let host = hostname.replace('.', r"\.");
+    entries.push(format!(
+        "{{ /^Received:[[:space:]]+from[[:space:]].*[[:space:]]by[[:space:]]+({host})[[:space:]]+\\(Postfix\\)\
+         [[:space:]]+with[[:space:]]+([a-z]+)[[:space:]]+id[[:space:]]+([0-9a-z]+)[^;]*;[[:space:]]*(.*)$$/ \
+         REPLACE Received: by $$1 (Postfix) with $$2 id $$3; $$4 }}"
+    ));
+    entries.push(format!(
+        "{{ /^Received:.*[[:space:]]by[[:space:]]+{host}[[:space:]]+\\(Postfix\\)/ IGNORE }}"
+    ));
+    cf.param(
+        SUBMISSION_HEADER_CHECKS,
+        &format!("regexp:{{\n        {} }}", entries.join(",\n        ")),
+    );
+}
+
 /// An `inline:` table (no postmap step), one entry per continuation line.
 fn inline_table(entries: &[String]) -> String {
     format!("inline:{{\n        {} }}", entries.join(",\n        "))
@@ -262,6 +323,16 @@ pub fn master_cf(_spec: &SecureMailTenantSpec) -> String {
     let submission_port = SUBMISSION_CONTAINER_PORT.to_string();
     cf.service([&submission_port, "inet", "n", "-", "n", "-", "-", "smtpd"]);
     cf.line("  -o syslog_name=postfix/submission");
+    cf.line(&format!("  -o cleanup_service_name={SUBMISSION_CLEANUP}"));
+    cf.paragraph(&format!(
+        "What applications submit goes through a cleanup of its own, with the header checks of main.cf's \
+         {SUBMISSION_HEADER_CHECKS}; bounces Postfix writes go through cleanup, unchecked. Attached messages are \
+         not checked: a forwarded message may carry any From."
+    ));
+    cf.service([SUBMISSION_CLEANUP, "unix", "n", "-", "n", "-", "0", "cleanup"]);
+    cf.line("  -o syslog_name=postfix/submission");
+    cf.line(&format!("  -o header_checks=${SUBMISSION_HEADER_CHECKS}"));
+    cf.line("  -o nested_header_checks=");
     for service in [
         ["cleanup", "unix", "n", "-", "n", "-", "0", "cleanup"],
         ["qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"],
@@ -594,6 +665,159 @@ mod tests {
         assert_eq!(parameter(&main, "myorigin"), "rx.riverside-pharmacy.example");
     }
 
+    /// Cleanup's verdict on one header (a logical header: folded lines joined by newlines) under the submission
+    /// header checks as Postfix reads them from `main` (`$$` expanded once, as the cleanup service sees them): the
+    /// table's action, or "" when no pattern matches and the header passes unchanged.
+    fn header_check(main: &str, header: &str) -> String {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = ScratchDir::new(&format!("header-checks-{call}"));
+        fs::write(dir.0.join("main.cf"), main).unwrap();
+        fs::write(dir.0.join("master.cf"), master_cf(&example("minimal"))).unwrap();
+        let table = postconf(&dir.0, &["-xh", SUBMISSION_HEADER_CHECKS]);
+        let output = postfix_tool("postmap")
+            .arg("-c")
+            .arg(&dir.0)
+            .args(["-q", header, table.trim_end()])
+            .output()
+            .unwrap();
+        assert!(output.stderr.is_empty(), "{header}: {output:?}");
+        String::from_utf8(output.stdout).unwrap().trim_end().to_owned()
+    }
+
+    #[test]
+    fn a_header_from_outside_the_tenant_domains_is_refused_naming_the_domain() {
+        let main = main_cf(&example("strict_tls_overrides"));
+        let refused = |domain: &str| {
+            format!("REJECT 5.7.1 header From domain {domain} is not one of this tenant's sending domains")
+        };
+        for from in [
+            "From: refills@rx.riverside-pharmacy.example",
+            "From: Riverside Billing <billing@BILLING.riverside-pharmacy.example>",
+            "From: \"Riverside, Billing (East)\" <billing@billing.riverside-pharmacy.example>",
+            "From: \"someone@evil.example\" <refills@rx.riverside-pharmacy.example>",
+            "From: Riverside\n <refills@rx.riverside-pharmacy.example>",
+        ] {
+            assert_eq!(header_check(&main, from), "DUNNO", "{from}");
+        }
+        for (from, domain) in [
+            ("From: refills@evil.example", "evil.example"),
+            (
+                "From: Billing <billing@riverside-pharmacy.example>",
+                "riverside-pharmacy.example",
+            ),
+            (
+                "From: Billing <billing@sub.rx.riverside-pharmacy.example>",
+                "sub.rx.riverside-pharmacy.example",
+            ),
+            (
+                "From: \"refills@rx.riverside-pharmacy.example\" <x@evil.example>",
+                "evil.example",
+            ),
+            (
+                "From: \"Dr. Smith, Cardiology\" <smith@Clinic.example>",
+                "Clinic.example",
+            ),
+            ("from:\tBilling\n\t<billing@evil.example>  ", "evil.example"),
+            (
+                "From: x@rx.riverside-pharmacy.example.",
+                "rx.riverside-pharmacy.example.",
+            ),
+        ] {
+            assert_eq!(header_check(&main, from), refused(domain), "{from}");
+        }
+        // What the patterns cannot judge passes; the sidecar's parser refuses what it cannot sign with 5.7.1.
+        for from in [
+            "From: refills@evil.example (Refills)",
+            "From: \"a\\\" <b@rx.riverside-pharmacy.example>\" <c@evil.example>",
+            "From: refills@rx.riverside-pharmacy.example, billing@evil.example",
+            "From: info@b\u{fc}cher.example",
+            "Subject: from billing@evil.example",
+            "Reply-To: billing@evil.example",
+        ] {
+            assert_eq!(header_check(&main, from), "", "{from}");
+        }
+    }
+
+    #[test]
+    fn a_domain_left_out_of_the_spec_is_refused_as_a_header_from() {
+        // reconcile renders from the spec without the domains another tenant holds (ownership.rs): what is not in
+        // the spec is not the tenant's, for the header From as for the envelope sender.
+        let mut spec = example("strict_tls_overrides");
+        spec.domains
+            .retain(|domain| domain.name != "billing.riverside-pharmacy.example");
+        let main = main_cf(&spec);
+        assert_eq!(
+            header_check(&main, "From: billing@billing.riverside-pharmacy.example"),
+            "REJECT 5.7.1 header From domain billing.riverside-pharmacy.example is not one of this tenant's \
+             sending domains"
+        );
+        assert_eq!(
+            header_check(&main, "From: refills@rx.riverside-pharmacy.example"),
+            "DUNNO"
+        );
+    }
+
+    #[test]
+    fn the_received_header_of_the_submission_hop_names_only_this_host() {
+        let main = main_cf(&example("minimal"));
+        let received = "Received: from app-7d9f4.clinic-apps.svc.cluster.local \
+                        (10-244-3-7.clinic-apps.pod.cluster.local [10.244.3.7])\n\
+                        \tby notify.lakeside-clinic.example (Postfix) with ESMTPS id 4A3F2B1C9D\n\
+                        \tfor <patient@recipient.example>; Mon,  7 Dec 2026 14:55:01 +0000 (UTC)";
+        assert_eq!(
+            header_check(&main, received),
+            "REPLACE Received: by notify.lakeside-clinic.example (Postfix) with ESMTPS id 4A3F2B1C9D; \
+             Mon,  7 Dec 2026 14:55:01 +0000 (UTC)"
+        );
+        let without_for = "Received: from app (unknown [10.244.3.7])\n\tby notify.lakeside-clinic.example \
+                           (Postfix) with ESMTPS id 4A3F2B1C9D; Mon,  7 Dec 2026 14:55:01 +0000 (UTC)";
+        assert!(header_check(&main, without_for).starts_with("REPLACE Received: by notify."));
+        // Another form from this host goes; other hosts' trace headers (the application's own) stay.
+        assert_eq!(
+            header_check(
+                &main,
+                "Received: from [10.244.3.7] by notify.lakeside-clinic.example (Postfix) id 4A3F"
+            ),
+            "IGNORE"
+        );
+        assert_eq!(
+            header_check(
+                &main,
+                "Received: from app by relay.clinic.example (Postfix) with ESMTP id 1; date"
+            ),
+            ""
+        );
+    }
+
+    #[test]
+    fn only_submitted_mail_goes_through_the_header_checks() {
+        let master = master_cf(&example("minimal"));
+        let submission: Vec<&str> = master
+            .lines()
+            .skip_while(|line| !line.starts_with("587 "))
+            .skip(1)
+            .take_while(|line| line.starts_with(char::is_whitespace))
+            .collect();
+        assert!(
+            submission.contains(&"  -o cleanup_service_name=submission-cleanup"),
+            "{master}"
+        );
+        let cleanup: Vec<&str> = master
+            .lines()
+            .skip_while(|line| !line.starts_with("submission-cleanup "))
+            .collect();
+        assert!(cleanup[0].ends_with(" cleanup"), "{master}");
+        assert!(
+            cleanup.contains(&"  -o header_checks=$submission_header_checks"),
+            "{master}"
+        );
+        assert!(cleanup.contains(&"  -o nested_header_checks="), "{master}");
+        // Bounces go through the plain cleanup, which has no header checks.
+        assert!(services(&master).contains(&("cleanup".to_owned(), "unix".to_owned())));
+        assert!(!main_cf(&example("minimal")).contains("\nheader_checks"));
+    }
+
     #[test]
     fn domains_that_could_break_the_syntax_are_left_out() {
         let mut spec = example("minimal");
@@ -898,6 +1122,24 @@ mod tests {
         }
     }
 
+    impl RunningPostfix {
+        /// The header section of queued message `queue_id`, as Postfix stored it (`postcat -h -q`).
+        fn queued_headers(&self, queue_id: &str) -> String {
+            tool_output(
+                postfix_tool("postcat")
+                    .arg("-c")
+                    .arg(self.dir.0.join("conf"))
+                    .args(["-h", "-q", queue_id]),
+            )
+        }
+    }
+
+    fn tool_output(command: &mut Command) -> String {
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{command:?}: {output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    }
+
     impl Drop for RunningPostfix {
         fn drop(&mut self) {
             let _ = postfix_tool("postfix")
@@ -978,7 +1220,7 @@ mod tests {
             "{delivered:?}\n{}",
             log()
         );
-        let delivery = postfix.wait_for_log_line("to=<member@recipient.example>");
+        let delivery = postfix.wait_for_log_line(": to=<member@recipient.example>");
         assert!(delivery.contains("postfix/lmtp["), "{delivery}");
         assert!(delivery.contains(SIDECAR_LMTP_SOCKET), "{delivery}");
 
@@ -1024,6 +1266,60 @@ mod tests {
                 "{client:?} {tls_args:?}: {replies:?}\n{}",
                 log()
             );
+        }
+    }
+
+    #[test]
+    fn running_postfix_refuses_a_foreign_header_from_at_data_and_queues_no_trace_of_the_client() {
+        let certs = Certificates::new("headers");
+        let postfix = RunningPostfix::start(&example("minimal"), &certs, "headers");
+        let submit = |helo: &str, header_from: &str| {
+            postfix.submit(
+                &certs,
+                Some("unlisted"),
+                &[],
+                &[
+                    &format!("EHLO {helo}"),
+                    "MAIL FROM:<notices@notify.lakeside-clinic.example>",
+                    RECIPIENT,
+                    "DATA",
+                    &format!("{header_from}\r\nSubject: SecureMail header test\r\n\r\nhello\r\n."),
+                ],
+            )
+        };
+
+        let refused = submit("app.example", "From: Billing <billing@evil.example>");
+        assert_eq!(
+            refused[4],
+            "550 5.7.1 header From domain evil.example is not one of this tenant's sending domains",
+            "{}",
+            postfix.log()
+        );
+        // Refused before queueing: the queue holds nothing of it.
+        let queue = tool_output(
+            postfix_tool("postqueue")
+                .arg("-c")
+                .arg(postfix.dir.0.join("conf"))
+                .arg("-j"),
+        );
+        assert_eq!(queue, "", "{}", postfix.log());
+
+        let helo = "app-7d9f4.clinic-apps.svc.cluster.local";
+        let accepted = submit(helo, "From: Lakeside Notices <notices@notify.lakeside-clinic.example>");
+        let queue_id = accepted[4]
+            .strip_prefix("250 2.0.0 Ok: queued as ")
+            .unwrap_or_else(|| panic!("{accepted:?}\n{}", postfix.log()));
+        let headers = postfix.queued_headers(queue_id);
+        let received: Vec<&str> = headers.lines().filter(|line| line.starts_with("Received:")).collect();
+        assert_eq!(received.len(), 1, "{headers}");
+        assert!(
+            received[0].starts_with(&format!(
+                "Received: by notify.lakeside-clinic.example (Postfix) with ESMTPS id {queue_id}; "
+            )),
+            "{headers}"
+        );
+        for internal in [helo, "127.0.0.1", "localhost", "member@recipient.example"] {
+            assert!(!headers.contains(internal), "{internal} in\n{headers}");
         }
     }
 

@@ -3,8 +3,9 @@
 //!
 //! Answers: 2xx only after the remote MX accepted the recipient and the data after the final dot; remote 4xx,
 //! timeouts and connection failures 4xx (Postfix retries); remote 5xx passed on with the remote's enhanced
-//! code and redacted text; no secure path per the domain's `onFailure` (4.7.5 defer or 5.7.10 bounce). A signing
-//! failure defers the whole message: it is never sent unsigned.
+//! code and redacted text; no secure path per the domain's `onFailure` (4.7.5 defer or 5.7.10 bounce). A header
+//! From that is not one mailbox at one of the tenant's domains bounces the whole message (5.7.1, recorded and
+//! counted); any other signing failure defers it. It is never sent unsigned.
 //!
 //! Recipients at the reserved feedback domain are never delivered: a report to the feedback address is taken in
 //! as a spam complaint ([`crate::feedback`]), any other address there is refused.
@@ -27,10 +28,11 @@ use securemail_api::sidecar_status::ResultCounts;
 use securemail_api::tenant::OnFailure;
 
 use crate::admin::ReadyFlag;
-use crate::dkim::KeyStore;
+use crate::dkim::{KeyStore, SignError};
 use crate::egress::{self, EgressHealth};
 use crate::evidence::{
-    Attempt, DomainName, EvidenceWriter, MessageIdHash, Outcome, Policy, SmtpReply, TenantRef, TlsSession, Token,
+    Attempt, DomainName, EvidenceWriter, MessageIdHash, Outcome, Policy, Refusal, SmtpReply, TenantRef, TlsSession,
+    Token,
 };
 use crate::feedback::{self, FeedbackReport};
 use crate::lmtp::{Backend, Envelope, RcptDecision, Recipient, Reply};
@@ -214,15 +216,10 @@ impl<P: PolicyLookup> Engine<P> {
         self
     }
 
-    fn prepare(&self, message: &[u8]) -> Result<Prepared, Answer> {
-        let signatures = self.keys.signer().sign(message, self.clock.now()).map_err(|err| {
-            tracing::warn!(error = %err, "DKIM signing failed; deferring the message");
-            Answer::local(
-                451,
-                (4, 7, 0),
-                format!("DKIM signing failed: {err}; the message was not sent"),
-            )
-        })?;
+    /// Signs the message. A header From the tenant may not send as is refused for good (5.7.1: a retry would be
+    /// refused alike, so Postfix bounces at once with this text in the DSN); any other signing failure defers it.
+    fn prepare(&self, message: &[u8]) -> Result<Prepared, Unsendable> {
+        let signatures = self.keys.signer().sign(message, self.clock.now()).map_err(unsendable)?;
         let mut content = Vec::with_capacity(signatures.len() + message.len() + 2);
         content.extend_from_slice(&signatures);
         content.extend_from_slice(message);
@@ -268,6 +265,7 @@ impl<P: PolicyLookup> Engine<P> {
             outcome: Outcome::Deferred,
             protocol_error: None,
             warmup: None,
+            refusal: None,
         };
 
         let mut attempts = Vec::new();
@@ -699,11 +697,6 @@ impl<P: PolicyLookup> Engine<P> {
                 ),
             ));
         }
-        let prepared = match self.prepare(message) {
-            Ok(prepared) => prepared,
-            Err(answer) => return all(answer),
-        };
-        let deadline = Instant::now() + self.config.deadline;
         let mut by_domain: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for &index in indices {
             by_domain
@@ -711,6 +704,16 @@ impl<P: PolicyLookup> Engine<P> {
                 .or_default()
                 .push(index);
         }
+        let prepared = match self.prepare(message) {
+            Ok(prepared) => prepared,
+            Err(Unsendable { answer, refusal }) => {
+                if let Some(refusal) = refusal {
+                    self.record_refusal(&by_domain, message, refusal).await;
+                }
+                return all(answer);
+            }
+        };
+        let deadline = Instant::now() + self.config.deadline;
         let prepared = &prepared;
         let deliveries = by_domain.iter().map(|(domain, indices)| async move {
             let recipients: Vec<&Recipient> = indices.iter().map(|&i| &envelope.recipients[i]).collect();
@@ -724,6 +727,38 @@ impl<P: PolicyLookup> Engine<P> {
             .into_iter()
             .flatten()
             .collect()
+    }
+
+    /// A message refused before delivery: counted once, and one evidence record per recipient domain (the log's
+    /// unit) saying why and that nothing was sent, on disk before Postfix hears the refusal. Not counted as bounced
+    /// recipients: no provider saw the message, so it says nothing of the address's reputation.
+    async fn record_refusal(&self, by_domain: &BTreeMap<&str, Vec<usize>>, message: &[u8], refusal: Refusal) {
+        self.metrics.header_from_refused(refusal);
+        let message_id_sha256 = message_id(message);
+        let attempts = by_domain
+            .iter()
+            .filter_map(|(domain, indices)| {
+                Some(Attempt {
+                    time: self.clock.now(),
+                    tenant: self.config.tenant.clone(),
+                    message_id_sha256,
+                    recipient_domain: DomainName::new(domain).ok()?,
+                    recipient_count: NonZeroU32::new(u32::try_from(indices.len()).unwrap_or(u32::MAX))
+                        .unwrap_or(NonZeroU32::MIN),
+                    mx_host: None,
+                    mx_ip: None,
+                    source_ip: self.config.session.source,
+                    policy: None,
+                    tls: None,
+                    smtp_reply: None,
+                    outcome: Outcome::Bounced,
+                    protocol_error: None,
+                    warmup: None,
+                    refusal: Some(refusal),
+                })
+            })
+            .collect();
+        self.append_evidence(attempts).await;
     }
 
     /// Takes in a report sent to the feedback address: counts a complaint, ignores other feedback, refuses what
@@ -782,6 +817,52 @@ impl<P: PolicyLookup> Engine<P> {
         report.reporting_mta.as_ref().map_or(Provider::Other, |host| {
             self.config.provider(&String::from(host.clone()))
         })
+    }
+}
+
+/// Why a message is not sent at all: the answer for every recipient, and the refusal to record when it is one.
+struct Unsendable {
+    answer: Answer,
+    refusal: Option<Refusal>,
+}
+
+/// The answer to a message that cannot be signed: 550 5.7.1 for a header From problem, 451 4.7.0 for any other.
+fn unsendable(err: SignError) -> Unsendable {
+    match header_from_refusal(&err) {
+        Some(refusal) => {
+            tracing::info!(error = %err, "header From refused; the message bounces");
+            Unsendable {
+                answer: Answer::local(550, (5, 7, 1), format!("{err}; the message was not sent")),
+                refusal: Some(refusal),
+            }
+        }
+        None => {
+            tracing::warn!(error = %err, "DKIM signing failed; deferring the message");
+            Unsendable {
+                answer: Answer::local(
+                    451,
+                    (4, 7, 0),
+                    format!("DKIM signing failed: {err}; the message was not sent"),
+                ),
+                refusal: None,
+            }
+        }
+    }
+}
+
+/// The header From problems no retry can cure: the message must bounce, naming the problem. A tenant domain without
+/// an active key yet, a malformed message or a key that fails to sign is not the header From's fault.
+fn header_from_refusal(err: &SignError) -> Option<Refusal> {
+    match err {
+        SignError::ForeignDomain { .. } => Some(Refusal::HeaderFromNotTenantDomain),
+        SignError::MultipleFromMailboxes { .. } => Some(Refusal::HeaderFromSeveralMailboxes),
+        SignError::RepeatedFrom { .. } => Some(Refusal::HeaderFromRepeated),
+        SignError::MissingFrom => Some(Refusal::HeaderFromMissing),
+        SignError::UnparsableFrom { .. } => Some(Refusal::HeaderFromUnparsable),
+        SignError::NoKeyForDomain { .. }
+        | SignError::BareLineEnding
+        | SignError::MalformedHeader
+        | SignError::Crypto { .. } => None,
     }
 }
 

@@ -82,8 +82,12 @@ pub enum SignError {
     MultipleFromMailboxes { count: usize },
     #[error("From: header cannot be parsed: {reason}")]
     UnparsableFrom { reason: &'static str },
-    /// The From: domain is not one this tenant signs for (or has no active key).
-    #[error("no DKIM key for From: domain {domain}")]
+    /// The From: domain is not one this tenant signs for: a domain outside its spec, or one another tenant holds
+    /// (the operator leaves those out of the signing list).
+    #[error("header From domain {domain} is not one of this tenant's sending domains")]
+    ForeignDomain { domain: String },
+    /// The From: domain is the tenant's but has no active key yet.
+    #[error("no active DKIM key for From: domain {domain} yet")]
     NoKeyForDomain { domain: String },
     #[error("message contains a bare CR or LF; only CRLF mail can be signed")]
     BareLineEnding,
@@ -143,7 +147,8 @@ impl Signer {
         let domain = from::from_domain(&message.fields)?;
         let keys = match self.domains.get(&domain) {
             Some(keys) if !keys.is_empty() => keys,
-            _ => return Err(SignError::NoKeyForDomain { domain }),
+            Some(_) => return Err(SignError::NoKeyForDomain { domain }),
+            None => return Err(SignError::ForeignDomain { domain }),
         };
         let timestamp = u64::try_from(now.as_second()).unwrap_or(0);
         let mut headers = Vec::with_capacity(keys.len() * 640);
@@ -387,14 +392,27 @@ pub(super) mod tests {
             ("a@other.example", "other.example"),
             ("a@mail.example.org", "mail.example.org"),
             ("a@org", "org"),
-            ("a@retired.example", "retired.example"),
         ] {
             assert_eq!(
                 sign(from),
-                Err(SignError::NoKeyForDomain { domain: domain.into() }),
+                Err(SignError::ForeignDomain { domain: domain.into() }),
                 "From: {from}"
             );
         }
+        // Listed without a key (yet): not the sender's fault.
+        assert_eq!(
+            sign("a@retired.example"),
+            Err(SignError::NoKeyForDomain {
+                domain: "retired.example".into()
+            })
+        );
+        assert_eq!(
+            SignError::ForeignDomain {
+                domain: "other.example".into()
+            }
+            .to_string(),
+            "header From domain other.example is not one of this tenant's sending domains"
+        );
         assert_eq!(
             sign("a@example.org, b@example.org"),
             Err(SignError::MultipleFromMailboxes { count: 2 })

@@ -20,7 +20,7 @@ pub use chain::{BreakKind, ChainError, VerifySummary, verify};
 pub use log::{EvidenceLog, Head, log_files};
 pub use record::{
     Attempt, DomainName, EnhancedStatus, MAX_REPLY_TEXT_CHARS, MessageIdHash, Outcome, Policy, PolicySource,
-    ProtocolError, ReplyCode, ReplyText, SmtpReply, TenantRef, TlsSession, Token, Verification, WarmupCount,
+    ProtocolError, Refusal, ReplyCode, ReplyText, SmtpReply, TenantRef, TlsSession, Token, Verification, WarmupCount,
 };
 pub use recount::{Recount, warmup_counts};
 pub use writer::EvidenceWriter;

@@ -20,7 +20,7 @@ use securemail_api::sidecar_status::{CircuitState, QueueStatus, ReplyCounts};
 use securemail_api::tenant::TlsVersion;
 
 use crate::deliver::WallClock;
-use crate::evidence::{Outcome, PolicySource};
+use crate::evidence::{Outcome, PolicySource, Refusal};
 use crate::policy::LookupStage;
 use crate::provider::Provider;
 use crate::reputation::{self, Reason};
@@ -45,6 +45,7 @@ struct Inner {
     circuit_state: Family<ProviderLabels, Gauge>,
     circuit_opens: Family<ProviderLabels, Counter>,
     warmup_refusals: Family<ProviderLabels, Counter>,
+    header_from_refusals: Family<FailureLabels, Counter>,
     queue_messages: Family<NoLabels, Gauge>,
     queue_oldest_age: Family<NoLabels, Gauge>,
     queue_scan_failures: Counter,
@@ -156,6 +157,16 @@ fn outcome_label(outcome: Outcome) -> &'static str {
     }
 }
 
+fn refusal_label(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::HeaderFromNotTenantDomain => "not_tenant_domain",
+        Refusal::HeaderFromSeveralMailboxes => "several_mailboxes",
+        Refusal::HeaderFromRepeated => "repeated",
+        Refusal::HeaderFromMissing => "missing",
+        Refusal::HeaderFromUnparsable => "unparsable",
+    }
+}
+
 fn policy_label(source: Option<PolicySource>) -> &'static str {
     match source {
         Some(PolicySource::Dane) => "dane",
@@ -210,6 +221,7 @@ impl Metrics {
             circuit_state: Family::default(),
             circuit_opens: Family::default(),
             warmup_refusals: Family::default(),
+            header_from_refusals: Family::default(),
             queue_messages: Family::default(),
             queue_oldest_age: Family::default(),
             queue_scan_failures: Counter::default(),
@@ -288,6 +300,12 @@ impl Metrics {
             inner.warmup_refusals.clone(),
         );
         registry.register(
+            "securemail_header_from_refusals",
+            "Messages the sidecar refused with 5.7.1 before sending because their header From is not one mailbox at \
+             one of the tenant's sending domains, by reason",
+            inner.header_from_refusals.clone(),
+        );
+        registry.register(
             "securemail_queue_messages",
             "Messages in Postfix's incoming, active, deferred, hold and maildrop queues at the last scrape; absent \
              while the queue cannot be counted",
@@ -315,6 +333,14 @@ impl Metrics {
             inner
                 .policy_temporary_failures
                 .get_or_create(&StageLabels { stage: stage.as_str() })
+                .inc_by(0);
+        }
+        for refusal in Refusal::ALL {
+            inner
+                .header_from_refusals
+                .get_or_create(&FailureLabels {
+                    reason: refusal_label(refusal),
+                })
                 .inc_by(0);
         }
         // Every breaker starts closed; the series exist before the first transition.
@@ -410,6 +436,16 @@ impl Metrics {
             .tls_failures
             .get_or_create(&FailureLabels {
                 reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// A message refused for its header From (one per message, whatever its recipients).
+    pub fn header_from_refused(&self, refusal: Refusal) {
+        self.inner
+            .header_from_refusals
+            .get_or_create(&FailureLabels {
+                reason: refusal_label(refusal),
             })
             .inc();
     }
@@ -560,6 +596,7 @@ mod tests {
         metrics.complaint("192.0.2.11".parse().unwrap(), Provider::Yahoo);
         metrics.tls_failure(TlsFailure::NoStartTls);
         metrics.evidence_failure();
+        metrics.header_from_refused(Refusal::HeaderFromNotTenantDomain);
 
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
@@ -573,6 +610,8 @@ mod tests {
             r#"securemail_complaints_total{tenant="clinic-a/outbound",source_ip="192.0.2.11",provider="yahoo"} 1"#,
             r#"securemail_tls_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",reason="no_starttls"} 1"#,
             r#"securemail_evidence_append_failures_total{tenant="clinic-a/outbound",source_ip="192.0.2.10"} 1"#,
+            r#"securemail_header_from_refusals_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",reason="not_tenant_domain"} 1"#,
+            r#"securemail_header_from_refusals_total{tenant="clinic-a/outbound",source_ip="192.0.2.10",reason="several_mailboxes"} 0"#,
         ] {
             assert!(text.contains(expected), "{expected} missing from\n{text}");
         }

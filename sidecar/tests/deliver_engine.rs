@@ -1089,19 +1089,119 @@ async fn policy_errors_map_to_their_reply_classes() {
 }
 
 #[tokio::test]
-async fn a_message_that_cannot_be_signed_is_deferred_and_never_sent() {
+async fn a_header_from_the_tenant_may_not_send_as_bounces_at_once_recorded_and_counted() {
     let pki = Pki::new();
     let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
     let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
-    let foreign = MESSAGE.replace("records@example.org", "someone@unsigned.example");
+    let from = "From: Records <records@example.org>";
+    for (header_from, expected, reason) in [
+        (
+            "From: Billing <billing@Unsigned.example> (via the portal)",
+            "550 5.7.1 header From domain unsigned.example is not one of this tenant's sending domains; the message \
+             was not sent",
+            "not_tenant_domain",
+        ),
+        (
+            "From: records@example.org, billing@example.org",
+            "550 5.7.1 From: names 2 mailboxes; the signing domain must be unambiguous; the message was not sent",
+            "several_mailboxes",
+        ),
+        (
+            "From: records@example.org\r\nFrom: billing@example.org",
+            "550 5.7.1 message has 2 From: headers; exactly one is allowed; the message was not sent",
+            "repeated",
+        ),
+        (
+            "X-No-From: records@example.org",
+            "550 5.7.1 message has no From: header; the message was not sent",
+            "missing",
+        ),
+        (
+            "From: undisclosed-senders:;",
+            "550 5.7.1 From: header cannot be parsed: group syntax; the message was not sent",
+            "unparsable",
+        ),
+    ] {
+        let message = MESSAGE.replace(from, header_from);
+        let replies = harness
+            .send(
+                &["patient@example.net", "nurse@example.net", "gp@example.com"],
+                &message,
+            )
+            .await;
+        assert_eq!(replies, [expected; 3], "{header_from}");
+        let metrics = harness.metrics();
+        let counted = format!(
+            "securemail_header_from_refusals_total{{tenant=\"clinic-a/outbound\",source_ip=\"127.0.0.1\",\
+             reason=\"{reason}\"}} 1\n"
+        );
+        assert!(metrics.contains(&counted), "{counted} missing from\n{metrics}");
+    }
+    assert_eq!(receiver.log().connections, 0, "nothing was sent");
 
-    let replies = harness.send(&["patient@example.net"], &foreign).await;
+    // One record per message and recipient domain, saying why and that nothing was sent; no bounced recipients
+    // counted against the address, which no provider saw.
+    let (summary, records) = harness.evidence();
+    assert_eq!(summary.records, 10);
+    let first: Vec<(&str, u64, &str)> = records[..2]
+        .iter()
+        .map(|record| {
+            assert_eq!(record["outcome"], "bounced", "{record}");
+            for absent in ["mxHost", "mxIp", "policy", "tls", "smtpReply"] {
+                assert!(record[absent].is_null(), "{absent}: {record}");
+            }
+            (
+                record["recipientDomain"].as_str().unwrap(),
+                record["recipientCount"].as_u64().unwrap(),
+                record["refusal"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        first,
+        [
+            ("example.com", 1, "header-from-not-tenant-domain"),
+            ("example.net", 2, "header-from-not-tenant-domain")
+        ]
+    );
+    let refusals: Vec<&str> = records
+        .iter()
+        .map(|record| record["refusal"].as_str().unwrap())
+        .collect();
+    for refusal in [
+        "header-from-several-mailboxes",
+        "header-from-repeated",
+        "header-from-missing",
+        "header-from-unparsable",
+    ] {
+        assert_eq!(refusals.iter().filter(|r| **r == refusal).count(), 2, "{refusals:?}");
+    }
+    assert!(
+        !harness.metrics().contains("result=\"bounced\""),
+        "{}",
+        harness.metrics()
+    );
+}
+
+#[tokio::test]
+async fn a_message_that_cannot_be_signed_for_another_reason_is_deferred_and_never_sent() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(Behaviour::tls(server_config(&pki.leaf("mx.test")))).await;
+    let harness = harness(webpki_policy("mx.test"), pki.roots(), receiver.port);
+    // A header line that is not a header field: the message cannot be signed as it is, but the From is fine.
+    let malformed = MESSAGE.replace("Subject: Results", "Subject: Results\r\nnot a header field");
+
+    let replies = harness.send(&["patient@example.net"], &malformed).await;
 
     assert_eq!(
         replies,
-        ["451 4.7.0 DKIM signing failed: no DKIM key for From: domain unsigned.example; the message was not sent"]
+        [
+            "451 4.7.0 DKIM signing failed: message header section has a line that is not a header field; the message \
+          was not sent"
+        ]
     );
     assert_eq!(receiver.log().connections, 0);
+    assert!(!harness.metrics().contains("securemail_header_from_refusals_total{tenant=\"clinic-a/outbound\",source_ip=\"127.0.0.1\",reason=\"not_tenant_domain\"} 1"));
 }
 
 #[tokio::test]

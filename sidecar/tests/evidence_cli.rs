@@ -23,6 +23,7 @@ fn attempt(outcome: Outcome) -> Attempt {
         outcome,
         protocol_error: None,
         warmup: None,
+        refusal: None,
     }
 }
 

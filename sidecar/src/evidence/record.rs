@@ -47,6 +47,38 @@ pub struct Attempt {
     /// back on start (see `warmup`). Absent when nothing counted, and in records of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup: Option<WarmupCount>,
+    /// Why the sidecar refused the message itself, before any MX was chosen: nothing was sent, and Postfix was
+    /// answered 5.7.1 for the recipients of this domain. Absent otherwise, and in records of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
+}
+
+/// Why the sidecar refused a message before delivering it: the header From, which picks the DKIM signing domain,
+/// is not one mailbox at one of the tenant's sending domains. Permanent: the same message would be refused again.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    /// The header From domain is not one of the tenant's sending domains (or another tenant holds it).
+    HeaderFromNotTenantDomain,
+    /// The header From names several mailboxes.
+    HeaderFromSeveralMailboxes,
+    /// The message has more than one From header.
+    HeaderFromRepeated,
+    /// The message has no From header.
+    HeaderFromMissing,
+    /// The header From cannot be parsed unambiguously.
+    HeaderFromUnparsable,
+}
+
+impl Refusal {
+    /// Every refusal, for metric series that exist from the start.
+    pub const ALL: [Refusal; 5] = [
+        Refusal::HeaderFromNotTenantDomain,
+        Refusal::HeaderFromSeveralMailboxes,
+        Refusal::HeaderFromRepeated,
+        Refusal::HeaderFromMissing,
+        Refusal::HeaderFromUnparsable,
+    ];
 }
 
 /// Recipients a provider answered (2xx or 5xx), which count against its share of today's warmup limit.
@@ -516,6 +548,7 @@ pub(super) mod tests {
                 provider: Provider::Microsoft,
                 recipients: NonZeroU32::new(2).unwrap(),
             }),
+            refusal: None,
         }
     }
 
@@ -538,6 +571,29 @@ pub(super) mod tests {
         assert_eq!(json, expected);
         let back: Attempt = serde_json::from_str(&json).unwrap();
         assert_eq!(back, sample_attempt());
+    }
+
+    #[test]
+    fn a_refused_message_records_why_and_that_nothing_was_sent() {
+        let refused = Attempt {
+            mx_host: None,
+            mx_ip: None,
+            policy: None,
+            tls: None,
+            smtp_reply: None,
+            outcome: Outcome::Bounced,
+            warmup: None,
+            refusal: Some(Refusal::HeaderFromNotTenantDomain),
+            ..sample_attempt()
+        };
+        let json = serde_json::to_string(&refused).unwrap();
+        assert!(
+            json.ends_with(r#""outcome":"bounced","refusal":"header-from-not-tenant-domain"}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Attempt>(&json).unwrap(), refused);
+        // Records of deliveries, and of earlier versions, have no such field.
+        assert!(!serde_json::to_string(&sample_attempt()).unwrap().contains("refusal"));
     }
 
     #[test]
@@ -695,6 +751,7 @@ pub(super) mod tests {
                     Just(ProtocolError::UnsolicitedWhileIdle),
                     Just(ProtocolError::UnexpectedReply),
                 ]),
+                proptest::option::of(proptest::sample::select(Refusal::ALL.to_vec())),
             ),
         )
             .prop_map(
@@ -702,7 +759,7 @@ pub(super) mod tests {
                     (second, tenant, message_id),
                     (recipient_domain, count, mx_host),
                     (mx_ip, source_ip),
-                    (policy, tls, smtp_reply, outcome, warmup, protocol_error),
+                    (policy, tls, smtp_reply, outcome, warmup, protocol_error, refusal),
                 )| Attempt {
                     time: Timestamp::from_second(second).unwrap(),
                     tenant: tenant.parse().unwrap(),
@@ -718,6 +775,7 @@ pub(super) mod tests {
                     outcome,
                     protocol_error,
                     warmup,
+                    refusal,
                 },
             )
     }
