@@ -398,6 +398,14 @@ async fn the_charts_monitors_feed_every_alert_quiet_while_all_runs_and_the_down_
     // A tenant with a running MTA pod (mode None: its address on its pod, as node.rs gives the examples theirs).
     let manifest = own_tenant();
     let tenants: Api<SecureMailTenant> = Api::namespaced(client.clone(), NAMESPACE);
+    // A run before this one deleted it at its end: its drain may still be under way.
+    until("an earlier run's tenant gone", SEEN, || async {
+        match tenants.get_opt(TENANT).await {
+            Ok(Some(old)) if old.metadata.deletion_timestamp.is_some() => Err(format!("{TENANT} is draining")),
+            _ => Ok(()),
+        }
+    })
+    .await;
     let existed = tenants.get_opt(TENANT).await.ok().flatten().is_some();
     let script = repo_root().join("e2e/apply-examples.sh");
     run_ok(Command::new(&script).arg(&manifest).env("KUBECONFIG", kubeconfig()));
