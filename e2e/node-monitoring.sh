@@ -4,7 +4,9 @@
 # chart's monitors need the monitoring.coreos.com CRDs):
 # - the operator and its config reloader, built from the pinned Go module (versions.env) in one `go build` and cached
 #   outside the repository keyed by version, packed into local images (node/image-tar.sh);
-# - Prometheus itself from Debian's `prometheus` package (install-deps.sh), packed with the C library it links;
+# - Prometheus itself from its pinned Go module (PROMETHEUS_MODULE_VERSION, the release promtool comes from), cached
+#   the same way: Debian's `prometheus` is built without Kubernetes service discovery, which every scrape job the
+#   Prometheus Operator writes uses;
 # - the CRDs and the operator's RBAC and Deployment from the same module version (example/), in namespace
 #   $monitoring_namespace, the namespace the chart's NetworkPolicies let scrape;
 # - a Prometheus resource that selects monitors and rules labelled $selector_label in every namespace.
@@ -42,7 +44,6 @@ module_dir() {
 
 build_operator() {
   [ -x "$po_dir/bin/operator" ] && [ -x "$po_dir/bin/prometheus-config-reloader" ] && return 0
-  command -v go >/dev/null || die "Go is not installed; it is needed to build the Prometheus Operator"
   log "building the Prometheus Operator $PROMETHEUS_OPERATOR_VERSION and its config reloader (first run only, minutes)"
   local work="$po_dir/src"
   rm -rf "$work" "$po_dir/bin.tmp"; mkdir -p "$work" "$po_dir/bin.tmp"
@@ -63,13 +64,24 @@ build_operator() {
   mv "$po_dir/bin.tmp" "$po_dir/bin"
 }
 
-# Debian's prometheus, its version without the Debian revision (the Prometheus resource's spec.version: the operator
-# writes only flags and settings that version knows).
+# The Prometheus release of the module version (v0.3XX.Y is 3.XX.Y): the Prometheus resource's spec.version, so the
+# operator writes only flags and settings that release knows.
 prometheus_version() {
-  local version
-  version=$(dpkg-query -W -f='${Version}' prometheus 2>/dev/null) || die "Debian's prometheus is not installed (make deps)"
-  version=${version#*:}
-  echo "${version%%[+~-]*}"
+  local minor=${PROMETHEUS_MODULE_VERSION#v0.}
+  [[ $minor =~ ^3[0-9][0-9]\.[0-9]+$ ]] || die "PROMETHEUS_MODULE_VERSION=$PROMETHEUS_MODULE_VERSION is not a 3.x release"
+  echo "3.$((10#${minor:1:2})).${minor#*.}"
+}
+prometheus_dir="$cache/prometheus-$PROMETHEUS_MODULE_VERSION"
+
+build_prometheus() {
+  [ -x "$prometheus_dir/bin/prometheus" ] && return 0
+  log "building Prometheus $(prometheus_version) (first run only, minutes)"
+  rm -rf "$prometheus_dir/bin.tmp"; mkdir -p "$prometheus_dir/bin.tmp"
+  GOBIN="$prometheus_dir/bin.tmp" CGO_ENABLED=0 go install -trimpath \
+    -ldflags "-X github.com/prometheus/common/version.Version=$(prometheus_version)" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE_VERSION" \
+    || die "go install of Prometheus $PROMETHEUS_MODULE_VERSION failed"
+  rm -rf "${prometheus_dir:?}/bin"; mv "$prometheus_dir/bin.tmp" "$prometheus_dir/bin"
 }
 
 # An image written again when its binary is newer than the archive.
@@ -79,21 +91,16 @@ binary_image() { # TAR REF ENTRYPOINT FILE[=PATH]...
 }
 
 build_images() {
+  command -v go >/dev/null || die "Go is not installed; it is needed to build the Prometheus Operator and Prometheus"
   build_operator
   binary_image "$po_dir/operator.tar" "$operator_image" /bin/operator "$po_dir/bin/operator=bin/operator"
   # The operator runs the reloader as /bin/prometheus-config-reloader (its container's command).
   binary_image "$po_dir/config-reloader.tar" "$reloader_image" /bin/prometheus-config-reloader \
     "$po_dir/bin/prometheus-config-reloader=bin/prometheus-config-reloader"
-  # The operator starts Prometheus with arguments only, so the image's entrypoint is Prometheus. Debian's binary
-  # links the C library dynamically: the image holds it and the loader at the paths the binary names (ldd).
-  local version prom=/usr/bin/prometheus libs=() lib
-  version=$(prometheus_version)
-  for lib in $(ldd "$prom" | grep -o '/[^ ]*'); do libs+=("$lib=${lib#/}"); done
-  [ ${#libs[@]} -gt 0 ] || die "ldd found no libraries for $prom"
-  prometheus_dir="$cache/prometheus-debian-$version"
-  mkdir -p "$prometheus_dir"
-  binary_image "$prometheus_dir/image.tar" "securemail.local/prometheus:v$version" /bin/prometheus \
-    "$prom=bin/prometheus" "${libs[@]}"
+  # The operator starts Prometheus with arguments only, so the image's entrypoint is Prometheus (static, no shell).
+  build_prometheus
+  binary_image "$prometheus_dir/image.tar" "securemail.local/prometheus:v$(prometheus_version)" /bin/prometheus \
+    "$prometheus_dir/bin/prometheus=bin/prometheus"
 }
 
 install() {

@@ -1,5 +1,5 @@
 //! On the test node (`make e2e-node`): monitoring as shipped. `e2e/node-install.sh` installs the Prometheus Operator
-//! (built from its pinned Go module) with a Prometheus it manages (Debian's binary), then the chart with its
+//! with a Prometheus it manages (both built from their pinned Go modules), then the chart with its
 //! ServiceMonitor, PodMonitor and PrometheusRule carrying the label that Prometheus selects (`e2e/node-monitoring.sh`).
 //!
 //! Prometheus scrapes both operator pods and the sidecar of every running MTA pod under the jobs the alert pack's
