@@ -92,6 +92,10 @@ binary_image() { # TAR REF ENTRYPOINT FILE[=PATH]...
 
 build_images() {
   command -v go >/dev/null || die "Go is not installed; it is needed to build the Prometheus Operator and Prometheus"
+  # Two runs at once (two worktrees) would build into the same directories: one builds, the others wait.
+  mkdir -p "$cache"
+  exec 8>"$cache/.build-monitoring.lock"
+  flock 8
   build_operator
   binary_image "$po_dir/operator.tar" "$operator_image" /bin/operator "$po_dir/bin/operator=bin/operator"
   # The operator runs the reloader as /bin/prometheus-config-reloader (its container's command).
