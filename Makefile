@@ -147,14 +147,20 @@ e2e: deps
 ## unready until their pods get their addresses, then Ready from their running MTA pods (node.rs); a tenant sending
 ## through the world's SOCKS5 egress host, each pod from its own address (node_egress.rs); queued mail kept through a
 ## deleted pod, killed containers and a shrinking pool, then delivered once (node_queue.rs).
+## Monitoring as shipped (node_monitoring.rs): the chart's monitors and alert pack consumed by a Prometheus Operator
+## and the Prometheus it manages (e2e/node-monitoring.sh, built before the lock is taken); every target up under the
+## jobs the rules read, every alert loaded and quiet, the "down" alerts active while the operator or a sidecar is gone.
 e2e-node: deps images
-	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test node --test node_egress --test node_queue
+	e2e/node-monitoring.sh build
+	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test node --test node_egress --test node_queue \
+	  --test node_monitoring
 	flock $(DATAPLANE_LOCK) bash -c 'trap "e2e/cluster-down.sh; e2e/dataplane/down.sh $(DATAPLANE_DIR)" EXIT; \
 	  e2e/dataplane/up.sh $(DATAPLANE_DIR) >/dev/null && e2e/dataplane/host-link.sh up $(DATAPLANE_DIR) && \
 	  SECUREMAIL_NODE=1 e2e/cluster-up.sh >/dev/null && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
 	  SECUREMAIL_EXTRA_TENANT_NAMESPACES=tenant-egress e2e/node-install.sh $(TARGET_DIR)/images && \
 	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
-	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test node --test node_egress --test node_queue'
+	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test node --test node_egress --test node_queue \
+	  --test node_monitoring'
 
 ## e2e-dataplane: start the data-plane world (DNSSEC zones, validating resolver, MTA-STS server, receiving MX hosts
 ## in network namespaces), check it without the sidecar, run the sidecar suites in it, stop it again.

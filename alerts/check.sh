@@ -6,8 +6,9 @@
 # of e2e/.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# The Prometheus Go module's version for Prometheus 3.16.0 (3.x releases are published as v0.3XX.Y).
-PROMETHEUS_MODULE_VERSION=v0.316.0
+# PROMETHEUS_MODULE_VERSION: the Prometheus release promtool comes from (also the node's Prometheus).
+# shellcheck source=../e2e/versions.env
+. "$here/../e2e/versions.env"
 cache=${SECUREMAIL_CACHE:-$HOME/.cache/securemail}
 
 die() { echo "check-alerts: $*" >&2; exit 1; }

@@ -18,9 +18,11 @@ export KUBECONFIG=$kubeconfig
 kubectl get nodes -o wide
 
 step "helm install: the operator chart (CRD, least-privilege RBAC with Secrets only in the tenants' namespaces,"
-echo "   two replicas with one leader), from the images make images built, imported into the node's containerd"
+echo "   two replicas with one leader), from the images make images built, imported into the node's containerd;"
+echo "   its ServiceMonitor, PodMonitor and alert pack consumed by a Prometheus Operator's Prometheus (namespace monitoring)"
 "$here/node-install.sh" "$root/target/images"
 kubectl get pods -n securemail-system -o wide
+kubectl get pods -n monitoring -o wide
 
 step "kubectl apply: the example tenants, with the submission certificate and client CA Secrets they name"
 "$here/apply-examples.sh"

@@ -2,7 +2,8 @@
 # Installs SecureMail on the test node the way a platform team does on a cluster: the images `make images` built are
 # imported into the node's containerd (there is no registry), the operator's and the tenants' namespaces are created
 # with their Pod Security levels and the operator chart is installed with `helm upgrade --install`; waits until both
-# operator replicas run and one holds the Lease.
+# operator replicas run and one holds the Lease. The chart's ServiceMonitor, PodMonitor and PrometheusRule are on,
+# consumed by a Prometheus Operator installed first (node-monitoring.sh).
 # Usage: node-install.sh [IMAGES_DIR] (default target/images). Expects the node (make node-up).
 # With SECUREMAIL_DATAPLANE_DIR naming a running data-plane world linked to this machine (dataplane/host-link.sh),
 # the sidecars resolve through the world's validating resolver and trust its root; SECUREMAIL_EXTRA_TENANT_NAMESPACES
@@ -56,12 +57,16 @@ fi
 # A drained pod goes after its queue read empty twice this far apart: shorter than the chart's minute, so the node
 # suites' drains take seconds.
 drain_confirmation=${SECUREMAIL_DRAIN_CONFIRMATION_SECONDS:-10}
+# The Prometheus Operator and the Prometheus it manages, before the chart whose monitors and rules they consume.
+"$here/node-monitoring.sh" install || die "installing the Prometheus Operator and its Prometheus failed"
+mapfile -t monitoring < <("$here/node-monitoring.sh" chart-args)
 api_port=$(sed -n 's|^ *server: https://[^:]*:||p' "$KUBECONFIG")
 # The operator's NetworkPolicy opens egress to the apiserver's port as its pods see it (the endpoint of the
 # kubernetes Service, this node's apiserver port).
 "$here/helm.sh" upgrade --install "$release" "$root/charts/securemail-operator" --namespace "$namespace" \
   --create-namespace --set "tenantNamespaces={$namespaces}" --set "networkPolicy.apiServerPorts={443,$api_port}" \
-  --set "drainConfirmationSeconds=$drain_confirmation" "${sidecar_dns[@]}" --wait --timeout 180s >/dev/null || {
+  --set "drainConfirmationSeconds=$drain_confirmation" "${sidecar_dns[@]}" "${monitoring[@]}" --wait --timeout 180s \
+  >/dev/null || {
   kubectl -n "$namespace" get pods -o wide >&2 || true
   kubectl -n "$namespace" describe pods >&2 || true
   die "helm install of the operator chart did not become ready within 180s"
