@@ -296,6 +296,19 @@ fn own_tenant(name: &str, address: &str, deletion_policy: &str) -> String {
         .replace("spec:\n", &format!("spec:\n  deletionPolicy: {deletion_policy}\n"))
 }
 
+/// `kubectl apply` of tenant `name`'s manifest, as a platform team applies it.
+fn apply_tenant(name: &str, manifest: &str) {
+    let applied = output_with_input(
+        std::process::Command::new("kubectl").args(["--kubeconfig", &kubeconfig(), "apply", "-f", "-"]),
+        manifest.as_bytes(),
+    );
+    assert!(
+        applied.status.success(),
+        "kubectl apply of tenant {name}: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+}
+
 /// Names of the objects of `kind` in `namespace` that belong to tenant `name` (by its label).
 fn children(kind: &str, namespace: &str, name: &str) -> Vec<String> {
     kubectl_ok(&[
@@ -324,16 +337,7 @@ async fn a_deleted_tenant_drains_and_its_children_go_while_an_orphaned_one_keeps
         ("drained", "192.0.2.231", "Drain"),
         ("orphaned", "192.0.2.232", "Orphan"),
     ] {
-        let manifest = own_tenant(name, address, policy);
-        let applied = output_with_input(
-            std::process::Command::new("kubectl").args(["--kubeconfig", &kubeconfig(), "apply", "-f", "-"]),
-            manifest.as_bytes(),
-        );
-        assert!(
-            applied.status.success(),
-            "kubectl apply of tenant {name}: {}",
-            String::from_utf8_lossy(&applied.stderr)
-        );
+        apply_tenant(name, &own_tenant(name, address, policy));
         give_pods_their_addresses(&client, &tenants, namespace, name).await;
         wait_ready(&tenants, namespace, name).await;
     }
@@ -423,19 +427,10 @@ async fn a_tenant_whose_pod_the_scheduler_cannot_place_says_why() {
         "spec:\n",
         "spec:\n  mta:\n    nodeSelector: {node-role.example.org/mail-egress: \"true\"}\n",
     );
-    let applied = output_with_input(
-        std::process::Command::new("kubectl").args(["--kubeconfig", &kubeconfig(), "apply", "-f", "-"]),
-        manifest.as_bytes(),
-    );
-    assert!(
-        applied.status.success(),
-        "kubectl apply of tenant {name}: {}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    apply_tenant(name, &manifest);
     // The real scheduler's verdict, read from the pod's status, names the pod and the cause.
-    let tenant = wait_for_conditions(&tenants, namespace, name, &[("MtaAvailable", "False")]).await;
+    let mut tenant = wait_for_conditions(&tenants, namespace, name, &[("MtaAvailable", "False")]).await;
     let deadline = Instant::now() + TENANT_READY;
-    let mut tenant = tenant;
     while condition(&tenant, "MtaAvailable").is_none_or(|(_, reason, _)| reason != "Unschedulable") {
         assert!(
             Instant::now() < deadline,
