@@ -194,8 +194,7 @@ pub fn overdue(status: &[PoolAddressStatus], now: Timestamp) -> Vec<String> {
 
 /// Reads the queue of each pod in `ordinals`: the pod's sidecar `/status` (an empty queue confirmed as described
 /// in the module docs), or `NoVolume` when neither pod nor volume exists, or the pod never ran and its claim was
-/// never bound. Draining pods are also taken out of the
-/// submission Service.
+/// never bound. Draining pods are also taken out of the submission Service.
 pub async fn probe(
     ctx: &Context,
     namespace: &str,
