@@ -1321,6 +1321,19 @@ impl ReceiverSetting {
         setting
     }
 
+    /// Ends the receiver's open sessions (its smtpd processes; the master starts new ones): an open session keeps
+    /// the configuration it started with, and a sender may keep one open for reuse.
+    pub fn end_open_sessions(&self) {
+        // The master rereads main.cf on the setting's SIGHUP; sessions started after that get the new setting.
+        std::thread::sleep(Duration::from_secs(1));
+        let master = fs::read_to_string(&self.master_pid).expect("receiver master pid");
+        // pkill's status is 1 when no session was open.
+        Command::new("pkill")
+            .args(["-TERM", "-x", "-P", master.trim(), "smtpd"])
+            .status()
+            .expect("pkill");
+    }
+
     fn apply(&self, value: Option<&str>) {
         let mut postconf = Command::new("postconf");
         postconf.arg("-c").arg(&self.conf);

@@ -3,7 +3,7 @@
 // Test support: a step that fails is a failed test, reported with the step's description.
 #![allow(clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -117,6 +117,14 @@ pub fn ordinal(pod: &str) -> usize {
         .unwrap_or_else(|| panic!("{pod} is not a StatefulSet pod"))
 }
 
+/// The test cluster's state directory (`SECUREMAIL_CLUSTER_DIR`), where its kubeconfig lives.
+pub fn cluster_dir() -> PathBuf {
+    Path::new(&kubeconfig())
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("the kubeconfig lives in the cluster directory")
+}
+
 /// Puts `address` on pod `namespace/pod`'s interface (`action` "add"), as a platform does for egress mode None, or
 /// takes it away ("del"): `e2e/node/pod-address.sh`.
 pub fn pod_address(action: &str, namespace: &str, pod: &str, address: &str) {
@@ -124,12 +132,7 @@ pub fn pod_address(action: &str, namespace: &str, pod: &str, address: &str) {
     let output = Command::new(&script)
         .args([action, namespace, pod, address])
         .env("KUBECONFIG", kubeconfig())
-        .env(
-            "SECUREMAIL_CLUSTER_DIR",
-            Path::new(&kubeconfig())
-                .parent()
-                .expect("the kubeconfig lives in the cluster directory"),
-        )
+        .env("SECUREMAIL_CLUSTER_DIR", cluster_dir())
         .output()
         .unwrap_or_else(|err| panic!("{}: {err}", script.display()));
     assert!(

@@ -11,7 +11,7 @@
 #![allow(clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,12 @@ use kube::{Api, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_api::tenant::PoolAddressState;
 use securemail_e2e::dataplane::{ReceiverSetting, World, run_ok};
-use securemail_e2e::node::{TENANT_READY, containers, mta_pods, ordinal, pod_ready, wait_for_conditions};
+use securemail_e2e::node::{TENANT_READY, cluster_dir, containers, mta_pods, ordinal, pod_ready, wait_for_conditions};
 use securemail_e2e::node_mail::{
     MailTenant, Mode, NAMESPACE, evidence_of_delivery, onboard, pod_ip, proxy_addresses, publish_dns, queued, received,
     send_queued_now, submit, volume_dir, wait_delivered,
 };
-use securemail_e2e::{client, kubeconfig, kubectl_ok};
+use securemail_e2e::{client, kubectl_ok};
 
 const TENANT: &str = "queue-keeper";
 /// The world's DANE receiver (`SMDP_RECEIVERS`), where the tenant's recipient lives.
@@ -35,8 +35,7 @@ const RECEIVER: &str = "dane";
 const REFUSAL: &str = "421 4.3.2 System not accepting network messages";
 
 /// The receiver answers 4xx to sessions from `addresses` until the returned setting is dropped. Sessions already
-/// open (the sidecars keep delivery sessions for reuse) keep the configuration they started with, so they are ended:
-/// the receiver's smtpd processes are stopped and its master starts new ones for new sessions.
+/// open (the sidecars keep delivery sessions for reuse) are ended, so the refusal applies at once.
 fn refuse_from(world: &World, addresses: &[&str]) -> ReceiverSetting {
     let entries: Vec<String> = addresses
         .iter()
@@ -48,15 +47,7 @@ fn refuse_from(world: &World, addresses: &[&str]) -> ReceiverSetting {
         "smtpd_client_restrictions",
         &format!("check_client_access inline:{{ {} }}", entries.join(", ")),
     );
-    // The master rereads main.cf on the setting's SIGHUP; sessions started after that get the refusal.
-    std::thread::sleep(Duration::from_secs(1));
-    let master = std::fs::read_to_string(world.dir.join(format!("pids/postfix-{RECEIVER}.pid")))
-        .expect("the receiver's master pid");
-    // pkill's status is 1 when no session was open.
-    Command::new("pkill")
-        .args(["-TERM", "-x", "-P", master.trim(), "smtpd"])
-        .status()
-        .expect("pkill");
+    setting.end_open_sessions();
     setting
 }
 
@@ -107,11 +98,7 @@ async fn wait_back(pods: &Api<Pod>, name: &str, back: impl Fn(&Pod) -> bool) -> 
 
 /// SIGKILL to every container of `pod` through the node's containerd, as when the node's processes die.
 fn kill_containers(pod: &Pod) {
-    let cluster_dir = PathBuf::from(kubeconfig());
-    let socket = cluster_dir
-        .parent()
-        .map(|dir| dir.join("node/containerd/containerd.sock"))
-        .expect("the kubeconfig lives in the cluster directory");
+    let socket = cluster_dir().join("node/containerd/containerd.sock");
     let ids: Vec<String> = pod
         .status
         .as_ref()

@@ -1125,19 +1125,13 @@ mod tests {
     impl RunningPostfix {
         /// The header section of queued message `queue_id`, as Postfix stored it (`postcat -h -q`).
         fn queued_headers(&self, queue_id: &str) -> String {
-            tool_output(
+            run_quietly(
                 postfix_tool("postcat")
                     .arg("-c")
                     .arg(self.dir.0.join("conf"))
                     .args(["-h", "-q", queue_id]),
             )
         }
-    }
-
-    fn tool_output(command: &mut Command) -> String {
-        let output = command.output().unwrap();
-        assert!(output.status.success(), "{command:?}: {output:?}");
-        String::from_utf8(output.stdout).unwrap()
     }
 
     impl Drop for RunningPostfix {
@@ -1296,7 +1290,7 @@ mod tests {
             postfix.log()
         );
         // Refused before queueing: the queue holds nothing of it.
-        let queue = tool_output(
+        let queue = run_quietly(
             postfix_tool("postqueue")
                 .arg("-c")
                 .arg(postfix.dir.0.join("conf"))
