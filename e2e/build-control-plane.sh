@@ -154,9 +154,28 @@ build_local_path_provisioner() {
   mv "$dir/bin/local-path-provisioner.tmp" "$dir/bin/local-path-provisioner"
 }
 
+# NetworkPolicy for the node: kube-router, run with its firewall only (node-up.sh).
+build_kube_router() {
+  local dir="$cache/kube-router-$KUBE_ROUTER_VERSION"
+  [ -x "$dir/bin/kube-router" ] && return 0
+  echo "build-control-plane: building kube-router $KUBE_ROUTER_VERSION (first run only)" >&2
+  local work="$dir/src" module=github.com/cloudnativelabs/kube-router/v2
+  rm -rf "$work"; mkdir -p "$work" "$dir/bin"
+  printf 'module securemail.local/kube-router-build\n\ngo 1.26\n\nrequire %s %s\n' "$module" "$KUBE_ROUTER_VERSION" \
+    > "$work/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "%s/cmd/kube-router"\n' "$module" > "$work/tools.go"
+  (cd "$work" && go mod tidy >/dev/null 2>"$work/tidy.log") \
+    || { cat "$work/tidy.log" >&2; die "go mod tidy failed for kube-router"; }
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath \
+    -ldflags "-X $module/pkg/version.Version=$KUBE_ROUTER_VERSION" -o "$dir/bin/kube-router.tmp" "$module/cmd/kube-router") \
+    || die "go build of kube-router $KUBE_ROUTER_VERSION failed"
+  mv "$dir/bin/kube-router.tmp" "$dir/bin/kube-router"
+}
+
 build_etcd
 build_kubernetes
 build_cni_plugins
 build_coredns
 build_local_path_provisioner
+build_kube_router
 echo "$cache"

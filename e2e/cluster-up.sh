@@ -168,7 +168,7 @@ record_and_launch "$dir" kube-apiserver "$apiserver_bin" \
   --service-account-key-file="$pki/sa.pub" \
   --service-account-signing-key-file="$pki/sa.key" \
   --service-account-issuer=https://kubernetes.default.svc \
-  --service-cluster-ip-range=10.96.0.0/16 \
+  --service-cluster-ip-range="$service_cidr" \
   --allow-privileged=true \
   "${mode_args[@]}" \
   --enable-priority-and-fairness=false \

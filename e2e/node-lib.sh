@@ -23,10 +23,13 @@ scheduler_port=${SECUREMAIL_SCHEDULER_PORT:-10259}
 controller_manager_port=${SECUREMAIL_CONTROLLER_MANAGER_PORT:-10257}
 proxy_metrics_port=${SECUREMAIL_PROXY_METRICS_PORT:-10249}
 proxy_healthz_port=${SECUREMAIL_PROXY_HEALTHZ_PORT:-10256}
+kube_router_health_port=${SECUREMAIL_KUBE_ROUTER_HEALTH_PORT:-20244}
+# The cluster's Service addresses (the apiserver's --service-cluster-ip-range; kube-router needs them too).
+service_cidr=10.96.0.0/16
 node_dir="$dir/node"
 containerd_sock="$node_dir/containerd/containerd.sock"
 # Node components in the order they stop: consumers of the apiserver first, the runtime last.
-node_components=(kube-proxy kubelet kube-scheduler kube-controller-manager containerd)
+node_components=(kube-router kube-proxy kubelet kube-scheduler kube-controller-manager containerd)
 
 # Sysctls the node needs or the kubelet sets on start (its kernel tunables). Their previous values are recorded in
 # $node_dir/sysctl.orig and put back by node_teardown, so the machine is left as it was found.
@@ -125,6 +128,17 @@ node_remove_new_tables() {
   return 0
 }
 
+# Destroys kube-router's ipsets (its NetworkPolicy peers: KUBE-SRC-*, KUBE-DST-*, kube-router-*), once no iptables rule
+# refers to them (node_remove_iptables). Sets of anything else stay.
+node_remove_ipsets() {
+  command -v ipset >/dev/null || return 0
+  local set
+  for set in $(ipset list -n 2>/dev/null | grep -E '^(inet6:)?(KUBE-|kube-router-)' || true); do
+    ipset destroy "$set" 2>/dev/null || echo "node: could not destroy ipset $set" >&2
+  done
+  return 0
+}
+
 # Unmounts everything mounted under $dir (container root filesystems, sandbox shm, network namespaces, the
 # kubelet's volume mounts), deepest first.
 node_unmount() {
@@ -192,12 +206,13 @@ node_address_down() {
 node_teardown() {
   [ -d "$node_dir" ] || return 0
   local name key value status=0
-  for name in kube-proxy kubelet kube-scheduler kube-controller-manager; do node_stop "$name" || status=1; done
+  for name in kube-router kube-proxy kubelet kube-scheduler kube-controller-manager; do node_stop "$name" || status=1; done
   node_kill_containers
   node_stop containerd || status=1
   node_unmount
   node_remove_cgroups
   node_remove_iptables
+  node_remove_ipsets
   if ip link show "$pod_bridge" >/dev/null 2>&1; then ip link delete "$pod_bridge" || status=1; fi
   # The kubelet links each container's log into this fixed directory; only links into our state directory go.
   find /var/log/containers -maxdepth 1 -type l -lname "$dir/*" -delete 2>/dev/null || true

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Starts the test node on the control plane that `SECUREMAIL_NODE=1 cluster-up.sh` started (cluster-up.sh runs this
 # itself): containerd with its own configuration, root, state and socket in the cluster's state directory, a bridge
-# CNI network, the kubelet, kube-scheduler, kube-controller-manager and kube-proxy (iptables mode), and waits for the
-# node to be Ready. Images come from no registry: the sandbox (pause) image and a probe image are built here from
+# CNI network, the kubelet, kube-scheduler, kube-controller-manager, kube-proxy (iptables mode) and kube-router's
+# firewall (NetworkPolicy), and waits for the node to be Ready. Images come from no registry: the sandbox (pause) image and a probe image are built here from
 # e2e/node/*.go and imported into containerd's k8s.io namespace. cluster-down.sh undoes all of it (node-lib.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -51,14 +51,17 @@ for name in "${node_components[@]}"; do
   alive "$dir/$name.pid" && die "$name is already running (pid $(cat "$dir/$name.pid")); run e2e/cluster-down.sh first"
 done
 for p in "127.0.0.1 $kubelet_healthz_port" "$node_ip $kubelet_port" "127.0.0.1 $scheduler_port" \
-  "127.0.0.1 $controller_manager_port" "127.0.0.1 $proxy_metrics_port" "127.0.0.1 $proxy_healthz_port"; do
+  "127.0.0.1 $controller_manager_port" "127.0.0.1 $proxy_metrics_port" "127.0.0.1 $proxy_healthz_port" \
+  "127.0.0.1 $kube_router_health_port"; do
   # shellcheck disable=SC2086 # "address port"
   if port_busy $p; then die "port ${p/ /:} is already in use (see the SECUREMAIL_*_PORT settings in node-lib.sh)"; fi
 done
 
 # --- Packages: Debian's runtime (they install in seconds; the kubelet works with containerd 1.6 and runc 1.1) -------
 # nft only lets cluster-down.sh delete the iptables tables the node created.
-declare -A packages=([containerd]=containerd [runc]=runc [iptables]=iptables [ctr]=containerd [nft]=nftables)
+# kube-router keeps NetworkPolicy peers in ipsets, through the ipset tool.
+declare -A packages=([containerd]=containerd [runc]=runc [iptables]=iptables [ctr]=containerd [nft]=nftables
+  [ipset]=ipset)
 missing=()
 for cmd in "${!packages[@]}"; do command -v "$cmd" >/dev/null || missing+=("${packages[$cmd]}"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -71,6 +74,7 @@ fi
 start=$(date +%s)
 "$here/build-control-plane.sh" >/dev/null || die "building the Kubernetes binaries failed"
 bin="$cache/kubernetes-$KUBERNETES_VERSION/bin"
+kube_router="$cache/kube-router-$KUBE_ROUTER_VERSION/bin/kube-router"
 coredns_dir="$cache/coredns-$COREDNS_VERSION"
 for plugin in bridge host-local loopback portmap; do
   [ -x "$cni_bin/$plugin" ] || die "CNI plugin $plugin missing in $cni_bin"
@@ -117,6 +121,8 @@ sign kubelet-client "/O=system:nodes/CN=system:node:$node_name" "$client_ext"
 sign kube-scheduler "/CN=system:kube-scheduler" "$client_ext"
 sign kube-controller-manager "/CN=system:kube-controller-manager" "$client_ext"
 sign kube-proxy "/CN=system:kube-proxy" "$client_ext"
+# Bound to the read-only ClusterRole applied below.
+sign kube-router "/CN=securemail:kube-router" "$client_ext"
 sign kubelet-serving "/CN=$node_name" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
@@ -147,6 +153,7 @@ write_kubeconfig kubelet kubelet-client
 write_kubeconfig kube-scheduler kube-scheduler
 write_kubeconfig kube-controller-manager kube-controller-manager
 write_kubeconfig kube-proxy kube-proxy
+write_kubeconfig kube-router kube-router
 
 # --- Kernel settings -----------------------------------------------------------------------------------------------
 node_record_sysctls
@@ -325,6 +332,44 @@ EOF
 log "starting kube-proxy"
 record_and_launch "$dir" kube-proxy "$bin/kube-proxy" --config="$node_dir/kube-proxy.yaml" --v=1
 
+# --- NetworkPolicy: kube-router's firewall alone ----------------------------------------------------------------
+# It reads pods, namespaces, nodes and policies, and turns each NetworkPolicy into iptables chains and ipsets in the
+# FORWARD path of the bridge (bridge-nf-call-iptables above); traffic from the node itself (kubelet probes) passes.
+# Pod networking stays the bridge plugin's and Services kube-proxy's.
+kc apply -f - >/dev/null <<'EOF' || fail "applying kube-router's RBAC"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "securemail:kube-router"}
+rules:
+- apiGroups: [""]
+  resources: [namespaces, pods, services, endpoints, nodes]
+  verbs: [get, list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "securemail:kube-router"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "securemail:kube-router"}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "securemail:kube-router"}
+EOF
+log "starting kube-router (firewall only)"
+record_and_launch "$dir" kube-router "$kube_router" \
+  --kubeconfig="$node_dir/kube-router.kubeconfig" \
+  --hostname-override="$node_name" \
+  --run-firewall=true \
+  --run-router=false \
+  --run-service-proxy=false \
+  --service-cluster-ip-range="$service_cidr" \
+  --health-port="$kube_router_health_port" \
+  --metrics-port=0 \
+  --v=1
+
 # --- Ready ---------------------------------------------------------------------------------------------------------
 ready=false
 for _ in $(seq 1 240); do
@@ -332,13 +377,14 @@ for _ in $(seq 1 240); do
     alive "$dir/$name.pid" || fail "$name exited during startup" "$name"
   done
   if [ "$(kc get node "$node_name" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] \
-    && kc get serviceaccount default -n default >/dev/null 2>&1; then
+    && kc get serviceaccount default -n default >/dev/null 2>&1 \
+    && curl -fsS --max-time 2 "http://127.0.0.1:$kube_router_health_port/healthz" >/dev/null 2>&1; then
     ready=true
     break
   fi
   sleep 0.5
 done
-$ready || fail "node $node_name was not Ready with a default ServiceAccount within 120s" kubelet
+$ready || fail "node $node_name was not Ready with a default ServiceAccount and kube-router healthy within 120s" kubelet
 log "node $node_name Ready at $node_ip in $(($(date +%s) - start))s"
 
 # --- Cluster DNS ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@
 //! world's DNS) and its PTR must confirm forward. When the second address goes out of its pod's reach, that pod
 //! turns unready, the tenant's EgressReady names the pod and the address, an event and the sidecar's metric say so,
 //! and its mail waits; once the address is back every message is delivered exactly once.
+//!
+//! The tenant's NetworkPolicy, enforced by the node's kube-router: an application pod in a namespace the tenant does
+//! not allow cannot open the submission port, by the Service or the pod's address, though it holds a valid client
+//! certificate; once the tenant lists its namespace in `submission.allowedNamespaces`, the same pod submits.
 // Test support: a step that fails is a failed test, reported with the step's description.
 #![allow(clippy::expect_used)]
 
@@ -22,7 +26,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::{Api, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_e2e::dataplane::{World, in_netns, output_with_input, run_ok};
@@ -37,16 +41,19 @@ use securemail_e2e::{client, kubectl_ok};
 /// Addresses the world routes to this machine (`SMDP_HOST_ROUTED_CIDR`, 10.78.0.0/24) for mode None's pods.
 const DIRECT_ADDRESSES: [&str; 2] = ["10.78.0.11", "10.78.0.12"];
 
-/// An application pod in the tenant's namespace (the probe image), with the submission server's CA and, when
+/// An application pod in `namespace` not allowed to submit to the proxied tenant.
+const OUTSIDER_NAMESPACE: &str = "egress-outsider";
+
+/// An application pod in `namespace` (the probe image), with the submission server's CA and, when
 /// `with_certificate`, the application's client certificate from a Secret; waits until it runs.
-fn start_app(mail: &MailTenant, tls: &Path, pod: &str, with_certificate: bool) {
+fn start_app(mail: &MailTenant, tls: &Path, namespace: &str, pod: &str, with_certificate: bool) {
     let file = |name: &str| tls.join(name).to_string_lossy().into_owned();
     let secret = kubectl_ok(&[
         "create",
         "secret",
         "generic",
         "-n",
-        NAMESPACE,
+        namespace,
         &format!("{pod}-tls"),
         &format!("--from-file=ca.crt={}", file("server-ca.crt")),
         &format!("--from-file=tls.crt={}", file("client.crt")),
@@ -64,7 +71,7 @@ fn start_app(mail: &MailTenant, tls: &Path, pod: &str, with_certificate: bool) {
         "{secret}---
 apiVersion: v1
 kind: Pod
-metadata: {{name: {pod}, namespace: {NAMESPACE}}}
+metadata: {{name: {pod}, namespace: {namespace}}}
 spec:
   securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}
   containers:
@@ -89,26 +96,27 @@ spec:
     kubectl_ok(&[
         "wait",
         "-n",
-        NAMESPACE,
+        namespace,
         "--for=condition=Ready",
         "--timeout=120s",
         &format!("pod/{pod}"),
     ]);
 }
 
-/// The application pod `pod` submits message `id` to the tenant's submission Service by its cluster DNS name;
-/// returns whether the probe said "sent", and what it printed.
-fn app_submit(mail: &MailTenant, pod: &str, id: &str) -> (bool, String) {
+/// The application pod `namespace/pod` submits message `id` to `server` (by default the tenant's submission Service
+/// by its cluster DNS name); returns whether the probe said "sent", and what it printed.
+fn app_submit(mail: &MailTenant, namespace: &str, pod: &str, server: Option<&str>, id: &str) -> (bool, String) {
     let service = format!("{}-submission.{NAMESPACE}.svc:587", mail.tenant);
-    // Until cluster DNS and kube-proxy know the Service (a pod just turned ready), the probe cannot reach it; what
-    // happens once it can is the answer.
+    let server = server.unwrap_or(&service);
+    // Until cluster DNS, kube-proxy and the NetworkPolicy enforcement know the Service and the pods (a pod just
+    // turned ready, a policy just changed), the probe cannot reach it; what happens once it can is the answer.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let output = output_with_input(
             Command::new("kubectl")
                 .arg("--kubeconfig")
                 .arg(securemail_e2e::kubeconfig())
-                .args(["exec", "-i", "-n", NAMESPACE, pod, "--", "/probe", "submit", &service]),
+                .args(["exec", "-i", "-n", namespace, pod, "--", "/probe", "submit", server]),
             &message(mail, id),
         );
         let printed = format!(
@@ -120,9 +128,43 @@ fn app_submit(mail: &MailTenant, pod: &str, id: &str) -> (bool, String) {
         if !unreachable || Instant::now() > deadline {
             return (output.status.success() && printed.trim() == "sent", printed);
         }
-        println!("{pod}: {service} not reachable yet: {}", printed.trim());
+        println!("{pod}: {server} not reachable yet: {}", printed.trim());
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// The tenant's NetworkPolicy as kube-router enforces it: a pod in a namespace the tenant does not allow, holding a
+/// valid client certificate, cannot connect to the submission port, through the Service or to a pod; once the
+/// tenant allows its namespace it submits message `id`, which is returned.
+async fn outsider_submits_only_once_allowed(mail: &MailTenant, tls: &Path, pods: &[Pod], id: &str) -> String {
+    kubectl_ok(&["create", "namespace", OUTSIDER_NAMESPACE]);
+    let outsider = format!("{}-outsider", mail.tenant);
+    start_app(mail, tls, OUTSIDER_NAMESPACE, &outsider, true);
+    // The pods listen for submission on 587 too.
+    let pod_server = format!("{}:587", pod_ip(&pods[0]));
+    for server in [None, Some(pod_server.as_str())] {
+        let (sent, printed) = app_submit(mail, OUTSIDER_NAMESPACE, &outsider, server, id);
+        assert!(
+            !sent && printed.contains("dial tcp") && !printed.contains("lookup "),
+            "{outsider} in {OUTSIDER_NAMESPACE} must not connect to {}: {printed}",
+            server.unwrap_or("the submission Service")
+        );
+        println!("{outsider} → {}: {}", server.unwrap_or("Service"), printed.trim());
+    }
+    kubectl_ok(&[
+        "patch",
+        "securemailtenant",
+        "-n",
+        NAMESPACE,
+        mail.tenant,
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"spec":{{"submission":{{"allowedNamespaces":["{OUTSIDER_NAMESPACE}"]}}}}}}"#),
+    ]);
+    let (sent, printed) = app_submit(mail, OUTSIDER_NAMESPACE, &outsider, None, id);
+    assert!(sent, "{outsider} once {OUTSIDER_NAMESPACE} is allowed: {printed}");
+    kubectl_ok(&["delete", "namespace", OUTSIDER_NAMESPACE, "--wait=false"]);
+    id.to_owned()
 }
 
 /// SPF for the tenant's domain, evaluated by pyspf for `address` and `helo` against the world's DNS.
@@ -223,16 +265,16 @@ async fn prove(mode: Mode) {
     // An application in the tenant's namespace, by the Service's cluster DNS name, with its client certificate; one
     // without a certificate is refused.
     let app = format!("{name}-app");
-    start_app(&proof, &tls, &app, true);
+    start_app(&proof, &tls, NAMESPACE, &app, true);
     for index in 0..2 {
         let id = format!("{name}-{run}-app-{index}");
-        let (sent, printed) = app_submit(&proof, &app, &id);
+        let (sent, printed) = app_submit(&proof, NAMESPACE, &app, None, &id);
         assert!(sent, "{app} submitting {id}: {printed}");
         ids.push(id);
     }
     let anonymous = format!("{name}-app-no-cert");
-    start_app(&proof, &tls, &anonymous, false);
-    let (sent, printed) = app_submit(&proof, &anonymous, &format!("{name}-{run}-no-cert"));
+    start_app(&proof, &tls, NAMESPACE, &anonymous, false);
+    let (sent, printed) = app_submit(&proof, NAMESPACE, &anonymous, None, &format!("{name}-{run}-no-cert"));
     assert!(!sent, "{anonymous} submitted without a client certificate: {printed}");
     // Refused by the server it reached and verified, not lost on the way.
     assert!(
@@ -242,6 +284,9 @@ async fn prove(mode: Mode) {
         "{anonymous} must reach and verify the submission server, then be refused: {printed}"
     );
     println!("{anonymous}: {}", printed.trim());
+    if mode == Mode::Socks5Proxy {
+        ids.push(outsider_submits_only_once_allowed(&proof, &tls, &pods, &format!("{name}-{run}-outsider")).await);
+    }
     for pod in &pods {
         for index in 0..2 {
             let id = format!("{name}-{run}-{}-{index}", pod.name_any());
