@@ -158,7 +158,8 @@ pub struct SecureMailTenantSpec {
     pub paused: bool,
 
     /// What happens to the MTA pods when this tenant is deleted. Drain (default) stops new submissions and waits
-    /// until every queue is empty before removing pods and volumes; Orphan leaves pods and volumes in place.
+    /// until every queue is empty before removing the pods; their volumes stay as delivery evidence until
+    /// audit.retentionDays have passed. Orphan leaves pods and volumes in place.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 }
@@ -918,7 +919,8 @@ impl Default for QueueStorage {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditSpec {
-    /// Days delivery evidence is kept. Default 2190 (6 years, the HIPAA documentation retention period).
+    /// Days delivery evidence is kept. Default 2190 (6 years, the HIPAA documentation retention period). The
+    /// volume of a pod that left (pool shrink, tenant deleted with Drain) is kept this long after it left.
     #[serde(default = "default_retention_days")]
     #[schemars(range(min = 1, max = 36500))]
     pub retention_days: u32,

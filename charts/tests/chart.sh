@@ -76,6 +76,7 @@ yes patch statefulsets.apps -n smchart-tenant-a
 yes create secrets -n smchart-tenant-a
 yes watch secrets -n smchart-tenant-a
 yes delete persistentvolumeclaims -n smchart-tenant-a
+yes patch persistentvolumeclaims -n smchart-tenant-a
 yes update leases.coordination.k8s.io -n smchart-system
 yes create events.events.k8s.io -n smchart-tenant-a
 yes list pods -n smchart-tenant-a

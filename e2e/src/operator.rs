@@ -79,6 +79,7 @@ impl Operator {
             .args(["run", "--admin-address", &format!("127.0.0.1:{admin_port}")])
             // Short, so drain cases finish quickly; long enough for a test to change the queue in between.
             .args(["--drain-confirmation-seconds", "5"])
+            .args(["--evidence-sweep-seconds", "2"])
             .args(["--dnsbl-nameserver", &crate::dnsbl::address()])
             .args(leader_election.then_some("--leader-election"))
             .args(extra_args)

@@ -342,11 +342,12 @@ async fn a_deleted_tenant_drains_and_its_children_go_while_an_orphaned_one_keeps
         wait_ready(&tenants, namespace, name).await;
     }
 
-    // Drain: the finalizer stays until the pod's queue read empty twice; then the operator deletes the volume and the
-    // garbage collector (the real controller-manager) the StatefulSet, its pod and the other children.
+    // Drain: the finalizer stays until the pod's queue read empty twice; then the operator marks the volume as
+    // delivery evidence and the garbage collector (the real controller-manager) deletes the StatefulSet, its pod and
+    // the other children.
     kubectl_ok(&["delete", "smt", "-n", namespace, "drained", "--wait=false"]);
     let deadline = Instant::now() + TENANT_READY;
-    let kinds = "statefulsets,pods,services,configmaps,secrets,persistentvolumeclaims";
+    let kinds = "statefulsets,pods,services,configmaps,secrets";
     while tenants.get_opt("drained").await.ok().flatten().is_some() || !children(kinds, namespace, "drained").is_empty()
     {
         let claim = kubectl(&["get", "pvc", "-n", namespace, "data-drained-mta-0", "-o", "name"]);
@@ -358,11 +359,33 @@ async fn a_deleted_tenant_drains_and_its_children_go_while_an_orphaned_one_keeps
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let claim = kubectl(&["get", "pvc", "-n", namespace, "data-drained-mta-0"]);
+    // The volume stays, with its evidence, until the tenant's retention (the default six years) has passed.
+    let marks = kubectl_ok(&[
+        "get",
+        "pvc",
+        "-n",
+        namespace,
+        "data-drained-mta-0",
+        "-o",
+        "jsonpath={.metadata.labels.securemail\\.io/evidence-retained} \
+         {.metadata.annotations.securemail\\.io/evidence-retain-until} \
+         {.metadata.annotations.securemail\\.io/evidence-retained-from}",
+    ]);
+    let mut marks = marks.split_whitespace();
+    assert_eq!(marks.next(), Some("true"), "the drained volume is not marked as evidence");
+    let until: jiff::Timestamp = marks
+        .next()
+        .and_then(|until| until.parse().ok())
+        .expect("a retention date on the drained volume");
+    let years = until.duration_since(jiff::Timestamp::now()).as_hours() / 24 / 365;
+    assert_eq!(years, 5, "retained until {until}: six years (2190 days) from now");
+    let from = marks.collect::<Vec<_>>().join(" ");
     assert!(
-        !claim.status.success(),
-        "the drained tenant's volume claim is still there"
+        from.contains("pod drained-mta-0 (address 192.0.2.231): tenant deleted"),
+        "{from}"
     );
+    // What a platform team does once it has archived the evidence elsewhere.
+    kubectl_ok(&["delete", "pvc", "-n", namespace, "data-drained-mta-0", "--wait=false"]);
 
     // Orphan: the tenant goes at once, its StatefulSet keeps running its pod on its volume, owned by nobody.
     kubectl_ok(&[

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -47,8 +48,9 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     the_warmup_loop_judges_yesterday_from_the_pods_status(&client, &operator).await;
     a_listed_address_is_named_with_its_zone(&client, &blocklist).await;
     deletion_follows_the_deletion_policy(&client).await;
-    a_shrinking_pool_drains_before_the_pod_and_volume_go(&client).await;
+    a_shrinking_pool_drains_before_the_pod_goes_and_keeps_its_volume_as_evidence(&client).await;
     deleting_a_drain_tenant_waits_for_empty_queues(&client).await;
+    retained_evidence_volumes_go_only_when_their_retention_ended(&client).await;
     // Last: they install the external-dns and cert-manager CRDs into the shared control plane.
     dns_endpoints_follow_the_external_dns_crd(&client).await;
     operator = a_domain_belongs_to_one_tenant_at_a_time(&client, operator).await;
@@ -948,6 +950,39 @@ async fn replicas(client: &Client, namespace: &str, statefulset: &str) -> Option
     api.get(statefulset).await.ok()?.spec?.replicas
 }
 
+/// The retention marks on a claim kept as delivery evidence: (retain-until, retained-from), or `None` while unmarked.
+async fn retention_marks(client: &Client, namespace: &str, claim: &str) -> Option<(Timestamp, String)> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let claim = api.get_opt(claim).await.ok()??;
+    if claim.metadata.deletion_timestamp.is_some()
+        || claim
+            .labels()
+            .get("securemail.io/evidence-retained")
+            .map(String::as_str)
+            != Some("true")
+    {
+        return None;
+    }
+    let annotations = claim.annotations();
+    let until = annotations.get("securemail.io/evidence-retain-until")?.parse().ok()?;
+    Some((until, annotations.get("securemail.io/evidence-retained-from")?.clone()))
+}
+
+/// Asserts that `claim` is kept as evidence until `retention_days` after the operator's clock now, give or take the
+/// time the test took.
+async fn assert_retained(client: &Client, namespace: &str, claim: &str, retention_days: i64, from: &str) {
+    let (until, retained_from) = eventually(&format!("{claim} kept as evidence"), WAIT, || async {
+        retention_marks(client, namespace, claim).await
+    })
+    .await;
+    let expected = clock::now() + SignedDuration::from_hours(24 * retention_days);
+    assert!(
+        until.duration_since(expected).abs() < SignedDuration::from_mins(10),
+        "{claim} retained until {until}, expected about {expected}"
+    );
+    assert!(retained_from.contains(from), "{claim}: {retained_from}");
+}
+
 async fn claim_gone(client: &Client, namespace: &str, claim: &str) -> bool {
     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     match api.get_opt(claim).await {
@@ -957,7 +992,7 @@ async fn claim_gone(client: &Client, namespace: &str, claim: &str) -> bool {
     }
 }
 
-async fn a_shrinking_pool_drains_before_the_pod_and_volume_go(client: &Client) {
+async fn a_shrinking_pool_drains_before_the_pod_goes_and_keeps_its_volume_as_evidence(client: &Client) {
     let namespace = unique_namespace("drain-shrink");
     let tenant = create(client, &example("dedicated-warmup.yaml", &namespace)).await;
     let name = tenant.name_any();
@@ -1058,11 +1093,14 @@ async fn a_shrinking_pool_drains_before_the_pod_and_volume_go(client: &Client) {
         (replicas(client, &namespace, &sts).await == Some(2)).then_some(())
     })
     .await;
-    eventually("the drained volume deleted", WAIT, || async {
-        claim_gone(client, &namespace, &format!("data-{sts}-2"))
-            .await
-            .then_some(())
-    })
+    // Its volume holds its delivery evidence: kept for the tenant's retention, naming the pod and its address.
+    assert_retained(
+        client,
+        &namespace,
+        &format!("data-{sts}-2"),
+        i64::from(tenant.spec.audit.retention_days),
+        &format!("pod {sts}-2 (address 127.0.0.77): left the pool"),
+    )
     .await;
     eventually("Draining cleared", WAIT, || async {
         (condition(&api.get(&name).await.ok()?, "Draining")?.0 == "False").then_some(())
@@ -1100,10 +1138,81 @@ async fn deleting_a_drain_tenant_waits_for_empty_queues(client: &Client) {
         api.get_opt(&name).await.ok()?.is_none().then_some(())
     })
     .await;
-    assert!(
-        claim_gone(client, &namespace, &format!("data-{sts}-0")).await,
-        "the drained volume was not deleted"
-    );
+    assert_retained(
+        client,
+        &namespace,
+        &format!("data-{sts}-0"),
+        i64::from(tenant.spec.audit.retention_days),
+        &format!("pod {sts}-0 (address 127.0.0.78): tenant deleted"),
+    )
+    .await;
+}
+
+/// The sweep of retained evidence volumes (every 2 s in this suite): a claim whose retention ended and that no pod
+/// uses is deleted; one whose retention has not ended, or whose date cannot be read, stays; one a pod uses again is
+/// unmarked, live again, whatever its date.
+async fn retained_evidence_volumes_go_only_when_their_retention_ended(client: &Client) {
+    let namespace = unique_namespace("evidence-sweep");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
+    let now = clock::now();
+    let day = SignedDuration::from_hours(24);
+    let cases = [
+        ("data-ended-mta-0", Some(now - day), false),
+        ("data-running-mta-0", Some(now + day), false),
+        ("data-unreadable-mta-0", None, false),
+        ("data-back-mta-0", Some(now - day), true),
+    ];
+    for (name, until, _) in &cases {
+        let until = until.map_or_else(|| "in six years".to_owned(), |until| format!("{until:.0}"));
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {
+                "app.kubernetes.io/managed-by": "securemail-operator", "securemail.io/evidence-retained": "true"},
+                "annotations": {"securemail.io/evidence-retain-until": until,
+                    "securemail.io/evidence-retained-from": "pod x-mta-0: left the pool"}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+        }))
+        .unwrap_or_else(|err| panic!("{err}"));
+        claims
+            .create(&PostParams::default(), &claim)
+            .await
+            .unwrap_or_else(|err| panic!("claim {name}: {err}"));
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "back-mta-0"},
+        "spec": {"containers": [{"name": "sidecar", "image": "sidecar"}]}
+    }))
+    .unwrap_or_else(|err| panic!("{err}"));
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|err| panic!("pod: {err}"));
+
+    eventually("the ended claim deleted", WAIT, || async {
+        claim_gone(client, &namespace, "data-ended-mta-0").await.then_some(())
+    })
+    .await;
+    eventually("the claim in use unmarked", WAIT, || async {
+        let claim = claims.get("data-back-mta-0").await.ok()?;
+        (!claim.labels().contains_key("securemail.io/evidence-retained")
+            && !claim.annotations().contains_key("securemail.io/evidence-retain-until"))
+        .then_some(())
+    })
+    .await;
+    // Several sweeps later the others are still there, marked as they were.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for name in ["data-running-mta-0", "data-unreadable-mta-0"] {
+        let claim = claims.get(name).await.unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert!(claim.metadata.deletion_timestamp.is_none(), "{name} is being deleted");
+        assert_eq!(
+            claim
+                .labels()
+                .get("securemail.io/evidence-retained")
+                .map(String::as_str),
+            Some("true"),
+            "{name}"
+        );
+    }
+    assert!(!claim_gone(client, &namespace, "data-back-mta-0").await);
 }
 
 async fn the_submission_certificate_comes_from_cert_manager(client: &Client) {

@@ -26,6 +26,7 @@ use crate::build::Settings;
 use crate::context::{Clock, Context, Metrics, MtaPod, NamespacedStores, StatefulSetSize, Stores};
 use crate::dkim;
 use crate::dnsbl::DnsblWatch;
+use crate::evidence_retention;
 use crate::names::{COMPONENT_LABEL, DESIRED_HASH_ANNOTATION, MANAGED_SELECTOR, MANAGER, MTA_COMPONENT, TENANT_LABEL};
 use crate::ownership;
 use crate::reconcile::{error_policy, reconcile};
@@ -177,6 +178,7 @@ pub async fn run(
         dnsbl,
         leader_election.as_ref().map(|election| election.identity.clone()),
     ));
+    let sweeping = evidence_retention::sweep_periodically(context.clone());
     let reconciling = controller
         .owns_stream(stateful_set_events)
         .owns_stream(config_map_events)
@@ -205,6 +207,13 @@ pub async fn run(
                 Err(error) => debug!(%error, "reconcile attempt failed"),
             }
         });
+    // The sweep of retained evidence volumes runs beside the reconciles and stops with them.
+    let reconciling = async {
+        tokio::select! {
+            () = reconciling => {}
+            () = sweeping => {}
+        }
+    };
     health.ready.store(true, Ordering::Relaxed);
 
     match (leadership.as_mut(), leader_election.as_ref()) {

@@ -1,5 +1,6 @@
-//! Never lose queued mail: a pod goes (and its volume with it) only after its sidecar reports an empty queue, and
-//! reports it again at least the confirmation period later (`--drain-confirmation-seconds`). One empty reading is
+//! Never lose queued mail: a pod goes only after its sidecar reports an empty queue, and reports it again at least
+//! the confirmation period later (`--drain-confirmation-seconds`). Its volume then stays as delivery evidence
+//! (crate::evidence_retention). One empty reading is
 //! not enough: a submission accepted just before the pod left the Service, or a message Postfix is moving between
 //! queues, can show up after it. The first empty reading is kept on the pod as an annotation, so an operator
 //! restart neither loses nor shortens the wait; any non-empty or unknown reading clears it.
@@ -15,14 +16,14 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use securemail_api::tenant::{PoolAddress, PoolAddressState, PoolAddressStatus};
 use serde_json::json;
-use tracing::info;
 
 use crate::build::PodAssignment;
 use crate::context::Context;
+use crate::evidence_retention::{self, LastReport};
 use crate::names::{SUBMISSION_LABEL, TenantNames};
 use crate::pod_status;
 use crate::{Error, Result};
@@ -192,18 +193,28 @@ pub fn overdue(status: &[PoolAddressStatus], now: Timestamp) -> Vec<String> {
         .collect()
 }
 
+/// What [`probe`] learnt: each pod's queue, and what each readable sidecar reported about its address and evidence
+/// (kept on its volume claim if the pod goes).
+#[derive(Debug, Default)]
+pub struct Probe {
+    pub queues: BTreeMap<u32, QueueState>,
+    pub reports: BTreeMap<u32, LastReport>,
+}
+
 /// Reads the queue of each pod in `ordinals`: the pod's sidecar `/status` (an empty queue confirmed as described
-/// in the module docs), or `NoVolume` when neither pod nor volume exists, or the pod never ran and its claim was
-/// never bound. Draining pods are also taken out of the submission Service.
+/// in the module docs), or `NoVolume` when neither pod nor volume exists, the pod never ran and its claim was never
+/// bound, or the pod is gone and its claim is retained evidence (it was drained before it went). Draining pods are
+/// also taken out of the submission Service.
 pub async fn probe(
     ctx: &Context,
     namespace: &str,
     names: &TenantNames,
     ordinals: impl IntoIterator<Item = u32>,
-) -> Result<BTreeMap<u32, QueueState>> {
+) -> Result<Probe> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut states = BTreeMap::new();
+    let mut probe = Probe::default();
+    let states = &mut probe.queues;
     for ordinal in ordinals {
         let pod_name = format!("{}-{ordinal}", names.mta());
         let state = match pods.get_opt(&pod_name).await? {
@@ -213,7 +224,10 @@ pub async fn probe(
                     states.insert(ordinal, QueueState::NoVolume);
                     continue;
                 }
-                let reading = read_queue(&pod).await;
+                let (reading, report) = read_queue(&pod).await;
+                if let Some(report) = report {
+                    probe.reports.insert(ordinal, report);
+                }
                 let empty_since = pod
                     .annotations()
                     .get(QUEUE_EMPTY_SINCE)
@@ -224,12 +238,15 @@ pub async fn probe(
                 }
                 state
             }
-            None if claims.get_opt(&claim_name(names, ordinal)).await?.is_none() => QueueState::NoVolume,
-            None => QueueState::Unknown("the pod is gone but its volume is still there".to_owned()),
+            None => match claims.get_opt(&claim_name(names, ordinal)).await? {
+                None => QueueState::NoVolume,
+                Some(claim) if evidence_retention::is_retained(&claim) => QueueState::NoVolume,
+                Some(_) => QueueState::Unknown("the pod is gone but its volume is still there".to_owned()),
+            },
         };
         states.insert(ordinal, state);
     }
-    Ok(states)
+    Ok(probe)
 }
 
 /// A pod still `Pending` (or without a phase): none of its containers has started.
@@ -248,20 +265,6 @@ async fn never_bound(claims: &Api<PersistentVolumeClaim>, names: &TenantNames, o
         .get_opt(&claim_name(names, ordinal))
         .await?
         .is_some_and(|claim| claim.spec.and_then(|spec| spec.volume_name).is_none()))
-}
-
-/// Deletes the volumes of drained, removed pods.
-pub async fn delete_volumes(ctx: &Context, namespace: &str, names: &TenantNames, ordinals: &[u32]) -> Result<()> {
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
-    for ordinal in ordinals {
-        let name = claim_name(names, *ordinal);
-        match claims.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => info!(tenant = %names.tenant, %namespace, claim = %name, "drained volume deleted"),
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Ok(())
 }
 
 /// The volume claim of pod `ordinal` (StatefulSet naming: `<template>-<statefulset>-<ordinal>`).
@@ -311,11 +314,21 @@ async fn stop_submissions(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
     Ok(())
 }
 
-async fn read_queue(pod: &Pod) -> QueueState {
+async fn read_queue(pod: &Pod) -> (QueueState, Option<LastReport>) {
     match pod_status::read(pod.status.as_ref()).await {
-        Ok(status) if status.queue.is_empty() => QueueState::Empty,
-        Ok(status) => QueueState::Holding(status.queue.messages),
-        Err(reason) => QueueState::Unknown(reason),
+        Ok(status) => {
+            let state = if status.queue.is_empty() {
+                QueueState::Empty
+            } else {
+                QueueState::Holding(status.queue.messages)
+            };
+            let report = LastReport {
+                address: Some(status.address.to_string()),
+                heads: None,
+            };
+            (state, Some(report))
+        }
+        Err(reason) => (QueueState::Unknown(reason), None),
     }
 }
 

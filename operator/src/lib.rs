@@ -15,6 +15,7 @@ pub mod dnsbl;
 pub mod drain;
 pub mod egress;
 mod error;
+pub mod evidence_retention;
 pub mod inputs;
 pub mod names;
 pub mod ownership;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use jiff::civil::Date;
 use securemail_api::SecureMailTenant;
 use securemail_operator::admin::{self, Health};
-use securemail_operator::build::{DEFAULT_DRAIN_CONFIRMATION, Settings, SidecarDns};
+use securemail_operator::build::{DEFAULT_DRAIN_CONFIRMATION, DEFAULT_EVIDENCE_SWEEP_INTERVAL, Settings, SidecarDns};
 use securemail_operator::context::{Metrics, SystemClock};
 use securemail_operator::controller::{self, LeaderElection};
 use tracing_subscriber::EnvFilter;
@@ -85,6 +85,10 @@ struct RunArgs {
     /// A draining pod's queue must read empty twice, this many seconds apart, before the pod and its volume go.
     #[arg(long, env = "SECUREMAIL_DRAIN_CONFIRMATION_SECONDS", default_value_t = DEFAULT_DRAIN_CONFIRMATION.as_secs())]
     drain_confirmation_seconds: u64,
+    /// How often volumes kept as delivery evidence are checked; one whose retention ended and that no pod uses is
+    /// deleted.
+    #[arg(long, env = "SECUREMAIL_EVIDENCE_SWEEP_SECONDS", default_value_t = DEFAULT_EVIDENCE_SWEEP_INTERVAL.as_secs())]
+    evidence_sweep_seconds: u64,
     /// Resolver (address:port) for the DNSBL checks of pool addresses; default: /etc/resolv.conf's. Blocklists
     /// refuse queries from large public resolvers: point this at a recursive resolver of your own.
     #[arg(long, env = "SECUREMAIL_DNSBL_NAMESERVER")]
@@ -168,6 +172,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         monitoring_namespace: args.monitoring_namespace,
         operator_namespace: args.namespace.clone(),
         drain_confirmation: Duration::from_secs(args.drain_confirmation_seconds),
+        evidence_sweep_interval: Duration::from_secs(args.evidence_sweep_seconds.max(1)),
         dnsbl_nameserver: args.dnsbl_nameserver,
         tenant_namespaces: args.tenant_namespaces.map(|namespaces| {
             namespaces

@@ -36,8 +36,8 @@ use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
 use crate::status::{self, ConditionUpdate};
 use crate::{
-    Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, egress, inputs, ownership, pod_health,
-    pod_status,
+    Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, egress, evidence_retention, inputs,
+    ownership, pod_health, pod_status,
 };
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
@@ -219,13 +219,18 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     // Pods above the pool's size drain before they go; their volumes go only once they are empty.
     let live_replicas = live_replicas(ctx, &namespace, &names);
     let pool_size = u32::try_from(assignments.len()).unwrap_or(u32::MAX);
-    let queues = drain::probe(ctx, &namespace, &names, pool_size..live_replicas).await?;
+    let probe = drain::probe(ctx, &namespace, &names, pool_size..live_replicas).await?;
     let pool_plan = drain::plan(
         assignments.iter().map(|assigned| assigned.pod.clone()).collect(),
         live_replicas,
         &previous.ip_pool,
-        &queues,
+        &probe.queues,
     );
+    let replicas = u32::try_from(pool_plan.pods.len()).unwrap_or(u32::MAX);
+    if replicas > live_replicas {
+        // A pod returning to an ordinal takes its retained volume back: it is no longer only evidence.
+        evidence_retention::readopt(ctx, &namespace, &names, replicas).await?;
+    }
 
     let observed = Observed {
         today,
@@ -234,7 +239,16 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     };
     let children = build::children(&owned, &observed, &ctx.settings)?;
     let ready_replicas = apply_children(ctx, &namespace, &names, children).await?;
-    drain::delete_volumes(ctx, &namespace, &names, &pool_plan.removed).await?;
+    evidence_retention::retain(
+        ctx,
+        &namespace,
+        &names,
+        &pool_plan.removed,
+        tenant.spec.audit.retention_days,
+        &probe.reports,
+        "left the pool",
+    )
+    .await?;
 
     let public_keys = public_keys(ctx, &namespace, &names, &plan).await?;
     let dns_records = build::dns_records(&owned, &public_keys)?;
@@ -437,7 +451,7 @@ fn listing_condition(
 
 /// Deletion. Orphan: every child loses its owner reference, so pods, keys and volumes stay. Drain: every pod
 /// leaves the submission Service and the finalizer stays until each pod's queue is empty; then the volumes are
-/// deleted and Kubernetes garbage-collects the rest.
+/// kept as delivery evidence until their retention ends and Kubernetes garbage-collects the rest.
 async fn cleanup(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
     let name = build::tenant_name(tenant)?;
     let namespace = tenant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
@@ -451,8 +465,8 @@ async fn cleanup(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
         DeletionPolicy::Drain => {
             let replicas = live_replicas(ctx, &namespace, &names);
             let ordinals = drain::claimed_ordinals(ctx, &namespace, &names, replicas).await?;
-            let queues = drain::probe(ctx, &namespace, &names, ordinals.iter().copied()).await?;
-            if let Some(waiting) = drain::still_draining(&queues) {
+            let probe = drain::probe(ctx, &namespace, &names, ordinals.iter().copied()).await?;
+            if let Some(waiting) = drain::still_draining(&probe.queues) {
                 let previous = tenant.status.clone().unwrap_or_default();
                 let mut conditions = previous.conditions.clone();
                 let update = ConditionUpdate::new(status::DRAINING, true, "TenantDeleted", waiting.to_string());
@@ -466,7 +480,16 @@ async fn cleanup(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
                 write_status(ctx, tenant, &previous, status).await?;
                 return Err(waiting);
             }
-            drain::delete_volumes(ctx, &namespace, &names, &ordinals).await?;
+            evidence_retention::retain(
+                ctx,
+                &namespace,
+                &names,
+                &ordinals,
+                tenant.spec.audit.retention_days,
+                &probe.reports,
+                "tenant deleted",
+            )
+            .await?;
         }
     }
     info!(tenant = %name, %namespace, policy = ?tenant.spec.deletion_policy, "tenant deleted");

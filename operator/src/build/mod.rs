@@ -40,6 +40,8 @@ pub struct Settings {
     /// How long a draining pod's queue must stay empty (two readings this far apart) before the pod and its
     /// volume go.
     pub drain_confirmation: Duration,
+    /// How often volumes kept as delivery evidence are checked for the end of their retention.
+    pub evidence_sweep_interval: Duration,
     /// Resolver for DNSBL lookups; `None`: the ones in /etc/resolv.conf.
     pub dnsbl_nameserver: Option<SocketAddr>,
     /// Namespaces whose tenants the operator manages when it may use Secrets only there; `None`: every namespace.
@@ -82,6 +84,9 @@ pub fn submission_tls_secret(tenant: &SecureMailTenant, names: &TenantNames) -> 
 /// between queues, and than a submission accepted just before the pod left the Service takes to land.
 pub const DEFAULT_DRAIN_CONFIRMATION: Duration = Duration::from_secs(60);
 
+/// Default of [`Settings::evidence_sweep_interval`]: retention is counted in days.
+pub const DEFAULT_EVIDENCE_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+
 impl Default for Settings {
     fn default() -> Self {
         let version = env!("CARGO_PKG_VERSION");
@@ -91,6 +96,7 @@ impl Default for Settings {
             monitoring_namespace: "monitoring".to_owned(),
             operator_namespace: "securemail-system".to_owned(),
             drain_confirmation: DEFAULT_DRAIN_CONFIRMATION,
+            evidence_sweep_interval: DEFAULT_EVIDENCE_SWEEP_INTERVAL,
             dnsbl_nameserver: None,
             tenant_namespaces: None,
             sidecar_dns: SidecarDns::default(),
