@@ -372,7 +372,11 @@ async fn a_deleted_tenant_drains_and_its_children_go_while_an_orphaned_one_keeps
          {.metadata.annotations.securemail\\.io/evidence-retained-from}",
     ]);
     let mut marks = marks.split_whitespace();
-    assert_eq!(marks.next(), Some("true"), "the drained volume is not marked as evidence");
+    assert_eq!(
+        marks.next(),
+        Some("true"),
+        "the drained volume is not marked as evidence"
+    );
     let until: jiff::Timestamp = marks
         .next()
         .and_then(|until| until.parse().ok())

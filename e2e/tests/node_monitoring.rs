@@ -6,14 +6,16 @@
 //! "down" rules select (read from the rules, never written here), has loaded every alert of the pack, and while all of
 //! it runs no alert fires and no "down" rule is even pending. With the operator's Deployment scaled to 0,
 //! `SecureMailOperatorDown` becomes active; with one tenant's sidecar hung (SIGSTOP: its pod stays, its scrapes time
-//! out), `SecureMailSidecarDown` becomes active for that pod alone; each clears once restored.
+//! out), `SecureMailSidecarDown` becomes active for that pod alone, and, once the kubelet finds the pod unready and
+//! the operator reports the tenant's pods not ready, `SecureMailMtaPodsNotReady` for that tenant alone; each clears
+//! once restored.
 //!
 //! Active means pending or firing: pending already says the rule's expression holds on the series the monitors
 //! produce, and waiting out the rules' `for:` (10 and 5 minutes) would add a quarter of an hour to the suite.
 //!
 //! A deleted MTA pod is not a "down" sidecar: its target goes with it, so it shows as `up == 0` only while the pod
-//! exists. The pack covers pods that cannot run through the operator (`SecureMailMtaPodsCannotRun`) and no sidecar
-//! scraped at all through `SecureMailSidecarNotScraped`.
+//! exists. The pack covers missing and unready pods through the operator (`SecureMailMtaPodsNotReady`, pods that
+//! cannot run `SecureMailMtaPodsCannotRun`) and no sidecar scraped at all through `SecureMailSidecarNotScraped`.
 // Test support: a step that fails is a failed test, reported with the step's description.
 #![allow(clippy::expect_used)]
 
@@ -168,6 +170,7 @@ impl Prometheus {
                 state: alert["state"].as_str().unwrap_or_default().to_owned(),
                 labels: alert["labels"].to_string(),
                 pod: alert["labels"]["pod"].as_str().unwrap_or_default().to_owned(),
+                tenant: alert["labels"]["tenant"].as_str().unwrap_or_default().to_owned(),
             })
             .collect()
     }
@@ -213,6 +216,7 @@ struct Alert {
     state: String,
     labels: String,
     pod: String,
+    tenant: String,
 }
 
 /// Polls `check` every second until it returns `Ok`, or panics after `timeout` with `what` and the last reason.
@@ -530,6 +534,25 @@ async fn the_charts_monitors_feed_every_alert_quiet_while_all_runs_and_the_down_
         })
         .await;
         println!("sidecar of {NAMESPACE}/{pod} stopped: SecureMailSidecarDown active for it alone");
+        until("SecureMailMtaPodsNotReady active for the tenant", SEEN, || async {
+            let alerts = prometheus.alerts();
+            active(&alerts, "SecureMailMtaPodsNotReady", &[])?;
+            let tenants: Vec<&str> = alerts
+                .iter()
+                .filter(|alert| alert.name == "SecureMailMtaPodsNotReady")
+                .map(|alert| alert.tenant.as_str())
+                .collect();
+            let this = format!("{NAMESPACE}/{TENANT}");
+            if tenants.iter().all(|tenant| *tenant == this) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "SecureMailMtaPodsNotReady active for {tenants:?}, not only {this}"
+                ))
+            }
+        })
+        .await;
+        println!("{NAMESPACE}/{pod} unready: SecureMailMtaPodsNotReady active for {NAMESPACE}/{TENANT} alone");
         drop(restore);
     }
     until("every sidecar scraped again and the alerts quiet", SEEN, || async {
