@@ -268,6 +268,7 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
             today: Some(delivery_day(jiff::civil::date(2026, 11, 25))),
             yesterday: Some(delivery_day(jiff::civil::date(2026, 11, 24))),
             reputation: None,
+            evidence: None,
             egress: Some(EgressStatus {
                 ready: false,
                 reason: Some("proxy 192.0.2.1:1080 sends from 192.0.2.11 instead".to_owned()),
