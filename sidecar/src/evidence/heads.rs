@@ -198,3 +198,62 @@ pub fn verify_dir(dir: &Path, heads: &Heads) -> io::Result<DirReport> {
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn published_heads_parse_and_duplicates_are_refused() {
+        let hash = Sha256Hex::of(b"x").to_string();
+        let one =
+            serde_json::json!({"file": "evidence-20260101T000000.000000000Z.jsonl", "records": 2, "lastHash": hash});
+        let heads = parse_heads(&serde_json::to_vec(&serde_json::json!({"files": [one]})).unwrap()).unwrap();
+        assert_eq!(heads.files.len(), 1);
+        let twice = serde_json::json!({"files": [one, one], "pruned": []});
+        let err = parse_heads(&serde_json::to_vec(&twice).unwrap()).unwrap_err();
+        assert_eq!(err.to_string(), "files[1]: the file is listed twice");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse_heads(&bytes);
+        }
+
+        #[test]
+        fn wrong_names_and_hashes_are_refused_without_being_repeated(
+            entries in prop::collection::vec(("[a-z@./-]{12,30}", any::<u64>(), "[0-9a-zA-Z@]{12,70}"), 1..4),
+            in_pruned in any::<bool>(),
+        ) {
+            let list: Vec<_> = entries
+                .iter()
+                .map(|(file, records, hash)| serde_json::json!({
+                    "file": file, "records": records, "lastHash": hash, "lastRecordTime": "2026-01-01T00:00:00Z",
+                    "prunedAt": "2026-01-02T00:00:00Z",
+                }))
+                .collect();
+            let key = if in_pruned { "pruned" } else { "files" };
+            let json = serde_json::to_vec(&serde_json::json!({ key: list })).unwrap();
+            if let Err(err) = parse_heads(&json) {
+                let message = err.to_string();
+                for (file, _, hash) in &entries {
+                    prop_assert!(!message.contains(file.as_str()) && !message.contains(hash.as_str()), "{}", message);
+                }
+            }
+        }
+
+        #[test]
+        fn truncated_heads_never_panic(cut in 0usize..400) {
+            let hash = Sha256Hex::of(b"x").to_string();
+            let json = serde_json::to_vec(&serde_json::json!({"files": [
+                {"file": "evidence-20260101T000000.000000000Z.jsonl", "records": 2, "lastHash": hash,
+                 "firstRecordTime": "2026-01-01T00:00:00Z", "lastRecordTime": "2026-01-02T00:00:00Z"}
+            ]})).unwrap();
+            let _ = parse_heads(&json[..cut.min(json.len())]);
+        }
+    }
+}
