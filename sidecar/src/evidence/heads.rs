@@ -216,6 +216,59 @@ mod tests {
         assert_eq!(err.to_string(), "files[1]: the file is listed twice");
     }
 
+    #[test]
+    fn a_missing_file_listed_as_pruned_by_the_heads_passes_only_with_the_same_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = "evidence-20200101T000000.000000000Z.jsonl";
+        let hash = Sha256Hex::of(b"x").to_string();
+        let heads = |pruned_hash: &str, pruned_records: u64| {
+            parse_heads(
+                &serde_json::to_vec(&serde_json::json!({
+                    "files": [{"file": name, "records": 5, "lastHash": hash}],
+                    "pruned": [{"file": name, "records": pruned_records, "lastHash": pruned_hash,
+                                "lastRecordTime": "2020-01-31T00:00:00Z", "prunedAt": "2026-02-01T00:00:00Z"}],
+                }))
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        let report = verify_dir(dir.path(), &heads(&hash, 5)).unwrap();
+        assert!(report.problems.is_empty(), "{report:?}");
+        assert!(
+            report.ok[0].ends_with("pruned (5 records), as the heads record"),
+            "{report:?}"
+        );
+        // Heads taken while the file still grew: the prune record's larger count cannot contradict them.
+        assert!(
+            verify_dir(dir.path(), &heads(&Sha256Hex::of(b"y").to_string(), 6))
+                .unwrap()
+                .problems
+                .is_empty()
+        );
+
+        let other = Sha256Hex::of(b"y").to_string();
+        for (pruned_hash, records) in [(other.as_str(), 5), (hash.as_str(), 4)] {
+            let report = verify_dir(dir.path(), &heads(pruned_hash, records)).unwrap();
+            assert_eq!(report.problems.len(), 1, "{report:?}");
+            assert!(
+                report.problems[0].contains("deleted; the heads list it as pruned"),
+                "{report:?}"
+            );
+        }
+
+        // Without any prune record the file was simply deleted.
+        let bare = parse_heads(
+            &serde_json::to_vec(&serde_json::json!({"files": [{"file": name, "records": 5, "lastHash": hash}]}))
+                .unwrap(),
+        )
+        .unwrap();
+        let report = verify_dir(dir.path(), &bare).unwrap();
+        assert!(
+            report.problems[0].contains("missing, and no prune record names it"),
+            "{report:?}"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
