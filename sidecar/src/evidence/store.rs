@@ -17,6 +17,11 @@ use crate::error::{Error, Result};
 /// stamped by the same clock, so one from the future means the clock went back (or was wrong when it was written).
 const CLOCK_TOLERANCE: SignedDuration = SignedDuration::from_hours(1);
 
+/// How long after the newest record the clock may read before it is called wrong and nothing is pruned: a clock
+/// that jumped years ahead (a reset real-time clock) would otherwise make every file look past its retention. A
+/// sidecar silent that long prunes again once it has written a record.
+const MAX_SILENCE: SignedDuration = SignedDuration::from_hours(35 * 24);
+
 /// The chain heads `/status` publishes; clones share them. The writer updates the current file's head with every
 /// append, so reading them never touches the disk.
 #[derive(Clone, Debug, Default)]
@@ -197,8 +202,8 @@ impl EvidenceStore {
     }
 
     /// Deletes the files whose last record is more than `retention_days` days before `now`, never the current
-    /// file, a file without a record, or anything when the clock looks wrong (a record later than `now`). Each
-    /// deletion follows its prune record, synced. Returns the files pruned.
+    /// file, a file without a record, or anything when the clock looks wrong (a record later than `now`, or `now`
+    /// long after the newest record). Each deletion follows its prune record, synced. Returns the files pruned.
     pub fn prune(&mut self, request: &PruneRequest) -> Result<Vec<PrunedEvidenceFile>> {
         let PruneRequest {
             now,
@@ -218,13 +223,20 @@ impl EvidenceStore {
             .iter()
             .filter_map(|(name, head)| head.last_time.map(|time| (name, time)))
             .max_by_key(|(_, time)| *time)
-            && latest > *now + CLOCK_TOLERANCE
         {
-            return Err(Error::ClockBehindEvidence {
-                file: name.to_string(),
-                record_time: latest,
-                now: *now,
-            });
+            if latest > *now + CLOCK_TOLERANCE {
+                return Err(Error::ClockSuspect {
+                    reason: format!("{name} has a record dated {latest}, later than the clock's {now}"),
+                });
+            }
+            if *now > latest + MAX_SILENCE {
+                return Err(Error::ClockSuspect {
+                    reason: format!(
+                        "the clock reads {now}, more than {} days after the newest record ({latest}, in {name})",
+                        MAX_SILENCE.as_hours() / 24
+                    ),
+                });
+            }
         }
         let mut pruned = Vec::new();
         for (name, _) in snapshot {
@@ -502,6 +514,7 @@ mod tests {
     fn nothing_is_pruned_before_the_retention_ends() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = three_months(dir.path());
+        let before_names = names(dir.path());
         let before: Vec<_> = log_files(dir.path())
             .unwrap()
             .iter()
@@ -511,8 +524,6 @@ mod tests {
         for now in ["2026-03-02T12:00:00Z", "2026-03-02T11:59:59Z", "2026-03-01T09:00:00Z"] {
             assert_eq!(store.prune(&request(now, 30)).unwrap(), []);
         }
-        // Six years, the default, keeps everything for a long time.
-        assert_eq!(store.prune(&request("2031-12-31T00:00:00Z", 2190)).unwrap(), []);
         let after: Vec<_> = log_files(dir.path())
             .unwrap()
             .iter()
@@ -520,6 +531,30 @@ mod tests {
             .collect();
         assert_eq!(after, before, "no file changed, no line was written");
         assert!(store.heads().snapshot().pruned.is_empty());
+
+        // Six years, the default, count from a file's last record: 2190 days before 2031-12-31 is 2026-01-01,
+        // so January 2026 (last record on the 31st) is kept while a pod delivers in late 2031.
+        store.append_all(&[attempt_at("2031-12-30T00:00:00Z")]).unwrap();
+        assert_eq!(store.prune(&request("2031-12-31T00:00:00Z", 2190)).unwrap(), []);
+        assert_eq!(names(dir.path()).len(), 4);
+        let pruned = store.prune(&request("2032-01-30T12:00:01Z", 2190)).unwrap();
+        assert_eq!(pruned.len(), 1);
+        assert_eq!(pruned[0].file, before_names[0]);
+    }
+
+    #[test]
+    fn a_clock_far_ahead_of_the_newest_record_prunes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = three_months(dir.path());
+        // A reset clock reading 2040 would make all of 2026 look past six years.
+        let err = store.prune(&request("2040-01-01T00:00:00Z", 2190)).unwrap_err();
+        assert!(matches!(err, Error::ClockSuspect { .. }), "{err}");
+        assert!(
+            err.to_string().contains("more than 35 days after the newest record"),
+            "{err}"
+        );
+        assert_eq!(names(dir.path()).len(), 3);
+        assert_eq!(verify_path(store.current_path()).records, 1);
     }
 
     #[test]
@@ -529,7 +564,7 @@ mod tests {
         // The clock now reads 2026-02-10: March's record is in its future, so the clock is not trusted, even
         // though January would be past a one-day retention.
         let err = store.prune(&request("2026-02-10T00:00:00Z", 1)).unwrap_err();
-        assert!(matches!(err, Error::ClockBehindEvidence { .. }), "{err}");
+        assert!(matches!(err, Error::ClockSuspect { .. }), "{err}");
         assert_eq!(names(dir.path()).len(), 3);
         assert_eq!(verify_path(store.current_path()).records, 1);
     }
