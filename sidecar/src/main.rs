@@ -405,7 +405,7 @@ async fn prune_evidence(evidence: &EvidenceWriter, config: &SidecarConfig, now: 
     match evidence.prune(request).await {
         Ok(pruned) if pruned.is_empty() => {}
         Ok(pruned) => tracing::info!(files = pruned.len(), "pruned evidence files past their retention"),
-        Err(err) => tracing::error!(%err, "cannot prune evidence files; every file is kept"),
+        Err(err) => tracing::error!(%err, "cannot prune evidence files; every file not pruned yet is kept"),
     }
 }
 

@@ -73,7 +73,11 @@ pub fn read_file_head(path: &Path) -> io::Result<Option<FileHead>> {
             let mut lines = BackwardLines::new(&file, len)?;
             let mut found = None;
             while let Some(line) = lines.next_line().ok().flatten() {
-                if let Ok(entry) = parse_line(&line) {
+                // As in read_head: seq 0 or u64::MAX is a forged line, not a record.
+                if let Ok(entry) = parse_line(&line)
+                    && entry.seq != 0
+                    && entry.seq != u64::MAX
+                {
                     found = Some((
                         Head {
                             seq: entry.seq,
