@@ -165,4 +165,50 @@ mod tests {
             assert_eq!(pair[1], pair[0] + 1);
         }
     }
+
+    fn attempt_at(n: usize, time: &str) -> Attempt {
+        Attempt {
+            time: time.parse().unwrap(),
+            ..attempt(n)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pruning_pass_runs_between_appends_and_its_record_joins_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer =
+            EvidenceWriter::spawn(EvidenceStore::open(dir.path(), "2026-01-01T00:00:00Z".parse().unwrap()).unwrap())
+                .unwrap();
+        writer
+            .append(vec![attempt_at(0, "2026-01-02T00:00:00Z")])
+            .await
+            .unwrap();
+        writer
+            .append(vec![attempt_at(1, "2026-02-02T00:00:00Z")])
+            .await
+            .unwrap();
+        let request = PruneRequest {
+            now: "2026-02-20T00:00:00Z".parse().unwrap(),
+            retention_days: 7,
+            tenant: "clinic/lakeside".parse().unwrap(),
+        };
+        let (pruned, appended) = tokio::join!(
+            writer.prune(request),
+            writer.append(vec![attempt_at(2, "2026-02-20T00:00:01Z")])
+        );
+        appended.unwrap();
+        let pruned = pruned.unwrap();
+        assert_eq!(pruned.len(), 1);
+        assert_eq!(pruned[0].file, "evidence-20260101T000000.000000000Z.jsonl");
+
+        let heads = writer.heads().snapshot();
+        assert_eq!(heads.pruned, pruned);
+        assert_eq!(heads.files.len(), 1);
+        let path = dir.path().join(&heads.files[0].file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let summary = verify(text.as_bytes()).unwrap();
+        assert_eq!((summary.records, heads.files[0].records), (3, 3));
+        assert_eq!(summary.last_hash.to_string(), heads.files[0].last_hash);
+        assert_eq!(text.lines().filter(|line| line.contains("\"pruned\"")).count(), 1);
+    }
 }
