@@ -33,6 +33,56 @@ pub struct SidecarStatus {
     /// Whether this pod can send from its address, as its last self-check found; absent from an older sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<EgressStatus>,
+    /// The chain head of every evidence file in the pod's evidence directory and the files pruned since the
+    /// sidecar started: kept outside the pod (by the operator, or `curl …/status | jq .evidence`), it lets
+    /// `securemail-sidecar evidence verify --heads` detect a deleted file, a cut-off tail or a rewritten last line.
+    /// Absent from an older sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<EvidenceHeads>,
+}
+
+/// The chain heads of one pod's evidence directory (docs/evidence.md, "Chain heads").
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EvidenceHeads {
+    /// Every evidence file in the directory, sorted by file name (which is creation order).
+    #[serde(default)]
+    pub files: Vec<EvidenceFileHead>,
+    /// Files deleted after their retention ended, as the prune records this sidecar wrote since it started say.
+    #[serde(default)]
+    pub pruned: Vec<PrunedEvidenceFile>,
+}
+
+/// The end of one evidence file's chain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EvidenceFileHead {
+    /// The file name inside the evidence directory, `evidence-<UTC creation time>.jsonl`.
+    pub file: String,
+    /// Records in the file: the last line's `seq`.
+    pub records: u64,
+    /// SHA-256 (lowercase hex) of the last line without its newline; 64 zeros for an empty file.
+    pub last_hash: String,
+    /// `time` of the first record; absent for an empty file or when the first line is not a record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_record_time: Option<Timestamp>,
+    /// `time` of the last record; absent for an empty file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_record_time: Option<Timestamp>,
+}
+
+/// An evidence file deleted after its retention ended: what its prune record says.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrunedEvidenceFile {
+    pub file: String,
+    /// Records the file held (its last record's `seq`).
+    pub records: u64,
+    /// SHA-256 of its last record's line.
+    pub last_hash: String,
+    pub last_record_time: Timestamp,
+    /// When the file was pruned (the prune record's `time`).
+    pub pruned_at: Timestamp,
 }
 
 /// The result of the sidecar's egress self-check (bind and route, or the proxy's source address).
@@ -137,6 +187,7 @@ mod tests {
         let old = r#"{"address":"192.0.2.10","queue":{"messages":0}}"#;
         let status: SidecarStatus = serde_json::from_str(old).unwrap();
         assert_eq!(status.reputation, None);
+        assert_eq!(status.evidence, None);
         assert_eq!(serde_json::to_string(&status).unwrap(), old);
 
         let circuit = CircuitStatus {
@@ -163,6 +214,33 @@ mod tests {
                 "date": "2026-01-01",
                 "replies": {"gmail": {"rateLimited": 8, "reputationBlock": 0, "policy": 0, "authentication": 0, "unknown": 0}},
                 "circuits": {"gmail": {"state": "halfOpen", "pauseSeconds": 120, "opens": 2}},
+            })
+        );
+    }
+
+    #[test]
+    fn evidence_heads_are_camel_cased_and_optional_parts_default() {
+        let heads: EvidenceHeads = serde_json::from_str(
+            r#"{"files":[{"file":"evidence-20260101T000000.000000000Z.jsonl","records":0,"lastHash":"00"}]}"#,
+        )
+        .unwrap();
+        assert!(heads.pruned.is_empty());
+        assert_eq!(heads.files[0].last_record_time, None);
+        let pruned = PrunedEvidenceFile {
+            file: "evidence-20200101T000000.000000000Z.jsonl".to_owned(),
+            records: 3,
+            last_hash: "ab".to_owned(),
+            last_record_time: Timestamp::from_second(0).unwrap(),
+            pruned_at: Timestamp::from_second(60).unwrap(),
+        };
+        assert_eq!(
+            serde_json::to_value(&pruned).unwrap(),
+            serde_json::json!({
+                "file": "evidence-20200101T000000.000000000Z.jsonl",
+                "records": 3,
+                "lastHash": "ab",
+                "lastRecordTime": "1970-01-01T00:00:00Z",
+                "prunedAt": "1970-01-01T00:01:00Z",
             })
         );
     }

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::egress::EgressHealth;
 use crate::error::{Error, Result};
 
-pub use status::{MetricsRefresh, StatusError, StatusSource, pod_status, queue_metrics, with_egress, with_reputation};
+pub use status::{
+    MetricsRefresh, StatusError, StatusSource, pod_status, queue_metrics, with_egress, with_evidence, with_reputation,
+};
 
 /// Content type of `/metrics`.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -39,6 +39,9 @@ pub enum Error {
     #[error("evidence log {} refuses appends after a failed one; reopen it", path.display())]
     Poisoned { path: PathBuf },
 
+    #[error("not pruning evidence: {reason}; the clock looks wrong")]
+    ClockSuspect { reason: String },
+
     #[error("evidence could not be written: {0}")]
     EvidenceWriter(String),
 

@@ -3,26 +3,33 @@
 //! docs/evidence.md.
 
 mod chain;
+mod heads;
 mod log;
+mod pruned;
 mod record;
 mod recount;
+mod store;
 mod writer;
 
 use std::fmt;
 use std::str::FromStr;
 
 use aws_lc_rs::digest;
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 pub use chain::{BreakKind, ChainError, VerifySummary, verify};
-pub use log::{EvidenceLog, Head, log_files};
+pub use heads::{DirReport, Heads, HeadsError, parse_heads, verify_dir};
+pub use log::{EvidenceLog, FileHead, Head, log_files, read_file_head};
+pub use pruned::{LogFileName, PruneRecord, PrunedFile};
 pub use record::{
     Attempt, DomainName, EnhancedStatus, MAX_REPLY_TEXT_CHARS, MessageIdHash, Outcome, Policy, PolicySource,
     ProtocolError, Refusal, ReplyCode, ReplyText, SmtpReply, TenantRef, TlsSession, Token, Verification, WarmupCount,
 };
 pub use recount::{Recount, warmup_counts};
+pub use store::{EvidenceStore, HeadsHandle, PruneRequest};
 pub use writer::EvidenceWriter;
 
 /// Longest line (without its newline) the writer produces and the verifier reads. Real records are well under
@@ -103,13 +110,46 @@ impl From<Sha256Hex> for String {
     }
 }
 
-/// One line of the log: the chain links, then the attempt's fields at the same level.
+/// One line of the log: the chain links, then the record's fields at the same level.
 #[derive(Serialize, Deserialize)]
-struct Entry<A> {
+struct Entry<R> {
     seq: u64,
     prev: Sha256Hex,
     #[serde(flatten)]
-    attempt: A,
+    record: R,
+}
+
+/// What a record says about when it was written: every kind of line has a `time`.
+pub trait RecordTime {
+    fn time(&self) -> Timestamp;
+}
+
+impl RecordTime for Attempt {
+    fn time(&self) -> Timestamp {
+        self.time
+    }
+}
+
+impl RecordTime for PruneRecord {
+    fn time(&self) -> Timestamp {
+        self.time
+    }
+}
+
+/// Any line of a log: a delivery attempt, or the record of a pruned file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Line {
+    Attempt(Attempt),
+    Pruned(PruneRecord),
+}
+
+impl RecordTime for Line {
+    fn time(&self) -> Timestamp {
+        match self {
+            Line::Attempt(attempt) => attempt.time,
+            Line::Pruned(pruned) => pruned.time,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,13 +16,14 @@ use securemail_api::provider::Provider;
 use securemail_api::sidecar_config::{DnsSettings, SidecarConfig};
 use securemail_api::tenant::TlsPolicySpec;
 use securemail_sidecar::admin::{
-    AdminServer, AdminState, Readiness, ReadyFlag, pod_status, queue_metrics, with_egress, with_reputation,
+    AdminServer, AdminState, Readiness, ReadyFlag, pod_status, queue_metrics, with_egress, with_evidence,
+    with_reputation,
 };
 use securemail_sidecar::config::{ConfigWatcher, DEFAULT_POLL_INTERVAL, WatchEvent};
 use securemail_sidecar::deliver::{Engine, EngineConfig, SystemClock, WallClock};
 use securemail_sidecar::dkim::KeyStore;
 use securemail_sidecar::egress::{self, EgressHealth};
-use securemail_sidecar::evidence::{self, EvidenceLog, EvidenceWriter};
+use securemail_sidecar::evidence::{self, EvidenceStore, EvidenceWriter, PruneRequest};
 use securemail_sidecar::lmtp::{Backend, Envelope, Limits, LmtpListener, RcptDecision, Recipient, Reply};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::dns::HickoryDns;
@@ -86,8 +87,17 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum EvidenceCommand {
     /// Check that every record of FILE parses and the hash chain is intact; print the record count and the
-    /// last hash (record it elsewhere to detect later changes to the end of the log).
-    Verify { file: PathBuf },
+    /// last hash (record it elsewhere to detect later changes to the end of the log). Given a directory, check
+    /// every evidence-*.jsonl in it, and with --heads compare each file with the chain heads the sidecar published.
+    Verify {
+        /// The `evidence` object of the sidecar's /status (`curl …/status | jq .evidence`): reports files deleted
+        /// without a prune record, cut short or with a rewritten last line. Needs a directory.
+        #[arg(long, value_name = "HEADS.json")]
+        heads: Option<PathBuf>,
+        /// An evidence file, or the evidence directory.
+        #[arg(value_name = "FILE|DIR")]
+        file: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -108,19 +118,51 @@ async fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckDomain { domain, config } => check(&domain, config.as_deref()).await?,
         Command::PolicySocketmap { listen, config } => policy_socketmap(listen, config.as_deref()).await?,
         Command::Evidence {
-            command: EvidenceCommand::Verify { file },
-        } => {
-            let reader = File::open(&file)
-                .map(BufReader::new)
-                .with_context(|| format!("cannot open evidence log {}", file.display()))?;
-            // A broken chain is the command's answer, not a failure of the tool: no "Error:" prefix or backtrace.
-            match evidence::verify(reader) {
-                Ok(summary) => println!("ok: {summary}"),
-                Err(err) => {
-                    eprintln!("{}: {err}", file.display());
-                    return Ok(ExitCode::FAILURE);
-                }
+            command: EvidenceCommand::Verify { heads, file },
+        } => return verify_evidence(&file, heads.as_deref()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A broken chain is the command's answer, not a failure of the tool: no "Error:" prefix or backtrace.
+fn verify_evidence(path: &Path, heads: Option<&Path>) -> anyhow::Result<ExitCode> {
+    if path.is_dir() {
+        let heads = match heads {
+            Some(heads_path) => {
+                let json =
+                    std::fs::read(heads_path).with_context(|| format!("cannot read heads {}", heads_path.display()))?;
+                evidence::parse_heads(&json).with_context(|| format!("heads {}", heads_path.display()))?
             }
+            None => evidence::Heads::default(),
+        };
+        let report = evidence::verify_dir(path, &heads)
+            .with_context(|| format!("cannot list evidence directory {}", path.display()))?;
+        for line in &report.ok {
+            println!("{line}");
+        }
+        for line in &report.problems {
+            eprintln!("{line}");
+        }
+        if !report.problems.is_empty() {
+            return Ok(ExitCode::FAILURE);
+        }
+        println!("ok: {} files", report.ok.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if heads.is_some() {
+        anyhow::bail!(
+            "--heads compares a whole evidence directory; {} is not a directory",
+            path.display()
+        );
+    }
+    let reader = File::open(path)
+        .map(BufReader::new)
+        .with_context(|| format!("cannot open evidence log {}", path.display()))?;
+    match evidence::verify(reader) {
+        Ok(summary) => println!("ok: {summary}"),
+        Err(err) => {
+            eprintln!("{}: {err}", path.display());
+            return Ok(ExitCode::FAILURE);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -213,7 +255,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         sts_cache: Arc::new(StsCache::persistent(&initial.state_dir, Arc::new(clock::SystemClock))),
         keys,
         tls: Arc::new(TlsConfigs::with_native_roots()?),
-        evidence: EvidenceWriter::spawn(open_evidence(&initial.evidence.dir)?)?,
+        evidence: EvidenceWriter::spawn(EvidenceStore::open(&initial.evidence.dir, clock.now())?)?,
         metrics: metrics.clone(),
         clock,
         breakers: Arc::clone(&breakers),
@@ -227,6 +269,8 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         egress: readiness.egress.clone(),
     };
     readiness.evidence_writable.set(true);
+    let evidence = parts.evidence.clone();
+    prune_evidence(&evidence, &initial, parts.clock.now()).await;
     let backend = Arc::new(LiveEngine {
         current: RwLock::new(Arc::new(parts.build(&initial)?)),
     });
@@ -246,6 +290,12 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let day_counts = Arc::clone(&parts.warmup);
+    tokio::spawn(prune_evidence_daily(
+        evidence.clone(),
+        config.clone(),
+        Arc::clone(&parts.clock),
+        shutdown.clone(),
+    ));
     tokio::spawn(swap_engine_on_change(config.clone(), Arc::clone(&backend), parts));
 
     let admin = AdminServer::bind(initial.listen.admin).await?;
@@ -253,14 +303,17 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
         refresh_metrics: queue_metrics(config.clone(), SystemTime::now, metrics.clone()),
-        status: with_egress(
-            with_reputation(
-                pod_status(config, SystemTime::now, move || {
-                    day_counts.results(jiff::Timestamp::now())
-                }),
-                move || reputation::status(&metrics, &breakers),
+        status: with_evidence(
+            with_egress(
+                with_reputation(
+                    pod_status(config, SystemTime::now, move || {
+                        day_counts.results(jiff::Timestamp::now())
+                    }),
+                    move || reputation::status(&metrics, &breakers),
+                ),
+                readiness.egress.clone(),
             ),
-            readiness.egress.clone(),
+            evidence.heads(),
         ),
     };
     let admin = tokio::spawn(admin.serve(state, shutdown.clone()));
@@ -334,26 +387,44 @@ fn recorded_warmup_counts(dir: &Path, now: jiff::Timestamp) -> BTreeMap<Provider
     }
 }
 
-/// The evidence log to continue: the newest `evidence-*.jsonl` in `dir`, or a new file. A file whose last line
-/// is torn (a crash during an append looks exactly like tampering) is left as it is for an auditor and a new file
-/// begins, so a crash never stops delivery nor rewrites evidence.
-fn open_evidence(dir: &Path) -> anyhow::Result<EvidenceLog> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create evidence directory {}", dir.display()))?;
-    let newest = evidence::log_files(dir)
-        .with_context(|| format!("cannot list evidence directory {}", dir.display()))?
-        .pop();
-    if let Some(path) = newest {
-        match EvidenceLog::open(&path) {
-            Ok(log) => return Ok(log),
-            Err(err @ securemail_sidecar::Error::BrokenTail { .. }) => {
-                tracing::error!(%err, "starting a new evidence log; the damaged one is kept unchanged");
-            }
-            Err(err) => return Err(err.into()),
+/// Deletes the evidence files past the configured retention, each after its prune record (see
+/// `EvidenceStore::prune`). A failure is logged; nothing is deleted that was not recorded.
+async fn prune_evidence(evidence: &EvidenceWriter, config: &SidecarConfig, now: jiff::Timestamp) {
+    let tenant = match config.tenant.parse() {
+        Ok(tenant) => tenant,
+        Err(err) => {
+            tracing::error!(%err, "cannot prune evidence: the tenant name cannot be recorded");
+            return;
         }
+    };
+    let request = PruneRequest {
+        now,
+        retention_days: config.evidence.retention_days,
+        tenant,
+    };
+    match evidence.prune(request).await {
+        Ok(pruned) if pruned.is_empty() => {}
+        Ok(pruned) => tracing::info!(files = pruned.len(), "pruned evidence files past their retention"),
+        Err(err) => tracing::error!(%err, "cannot prune evidence files; every file not pruned yet is kept"),
     }
-    // Names sort by creation time, so the newest file is the one to continue.
-    let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S%.9fZ");
-    Ok(EvidenceLog::open(dir.join(format!("evidence-{stamp}.jsonl")))?)
+}
+
+/// About once a day, with the retention of the configuration in use then.
+async fn prune_evidence_daily(
+    evidence: EvidenceWriter,
+    config: watch::Receiver<Arc<SidecarConfig>>,
+    clock: Arc<dyn WallClock>,
+    shutdown: CancellationToken,
+) {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(DAY) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let current = Arc::clone(&config.borrow());
+        prune_evidence(&evidence, &current, clock.now()).await;
+    }
 }
 
 /// What every engine shares, whichever configuration built it: one evidence writer, one key store, one set of

@@ -16,7 +16,7 @@ use securemail_api::sidecar_config::{
 use securemail_api::sidecar_status::{DeliveryDay, EgressStatus, QueueStatus, ResultCounts, SidecarStatus};
 use securemail_api::tenant::{ProviderShares, TlsPolicySpec};
 use securemail_sidecar::admin::{
-    AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, pod_status, queue_metrics, with_egress,
+    AdminServer, AdminState, OPENMETRICS_CONTENT_TYPE, Readiness, pod_status, queue_metrics, with_egress, with_evidence,
 };
 use securemail_sidecar::deliver::SystemClock;
 use securemail_sidecar::metrics::Metrics;
@@ -268,6 +268,7 @@ async fn status_reports_the_address_and_the_queue_and_follows_the_current_config
             today: Some(delivery_day(jiff::civil::date(2026, 11, 25))),
             yesterday: Some(delivery_day(jiff::civil::date(2026, 11, 24))),
             reputation: None,
+            evidence: None,
             egress: Some(EgressStatus {
                 ready: false,
                 reason: Some("proxy 192.0.2.1:1080 sends from 192.0.2.11 instead".to_owned()),
@@ -450,4 +451,141 @@ async fn shutdown_stops_the_server_and_frees_the_port() {
 
     let err = AdminServer::bind("192.0.2.1:9090".parse().unwrap()).await.unwrap_err();
     assert!(err.to_string().contains("192.0.2.1:9090"), "{err}");
+}
+
+/// Records written through the sidecar's evidence writer, one per UTC time, all else fixed.
+fn evidence_attempt(time: &str) -> securemail_sidecar::evidence::Attempt {
+    serde_json::from_value(serde_json::json!({
+        "time": time,
+        "tenant": "tenant-a/clinic",
+        "messageIdSha256": securemail_sidecar::evidence::Sha256Hex::of(time.as_bytes()),
+        "recipientDomain": "example.net",
+        "recipientCount": 1,
+        "mxHost": null,
+        "mxIp": null,
+        "sourceIp": "192.0.2.10",
+        "policy": null,
+        "tls": null,
+        "smtpReply": null,
+        "outcome": "deferred",
+    }))
+    .unwrap()
+}
+
+fn run_verify(args: &[&std::ffi::OsStr]) -> (i32, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_securemail-sidecar"))
+        .args(["evidence", "verify"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    (
+        output.status.code().unwrap(),
+        String::from_utf8(output.stdout).unwrap() + &stderr,
+    )
+}
+
+#[tokio::test]
+async fn status_publishes_evidence_heads_that_evidence_verify_confirms() {
+    use securemail_sidecar::evidence::{EvidenceStore, EvidenceWriter};
+
+    let dir = tempfile::tempdir().unwrap();
+    let evidence_dir = dir.path().join("evidence");
+    // A closed file written before this start, read back from disk by the store.
+    {
+        let mut earlier = EvidenceStore::open(&evidence_dir, "2026-10-30T00:00:00Z".parse().unwrap()).unwrap();
+        earlier.append_all(&[evidence_attempt("2026-10-30T08:00:00Z")]).unwrap();
+        earlier.append_all(&[evidence_attempt("2026-10-31T08:00:00Z")]).unwrap();
+    }
+    let writer =
+        EvidenceWriter::spawn(EvidenceStore::open(&evidence_dir, "2026-11-01T00:00:00Z".parse().unwrap()).unwrap())
+            .unwrap();
+    // November's first record starts a new file.
+    writer
+        .append(vec![evidence_attempt("2026-11-01T09:00:00Z")])
+        .await
+        .unwrap();
+
+    let state = AdminState {
+        readiness: Readiness::default(),
+        registry: Arc::new(Registry::default()),
+        refresh_metrics: Arc::new(|| {}),
+        // Without a queue directory the queue cannot be counted: the heads are added to a source that answers.
+        status: with_evidence(
+            Arc::new(|| {
+                Ok(SidecarStatus {
+                    address: "192.0.2.10".parse().unwrap(),
+                    queue: QueueStatus::default(),
+                    today: None,
+                    yesterday: None,
+                    reputation: None,
+                    egress: None,
+                    evidence: None,
+                })
+            }),
+            writer.heads(),
+        ),
+    };
+    let server = AdminServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = server.local_addr();
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(server.serve(state, shutdown.clone()));
+
+    let body = get(addr, "/status").await.body;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let heads = status["evidence"].clone();
+    let files = heads["files"].as_array().unwrap().clone();
+    assert_eq!(files.len(), 2, "{heads}");
+    assert_eq!(heads["pruned"], serde_json::json!([]));
+    let names: Vec<&str> = files.iter().map(|file| file["file"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "evidence-20261030T000000.000000000Z.jsonl",
+            "evidence-20261101T090000.000000000Z.jsonl"
+        ]
+    );
+    assert_eq!(files[0]["firstRecordTime"], "2026-10-30T08:00:00Z");
+    assert_eq!(files[0]["lastRecordTime"], "2026-10-31T08:00:00Z");
+    // Each head is exactly what verifying the file alone reports.
+    for file in &files {
+        let path = evidence_dir.join(file["file"].as_str().unwrap());
+        let (code, output) = run_verify(&[path.as_os_str()]);
+        assert_eq!(code, 0, "{output}");
+        assert_eq!(
+            output,
+            format!(
+                "ok: {} records, last hash {}\n",
+                file["records"],
+                file["lastHash"].as_str().unwrap()
+            )
+        );
+    }
+
+    // The operator keeps the object as it came; the directory verifies against it, also after more appends.
+    let heads_path = dir.path().join("heads.json");
+    std::fs::write(&heads_path, serde_json::to_vec(&heads).unwrap()).unwrap();
+    writer
+        .append(vec![evidence_attempt("2026-11-01T10:00:00Z")])
+        .await
+        .unwrap();
+    let (code, output) = run_verify(&[
+        std::ffi::OsStr::new("--heads"),
+        heads_path.as_os_str(),
+        evidence_dir.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{output}");
+
+    // The current file's head follows every append.
+    let later: SidecarStatus = serde_json::from_str(&get(addr, "/status").await.body).unwrap();
+    let later = later.evidence.unwrap();
+    assert_eq!(later.files[1].records, 2);
+    assert_eq!(
+        later.files[1].last_record_time,
+        Some("2026-11-01T10:00:00Z".parse().unwrap())
+    );
+    assert_ne!(later.files[1].last_hash, files[1]["lastHash"].as_str().unwrap());
+
+    shutdown.cancel();
+    served.await.unwrap().unwrap();
 }

@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use securemail_api::sidecar_config::WarmupCaps;
 use securemail_api::tenant::{OnFailure, ProviderShares, TlsVersion};
 use securemail_sidecar::deliver::{Engine, EngineConfig, WallClock};
-use securemail_sidecar::evidence::{self, DomainName, EvidenceLog, EvidenceWriter, PolicySource};
+use securemail_sidecar::evidence::{self, DomainName, EvidenceStore, EvidenceWriter, PolicySource};
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::{DomainPolicy, LookupStage, MxCandidate, PeerAuth, PolicyError, PolicyLookup, Tlsa};
@@ -489,7 +489,8 @@ fn harness_for_pool(
     config
         .pool_addresses
         .extend(other_addresses.iter().map(|address| address.parse::<IpAddr>().unwrap()));
-    let evidence = EvidenceWriter::spawn(EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap()).unwrap();
+    let evidence =
+        EvidenceWriter::spawn(EvidenceStore::open(&dir.path().join("evidence"), clock.now()).unwrap()).unwrap();
     let warm = WarmupCaps {
         day: None,
         daily_limit: None,
@@ -570,8 +571,15 @@ impl Harness {
         text
     }
 
+    /// The one evidence file the harness writes.
+    fn evidence_file(&self) -> std::path::PathBuf {
+        let files = evidence::log_files(&self.dir.path().join("evidence")).unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+        files[0].clone()
+    }
+
     fn evidence(&self) -> (evidence::VerifySummary, Vec<serde_json::Value>) {
-        let path = self.dir.path().join("evidence.jsonl");
+        let path = self.evidence_file();
         let summary = evidence::verify(StdBufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
         let records = std::fs::read_to_string(&path)
             .unwrap()
@@ -1262,7 +1270,7 @@ async fn a_warming_address_counts_in_the_evidence_record_which_a_restart_recount
     // A pod whose counters file missed the last writes: the records alone give the day's count back.
     let restarted = tempfile::tempdir().unwrap();
     std::fs::copy(
-        harness.dir.path().join("evidence.jsonl"),
+        harness.evidence_file(),
         restarted.path().join("evidence-20261126T000000.000000000Z.jsonl"),
     )
     .unwrap();

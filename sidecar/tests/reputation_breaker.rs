@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use securemail_api::sidecar_status::CircuitState;
 use securemail_api::tenant::{OnFailure, TlsVersion};
 use securemail_sidecar::deliver::{Engine, EngineConfig, WallClock};
-use securemail_sidecar::evidence::{DomainName, EvidenceLog, EvidenceWriter, PolicySource};
+use securemail_sidecar::evidence::{DomainName, EvidenceStore, EvidenceWriter, PolicySource};
 use securemail_sidecar::lmtp::{Limits, serve_session};
 use securemail_sidecar::metrics::Metrics;
 use securemail_sidecar::policy::clock::ManualClock;
@@ -256,7 +256,7 @@ fn harness(roots: RootCertStore, port: u16) -> Harness {
         Arc::clone(&wall),
         metrics.clone(),
     ));
-    let evidence = EvidenceWriter::spawn(EvidenceLog::open(dir.path().join("evidence.jsonl")).unwrap()).unwrap();
+    let evidence = EvidenceWriter::spawn(EvidenceStore::open(dir.path(), wall.now()).unwrap()).unwrap();
     let engine = Engine::new(
         EngineConfig::new("clinic-a/outbound".parse().unwrap(), session, OnFailure::Defer),
         Policies,

@@ -10,6 +10,7 @@ use securemail_api::sidecar_status::{DeliveryDay, QueueStatus, ReputationStatus,
 use tokio::sync::watch;
 
 use crate::egress::EgressHealth;
+use crate::evidence::HeadsHandle;
 use crate::metrics::Metrics;
 use crate::queue::{self, QueueError};
 
@@ -41,6 +42,7 @@ pub fn pod_status(
             yesterday,
             reputation: None,
             egress: None,
+            evidence: None,
         })
     })
 }
@@ -86,6 +88,15 @@ pub fn with_egress(source: StatusSource, health: EgressHealth) -> StatusSource {
     Arc::new(move || {
         let mut status = source()?;
         status.egress = health.status();
+        Ok(status)
+    })
+}
+
+/// `source`'s status with the chain head of every evidence file added.
+pub fn with_evidence(source: StatusSource, heads: HeadsHandle) -> StatusSource {
+    Arc::new(move || {
+        let mut status = source()?;
+        status.evidence = Some(heads.snapshot());
         Ok(status)
     })
 }

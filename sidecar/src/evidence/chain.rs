@@ -3,7 +3,10 @@
 use std::fmt;
 use std::io::{self, BufRead, Read};
 
-use super::{Attempt, Entry, GENESIS, MAX_LINE_BYTES, Sha256Hex};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use super::{Attempt, Entry, GENESIS, Line, MAX_LINE_BYTES, PruneRecord, Sha256Hex};
 
 /// A log that verified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,22 +96,55 @@ impl std::error::Error for ChainError {
 
 /// Checks a whole log. Reads at most [`MAX_LINE_BYTES`] + 1 bytes per line, never echoes line content (a damaged
 /// or forged line may hold anything) and does not panic on any input.
-pub fn verify(mut reader: impl BufRead) -> Result<VerifySummary, ChainError> {
-    let mut summary = VerifySummary {
-        records: 0,
-        last_hash: GENESIS,
+pub fn verify(reader: impl BufRead) -> Result<VerifySummary, ChainError> {
+    let walk = walk(reader, None);
+    match walk.broken {
+        Some(err) => Err(err),
+        None => Ok(walk.valid),
+    }
+}
+
+/// What reading a log found, even when its chain breaks.
+#[derive(Debug)]
+pub(super) struct Walk {
+    /// The lines before the first break (all of them when none).
+    pub valid: VerifySummary,
+    /// The first break.
+    pub broken: Option<ChainError>,
+    /// The hash of line `hash_of_line`, when that line is among the valid ones.
+    pub hash_at: Option<Sha256Hex>,
+    /// The prune records among the valid lines, with their line numbers.
+    pub pruned: Vec<(u64, PruneRecord)>,
+}
+
+/// Reads a log like [`verify`] and also notes the hash of line `hash_of_line` and the prune records.
+pub(super) fn walk(mut reader: impl BufRead, hash_of_line: Option<u64>) -> Walk {
+    let mut walk = Walk {
+        valid: VerifySummary {
+            records: 0,
+            last_hash: GENESIS,
+        },
+        broken: None,
+        hash_at: None,
+        pruned: Vec::new(),
     };
     let mut line = Vec::new();
     loop {
-        let number = summary.records + 1;
-        let fail = |kind| ChainError { line: number, kind };
+        let number = walk.valid.records + 1;
+        let fail = |kind| Some(ChainError { line: number, kind });
         line.clear();
-        let read = (&mut reader)
+        let read = match (&mut reader)
             .take(MAX_LINE_BYTES as u64 + 1)
             .read_until(b'\n', &mut line)
-            .map_err(|err| fail(BreakKind::Io(err)))?;
+        {
+            Ok(read) => read,
+            Err(err) => {
+                walk.broken = fail(BreakKind::Io(err));
+                return walk;
+            }
+        };
         if read == 0 {
-            return Ok(summary);
+            return walk;
         }
         let Some(content) = line.strip_suffix(b"\n") else {
             let kind = if line.len() > MAX_LINE_BYTES {
@@ -116,40 +152,77 @@ pub fn verify(mut reader: impl BufRead) -> Result<VerifySummary, ChainError> {
             } else {
                 BreakKind::Unterminated
             };
-            return Err(fail(kind));
+            walk.broken = fail(kind);
+            return walk;
         };
-        let entry = parse_line(content).map_err(fail)?;
+        let entry = match parse_line(content) {
+            Ok(entry) => entry,
+            Err(kind) => {
+                walk.broken = fail(kind);
+                return walk;
+            }
+        };
         if entry.seq != number {
-            return Err(fail(BreakKind::SeqGap {
+            walk.broken = fail(BreakKind::SeqGap {
                 expected: number,
                 found: entry.seq,
-            }));
+            });
+            return walk;
         }
-        if entry.prev != summary.last_hash {
-            return Err(fail(BreakKind::HashMismatch {
-                expected: summary.last_hash,
+        if entry.prev != walk.valid.last_hash {
+            walk.broken = fail(BreakKind::HashMismatch {
+                expected: walk.valid.last_hash,
                 found: entry.prev,
-            }));
+            });
+            return walk;
         }
-        summary = VerifySummary {
+        walk.valid = VerifySummary {
             records: number,
             last_hash: Sha256Hex::of(content),
         };
+        if hash_of_line == Some(number) {
+            walk.hash_at = Some(walk.valid.last_hash);
+        }
+        if let Line::Pruned(pruned) = entry.record {
+            walk.pruned.push((number, pruned));
+        }
     }
 }
 
-/// Parses one line without its newline.
-pub(super) fn parse_line(content: &[u8]) -> Result<Entry<Attempt>, BreakKind> {
-    serde_json::from_slice(content).map_err(|err| {
-        // serde_json places errors at "line 1 column N" of its input; only the column means anything here.
-        let message = err.to_string();
-        let suffix = format!(" at line {} column {}", err.line(), err.column());
-        let reason = match message.strip_suffix(&suffix) {
-            Some(bare) => format!("{bare} (column {})", err.column()),
-            None => message,
-        };
-        BreakKind::Unparseable { reason }
-    })
+/// Parses one line without its newline: a prune record when it has a `pruned` key, else an attempt.
+pub(super) fn parse_line(content: &[u8]) -> Result<Entry<Line>, BreakKind> {
+    #[derive(Deserialize)]
+    struct Kind {
+        #[serde(default)]
+        pruned: Option<IgnoredAny>,
+    }
+    let kind: Kind = serde_json::from_slice(content).map_err(unparseable)?;
+    if kind.pruned.is_some() {
+        let entry: Entry<PruneRecord> = serde_json::from_slice(content).map_err(unparseable)?;
+        Ok(Entry {
+            seq: entry.seq,
+            prev: entry.prev,
+            record: Line::Pruned(entry.record),
+        })
+    } else {
+        let entry: Entry<Attempt> = serde_json::from_slice(content).map_err(unparseable)?;
+        Ok(Entry {
+            seq: entry.seq,
+            prev: entry.prev,
+            record: Line::Attempt(entry.record),
+        })
+    }
+}
+
+fn unparseable(err: serde_json::Error) -> BreakKind {
+    // serde_json places errors at "line 1 column N" of its input; only the column means anything here.
+    let message = err.to_string();
+    let suffix = format!(" at line {} column {}", err.line(), err.column());
+    let reason = match message.strip_suffix(&suffix) {
+        Some(bare) => format!("{bare} (column {})", err.column()),
+        None => message,
+    };
+    BreakKind::Unparseable { reason }
 }
 
 #[cfg(test)]

@@ -9,11 +9,15 @@
 //! line.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use jiff::Timestamp;
+use serde::Serialize;
+
 use super::chain::{BreakKind, ChainError, parse_line};
-use super::{Attempt, Entry, GENESIS, MAX_LINE_BYTES, Sha256Hex};
+use super::recount::BackwardLines;
+use super::{Attempt, Entry, GENESIS, MAX_LINE_BYTES, RecordTime, Sha256Hex};
 use crate::error::{Error, Result};
 
 /// The evidence files in `dir`, `evidence-<creation time>.jsonl`, oldest first (the names sort by creation time).
@@ -38,6 +42,77 @@ pub struct Head {
     pub hash: Sha256Hex,
 }
 
+/// The end of one file's chain and the time span of its records, as published in `/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileHead {
+    pub records: u64,
+    pub last_hash: Sha256Hex,
+    /// `time` of the first record; `None` for an empty file or when the first line is not a record.
+    pub first_time: Option<Timestamp>,
+    /// `time` of the last record; `None` for an empty file.
+    pub last_time: Option<Timestamp>,
+}
+
+/// The head of a file no writer holds, read from its first and last lines. A file whose last line is torn or not
+/// a record (a broken tail) has the head of its last line that is a record; `None` when no line is.
+pub fn read_file_head(path: &Path) -> io::Result<Option<FileHead>> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(Some(FileHead {
+            records: 0,
+            last_hash: GENESIS,
+            first_time: None,
+            last_time: None,
+        }));
+    }
+    let first_time = read_first_time(&file)?;
+    let (head, last_time) = match read_head(&file, len)? {
+        Ok(tail) => tail,
+        Err(_) => {
+            let mut lines = BackwardLines::new(&file, len)?;
+            let mut found = None;
+            while let Some(line) = lines.next_line().ok().flatten() {
+                // As in read_head: seq 0 or u64::MAX is a forged line, not a record.
+                if let Ok(entry) = parse_line(&line)
+                    && entry.seq != 0
+                    && entry.seq != u64::MAX
+                {
+                    found = Some((
+                        Head {
+                            seq: entry.seq,
+                            hash: Sha256Hex::of(&line),
+                        },
+                        entry.record.time(),
+                    ));
+                    break;
+                }
+            }
+            match found {
+                Some(tail) => tail,
+                None => return Ok(None),
+            }
+        }
+    };
+    Ok(Some(FileHead {
+        records: head.seq,
+        last_hash: head.hash,
+        first_time,
+        last_time: Some(last_time),
+    }))
+}
+
+/// `time` of the first line, when it is a record.
+fn read_first_time(mut file: &File) -> io::Result<Option<Timestamp>> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut first = Vec::new();
+    io::BufReader::new(file.take(MAX_LINE_BYTES as u64 + 1)).read_until(b'\n', &mut first)?;
+    Ok(first
+        .strip_suffix(b"\n")
+        .and_then(|line| parse_line(line).ok())
+        .map(|entry| entry.record.time()))
+}
+
 /// An open evidence log, exclusively locked (advisory `flock`) so a second writer cannot fork the chain.
 #[derive(Debug)]
 pub struct EvidenceLog {
@@ -46,6 +121,8 @@ pub struct EvidenceLog {
     /// File size after the last good append, to roll back a partial write and to notice outside changes.
     len: u64,
     head: Head,
+    first_time: Option<Timestamp>,
+    last_time: Option<Timestamp>,
     /// Set by a failed append: after a failed fsync nobody knows what reached the disk.
     poisoned: bool,
 }
@@ -70,25 +147,44 @@ impl EvidenceLog {
             Err(TryLockError::Error(source)) => return Err(io_error("lock")(source)),
         }
         let len = file.metadata().map_err(io_error("stat"))?.len();
-        let head = if len == 0 {
+        let (head, first_time, last_time) = if len == 0 {
             // The file may have just been created: make its directory entry durable before any record relies on it.
             sync_parent_dir(&path).map_err(io_error("sync the directory of"))?;
-            Head { seq: 0, hash: GENESIS }
+            (Head { seq: 0, hash: GENESIS }, None, None)
         } else {
-            read_head(&file, len)
-                .map_err(io_error("read"))?
-                .map_err(|source| Error::BrokenTail {
-                    path: path.clone(),
-                    source,
-                })?
+            let (head, last_time) =
+                read_head(&file, len)
+                    .map_err(io_error("read"))?
+                    .map_err(|source| Error::BrokenTail {
+                        path: path.clone(),
+                        source,
+                    })?;
+            let first_time = read_first_time(&file).map_err(io_error("read"))?;
+            (head, first_time, Some(last_time))
         };
         Ok(Self {
             path,
             file,
             len,
             head,
+            first_time,
+            last_time,
             poisoned: false,
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The chain so far and the time span of its records.
+    pub fn file_head(&self) -> FileHead {
+        FileHead {
+            records: self.head.seq,
+            last_hash: self.head.hash,
+            first_time: self.first_time,
+            last_time: self.last_time,
+        }
     }
 
     /// Appends one record and returns once it is on disk (written in one `write` and `fdatasync`ed). Only then
@@ -100,7 +196,7 @@ impl EvidenceLog {
     /// Appends `attempts` in order with one `write` and one `fdatasync` for all of them (group commit: the cost
     /// of a disk flush is shared by every delivery that finished while the previous one ran). All or nothing:
     /// a failure rolls the file back to its previous length and poisons the log.
-    pub fn append_all(&mut self, attempts: &[Attempt]) -> Result<Head> {
+    pub fn append_all<R: Serialize + RecordTime>(&mut self, records: &[R]) -> Result<Head> {
         if self.poisoned {
             return Err(Error::Poisoned {
                 path: self.path.clone(),
@@ -108,11 +204,11 @@ impl EvidenceLog {
         }
         let mut head = self.head;
         let mut lines = Vec::new();
-        for attempt in attempts {
+        for record in records {
             let entry = Entry {
                 seq: head.seq + 1,
                 prev: head.hash,
-                attempt,
+                record,
             };
             let line = serde_json::to_vec(&entry)?;
             if line.len() > MAX_LINE_BYTES {
@@ -154,6 +250,10 @@ impl EvidenceLog {
         self.poisoned = false;
         self.len += lines.len() as u64;
         self.head = head;
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            self.first_time.get_or_insert(first.time());
+            self.last_time = Some(last.time());
+        }
         Ok(head)
     }
 
@@ -166,7 +266,7 @@ impl EvidenceLog {
     }
 }
 
-fn sync_parent_dir(path: &Path) -> io::Result<()> {
+pub(super) fn sync_parent_dir(path: &Path) -> io::Result<()> {
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -174,8 +274,9 @@ fn sync_parent_dir(path: &Path) -> io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
-/// Reads only the tail of a non-empty log: the last line plus the newline before it.
-fn read_head(mut file: &File, len: u64) -> io::Result<Result<Head, ChainError>> {
+/// Reads only the tail of a non-empty log: the last line plus the newline before it. Returns its head and the
+/// last record's time.
+fn read_head(mut file: &File, len: u64) -> io::Result<Result<(Head, Timestamp), ChainError>> {
     let window = (MAX_LINE_BYTES as u64 + 2).min(len);
     file.seek(SeekFrom::Start(len - window))?;
     let mut tail = Vec::new();
@@ -202,10 +303,13 @@ fn read_head(mut file: &File, len: u64) -> io::Result<Result<Head, ChainError>> 
             },
             count_newlines(file)?,
         ),
-        Ok(entry) => Ok(Ok(Head {
-            seq: entry.seq,
-            hash: Sha256Hex::of(line),
-        })),
+        Ok(entry) => Ok(Ok((
+            Head {
+                seq: entry.seq,
+                hash: Sha256Hex::of(line),
+            },
+            entry.record.time(),
+        ))),
         Err(kind) => broken(kind, count_newlines(file)?),
     }
 }

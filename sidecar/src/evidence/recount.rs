@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use jiff::{SignedDuration, Timestamp};
 use securemail_api::provider::Provider;
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 
 use super::{MAX_LINE_BYTES, WarmupCount, log_files};
 use crate::error::{Error, Result};
@@ -29,6 +30,9 @@ struct Counted {
     time: Timestamp,
     #[serde(default)]
     warmup: Option<WarmupCount>,
+    /// Present on the record of a pruned file, which counts nothing and says nothing about delivery times.
+    #[serde(default)]
+    pruned: Option<IgnoredAny>,
 }
 
 /// What [`warmup_counts`] found.
@@ -68,6 +72,9 @@ pub fn warmup_counts(dir: &Path, day_start: Timestamp) -> Result<Recount> {
                 recount.skipped.push((path.clone(), lines_from_end));
                 continue;
             };
+            if counted.pruned.is_some() {
+                continue;
+            }
             if counted.time < cutoff {
                 return Ok(recount);
             }
@@ -84,7 +91,7 @@ pub fn warmup_counts(dir: &Path, day_start: Timestamp) -> Result<Recount> {
 
 /// The complete lines of a file, last first, without their newlines. Bytes after the last newline (an append cut
 /// short) are not a line.
-struct BackwardLines<'file> {
+pub(super) struct BackwardLines<'file> {
     file: &'file File,
     /// Bytes before this offset are not read yet.
     unread_end: u64,
@@ -95,7 +102,7 @@ struct BackwardLines<'file> {
 }
 
 impl<'file> BackwardLines<'file> {
-    fn new(file: &'file File, len: u64) -> io::Result<Self> {
+    pub(super) fn new(file: &'file File, len: u64) -> io::Result<Self> {
         let last_newline = last_newline(file, len)?;
         Ok(Self {
             file,
@@ -105,7 +112,7 @@ impl<'file> BackwardLines<'file> {
         })
     }
 
-    fn next_line(&mut self) -> io::Result<Option<Vec<u8>>> {
+    pub(super) fn next_line(&mut self) -> io::Result<Option<Vec<u8>>> {
         loop {
             if let Some(line) = self.ready.pop() {
                 return Ok(Some(line));
@@ -160,8 +167,9 @@ mod tests {
     use std::num::NonZeroU32;
 
     use super::*;
+    use crate::evidence::pruned::tests::sample_prune;
     use crate::evidence::record::tests::sample_attempt;
-    use crate::evidence::{Attempt, EvidenceLog};
+    use crate::evidence::{Attempt, EvidenceLog, PruneRecord};
 
     fn counted(time: &str, provider: Provider, recipients: u32) -> Attempt {
         Attempt {
@@ -221,6 +229,26 @@ mod tests {
             recount.counts,
             BTreeMap::from([(Provider::Gmail, 403), (Provider::Microsoft, 2)])
         );
+        assert!(recount.skipped.is_empty(), "{:?}", recount.skipped);
+    }
+
+    #[test]
+    fn prune_records_are_skipped_without_ending_the_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evidence-20261126T000000.000000000Z.jsonl");
+        let mut log = EvidenceLog::open(&path).unwrap();
+        log.append(&counted("2026-11-26T08:00:00Z", Provider::Yahoo, 4))
+            .unwrap();
+        // A prune record, even one dated before the day (a clock step), neither counts nor stops the reading.
+        let prune = PruneRecord {
+            time: "2026-11-20T00:00:00Z".parse().unwrap(),
+            ..sample_prune()
+        };
+        log.append_all(std::slice::from_ref(&prune)).unwrap();
+        log.append(&counted("2026-11-26T09:00:00Z", Provider::Yahoo, 1))
+            .unwrap();
+        let recount = warmup_counts(dir.path(), day_start()).unwrap();
+        assert_eq!(recount.counts, BTreeMap::from([(Provider::Yahoo, 5)]));
         assert!(recount.skipped.is_empty(), "{:?}", recount.skipped);
     }
 

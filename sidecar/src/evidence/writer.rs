@@ -5,37 +5,48 @@
 
 use std::thread;
 
+use securemail_api::sidecar_status::PrunedEvidenceFile;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Attempt, EvidenceLog};
+use super::{Attempt, EvidenceStore, HeadsHandle, PruneRequest};
 use crate::error::{Error, Result};
 use crate::relay::Relayed;
 
-/// Records waiting for the writer, with the channel each caller waits on.
-type Request = (Vec<Attempt>, oneshot::Sender<Relayed<Result<(), String>>>);
+/// Work for the writer thread: records with the channel each caller waits on, or a pruning pass.
+enum Request {
+    Append(Vec<Attempt>, oneshot::Sender<Relayed<Result<(), String>>>),
+    Prune(PruneRequest, oneshot::Sender<Result<Vec<PrunedEvidenceFile>, String>>),
+}
 
 /// A handle to the writer thread; clones share it. The thread ends when the last handle is dropped.
 #[derive(Clone, Debug)]
 pub struct EvidenceWriter {
     requests: mpsc::UnboundedSender<Request>,
+    heads: HeadsHandle,
 }
 
 impl EvidenceWriter {
-    /// Starts the writer thread for `log`.
-    pub fn spawn(log: EvidenceLog) -> Result<Self> {
+    /// Starts the writer thread for `store`.
+    pub fn spawn(store: EvidenceStore) -> Result<Self> {
         let (requests, receiver) = mpsc::unbounded_channel();
+        let heads = store.heads();
         thread::Builder::new()
             .name("evidence-writer".to_owned())
-            .spawn(move || commit_in_groups(log, receiver))
+            .spawn(move || commit_in_groups(store, receiver))
             .map_err(|source| Error::EvidenceWriter(source.to_string()))?;
-        Ok(Self { requests })
+        Ok(Self { requests, heads })
+    }
+
+    /// The chain heads of the evidence directory, kept current by this writer.
+    pub fn heads(&self) -> HeadsHandle {
+        self.heads.clone()
     }
 
     /// Appends `attempts` (in order, contiguous in the chain) and returns once they are on disk.
     pub async fn append(&self, attempts: Vec<Attempt>) -> Result<()> {
         let (done, answer) = oneshot::channel();
         self.requests
-            .send((attempts, done))
+            .send(Request::Append(attempts, done))
             .map_err(|_| Error::EvidenceWriter("the writer thread has stopped".to_owned()))?;
         match answer.await {
             // Dropping the answer passes it on to the rest of the group.
@@ -45,21 +56,54 @@ impl EvidenceWriter {
             )),
         }
     }
+
+    /// Runs a pruning pass between two appends (see [`EvidenceStore::prune`]) and returns the files pruned.
+    pub async fn prune(&self, request: PruneRequest) -> Result<Vec<PrunedEvidenceFile>> {
+        let (done, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Prune(request, done))
+            .map_err(|_| Error::EvidenceWriter("the writer thread has stopped".to_owned()))?;
+        match answer.await {
+            Ok(answer) => answer.map_err(Error::EvidenceWriter),
+            Err(_) => Err(Error::EvidenceWriter(
+                "the writer thread stopped before answering".to_owned(),
+            )),
+        }
+    }
 }
 
-fn commit_in_groups(mut log: EvidenceLog, mut requests: mpsc::UnboundedReceiver<Request>) {
-    while let Some(first) = requests.blocking_recv() {
-        let mut group = vec![first];
-        while let Ok(next) = requests.try_recv() {
-            group.push(next);
+fn commit_in_groups(mut store: EvidenceStore, mut requests: mpsc::UnboundedReceiver<Request>) {
+    let mut next = requests.blocking_recv();
+    while let Some(request) = next.take() {
+        let (attempts, done) = match request {
+            Request::Prune(prune, done) => {
+                let _ = done.send(store.prune(&prune).map_err(|err| err.to_string()));
+                next = requests.blocking_recv();
+                continue;
+            }
+            Request::Append(attempts, done) => (attempts, done),
+        };
+        let mut group = vec![(attempts, done)];
+        // A pruning pass waiting behind the group runs after it.
+        while let Ok(request) = requests.try_recv() {
+            match request {
+                Request::Append(attempts, done) => group.push((attempts, done)),
+                prune @ Request::Prune(..) => {
+                    next = Some(prune);
+                    break;
+                }
+            }
         }
         let attempts: Vec<Attempt> = group
             .iter()
             .flat_map(|(attempts, _)| attempts.iter().cloned())
             .collect();
-        let result = log.append_all(&attempts).map(drop).map_err(|err| err.to_string());
+        let result = store.append_all(&attempts).map(drop).map_err(|err| err.to_string());
         // A caller that stopped waiting loses nothing: its records are written either way.
         Relayed::answer_all(group.into_iter().map(|(_, done)| done), result);
+        if next.is_none() {
+            next = requests.blocking_recv();
+        }
     }
 }
 
@@ -89,8 +133,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_all_land_in_one_unbroken_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("evidence.jsonl");
-        let writer = EvidenceWriter::spawn(EvidenceLog::open(&path).unwrap()).unwrap();
+        let store = EvidenceStore::open(dir.path(), "2026-11-26T00:00:00Z".parse().unwrap()).unwrap();
+        let path = store.current_path().to_path_buf();
+        let writer = EvidenceWriter::spawn(store).unwrap();
         let tasks: Vec<_> = (0..64)
             .map(|n| {
                 let writer = writer.clone();
@@ -119,5 +164,51 @@ mod tests {
             assert_eq!(pair[0] % 2, 0);
             assert_eq!(pair[1], pair[0] + 1);
         }
+    }
+
+    fn attempt_at(n: usize, time: &str) -> Attempt {
+        Attempt {
+            time: time.parse().unwrap(),
+            ..attempt(n)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pruning_pass_runs_between_appends_and_its_record_joins_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer =
+            EvidenceWriter::spawn(EvidenceStore::open(dir.path(), "2026-01-01T00:00:00Z".parse().unwrap()).unwrap())
+                .unwrap();
+        writer
+            .append(vec![attempt_at(0, "2026-01-02T00:00:00Z")])
+            .await
+            .unwrap();
+        writer
+            .append(vec![attempt_at(1, "2026-02-02T00:00:00Z")])
+            .await
+            .unwrap();
+        let request = PruneRequest {
+            now: "2026-02-20T00:00:00Z".parse().unwrap(),
+            retention_days: 7,
+            tenant: "clinic/lakeside".parse().unwrap(),
+        };
+        let (pruned, appended) = tokio::join!(
+            writer.prune(request),
+            writer.append(vec![attempt_at(2, "2026-02-20T00:00:01Z")])
+        );
+        appended.unwrap();
+        let pruned = pruned.unwrap();
+        assert_eq!(pruned.len(), 1);
+        assert_eq!(pruned[0].file, "evidence-20260101T000000.000000000Z.jsonl");
+
+        let heads = writer.heads().snapshot();
+        assert_eq!(heads.pruned, pruned);
+        assert_eq!(heads.files.len(), 1);
+        let path = dir.path().join(&heads.files[0].file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let summary = verify(text.as_bytes()).unwrap();
+        assert_eq!((summary.records, heads.files[0].records), (3, 3));
+        assert_eq!(summary.last_hash.to_string(), heads.files[0].last_hash);
+        assert_eq!(text.lines().filter(|line| line.contains("\"pruned\"")).count(), 1);
     }
 }
