@@ -1088,6 +1088,10 @@ async fn a_shrinking_pool_drains_before_the_pod_goes_and_keeps_its_volume_as_evi
         .and_then(|pod| pod.annotations().get("securemail.io/queue-empty-since").cloned());
     assert_eq!(cleared, None, "a non-empty reading restarts the confirmation");
 
+    // The chain heads its sidecar publishes are kept with its volume once it goes.
+    let heads = json!({"files": [{"file": "evidence-20261201T000000.000000000Z.jsonl", "records": 3,
+        "lastHash": "9f".repeat(32), "lastRecordTime": "2026-12-01T10:00:00Z"}], "pruned": []});
+    top.set_field("evidence", heads.clone());
     top.set_queued(0);
     eventually("the drained pod removed", WAIT, || async {
         (replicas(client, &namespace, &sts).await == Some(2)).then_some(())
@@ -1102,6 +1106,14 @@ async fn a_shrinking_pool_drains_before_the_pod_goes_and_keeps_its_volume_as_evi
         &format!("pod {sts}-2 (address 127.0.0.77): left the pool"),
     )
     .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
+    let kept: Option<serde_json::Value> = claims
+        .get(&format!("data-{sts}-2"))
+        .await
+        .ok()
+        .and_then(|claim| claim.annotations().get("securemail.io/evidence-heads").cloned())
+        .and_then(|heads| serde_json::from_str(&heads).ok());
+    assert_eq!(kept, Some(heads), "the drained pod's chain heads on its volume claim");
     eventually("Draining cleared", WAIT, || async {
         (condition(&api.get(&name).await.ok()?, "Draining")?.0 == "False").then_some(())
     })

@@ -324,7 +324,7 @@ async fn read_queue(pod: &Pod) -> (QueueState, Option<LastReport>) {
             };
             let report = LastReport {
                 address: Some(status.address.to_string()),
-                heads: None,
+                heads: status.evidence,
             };
             (state, Some(report))
         }

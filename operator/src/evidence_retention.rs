@@ -12,13 +12,14 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::{Api, ResourceExt};
+use securemail_api::sidecar_status::EvidenceHeads;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::Result;
 use crate::context::Context;
 use crate::drain::claim_name;
 use crate::names::{MANAGED_SELECTOR, TenantNames};
+use crate::{Error, Result};
 
 /// On a claim: `true` while it is kept only as evidence (its pod is gone).
 pub const RETAINED_LABEL: &str = "securemail.io/evidence-retained";
@@ -34,7 +35,7 @@ pub const RETAINED_FROM_ANNOTATION: &str = "securemail.io/evidence-retained-from
 #[derive(Debug, Clone, Default)]
 pub struct LastReport {
     pub address: Option<String>,
-    pub heads: Option<serde_json::Value>,
+    pub heads: Option<EvidenceHeads>,
 }
 
 /// When a retained claim may go: `retention_days` after `now` (the pod has left, so every record is older).
@@ -104,7 +105,15 @@ pub async fn retain(
                 .map(|address| format!(" (address {address})"))
                 .unwrap_or_default()
         );
-        let heads = report.heads.map(|heads| heads.to_string());
+        let heads = report
+            .heads
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|source| Error::Serialize {
+                what: "evidence chain heads",
+                source,
+            })?;
         let patch = json!({"metadata": {
             "labels": {RETAINED_LABEL: "true"},
             "annotations": {
