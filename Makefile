@@ -152,6 +152,7 @@ e2e: deps
 ## jobs the rules read, every alert loaded and quiet, the "down" alerts active while the operator or a sidecar is gone.
 e2e-node: deps images
 	e2e/node-monitoring.sh build
+	$(CARGO) build $(CARGO_FLAGS) -p securemail-sidecar --bin securemail-sidecar
 	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test node --test node_egress --test node_queue \
 	  --test node_monitoring
 	flock $(DATAPLANE_LOCK) bash -c 'trap "e2e/cluster-down.sh; e2e/dataplane/down.sh $(DATAPLANE_DIR)" EXIT; \
@@ -159,6 +160,7 @@ e2e-node: deps images
 	  SECUREMAIL_NODE=1 e2e/cluster-up.sh >/dev/null && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
 	  SECUREMAIL_EXTRA_TENANT_NAMESPACES=tenant-egress e2e/node-install.sh $(TARGET_DIR)/images && \
 	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
+	  SECUREMAIL_SIDECAR_BIN=$(TARGET_DIR)/debug/securemail-sidecar \
 	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test node --test node_egress --test node_queue \
 	  --test node_monitoring'
 

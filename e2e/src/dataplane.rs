@@ -940,11 +940,11 @@ fn operator_bin() -> PathBuf {
         .expect("SECUREMAIL_OPERATOR_BIN names the operator binary (set by `make e2e-dataplane`)")
 }
 
-/// The sidecar binary `make e2e-dataplane` built.
+/// The sidecar binary `make e2e-dataplane` (or `make e2e-node`) built.
 pub fn sidecar_bin() -> PathBuf {
     std::env::var_os("SECUREMAIL_SIDECAR_BIN")
         .map(PathBuf::from)
-        .expect("SECUREMAIL_SIDECAR_BIN names the sidecar binary (set by `make e2e-dataplane`)")
+        .expect("SECUREMAIL_SIDECAR_BIN names the sidecar binary (set by `make e2e-dataplane` and `make e2e-node`)")
 }
 
 /// Verifies every DKIM signature of `message` with dkimpy (e2e/dataplane/dkimverify.py), an implementation

@@ -6,7 +6,9 @@
 //!   of the pod that queued it, with one evidence record on that pod's volume.
 //! - The pool shrinks while the departing pod holds mail: the pod leaves the submission Service, stays while its
 //!   queue holds mail (the tenant's status says it is draining and what it holds), delivers from the address that
-//!   left once the receiver accepts, and only then goes; the other pod is untouched.
+//!   left once the receiver accepts, and only then goes; the other pod is untouched. Its volume stays as delivery
+//!   evidence, marked with its retention date and the chain heads its sidecar last published, and the evidence on it
+//!   verifies against those heads (`securemail-sidecar evidence verify --heads`).
 // Test support: a step that fails is a failed test, reported with the step's description.
 #![allow(clippy::expect_used)]
 
@@ -16,11 +18,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::{Api, ResourceExt};
 use securemail_api::SecureMailTenant;
 use securemail_api::tenant::PoolAddressState;
-use securemail_e2e::dataplane::{ReceiverSetting, World, run_ok};
+use securemail_e2e::dataplane::{ReceiverSetting, World, run_ok, sidecar_bin};
 use securemail_e2e::node::{TENANT_READY, cluster_dir, containers, mta_pods, ordinal, pod_ready, wait_for_conditions};
 use securemail_e2e::node_mail::{
     MailTenant, Mode, NAMESPACE, evidence_of_delivery, onboard, pod_ip, proxy_addresses, publish_dns, queued, received,
@@ -339,6 +341,41 @@ async fn queued_mail_survives_a_deleted_pod_killed_containers_and_a_shrinking_po
         "the pool after the shrink: {pool:?}"
     );
     println!("{}: drained, delivered its 3 messages once, then removed", names[1]);
+    evidence_kept_with_its_heads(&client, &volumes[1], &format!("data-{}", names[1])).await;
+    assert_delivered_once_by(&world, &mail, &volumes[1], 1, &draining_ids);
     kubectl_ok(&["delete", "smt", "-n", NAMESPACE, TENANT, "--wait=false"]);
     std::fs::remove_dir_all(&tls).ok();
+}
+
+/// The volume claim `claim` of a pod that left is kept as delivery evidence: labelled, with a retention date and the
+/// chain heads its sidecar last published, against which the evidence directory on `volume` verifies.
+async fn evidence_kept_with_its_heads(client: &kube::Client, volume: &Path, claim: &str) {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NAMESPACE);
+    let kept = claims
+        .get(claim)
+        .await
+        .expect("the departed pod's volume claim is kept");
+    assert!(kept.metadata.deletion_timestamp.is_none(), "{claim} is being deleted");
+    assert_eq!(
+        kept.labels().get("securemail.io/evidence-retained").map(String::as_str),
+        Some("true"),
+        "{claim} marked as evidence"
+    );
+    let annotations = kept.annotations();
+    assert!(
+        annotations.contains_key("securemail.io/evidence-retain-until"),
+        "{claim}: {annotations:?}"
+    );
+    let heads = annotations
+        .get("securemail.io/evidence-heads")
+        .unwrap_or_else(|| panic!("{claim} has no evidence heads: {annotations:?}"));
+    let heads_file = cluster_dir().join(format!("{claim}-heads.json"));
+    std::fs::write(&heads_file, heads).expect("heads written");
+    let verified = run_ok(
+        Command::new(sidecar_bin())
+            .args(["evidence", "verify", "--heads"])
+            .arg(&heads_file)
+            .arg(volume.join("sidecar/evidence")),
+    );
+    println!("{claim}: kept as evidence; verify --heads: {}", verified.trim());
 }
