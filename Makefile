@@ -150,11 +150,13 @@ e2e: deps
 ## Monitoring as shipped (node_monitoring.rs): the chart's monitors and alert pack consumed by a Prometheus Operator
 ## and the Prometheus it manages (e2e/node-monitoring.sh, built before the lock is taken); every target up under the
 ## jobs the rules read, every alert loaded and quiet, the "down" alerts active while the operator or a sidecar is gone.
+## DNS as a cluster has it (node_dns.rs): the sidecars ask cluster DNS, whose upstream validates, does not validate,
+## or strips DNSSEC records; DANE holds in the first two, and nothing gets a policy in the third.
 e2e-node: deps images
 	e2e/node-monitoring.sh build
 	$(CARGO) build $(CARGO_FLAGS) -p securemail-sidecar --bin securemail-sidecar
 	$(CARGO) test $(CARGO_FLAGS) --no-run -p securemail-e2e --test node --test node_egress --test node_queue \
-	  --test node_monitoring
+	  --test node_monitoring --test node_dns
 	flock $(DATAPLANE_LOCK) bash -c 'trap "e2e/cluster-down.sh; e2e/dataplane/down.sh $(DATAPLANE_DIR)" EXIT; \
 	  e2e/dataplane/up.sh $(DATAPLANE_DIR) >/dev/null && e2e/dataplane/host-link.sh up $(DATAPLANE_DIR) && \
 	  SECUREMAIL_NODE=1 e2e/cluster-up.sh >/dev/null && SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
@@ -162,7 +164,7 @@ e2e-node: deps images
 	  KUBECONFIG=$(KUBECONFIG_FILE) SECUREMAIL_DATAPLANE_DIR=$(DATAPLANE_DIR) \
 	  SECUREMAIL_SIDECAR_BIN=$(TARGET_DIR)/debug/securemail-sidecar \
 	  $(CARGO) test $(CARGO_FLAGS) -p securemail-e2e --test node --test node_egress --test node_queue \
-	  --test node_monitoring'
+	  --test node_monitoring --test node_dns'
 
 ## e2e-dataplane: start the data-plane world (DNSSEC zones, validating resolver, MTA-STS server, receiving MX hosts
 ## in network namespaces), check it without the sidecar, run the sidecar suites in it, stop it again.

@@ -6,8 +6,9 @@
 # consumed by a Prometheus Operator installed first (node-monitoring.sh).
 # Usage: node-install.sh [IMAGES_DIR] (default target/images). Expects the node (make node-up).
 # With SECUREMAIL_DATAPLANE_DIR naming a running data-plane world linked to this machine (dataplane/host-link.sh),
-# the sidecars resolve through the world's validating resolver and trust its root; SECUREMAIL_EXTRA_TENANT_NAMESPACES
-# (comma-separated) adds tenant namespaces beyond the examples'.
+# the world is the node's Internet: cluster DNS forwards to the world's validating resolver, and the sidecars resolve
+# through cluster DNS like any pod (the chart names no resolver) and trust the world's root (the chart's trust
+# anchors); SECUREMAIL_EXTRA_TENANT_NAMESPACES (comma-separated) adds tenant namespaces beyond the examples'.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -51,8 +52,15 @@ if [ -n "${SECUREMAIL_DATAPLANE_DIR:-}" ]; then
   world_env=$SECUREMAIL_DATAPLANE_DIR/world.env
   [ -f "$world_env" ] || die "SECUREMAIL_DATAPLANE_DIR=$SECUREMAIL_DATAPLANE_DIR has no world.env (run dataplane/up.sh)"
   resolver=$(sed -n 's/^SMDP_RESOLVER=//p' "$world_env")
-  sidecar_dns=(--set "sidecarDns.nameservers={$resolver:53}"
-    --set-file "sidecarDns.trustAnchors=$(sed -n 's/^SMDP_TRUST_ANCHOR=//p' "$world_env")")
+  # CoreDNS (node-up.sh) forwards what is not cluster.local to the machine's resolvers; here, to the world's. Its cache
+  # starts empty in the restarted pod.
+  kubectl -n kube-system get configmap coredns -o yaml \
+    | sed "s|forward \. .*|forward . $resolver:53|" | kubectl apply -f - >/dev/null \
+    || die "pointing cluster DNS at the world's resolver failed"
+  kubectl -n kube-system rollout restart deployment/coredns >/dev/null
+  kubectl -n kube-system rollout status deployment/coredns --timeout=120s >/dev/null \
+    || die "CoreDNS did not come back within 120s"
+  sidecar_dns=(--set-file "sidecarDns.trustAnchors=$(sed -n 's/^SMDP_TRUST_ANCHOR=//p' "$world_env")")
 fi
 # A drained pod goes after its queue read empty twice this far apart: shorter than the chart's minute, so the node
 # suites' drains take seconds.

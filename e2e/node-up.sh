@@ -332,8 +332,27 @@ EOF
 log "starting kube-proxy"
 record_and_launch "$dir" kube-proxy "$bin/kube-proxy" --config="$node_dir/kube-proxy.yaml" --v=1
 
+# --- Ready ---------------------------------------------------------------------------------------------------------
+ready=false
+for _ in $(seq 1 240); do
+  for name in "${node_components[@]}"; do
+    # kube-router starts once the node is registered (below).
+    [ "$name" = kube-router ] && continue
+    alive "$dir/$name.pid" || fail "$name exited during startup" "$name"
+  done
+  if [ "$(kc get node "$node_name" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] \
+    && kc get serviceaccount default -n default >/dev/null 2>&1; then
+    ready=true
+    break
+  fi
+  sleep 0.5
+done
+$ready || fail "node $node_name was not Ready with a default ServiceAccount within 120s" kubelet
+log "node $node_name Ready at $node_ip in $(($(date +%s) - start))s"
+
 # --- NetworkPolicy: kube-router's firewall alone ----------------------------------------------------------------
-# It reads pods, namespaces, nodes and policies, and turns each NetworkPolicy into iptables chains and ipsets in the
+# Started once the node is registered: it finds its node by name, and exits when there is none yet. It reads pods,
+# namespaces, nodes and policies, and turns each NetworkPolicy into iptables chains and ipsets in the
 # FORWARD path of the bridge (bridge-nf-call-iptables above); traffic from the node itself (kubelet probes) passes.
 # Pod networking stays the bridge plugin's and Services kube-proxy's.
 kc apply -f - >/dev/null <<'EOF' || fail "applying kube-router's RBAC"
@@ -370,22 +389,16 @@ record_and_launch "$dir" kube-router "$kube_router" \
   --metrics-port=0 \
   --v=1
 
-# --- Ready ---------------------------------------------------------------------------------------------------------
 ready=false
-for _ in $(seq 1 240); do
-  for name in "${node_components[@]}"; do
-    alive "$dir/$name.pid" || fail "$name exited during startup" "$name"
-  done
-  if [ "$(kc get node "$node_name" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] \
-    && kc get serviceaccount default -n default >/dev/null 2>&1 \
-    && curl -fsS --max-time 2 "http://127.0.0.1:$kube_router_health_port/healthz" >/dev/null 2>&1; then
+for _ in $(seq 1 120); do
+  alive "$dir/kube-router.pid" || fail "kube-router exited during startup" kube-router
+  if curl -fsS --max-time 2 "http://127.0.0.1:$kube_router_health_port/healthz" >/dev/null 2>&1; then
     ready=true
     break
   fi
   sleep 0.5
 done
-$ready || fail "node $node_name was not Ready with a default ServiceAccount and kube-router healthy within 120s" kubelet
-log "node $node_name Ready at $node_ip in $(($(date +%s) - start))s"
+$ready || fail "kube-router was not healthy within 60s" kube-router
 
 # --- Cluster DNS ---------------------------------------------------------------------------------------------------
 sed -e "s|@COREDNS_IMAGE@|$coredns_image|" -e "s|@CLUSTER_DNS_IP@|$cluster_dns_ip|" "$here/node/coredns.yaml" \
