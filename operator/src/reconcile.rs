@@ -240,17 +240,14 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         signing_keys,
         pods: pool_plan.pods.clone(),
     };
-    let children = build::children(&owned, &observed, &ctx.settings)?;
-    let stateful_set = if hold_volumes {
-        hold_new_volumes(
-            children.stateful_set.clone(),
+    let mut children = build::children(&owned, &observed, &ctx.settings)?;
+    let write_stateful_set = !hold_volumes
+        || hold_new_volumes(
+            &mut children.stateful_set,
             live_replicas,
             cached_stateful_set(ctx, &namespace, &names).is_some(),
-        )
-    } else {
-        Some(children.stateful_set.clone())
-    };
-    let ready_replicas = apply_children(ctx, &namespace, &names, children, stateful_set).await?;
+        );
+    let ready_replicas = apply_children(ctx, &namespace, &names, children, write_stateful_set).await?;
     drain::delete_volumes(ctx, &namespace, &names, &pool_plan.removed).await?;
 
     let public_keys = public_keys(ctx, &namespace, &names, &plan).await?;
@@ -550,28 +547,28 @@ fn draining_condition(plan: &drain::PoolPlan, pool: &[PoolAddressStatus], now: T
     ConditionUpdate::new(status::DRAINING, true, reason, pods.join("; "))
 }
 
-/// The StatefulSet to apply while new queue volumes are held back: none when there is none yet (no claim is ever
-/// made), else the desired one with no more replicas than it has, so no new claim appears. It is never scaled down
-/// for this: its pods may hold queued mail. Claims it already has keep their class.
-fn hold_new_volumes(mut desired: StatefulSet, live_replicas: u32, exists: bool) -> Option<StatefulSet> {
+/// Fits the desired StatefulSet to new queue volumes being held back; returns whether to write it. None is written
+/// when there is none yet (so no claim is ever made); an existing one keeps no more replicas than it has, so no new
+/// claim appears, and is never scaled down for this: its pods may hold queued mail. Claims it has keep their class.
+fn hold_new_volumes(desired: &mut StatefulSet, live_replicas: u32, exists: bool) -> bool {
     if !exists {
-        return None;
+        return false;
     }
     if let Some(spec) = desired.spec.as_mut() {
         let live = i32::try_from(live_replicas).unwrap_or(i32::MAX);
         spec.replicas = Some(spec.replicas.unwrap_or(live).min(live));
     }
-    Some(desired)
+    true
 }
 
-/// Applies every child (the StatefulSet as given: `None` leaves it unwritten) and sweeps the ones no longer built.
+/// Applies every child (the StatefulSet only when `write_stateful_set`) and sweeps the ones no longer built.
 /// Returns the StatefulSet's ready replicas.
 async fn apply_children(
     ctx: &Context,
     namespace: &str,
     names: &TenantNames,
     children: Children,
-    stateful_set: Option<StatefulSet>,
+    write_stateful_set: bool,
 ) -> Result<i32> {
     let (client, stores, tenant) = (&ctx.client, &ctx.stores, names.tenant.as_str());
     let keep_mta = [names.mta()];
@@ -581,8 +578,8 @@ async fn apply_children(
     apply::apply(client, children.submission_service, &stores.services).await?;
     apply::apply(client, children.disruption_budget, &stores.disruption_budgets).await?;
     apply::apply(client, children.network_policy, &stores.network_policies).await?;
-    if let Some(stateful_set) = stateful_set {
-        apply::apply(client, stateful_set, &stores.stateful_sets).await?;
+    if write_stateful_set {
+        apply::apply(client, children.stateful_set, &stores.stateful_sets).await?;
     }
     apply::sweep::<ServiceAccount, _>(client, namespace, tenant, &stores.service_accounts, &keep_mta).await?;
     apply::sweep::<ConfigMap, _>(client, namespace, tenant, &stores.config_maps, &[names.config_map()]).await?;
@@ -1082,24 +1079,18 @@ mod tests {
         }
     }
 
-    fn replicas(held: Option<StatefulSet>) -> Option<i32> {
-        held?.spec?.replicas
+    /// The replicas written, `None` when the StatefulSet is not written.
+    fn held(desired: i32, live: u32, exists: bool) -> Option<i32> {
+        let mut stateful_set = stateful_set(desired);
+        hold_new_volumes(&mut stateful_set, live, exists).then(|| stateful_set.spec?.replicas)?
     }
 
     #[test]
     fn held_volumes_mean_no_new_stateful_set_and_no_scale_up_but_never_a_scale_down() {
-        assert_eq!(
-            hold_new_volumes(stateful_set(2), 0, false),
-            None,
-            "a new tenant gets none"
-        );
-        assert_eq!(
-            replicas(hold_new_volumes(stateful_set(3), 2, true)),
-            Some(2),
-            "not scaled up"
-        );
-        assert_eq!(replicas(hold_new_volumes(stateful_set(2), 2, true)), Some(2));
+        assert_eq!(held(2, 0, false), None, "a new tenant gets none");
+        assert_eq!(held(3, 2, true), Some(2), "not scaled up");
+        assert_eq!(held(2, 2, true), Some(2));
         // A pool that shrank drains as usual: fewer replicas create no claim.
-        assert_eq!(replicas(hold_new_volumes(stateful_set(1), 2, true)), Some(1));
+        assert_eq!(held(1, 2, true), Some(1));
     }
 }
