@@ -342,7 +342,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             && previous_reason.as_deref() != Some(reason.as_str());
         let transitioned = status::set_condition(&mut conditions, update, generation, now);
         if (transitioned && news) || cause_changed || hold_started {
-            let kind = if transition_is_bad(type_, status_now, &reason) {
+            let kind = if transition_is_bad(type_, status_now, &reason, &message) {
                 EventType::Warning
             } else {
                 EventType::Normal
@@ -910,8 +910,11 @@ fn without_domains<'t>(tenant: &'t SecureMailTenant, held: &BTreeMap<String, Str
     Cow::Owned(owned)
 }
 
-fn transition_is_bad(type_: &str, status_now: Option<bool>, reason: &str) -> bool {
+fn transition_is_bad(type_: &str, status_now: Option<bool>, reason: &str, message: &str) -> bool {
     match type_ {
+        // A problem only where it holds back pods and volumes; elsewhere it informs (a change of the cluster's
+        // default StorageClass would otherwise raise a warning on every tenant).
+        status::QUEUE_STORAGE_ENCRYPTED => message.contains(queue_storage::HOLD_NOTE),
         status::IP_POOL_CONFLICT | status::DOMAIN_CONFLICT | status::DRAINING => status_now == Some(true),
         // Listed, or not known whether listed.
         status::IP_LISTED => status_now != Some(false),
@@ -1092,5 +1095,30 @@ mod tests {
         assert_eq!(held(2, 2, true), Some(2));
         // A pool that shrank drains as usual: fewer replicas create no claim.
         assert_eq!(held(1, 2, true), Some(1));
+    }
+
+    #[test]
+    fn storage_not_known_to_encrypt_warns_only_where_it_holds_back_volumes() {
+        let reason = "StorageClassNotKnownToEncrypt";
+        let informs = "queue volumes use StorageClass standard, which is not known to encrypt at rest";
+        assert!(!transition_is_bad(
+            status::QUEUE_STORAGE_ENCRYPTED,
+            Some(false),
+            reason,
+            informs
+        ));
+        let holds = format!("{informs}. {}: no new MTA pod", queue_storage::HOLD_NOTE);
+        assert!(transition_is_bad(
+            status::QUEUE_STORAGE_ENCRYPTED,
+            Some(false),
+            reason,
+            &holds
+        ));
+        assert!(transition_is_bad(
+            status::QUEUE_STORAGE_ENCRYPTED,
+            None,
+            "NoDefaultStorageClass",
+            &holds
+        ));
     }
 }
