@@ -110,6 +110,13 @@ const MAILBOX_PATTERN: &str = r"^[^@\s]+@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+
         json_path = ".metadata.creationTimestamp"
     ),
     printcolumn(
+        name = "Queue-Encrypted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"QueueStorageEncrypted\")].status",
+        description = "Whether the queue volumes' StorageClass is known to encrypt at rest",
+        priority = 1
+    ),
+    printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
@@ -900,10 +907,20 @@ pub struct QueueStorage {
     /// Size of each pod's volume. Default 10Gi.
     #[serde(default = "default_storage_size")]
     pub size: Quantity,
-    /// StorageClass of the volume; the cluster default when unset.
+    /// StorageClass of the volume; the cluster default when unset. The volume holds queued mail (message content,
+    /// PHI) while delivery is deferred: the tenant's QueueStorageEncrypted condition says whether this class is known
+    /// to encrypt at rest (see docs/security.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub storage_class_name: Option<String>,
+    /// Refuse to create queue volumes on a StorageClass not known to encrypt at rest. When true and the class (named
+    /// above, or the cluster default) is neither a known encrypting provisioner with its encryption setting nor
+    /// annotated `securemail.io/encrypted-at-rest: "true"` by the platform team, no new MTA pod or volume is made:
+    /// a new tenant gets no StatefulSet, an existing one is not scaled up, and Ready is False naming the
+    /// QueueStorageEncrypted condition. Nothing that already holds mail is deleted or shrunk. Default false, so
+    /// existing tenants keep working; the condition reports the class either way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_encryption_at_rest: bool,
 }
 
 impl Default for QueueStorage {
@@ -911,6 +928,7 @@ impl Default for QueueStorage {
         Self {
             size: default_storage_size(),
             storage_class_name: None,
+            require_encryption_at_rest: false,
         }
     }
 }
@@ -960,7 +978,8 @@ pub struct SecureMailTenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready summarises the others; typed conditions include DkimReady, IpPoolConflict, DnsPublished, Draining.
+    /// Ready summarises the others; typed conditions include DkimReady, IpPoolConflict, DnsPublished, Draining,
+    /// QueueStorageEncrypted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

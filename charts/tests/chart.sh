@@ -81,6 +81,8 @@ yes update leases.coordination.k8s.io -n smchart-system
 yes create events.events.k8s.io -n smchart-tenant-a
 yes list pods -n smchart-tenant-a
 yes watch pods -n smchart-tenant-a
+yes list storageclasses.storage.k8s.io
+yes watch storageclasses.storage.k8s.io
 no get secrets -n smchart-tenant-b
 no get secrets -n kube-system
 no list secrets --all-namespaces
@@ -97,6 +99,9 @@ no watch pods --all-namespaces
 no watch pods -n smchart-tenant-b
 no create persistentvolumeclaims -n smchart-tenant-a
 no delete persistentvolumes
+no patch storageclasses.storage.k8s.io
+no create storageclasses.storage.k8s.io
+no delete storageclasses.storage.k8s.io
 no get nodes
 no create leases.coordination.k8s.io -n kube-system
 no create customresourcedefinitions.apiextensions.k8s.io

@@ -73,6 +73,11 @@ def watches_pods(role):
                for rule in role.get("rules", []))
 
 
+def storage_class_verbs(role):
+    return sorted(verb for rule in role.get("rules", []) if "storageclasses" in rule.get("resources", [])
+                  for verb in rule.get("verbs", []))
+
+
 def container(objects):
     return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 
@@ -108,6 +113,8 @@ check(crd["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "
 check(crd["spec"] == yaml.safe_load((chart / "files/crds/securemailtenants.securemail.io.yaml").read_text())["spec"],
       "default: the CRD differs from the generated one")
 restricted(default, "default")
+check(storage_class_verbs(one(default, "ClusterRole")) == ["list", "watch"],
+      "default: StorageClasses (QueueStorageEncrypted) must be readable through a watch and nothing more")
 
 scoped = load("tenant-namespaces")
 roles = {ns: doc for (kind, name, ns), doc in scoped.items() if kind == "Role" and name.endswith("-secrets")}

@@ -276,6 +276,10 @@ async fn kubectl_get_shows_the_printer_columns() {
         "conditions": [{
             "type": "Ready", "status": "False", "reason": "Warming", "message": "day 3 of 21",
             "lastTransitionTime": "2026-11-25T10:00:00Z", "observedGeneration": 1
+        }, {
+            "type": "QueueStorageEncrypted", "status": "True", "reason": "EncryptingStorageClass",
+            "message": "queue volumes use StorageClass gp3", "lastTransitionTime": "2026-11-25T10:00:00Z",
+            "observedGeneration": 1
         }]
     }});
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
@@ -287,12 +291,21 @@ async fn kubectl_get_shows_the_printer_columns() {
     let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "IPS", "WARMUP-DAY", "AGE", "REASON", "MESSAGE"],
+        [
+            "NAME",
+            "READY",
+            "IPS",
+            "WARMUP-DAY",
+            "AGE",
+            "QUEUE-ENCRYPTED",
+            "REASON",
+            "MESSAGE"
+        ],
         "{wide}"
     );
     let row: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
     assert_eq!(row[..4], [name.as_str(), "False", "1/1", "3"], "{wide}");
-    assert_eq!(row[5..], ["Warming", "day", "3", "of", "21"], "{wide}");
+    assert_eq!(row[5..], ["True", "Warming", "day", "3", "of", "21"], "{wide}");
 
     // The short name and the category find the same object.
     for resource in ["securemailtenants", "securemail"] {

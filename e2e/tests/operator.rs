@@ -5,6 +5,7 @@
 //! One operator serves the whole file (two would fight over the same tenants), so the scenarios run in sequence
 //! inside one test, each in its own namespace.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,6 +16,7 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use securemail_api::SecureMailTenant;
@@ -43,6 +45,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     the_later_tenant_loses_a_shared_address(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
     placement_follows_the_spec_and_leaves_the_volumes(&client).await;
+    queue_volumes_are_made_only_on_a_class_known_to_encrypt_when_required(&client).await;
     a_missing_secret_makes_the_config_invalid_until_it_appears(&client, &operator).await;
     pods_that_cannot_run_say_why_until_they_are_ready(&client, &operator).await;
     the_warmup_loop_judges_yesterday_from_the_pods_status(&client, &operator).await;
@@ -396,6 +399,234 @@ async fn placement_follows_the_spec_and_leaves_the_volumes(client: &Client) {
         claim.uid(),
         "the pod's volume claim went"
     );
+}
+
+/// A cluster-scoped StorageClass for the storage case; `default` marks it the cluster's default.
+async fn create_class(
+    classes: &Api<StorageClass>,
+    name: &str,
+    provisioner: &str,
+    parameters: &[(&str, &str)],
+    default: bool,
+) {
+    let annotations: BTreeMap<&str, &str> = default
+        .then_some(("storageclass.kubernetes.io/is-default-class", "true"))
+        .into_iter()
+        .collect();
+    let class: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "provisioner": provisioner,
+        "parameters": parameters.iter().copied().collect::<BTreeMap<_, _>>(),
+    }))
+    .unwrap_or_else(|err| panic!("{err}"));
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap_or_else(|err| panic!("StorageClass {name}: {err}"));
+}
+
+/// The minimal example in a namespace of its own, on `class` (the cluster default when `None`).
+async fn storage_tenant(client: &Client, prefix: &str, class: Option<&str>, required: bool) -> (String, String) {
+    let namespace = unique_namespace(prefix);
+    let mut tenant = example("minimal.yaml", &namespace);
+    tenant.spec.mta.storage.storage_class_name = class.map(str::to_owned);
+    tenant.spec.mta.storage.require_encryption_at_rest = required;
+    let name = create(client, &tenant).await.name_any();
+    (namespace, name)
+}
+
+/// Waits for `QueueStorageEncrypted` with `reason` and a message containing `part`; returns the message.
+async fn storage_condition(client: &Client, namespace: &str, name: &str, reason: &str, part: &str) -> String {
+    let api: Api<SecureMailTenant> = Api::namespaced(client.clone(), namespace);
+    eventually(
+        &format!("{namespace}/{name}: QueueStorageEncrypted {reason} with {part}"),
+        WAIT,
+        || async {
+            let (_, got, message) = condition(&api.get(name).await.ok()?, "QueueStorageEncrypted")?;
+            (got == reason && message.contains(part)).then_some(message)
+        },
+    )
+    .await
+}
+
+/// Queue volumes hold deferred mail (PHI). `QueueStorageEncrypted` says whether their StorageClass encrypts at rest
+/// (named, or the cluster default); a tenant that requires it gets no MTA pod or volume on a class not known to, and
+/// an existing StatefulSet is neither scaled up nor down, until the platform team attests the class or the default
+/// moves to one that encrypts.
+async fn queue_volumes_are_made_only_on_a_class_known_to_encrypt_when_required(client: &Client) {
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    let prefix = unique_namespace("storage-classes");
+    let (encrypting, plain) = (format!("{prefix}-ebs"), format!("{prefix}-plain"));
+    create_class(
+        &classes,
+        &encrypting,
+        "ebs.csi.aws.com",
+        &[("encrypted", "true")],
+        false,
+    )
+    .await;
+    create_class(&classes, &plain, "example.org/plain-disk", &[], false).await;
+
+    let (namespace, name) = storage_tenant(client, "storage-encrypted", Some(&encrypting), false).await;
+    let message = storage_condition(client, &namespace, &name, "EncryptingStorageClass", &encrypting).await;
+    assert!(message.contains(&format!("claim data-{name}-mta-0")), "{message}");
+    assert!(
+        message.contains("ebs.csi.aws.com with encrypted: \"true\""),
+        "{message}"
+    );
+
+    // Not required: the condition informs, the StatefulSet is made and Ready does not take the storage reason.
+    let (informed_ns, informed) = storage_tenant(client, "storage-plain", Some(&plain), false).await;
+    let message = storage_condition(client, &informed_ns, &informed, "StorageClassNotKnownToEncrypt", &plain).await;
+    assert!(message.contains("securemail.io/encrypted-at-rest"), "{message}");
+    let informed_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &informed_ns);
+    let informed_set = format!("{informed}-mta");
+    eventually("the informed tenant's StatefulSet", WAIT, || async {
+        informed_sets.get_opt(&informed_set).await.ok().flatten()
+    })
+    .await;
+    let tenant = reconciled(client, &informed_ns, &informed).await;
+    assert_eq!(
+        condition(&tenant, "Ready").map(|c| c.1),
+        Some("PodsNotReady".to_owned())
+    );
+
+    // Required on a class not known to encrypt: no StatefulSet, Ready names the condition, a Warning event.
+    let (held_ns, held) = storage_tenant(client, "storage-required", Some(&plain), true).await;
+    let tenants: Api<SecureMailTenant> = Api::namespaced(client.clone(), &held_ns);
+    let ready = eventually("Ready naming QueueStorageEncrypted", WAIT, || async {
+        let (status, reason, message) = condition(&tenants.get(&held).await.ok()?, "Ready")?;
+        (status == "False" && reason == "StorageClassNotKnownToEncrypt").then_some(message)
+    })
+    .await;
+    assert!(ready.starts_with("QueueStorageEncrypted is False: "), "{ready}");
+    assert!(ready.contains("requireEncryptionAtRest is true"), "{ready}");
+    let warnings = eventually("a Warning event", WAIT, || async {
+        let events = Api::<Event>::namespaced(client.clone(), &held_ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        let warnings: Vec<String> = events
+            .into_iter()
+            .filter(|event| {
+                event.reason.as_deref() == Some("StorageClassNotKnownToEncrypt")
+                    && event.type_.as_deref() == Some("Warning")
+            })
+            .filter_map(|event| event.note)
+            .collect();
+        (!warnings.is_empty()).then_some(warnings)
+    })
+    .await;
+    assert!(warnings[0].contains(&plain), "{warnings:?}");
+    let held_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &held_ns);
+    let held_set = format!("{held}-mta");
+    assert!(
+        held_sets
+            .get_opt(&held_set)
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+            .is_none(),
+        "a StatefulSet (and so volumes) on a class not known to encrypt"
+    );
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &held_ns);
+    assert!(
+        config_maps
+            .get_opt(&format!("{held}-mta-config"))
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+            .is_some(),
+        "the other children are made as usual"
+    );
+
+    // An existing StatefulSet that starts to require it while its pool grows: kept at its size, not scaled up.
+    let informed_api: Api<SecureMailTenant> = Api::namespaced(client.clone(), &informed_ns);
+    let mut addresses = tenant.spec.ip_pool.addresses.clone();
+    let mut second = addresses[0].clone();
+    second.address = match second.address.rsplit_once('.') {
+        Some((network, _)) => format!("{network}.2"),
+        None => panic!("the example's address {} is not IPv4", second.address),
+    };
+    second.hostname = format!("mta2.{}", tenant.spec.domains[0].name);
+    addresses.push(second);
+    let patch =
+        json!({"spec": {"ipPool": {"addresses": addresses}, "mta": {"storage": {"requireEncryptionAtRest": true}}}});
+    informed_api
+        .patch(&informed, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    storage_condition(
+        client,
+        &informed_ns,
+        &informed,
+        "StorageClassNotKnownToEncrypt",
+        "requireEncryptionAtRest is true",
+    )
+    .await;
+    let grown = reconciled(client, &informed_ns, &informed).await;
+    assert_eq!(grown.status.and_then(|status| status.ips).as_deref(), Some("1/2"));
+    assert_eq!(
+        replicas(client, &informed_ns, &informed_set).await,
+        Some(1),
+        "scaled while held"
+    );
+
+    // The platform team attests the class: the held tenant gets its StatefulSet, the grown one its second pod.
+    let attest = json!({"metadata": {"annotations": {"securemail.io/encrypted-at-rest": "true"}}});
+    classes
+        .patch(&plain, &PatchParams::default(), &Patch::Merge(&attest))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    storage_condition(client, &held_ns, &held, "EncryptionAttested", &plain).await;
+    eventually("the held tenant's StatefulSet", WAIT, || async {
+        (replicas(client, &held_ns, &held_set).await? == 1).then_some(())
+    })
+    .await;
+    eventually("the grown tenant's second pod", WAIT, || async {
+        (replicas(client, &informed_ns, &informed_set).await? == 2).then_some(())
+    })
+    .await;
+
+    // No class named: the cluster default decides, the newest default when there are several, as the apiserver
+    // picks it for the claims.
+    let (plain_default, encrypting_default) = (format!("{prefix}-default"), format!("{prefix}-default-gce"));
+    create_class(&classes, &plain_default, "example.org/plain-disk", &[], true).await;
+    let (default_ns, defaulted) = storage_tenant(client, "storage-default", None, true).await;
+    let part = format!("the cluster's default StorageClass {plain_default} ");
+    storage_condition(client, &default_ns, &defaulted, "StorageClassNotKnownToEncrypt", &part).await;
+    let default_set = format!("{defaulted}-mta");
+    assert_eq!(replicas(client, &default_ns, &default_set).await, None);
+    // Creation times have a resolution of one second: make the second default the newer one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    create_class(&classes, &encrypting_default, "pd.csi.storage.gke.io", &[], true).await;
+    storage_condition(
+        client,
+        &default_ns,
+        &defaulted,
+        "EncryptingStorageClass",
+        &encrypting_default,
+    )
+    .await;
+    eventually("the defaulted tenant's StatefulSet", WAIT, || async {
+        (replicas(client, &default_ns, &default_set).await? == 1).then_some(())
+    })
+    .await;
+
+    for class in [&encrypting, &plain, &plain_default, &encrypting_default] {
+        classes
+            .delete(class, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|err| panic!("StorageClass {class}: {err}"));
+    }
+    // Without a default the claims' class is unknown; the tenant's StatefulSet and its claims stay.
+    storage_condition(
+        client,
+        &default_ns,
+        &defaulted,
+        "NoDefaultStorageClass",
+        "no default StorageClass",
+    )
+    .await;
+    assert_eq!(replicas(client, &default_ns, &default_set).await, Some(1));
 }
 
 async fn a_missing_secret_makes_the_config_invalid_until_it_appears(client: &Client, operator: &Operator) {

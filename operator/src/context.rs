@@ -8,6 +8,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
@@ -61,6 +62,9 @@ pub struct Stores {
     pub pods: PodStores,
     pub disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
     pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+    /// Every StorageClass (cluster-scoped, few, rarely changed): which one the queue volumes use and whether it
+    /// encrypts at rest is decided from here, never by a GET per tenant.
+    pub storage_classes: Store<StorageClass>,
 }
 
 /// What reconciles read of a StatefulSet: its metadata, desired replicas and ready replicas. Decoding into this
@@ -105,7 +109,8 @@ impl Stores {
         self.secrets.wait_until_ready().await?;
         self.pods.wait_until_ready().await?;
         self.disruption_budgets.wait_until_ready().await?;
-        self.network_policies.wait_until_ready().await
+        self.network_policies.wait_until_ready().await?;
+        self.storage_classes.wait_until_ready().await
     }
 }
 

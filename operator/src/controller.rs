@@ -12,6 +12,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
@@ -156,6 +157,21 @@ pub async fn run(
     let (disruption_budgets, disruption_budget_events) =
         metadata_store::<PodDisruptionBudget>(Api::all(client.clone()), &managed);
     let (network_policies, network_policy_events) = metadata_store::<NetworkPolicy>(Api::all(client.clone()), &managed);
+    // StorageClasses: the queue volumes' class decides QueueStorageEncrypted. A change reconciles the tenants that
+    // name the class and those that name none (the default may have moved); classes change rarely.
+    let (storage_classes, storage_class_events) = {
+        let (reader, writer) = reflector::store();
+        let events = watcher(Api::<StorageClass>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(|class| {
+                drop_managed_fields(class);
+                class.annotations_mut().remove(LAST_APPLIED_ANNOTATION);
+            })
+            .reflect(writer)
+            .touched_objects();
+        (reader, logging_errors(events, StorageClass::kind(&())))
+    };
+    let tenant_cache = controller.store();
     metrics.read_tenants_from(controller.store());
     let stores = Stores {
         tenants: controller.store(),
@@ -167,6 +183,7 @@ pub async fn run(
         pods: NamespacedStores(pod_stores),
         disruption_budgets,
         network_policies,
+        storage_classes,
     };
     let dnsbl = Arc::new(DnsblWatch::new(settings.dnsbl_nameserver).map_err(anyhow::Error::msg)?);
     let context = Arc::new(Context::new(
@@ -191,6 +208,18 @@ pub async fn run(
         .watches_stream(pod_events, |pod| {
             let tenant = pod.labels().get(TENANT_LABEL)?.clone();
             Some(ObjectRef::new(&tenant).within(pod.metadata.namespace.as_deref()?))
+        })
+        .watches_stream(storage_class_events, move |class| {
+            let name = class.metadata.name.clone();
+            tenant_cache
+                .state()
+                .iter()
+                .filter(|tenant| {
+                    let named = tenant.spec.mta.storage.storage_class_name.as_ref();
+                    named.is_none() || named == name.as_ref()
+                })
+                .map(|tenant| ObjectRef::from_obj(tenant.as_ref()))
+                .collect::<Vec<_>>()
         })
         // A reconcile's own writes come back as watch events for the tenant and its children; coalescing them
         // turns a burst of triggers into one more pass instead of one per event.

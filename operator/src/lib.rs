@@ -22,6 +22,7 @@ pub mod ownership;
 pub mod pod_health;
 pub mod pod_status;
 pub mod postfix;
+pub mod queue_storage;
 pub mod reconcile;
 pub mod render;
 pub mod status;

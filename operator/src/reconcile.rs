@@ -37,7 +37,7 @@ use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, T
 use crate::status::{self, ConditionUpdate};
 use crate::{
     Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, egress, evidence_retention, inputs,
-    ownership, pod_health, pod_status,
+    ownership, pod_health, pod_status, queue_storage,
 };
 
 /// Finalizer that lets deletion follow `deletionPolicy`.
@@ -226,19 +226,31 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         &previous.ip_pool,
         &probe.queues,
     );
-    let replicas = u32::try_from(pool_plan.pods.len()).unwrap_or(u32::MAX);
-    if replicas > live_replicas {
-        // A pod returning to an ordinal takes its retained volume back: it is no longer only evidence.
-        evidence_retention::readopt(ctx, &namespace, &names, replicas).await?;
-    }
+    // The queue volumes' StorageClass: reported always; when encryption is required and not established, no new
+    // pod or volume is made on it (and nothing that may hold mail is removed).
+    let storage = &tenant.spec.mta.storage;
+    let resolved = queue_storage::resolve(storage, &ctx.stores.storage_classes.state());
+    let pool_pods = u32::try_from(pool_plan.pods.len()).unwrap_or(u32::MAX);
+    let storage_condition = queue_storage::condition(&resolved, storage, &names, pool_pods);
+    let hold_volumes = queue_storage::holds(&storage_condition, storage);
 
     let observed = Observed {
         today,
         signing_keys,
         pods: pool_plan.pods.clone(),
     };
-    let children = build::children(&owned, &observed, &ctx.settings)?;
-    let ready_replicas = apply_children(ctx, &namespace, &names, children).await?;
+    let mut children = build::children(&owned, &observed, &ctx.settings)?;
+    let write_stateful_set = !hold_volumes
+        || hold_new_volumes(
+            &mut children.stateful_set,
+            live_replicas,
+            cached_stateful_set(ctx, &namespace, &names).is_some(),
+        );
+    if !hold_volumes && pool_pods > live_replicas {
+        // A pod returning to an ordinal takes its retained volume back: it is no longer only evidence.
+        evidence_retention::readopt(ctx, &namespace, &names, pool_pods).await?;
+    }
+    let ready_replicas = apply_children(ctx, &namespace, &names, children, write_stateful_set).await?;
     evidence_retention::retain(
         ctx,
         &namespace,
@@ -279,16 +291,22 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
     let mta_pods = tenant_pods(ctx, &namespace, &names);
     let (pod_problems, pods_recheck) = pod_problems(&mta_pods, now);
     let pod_egress = egress::observe(&mta_pods).await;
-    let mut updates = vec![
-        config_valid,
+    let mut updates = vec![config_valid];
+    // Part of Ready only when required: otherwise it informs without making a working tenant unready.
+    let storage_informs = (!storage.require_encryption_at_rest).then(|| storage_condition.clone());
+    if storage.require_encryption_at_rest {
+        updates.push(storage_condition.clone());
+    }
+    updates.extend([
         dkim_condition(&plan, now),
         // Before MtaAvailable: a pod that cannot send is why it is not ready, and Ready names the first bad one.
         egress::condition(&pod_egress),
         pod_health::mta_condition(ready_replicas, pods, &pod_problems),
         conflict_condition(&conflicts),
         domain_condition(&domains_held),
-    ];
+    ]);
     updates.push(status::ready(&updates));
+    updates.extend(storage_informs);
     // Beside Ready: a listing hurts delivery, but the tenant's infrastructure is as configured.
     updates.push(listing_condition(dnsbl_spec, &listings, &unchecked));
     // Draining is reported beside Ready, not in it: the pool itself can be fine while an old pod empties.
@@ -314,10 +332,14 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         );
         // A condition's first appearance is news only for a conflict, a listing or a pod that cannot send; pods not
         // ready yet at creation is not.
-        let previous_reason = conditions
-            .iter()
-            .find(|condition| condition.type_ == type_)
-            .map(|condition| condition.reason.clone());
+        let previous = conditions.iter().find(|condition| condition.type_ == type_);
+        let previous_reason = previous.map(|condition| condition.reason.clone());
+        // Holding back pods and volumes is news when it starts or its cause changes, whatever the status did.
+        let hold_started = type_ == status::QUEUE_STORAGE_ENCRYPTED
+            && message.contains(queue_storage::HOLD_NOTE)
+            && previous.is_none_or(|previous| {
+                !previous.message.contains(queue_storage::HOLD_NOTE) || previous.reason != reason
+            });
         let news = previous_reason.is_some()
             || (matches!(
                 type_,
@@ -331,8 +353,8 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
             && pod_health::REASONS.contains(&reason.as_str())
             && previous_reason.as_deref() != Some(reason.as_str());
         let transitioned = status::set_condition(&mut conditions, update, generation, now);
-        if (transitioned && news) || cause_changed {
-            let kind = if transition_is_bad(type_, status_now, &reason) {
+        if (transitioned && news) || cause_changed || hold_started {
+            let kind = if transition_is_bad(type_, status_now, &reason, &message) {
                 EventType::Warning
             } else {
                 EventType::Normal
@@ -369,10 +391,18 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         }
     }
 
+    // Held back, only the pods that already exist send.
+    let with_pod = if hold_volumes {
+        assignments
+            .len()
+            .min(usize::try_from(live_replicas).unwrap_or(usize::MAX))
+    } else {
+        assignments.len()
+    };
     let status = SecureMailTenantStatus {
         observed_generation: generation,
         conditions,
-        ips: Some(format!("{}/{}", assignments.len(), tenant.spec.ip_pool.addresses.len())),
+        ips: Some(format!("{with_pod}/{}", tenant.spec.ip_pool.addresses.len())),
         warmup_day: assignments.iter().filter_map(|assigned| assigned.pod.warmup_day).min(),
         dns_records,
         ip_pool,
@@ -538,8 +568,29 @@ fn draining_condition(plan: &drain::PoolPlan, pool: &[PoolAddressStatus], now: T
     ConditionUpdate::new(status::DRAINING, true, reason, pods.join("; "))
 }
 
-/// Applies every child and sweeps the ones no longer built. Returns the StatefulSet's ready replicas.
-async fn apply_children(ctx: &Context, namespace: &str, names: &TenantNames, children: Children) -> Result<i32> {
+/// Fits the desired StatefulSet to new queue volumes being held back; returns whether to write it. None is written
+/// when there is none yet (so no claim is ever made); an existing one keeps no more replicas than it has, so no new
+/// claim appears, and is never scaled down for this: its pods may hold queued mail. Claims it has keep their class.
+fn hold_new_volumes(desired: &mut StatefulSet, live_replicas: u32, exists: bool) -> bool {
+    if !exists {
+        return false;
+    }
+    if let Some(spec) = desired.spec.as_mut() {
+        let live = i32::try_from(live_replicas).unwrap_or(i32::MAX);
+        spec.replicas = Some(spec.replicas.unwrap_or(live).min(live));
+    }
+    true
+}
+
+/// Applies every child (the StatefulSet only when `write_stateful_set`) and sweeps the ones no longer built.
+/// Returns the StatefulSet's ready replicas.
+async fn apply_children(
+    ctx: &Context,
+    namespace: &str,
+    names: &TenantNames,
+    children: Children,
+    write_stateful_set: bool,
+) -> Result<i32> {
     let (client, stores, tenant) = (&ctx.client, &ctx.stores, names.tenant.as_str());
     let keep_mta = [names.mta()];
     apply::apply(client, children.service_account, &stores.service_accounts).await?;
@@ -548,7 +599,9 @@ async fn apply_children(ctx: &Context, namespace: &str, names: &TenantNames, chi
     apply::apply(client, children.submission_service, &stores.services).await?;
     apply::apply(client, children.disruption_budget, &stores.disruption_budgets).await?;
     apply::apply(client, children.network_policy, &stores.network_policies).await?;
-    apply::apply(client, children.stateful_set, &stores.stateful_sets).await?;
+    if write_stateful_set {
+        apply::apply(client, children.stateful_set, &stores.stateful_sets).await?;
+    }
     apply::sweep::<ServiceAccount, _>(client, namespace, tenant, &stores.service_accounts, &keep_mta).await?;
     apply::sweep::<ConfigMap, _>(client, namespace, tenant, &stores.config_maps, &[names.config_map()]).await?;
     let services = [names.mta(), names.submission_service()];
@@ -878,8 +931,11 @@ fn without_domains<'t>(tenant: &'t SecureMailTenant, held: &BTreeMap<String, Str
     Cow::Owned(owned)
 }
 
-fn transition_is_bad(type_: &str, status_now: Option<bool>, reason: &str) -> bool {
+fn transition_is_bad(type_: &str, status_now: Option<bool>, reason: &str, message: &str) -> bool {
     match type_ {
+        // A problem only where it holds back pods and volumes; elsewhere it informs (a change of the cluster's
+        // default StorageClass would otherwise raise a warning on every tenant).
+        status::QUEUE_STORAGE_ENCRYPTED => message.contains(queue_storage::HOLD_NOTE),
         status::IP_POOL_CONFLICT | status::DOMAIN_CONFLICT | status::DRAINING => status_now == Some(true),
         // Listed, or not known whether listed.
         status::IP_LISTED => status_now != Some(false),
@@ -1029,4 +1085,61 @@ fn next_wakeup(now: Timestamp) -> Duration {
         .and_then(|midnight| Duration::try_from(midnight.timestamp().duration_since(now)).ok())
         .unwrap_or(RESYNC);
     until_midnight.min(RESYNC).max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::StatefulSetSpec;
+
+    use super::*;
+
+    fn stateful_set(replicas: i32) -> StatefulSet {
+        StatefulSet {
+            spec: Some(StatefulSetSpec {
+                replicas: Some(replicas),
+                ..StatefulSetSpec::default()
+            }),
+            ..StatefulSet::default()
+        }
+    }
+
+    /// The replicas written, `None` when the StatefulSet is not written.
+    fn held(desired: i32, live: u32, exists: bool) -> Option<i32> {
+        let mut stateful_set = stateful_set(desired);
+        hold_new_volumes(&mut stateful_set, live, exists).then(|| stateful_set.spec?.replicas)?
+    }
+
+    #[test]
+    fn held_volumes_mean_no_new_stateful_set_and_no_scale_up_but_never_a_scale_down() {
+        assert_eq!(held(2, 0, false), None, "a new tenant gets none");
+        assert_eq!(held(3, 2, true), Some(2), "not scaled up");
+        assert_eq!(held(2, 2, true), Some(2));
+        // A pool that shrank drains as usual: fewer replicas create no claim.
+        assert_eq!(held(1, 2, true), Some(1));
+    }
+
+    #[test]
+    fn storage_not_known_to_encrypt_warns_only_where_it_holds_back_volumes() {
+        let reason = "StorageClassNotKnownToEncrypt";
+        let informs = "queue volumes use StorageClass standard, which is not known to encrypt at rest";
+        assert!(!transition_is_bad(
+            status::QUEUE_STORAGE_ENCRYPTED,
+            Some(false),
+            reason,
+            informs
+        ));
+        let holds = format!("{informs}. {}: no new MTA pod", queue_storage::HOLD_NOTE);
+        assert!(transition_is_bad(
+            status::QUEUE_STORAGE_ENCRYPTED,
+            Some(false),
+            reason,
+            &holds
+        ));
+        assert!(transition_is_bad(
+            status::QUEUE_STORAGE_ENCRYPTED,
+            None,
+            "NoDefaultStorageClass",
+            &holds
+        ));
+    }
 }

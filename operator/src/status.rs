@@ -24,6 +24,7 @@ pub const DRAINING: &str = "Draining";
 pub const DNS_PUBLISHED: &str = "DnsPublished";
 pub const IP_LISTED: &str = "IpListed";
 pub const EGRESS_READY: &str = "EgressReady";
+pub const QUEUE_STORAGE_ENCRYPTED: &str = "QueueStorageEncrypted";
 
 /// The desired state of one condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +105,16 @@ pub fn ready(updates: &[ConditionUpdate]) -> ConditionUpdate {
         _ => update.status != Some(true),
     });
     match bad {
+        // Only there when encryption is required; Ready names it, since its reasons alone do not say so.
+        Some(update) if update.type_ == QUEUE_STORAGE_ENCRYPTED => {
+            let status = if update.status == Some(false) {
+                "False"
+            } else {
+                "Unknown"
+            };
+            let message = format!("{QUEUE_STORAGE_ENCRYPTED} is {status}: {}", update.message);
+            ConditionUpdate::new(READY, false, &update.reason, message)
+        }
         Some(update) => ConditionUpdate::new(READY, false, &update.reason, update.message.clone()),
         None => ConditionUpdate::new(
             READY,
@@ -403,6 +414,16 @@ mod tests {
         let summary = ready(&[failing, available]);
         assert_eq!(summary.status, Some(false));
         assert_eq!(summary.reason, "CannotSendFromAddress");
+    }
+
+    #[test]
+    fn required_encryption_makes_ready_name_the_storage_condition() {
+        let available = ConditionUpdate::new(MTA_AVAILABLE, false, "PodsNotReady", "0/1 MTA pods ready");
+        let storage = ConditionUpdate::unknown(QUEUE_STORAGE_ENCRYPTED, "StorageClassNotFound", "claims name fast");
+        let summary = ready(&[storage, available]);
+        assert_eq!(summary.status, Some(false));
+        assert_eq!(summary.reason, "StorageClassNotFound");
+        assert_eq!(summary.message, "QueueStorageEncrypted is Unknown: claims name fast");
     }
 
     fn no_results() -> BTreeMap<String, DayResults> {

@@ -1,5 +1,6 @@
 -- Argo CD health of a securemail.io/SecureMailTenant, from the conditions the operator writes. Ready sums up
--- ConfigValid, DkimReady, MtaAvailable, IpPoolConflict and DomainConflict; its reason is that of the first one that is bad.
+-- ConfigValid, DkimReady, MtaAvailable, IpPoolConflict and DomainConflict, and QueueStorageEncrypted when the spec
+-- requires encryption at rest; its reason is that of the first one that is bad.
 -- Argo CD runs it in gopher-lua (Lua 5.1) with only the base, table and os libraries: no string or math functions.
 local hs = {}
 
@@ -83,12 +84,18 @@ if ready == nil then
   return report("Progressing", "waiting for the operator to report the Ready condition")
 end
 if ready.status == "True" then
-  -- A blocklisting is kept out of Ready (the infrastructure is as configured) but is worth seeing here.
+  -- A blocklisting, and queue volumes not known to encrypt at rest while the spec does not require it, are kept out
+  -- of Ready (the infrastructure is as configured) but are worth seeing here.
+  local message = describe(ready)
   local listed = condition("IpListed")
   if listed ~= nil and listed.status == "True" then
-    return report("Healthy", describe(ready) .. "; " .. describe(listed))
+    message = message .. "; " .. describe(listed)
   end
-  return report("Healthy", describe(ready))
+  local storage = condition("QueueStorageEncrypted")
+  if storage ~= nil and storage.status ~= "True" then
+    message = message .. "; " .. describe(storage)
+  end
+  return report("Healthy", message)
 end
 -- Reasons the operator resolves by itself: MTA pods starting (MtaAvailable False). Pods that cannot run
 -- (ImagePullFailed, ContainerConfigInvalid, CrashLooping, Unschedulable, StuckPending) wait for someone to act.
