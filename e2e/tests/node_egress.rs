@@ -119,14 +119,12 @@ fn app_submit(mail: &MailTenant, namespace: &str, pod: &str, server: Option<&str
                 .args(["exec", "-i", "-n", namespace, pod, "--", "/probe", "submit", server]),
             &message(mail, id),
         );
-        let printed = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        // kubectl itself may add lines of its own on stderr (its exec stream): the probe's verdict is on stdout.
+        let printed = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
         let unreachable = ["dial tcp", "lookup "].iter().any(|failure| printed.contains(failure));
         if !unreachable || Instant::now() > deadline {
-            return (output.status.success() && printed.trim() == "sent", printed);
+            return (output.status.success() && stdout.trim() == "sent", printed);
         }
         println!("{pod}: {server} not reachable yet: {}", printed.trim());
         std::thread::sleep(Duration::from_secs(1));

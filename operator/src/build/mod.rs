@@ -156,7 +156,7 @@ pub fn children(tenant: &SecureMailTenant, observed: &Observed, settings: &Setti
         headless_service: network::headless_service(tenant, &names)?,
         submission_service: network::submission_service(tenant, &names)?,
         disruption_budget: network::disruption_budget(tenant, &names)?,
-        network_policy: network::network_policy(tenant, settings, &names)?,
+        network_policy: network::network_policy(tenant, observed, settings, &names)?,
         config_map,
         stateful_set,
     })

@@ -13,7 +13,7 @@ use securemail_api::tenant::EgressMode;
 
 use super::config::SIDECAR_ADMIN_PORT;
 use super::statefulset::SUBMISSION_CONTAINER_PORT;
-use super::{Settings, child_meta};
+use super::{Observed, Settings, child_meta};
 use crate::Result;
 use crate::names::{SUBMISSION_LABEL, TenantNames};
 
@@ -82,9 +82,11 @@ pub(super) fn disruption_budget(tenant: &SecureMailTenant, names: &TenantNames) 
 
 /// Ingress: submission only from the tenant's own and its allowed namespaces; the admin port only from the
 /// monitoring and operator namespaces. Egress: SMTP, DNS and HTTPS (MTA-STS policies) only, plus the SOCKS5 proxy
-/// port on the pool addresses when the proxies send the mail.
+/// port on the pool addresses when the proxies send the mail, and on the addresses that left the pool while their
+/// draining pods still send from them.
 pub(super) fn network_policy(
     tenant: &SecureMailTenant,
+    observed: &Observed,
     settings: &Settings,
     names: &TenantNames,
 ) -> Result<NetworkPolicy> {
@@ -115,12 +117,12 @@ pub(super) fn network_policy(
                     ports: Some(vec![policy_port("TCP", i32::from(SIDECAR_ADMIN_PORT))]),
                 },
             ]),
-            egress: Some(egress_rules(tenant)),
+            egress: Some(egress_rules(tenant, observed)),
         }),
     })
 }
 
-fn egress_rules(tenant: &SecureMailTenant) -> Vec<NetworkPolicyEgressRule> {
+fn egress_rules(tenant: &SecureMailTenant, observed: &Observed) -> Vec<NetworkPolicyEgressRule> {
     let mut rules = vec![NetworkPolicyEgressRule {
         to: None,
         ports: Some(vec![
@@ -132,16 +134,21 @@ fn egress_rules(tenant: &SecureMailTenant) -> Vec<NetworkPolicyEgressRule> {
     }];
     let egress = &tenant.spec.ip_pool.egress;
     if egress.mode == EgressMode::Socks5Proxy {
-        let proxies = tenant
+        let addresses: std::collections::BTreeSet<&str> = tenant
             .spec
             .ip_pool
             .addresses
             .iter()
-            .map(|pool| {
-                let host_prefix = if pool.address.contains(':') { 128 } else { 32 };
+            .chain(observed.pods.iter().map(|pod| &pod.address))
+            .map(|pool| pool.address.as_str())
+            .collect();
+        let proxies = addresses
+            .into_iter()
+            .map(|address| {
+                let host_prefix = if address.contains(':') { 128 } else { 32 };
                 NetworkPolicyPeer {
                     ip_block: Some(IPBlock {
-                        cidr: format!("{}/{host_prefix}", pool.address),
+                        cidr: format!("{address}/{host_prefix}"),
                         except: None,
                     }),
                     ..NetworkPolicyPeer::default()

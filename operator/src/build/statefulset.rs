@@ -701,6 +701,32 @@ mod tests {
             proxy_rule.ports.as_ref().and_then(|ports| ports[0].port.clone()),
             Some(IntOrString::Int(1081))
         );
+        // A draining pod still sends from the address that left the pool, through the proxy there.
+        let mut draining = observed.clone();
+        draining.pods.push(PodAssignment {
+            ordinal: 1,
+            address: PoolAddress {
+                address: "192.0.2.99".to_owned(),
+                hostname: "mta9.notify.lakeside-clinic.example".to_owned(),
+            },
+            warmup_day: None,
+            daily_limit: None,
+            draining: true,
+        });
+        let while_draining = children(&proxied, &draining, &settings).expect("builds");
+        let rules = while_draining
+            .network_policy
+            .spec
+            .and_then(|spec| spec.egress)
+            .unwrap_or_default();
+        let peers: Vec<_> = rules
+            .last()
+            .and_then(|rule| rule.to.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|peer| peer.ip_block.map(|block| block.cidr))
+            .collect();
+        assert_eq!(peers, ["192.0.2.10/32", "192.0.2.99/32"]);
 
         let direct = children(&minimal(), &observed, &Settings::default()).expect("builds");
         let direct_yaml = &direct.config_map.data.unwrap_or_default()[&sidecar_file(0)];
