@@ -230,8 +230,9 @@ dataplane-up: deps
 dataplane-down:
 	e2e/dataplane/down.sh $(DATAPLANE_DIR)
 
-## demo: the main job end to end on a local Kubernetes with a node, from the images (left running; stop it with
-## `make cluster-down`).
+## demo: the main job end to end on a local Kubernetes with a node, from the images, ending with one message sent
+## to a receiver in the data-plane world (both left running; stop them with `make cluster-down` and
+## `make dataplane-down`).
 demo: deps images
 	e2e/demo.sh
 

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # The main job end to end on a local Kubernetes, the way a platform team onboards: the images imported into the
 # node's container runtime, `helm install` of the operator chart, `kubectl apply` of the example tenants, their MTA
-# pods running, and what the operator made of them.
-# The cluster keeps running afterwards (stop it with `make cluster-down`). Expects the images (make images).
+# pods running, and what the operator made of them; then one message sent end to end to a receiver in the data-plane
+# world, the node's stand-in Internet.
+# The cluster and the world keep running afterwards (stop them with `make cluster-down` and `make dataplane-down`).
+# Expects the images (make images).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 operator=${SECUREMAIL_OPERATOR_BIN:-$root/target/debug/securemail-operator}
+world=${SECUREMAIL_DATAPLANE_DIR:-/tmp/securemail-dataplane}
 step() { printf '\n== %s\n' "$*"; }
 
-step "Building the operator's command line (for the offline render at the end)"
-(cd "$root" && cargo build --locked -q -p securemail-operator --bin securemail-operator)
+step "Building the operator's command line (for the offline render) and the demo's sender"
+(cd "$root" && cargo build --locked -q -p securemail-operator --bin securemail-operator -p securemail-e2e --bin demo-send)
+
+step "Starting the data-plane world, the node's Internet: a signed DNS root and zones, a validating resolver,"
+echo "   receiving MX hosts (DANE, MTA-STS), an egress host with SOCKS5 proxies (e2e/dataplane/README.md)"
+"$here/dataplane/up.sh" "$world" >/dev/null
+"$here/dataplane/host-link.sh" up "$world" >/dev/null
 
 step "Starting a local Kubernetes: control plane and one node (the first run builds them, several minutes)"
 kubeconfig=$(SECUREMAIL_NODE=1 "$here/cluster-up.sh" | tail -n 1)
@@ -20,7 +28,8 @@ kubectl get nodes -o wide
 step "helm install: the operator chart (CRD, least-privilege RBAC with Secrets only in the tenants' namespaces,"
 echo "   two replicas with one leader), from the images make images built, imported into the node's containerd;"
 echo "   its ServiceMonitor, PodMonitor and alert pack consumed by a Prometheus Operator's Prometheus (namespace monitoring)"
-"$here/node-install.sh" "$root/target/images"
+SECUREMAIL_DATAPLANE_DIR=$world SECUREMAIL_EXTRA_TENANT_NAMESPACES=tenant-egress "$here/node-install.sh" \
+  "$root/target/images"
 kubectl get pods -n securemail-system -o wide
 kubectl get pods -n monitoring -o wide
 
@@ -88,12 +97,16 @@ sys.exit(0 if same else 1)
 PY
 rm -f "$rendered"
 
+step "One message end to end: a tenant sending through the world's egress host, an application's submission on 587"
+echo "   with its client certificate, DKIM-signed, delivered over DANE-verified TLS, its evidence on the pod's volume"
+KUBECONFIG=$kubeconfig SECUREMAIL_DATAPLANE_DIR=$world "$root/target/debug/demo-send"
+
 cat <<MSG
 
-The cluster, the operator and the MTA pods are still running. Try:
+The cluster, the world, the operator and the MTA pods are still running. Try:
   export KUBECONFIG=$kubeconfig
   kubectl explain smt.spec.tlsPolicy
   kubectl describe smt -n tenant-northwind northwind-health-plan
   kubectl logs -n tenant-lakeside lakeside-clinic-mta-0 -c sidecar
-Stop it with: make cluster-down
+Stop them with: make cluster-down; make dataplane-down
 MSG
