@@ -85,7 +85,10 @@ step "Offline render prints the same configuration the operator applied"
 rendered=$(mktemp)
 # On the UTC date the operator judged the warmup, should midnight have passed since.
 judged=$(kubectl get smt -n tenant-lakeside lakeside-clinic -o jsonpath='{.status.ipPool[0].lastEvaluated}')
-"$operator" render -f "$root/examples/minimal.yaml" --date "${judged:0:10}" > "$rendered"
+# With the operator's settings that shape children: here the world's DNSSEC root, which the chart gives the sidecars.
+trust_anchors=$(sed -n 's/^SMDP_TRUST_ANCHOR=//p' "$world/world.env")
+"$operator" render -f "$root/examples/minimal.yaml" --date "${judged:0:10}" \
+  --sidecar-trust-anchors-file "$trust_anchors" > "$rendered"
 python3 - "$rendered" <<'PY'
 import json, subprocess, sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "ConfigMap"]

@@ -489,6 +489,20 @@ async fn a_tenant_whose_pod_the_scheduler_cannot_place_says_why() {
         "an event names the pod: {events}"
     );
     println!("{name}: {message}");
-    // Nothing ran, so nothing waits: the tenant goes at once.
+    // Nothing ran, so nothing waits: the tenant goes at once, and its claim, never bound, holds no evidence to keep.
     kubectl_ok(&["delete", "smt", "-n", namespace, name, "--timeout=120s"]);
+    let claim = kubectl_ok(&[
+        "get",
+        "pvc",
+        "-n",
+        namespace,
+        "--ignore-not-found",
+        &format!("data-{name}-mta-0"),
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}{.metadata.labels.securemail\\.io/evidence-retained}",
+    ]);
+    assert!(
+        !claim.contains("true"),
+        "the never-bound claim of {name} is kept as evidence: {claim}"
+    );
 }

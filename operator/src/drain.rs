@@ -199,6 +199,8 @@ pub fn overdue(status: &[PoolAddressStatus], now: Timestamp) -> Vec<String> {
 pub struct Probe {
     pub queues: BTreeMap<u32, QueueState>,
     pub reports: BTreeMap<u32, LastReport>,
+    /// Pods that never ran, whose claim was never bound: their claim holds nothing, not even evidence.
+    pub never_used: std::collections::BTreeSet<u32>,
 }
 
 /// Reads the queue of each pod in `ordinals`: the pod's sidecar `/status` (an empty queue confirmed as described
@@ -222,6 +224,7 @@ pub async fn probe(
                 stop_submissions(&pods, &pod).await?;
                 if never_ran(&pod) && never_bound(&claims, names, ordinal).await? {
                     states.insert(ordinal, QueueState::NoVolume);
+                    probe.never_used.insert(ordinal);
                     continue;
                 }
                 let (reading, report) = read_queue(&pod).await;

@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::context::Context;
-use crate::drain::claim_name;
+use crate::drain::{Probe, claim_name};
 use crate::names::{MANAGED_SELECTOR, TenantNames};
 use crate::{Error, Result};
 
@@ -76,14 +76,15 @@ pub fn verdict(claim: &PersistentVolumeClaim, in_use: bool, now: Timestamp) -> V
 }
 
 /// Marks the claims of drained, removed pods `ordinals` as retained evidence. A claim already marked keeps its
-/// marks (the pod left earlier; its heads were taken then); a missing claim is skipped.
+/// marks (the pod left earlier; its heads were taken then); a missing claim is skipped; the claim of a pod that
+/// never ran and was never bound (`probe.never_used`) holds nothing and is deleted.
 pub async fn retain(
     ctx: &Context,
     namespace: &str,
     names: &TenantNames,
     ordinals: &[u32],
     retention_days: u32,
-    reports: &std::collections::BTreeMap<u32, LastReport>,
+    probe: &Probe,
     why: &str,
 ) -> Result<()> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
@@ -96,7 +97,15 @@ pub async fn retain(
         if is_retained(&claim) {
             continue;
         }
-        let report = reports.get(ordinal).cloned().unwrap_or_default();
+        if probe.never_used.contains(ordinal) {
+            match claims.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => info!(tenant = %names.tenant, %namespace, claim = %name, "unused volume claim deleted"),
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(err) => return Err(err.into()),
+            }
+            continue;
+        }
+        let report = probe.reports.get(ordinal).cloned().unwrap_or_default();
         let from = format!(
             "pod {}-{ordinal}{}: {why}",
             names.mta(),

@@ -257,7 +257,7 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
         &names,
         &pool_plan.removed,
         tenant.spec.audit.retention_days,
-        &probe.reports,
+        &probe,
         "left the pool",
     )
     .await?;
@@ -516,7 +516,7 @@ async fn cleanup(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action> {
                 &names,
                 &ordinals,
                 tenant.spec.audit.retention_days,
-                &probe.reports,
+                &probe,
                 "tenant deleted",
             )
             .await?;
