@@ -39,6 +39,18 @@ fail() {
   exit 1
 }
 port_busy() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+# Waits up to SECONDS for component NAME, just launched, to pass CHECK (a command); fails with its log if it exits first
+# or the time runs out.
+await_component() {
+  local name=$1 seconds=$2
+  shift 2
+  for _ in $(seq 1 $((seconds * 5))); do
+    alive "$dir/$name.pid" || fail "$name exited during startup" "$name"
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  fail "$name did not answer within ${seconds}s" "$name"
+}
 kc() { kubectl --kubeconfig "$kubeconfig" --request-timeout=10s "$@"; }
 
 if [ ! -f "$kubeconfig" ] || [ ! -f "$pki/ca.key" ]; then
@@ -233,13 +245,7 @@ EOF
 log "starting containerd"
 record_and_launch "$dir" containerd containerd --config "$node_dir/containerd/config.toml"
 ctr_() { ctr -a "$containerd_sock" -n k8s.io "$@"; }
-ready=false
-for _ in $(seq 1 100); do
-  alive "$dir/containerd.pid" || fail "containerd exited during startup" containerd
-  if ctr_ version >/dev/null 2>&1; then ready=true; break; fi
-  sleep 0.2
-done
-$ready || fail "containerd did not answer within 20s" containerd
+await_component containerd 20 ctr_ version
 for tar in "$images/pause.tar" "$images/probe.tar" "$images/volume-helper.tar" "$coredns_dir/image.tar" \
   "$local_path_dir/image.tar"; do
   ctr_ images import "$tar" >/dev/null 2>>"$dir/containerd.log" || fail "importing $tar" containerd
@@ -389,16 +395,7 @@ record_and_launch "$dir" kube-router "$kube_router" \
   --metrics-port=0 \
   --v=1
 
-ready=false
-for _ in $(seq 1 120); do
-  alive "$dir/kube-router.pid" || fail "kube-router exited during startup" kube-router
-  if curl -fsS --max-time 2 "http://127.0.0.1:$kube_router_health_port/healthz" >/dev/null 2>&1; then
-    ready=true
-    break
-  fi
-  sleep 0.5
-done
-$ready || fail "kube-router was not healthy within 60s" kube-router
+await_component kube-router 60 curl -fsS --max-time 2 "http://127.0.0.1:$kube_router_health_port/healthz"
 
 # --- Cluster DNS ---------------------------------------------------------------------------------------------------
 sed -e "s|@COREDNS_IMAGE@|$coredns_image|" -e "s|@CLUSTER_DNS_IP@|$cluster_dns_ip|" "$here/node/coredns.yaml" \

@@ -129,30 +129,22 @@ pub async fn run(
     let (service_accounts, service_account_events) =
         metadata_store::<ServiceAccount>(Api::all(client.clone()), &managed);
     // Key Secrets are watched only where the operator may use Secrets when it is limited to tenant namespaces.
-    let (secret_stores, secret_events): (Vec<_>, Vec<_>) = match &settings.tenant_namespaces {
-        None => vec![metadata_store::<Secret>(Api::all(client.clone()), &managed)],
-        Some(namespaces) => namespaces
-            .iter()
-            .map(|namespace| metadata_store::<Secret>(Api::namespaced(client.clone(), namespace), &managed))
-            .collect(),
-    }
-    .into_iter()
-    .map(|(store, events)| (store, events.boxed()))
-    .unzip();
+    let (secret_stores, secret_events): (Vec<_>, Vec<_>) = settings
+        .managed_apis::<PartialObjectMeta<Secret>>(&client)
+        .into_iter()
+        .map(|api| metadata_store(api, &managed))
+        .map(|(store, events)| (store, events.boxed()))
+        .unzip();
     let secret_events = futures::stream::select_all(secret_events);
     // MTA pods, for why they cannot run: their status changes without the StatefulSet's, and they are read where
     // Secrets are (the chart grants list/watch on pods only in tenant namespaces).
     let mta_pods = watcher::Config::default().labels(&format!("{MANAGED_SELECTOR},{COMPONENT_LABEL}={MTA_COMPONENT}"));
-    let (pod_stores, pod_events): (Vec<_>, Vec<_>) = match &settings.tenant_namespaces {
-        None => vec![pod_store(Api::all(client.clone()), &mta_pods)],
-        Some(namespaces) => namespaces
-            .iter()
-            .map(|namespace| pod_store(Api::namespaced(client.clone(), namespace), &mta_pods))
-            .collect(),
-    }
-    .into_iter()
-    .map(|(store, events)| (store, events.boxed()))
-    .unzip();
+    let (pod_stores, pod_events): (Vec<_>, Vec<_>) = settings
+        .managed_apis::<MtaPod>(&client)
+        .into_iter()
+        .map(|api| pod_store(api, &mta_pods))
+        .map(|(store, events)| (store, events.boxed()))
+        .unzip();
     let pod_events = futures::stream::select_all(pod_events);
     let (disruption_budgets, disruption_budget_events) =
         metadata_store::<PodDisruptionBudget>(Api::all(client.clone()), &managed);

@@ -169,15 +169,8 @@ async fn unmark(claims: &Api<PersistentVolumeClaim>, name: &str) -> Result<()> {
 /// pod uses again. Returns how many it deleted.
 pub async fn sweep(ctx: &Context) -> Result<usize> {
     let selector = format!("{MANAGED_SELECTOR},{RETAINED_LABEL}=true");
-    let scopes: Vec<Api<PersistentVolumeClaim>> = match &ctx.settings.tenant_namespaces {
-        None => vec![Api::all(ctx.client.clone())],
-        Some(namespaces) => namespaces
-            .iter()
-            .map(|namespace| Api::namespaced(ctx.client.clone(), namespace))
-            .collect(),
-    };
     let mut deleted = 0;
-    for scope in scopes {
+    for scope in ctx.settings.managed_apis::<PersistentVolumeClaim>(&ctx.client) {
         for claim in scope.list(&ListParams::default().labels(&selector)).await? {
             let (Some(namespace), name) = (claim.namespace(), claim.name_any()) else {
                 continue;

@@ -66,6 +66,22 @@ impl Settings {
             .as_ref()
             .is_none_or(|namespaces| namespaces.contains(namespace))
     }
+
+    /// Where the operator reads objects it may touch only in managed namespaces: one API per tenant namespace when
+    /// it is limited to them, else one over every namespace.
+    pub fn managed_apis<K>(&self, client: &kube::Client) -> Vec<kube::Api<K>>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match &self.tenant_namespaces {
+            None => vec![kube::Api::all(client.clone())],
+            Some(namespaces) => namespaces
+                .iter()
+                .map(|namespace| kube::Api::namespaced(client.clone(), namespace))
+                .collect(),
+        }
+    }
 }
 
 /// The Secret holding the submission server certificate: the one the spec names, or with a cert-manager issuer
