@@ -12,13 +12,21 @@ DATAPLANE_LOCK := /tmp/securemail-dataplane.lock
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 export SECUREMAIL_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: test deps fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down node-up node-down node-smoke e2e e2e-node e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-node bench-sidecar bench-policy images check-images check-image-containers
+.PHONY: test deps prebuild fmt-check lint deny unit fuzz fuzz-smoke crds check-crds check-alerts check-chart cluster-up cluster-down node-up node-down node-smoke e2e e2e-node e2e-dataplane e2e-faults e2e-faults-ci e2e-load e2e-load-ci dataplane-up dataplane-down demo bench-operator bench-node bench-sidecar bench-policy images check-images check-image-containers
 
 ## test: every check CI runs — formatting, clippy, unit tests, a fuzzing smoke run, CRD drift, end-to-end suites
-## (control plane; the images, reproducible and run as containers; the node running them; data plane, fault
-## injection and load at reduced size).
-test: deps fmt-check lint deny unit fuzz-smoke check-crds check-alerts check-chart e2e check-images \
-  check-image-containers e2e-node e2e-dataplane e2e-faults-ci e2e-load-ci
+## (data plane, fault injection and load at reduced size; control plane; the images, reproducible and run as
+## containers; the node running them). The Go-built tools are built in the background from the start (prebuild), and
+## the suites that need none of them run first, so on a new machine their builds overlap the Rust builds and the
+## suites' waiting.
+test: deps prebuild fmt-check lint deny unit fuzz-smoke check-crds e2e-dataplane e2e-faults-ci e2e-load-ci e2e \
+  check-alerts check-chart check-images check-image-containers e2e-node
+
+## prebuild: start building, in the background at low priority, every pinned tool not cached yet (e2e/prebuild.sh,
+## log in $(TARGET_DIR)/prebuild.log); it stops between tools once this make has exited.
+prebuild:
+	@mkdir -p $(TARGET_DIR)
+	@setsid nohup nice -n 10 e2e/prebuild.sh $$PPID >$(TARGET_DIR)/prebuild.log 2>&1 </dev/null &
 
 ## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
 deps:

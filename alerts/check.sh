@@ -9,23 +9,28 @@ here=$(cd "$(dirname "$0")" && pwd)
 # PROMETHEUS_MODULE_VERSION: the Prometheus release promtool comes from (also the node's Prometheus).
 # shellcheck source=../e2e/versions.env
 . "$here/../e2e/versions.env"
+# shellcheck source=../e2e/build-once.sh
+. "$here/../e2e/build-once.sh"
 cache=${SECUREMAIL_CACHE:-$HOME/.cache/securemail}
 
 die() { echo "check-alerts: $*" >&2; exit 1; }
 
+promtool_dir="$cache/promtool-$PROMETHEUS_MODULE_VERSION"
+
+build_promtool() {
+  command -v go >/dev/null || die "Go is not installed; it is needed to build promtool"
+  echo "check-alerts: building promtool $PROMETHEUS_MODULE_VERSION (first run only, several minutes)" >&2
+  # Built into a scratch directory and moved into place, so an interrupted build never leaves a binary behind.
+  rm -rf "$promtool_dir/bin.tmp"; mkdir -p "$promtool_dir/bin.tmp"
+  GOBIN="$promtool_dir/bin.tmp" CGO_ENABLED=0 go install -trimpath \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION" \
+    || die "go install of promtool $PROMETHEUS_MODULE_VERSION failed"
+  rm -rf "${promtool_dir:?}/bin"; mv "$promtool_dir/bin.tmp" "$promtool_dir/bin"
+}
+
 promtool_bin() {
-  local dir="$cache/promtool-$PROMETHEUS_MODULE_VERSION"
-  if [ ! -x "$dir/bin/promtool" ]; then
-    command -v go >/dev/null || die "Go is not installed; it is needed to build promtool"
-    echo "check-alerts: building promtool $PROMETHEUS_MODULE_VERSION (first run only, several minutes)" >&2
-    # Built into a scratch directory and moved into place, so an interrupted build never leaves a binary behind.
-    rm -rf "$dir/bin.tmp"; mkdir -p "$dir/bin.tmp"
-    GOBIN="$dir/bin.tmp" CGO_ENABLED=0 go install -trimpath \
-      "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION" \
-      || die "go install of promtool $PROMETHEUS_MODULE_VERSION failed"
-    rm -rf "${dir:?}/bin"; mv "$dir/bin.tmp" "$dir/bin"
-  fi
-  echo "$dir/bin/promtool"
+  build_once "$promtool_dir/bin/promtool" build_promtool
+  echo "$promtool_dir/bin/promtool"
 }
 
 # What promtool cannot see: each alert links absolutely to its runbook section (under the chart's default

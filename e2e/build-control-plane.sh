@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the pinned etcd and Kubernetes binaries (kube-apiserver and the node's components) from their Go modules
 # through the Go module proxy and caches the binaries outside the repository, keyed by version. Prints the cache
-# directory on success.
+# directory on success. Usage: build-control-plane.sh [COMPONENT...]: etcd kubernetes (the control plane), cni coredns
+# local-path kube-router (the rest of the node); all of them by default.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -172,10 +173,16 @@ build_kube_router() {
   mv "$dir/bin/kube-router.tmp" "$dir/bin/kube-router"
 }
 
-build_etcd
-build_kubernetes
-build_cni_plugins
-build_coredns
-build_local_path_provisioner
-build_kube_router
+[ $# -gt 0 ] || set -- etcd kubernetes cni coredns local-path kube-router
+for component in "$@"; do
+  case $component in
+    etcd) build_etcd ;;
+    kubernetes) build_kubernetes ;;
+    cni) build_cni_plugins ;;
+    coredns) build_coredns ;;
+    local-path) build_local_path_provisioner ;;
+    kube-router) build_kube_router ;;
+    *) die "unknown component $component (etcd kubernetes cni coredns local-path kube-router)" ;;
+  esac
+done
 echo "$cache"

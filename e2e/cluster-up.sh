@@ -68,7 +68,7 @@ for p in "$etcd_port" "$etcd_peer_port" "$api_port"; do
   fi
 done
 
-cache=$("$here/build-control-plane.sh" | tail -n 1) || die "building the control plane failed"
+cache=$("$here/build-control-plane.sh" etcd kubernetes | tail -n 1) || die "building the control plane failed"
 etcd_bin="$cache/etcd-$ETCD_VERSION/bin/etcd"
 apiserver_bin="$cache/kubernetes-$KUBERNETES_VERSION/bin/kube-apiserver"
 [ -x "$etcd_bin" ] || die "etcd binary missing at $etcd_bin"

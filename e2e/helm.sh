@@ -5,9 +5,11 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 . "$here/versions.env"
+# shellcheck source=build-once.sh
+. "$here/build-once.sh"
 dir=${SECUREMAIL_CACHE:-$HOME/.cache/securemail}/helm-$HELM_VERSION
 
-if [ ! -x "$dir/bin/helm" ]; then
+build_helm() {
   command -v go >/dev/null || { echo "helm.sh: Go is not installed; it is needed to build helm" >&2; exit 1; }
   echo "helm.sh: building helm $HELM_VERSION (first run only, a few minutes)" >&2
   # The version stamps helm's own Makefile sets; the Kubernetes version is the client-go it is built with, which
@@ -21,5 +23,6 @@ if [ ! -x "$dir/bin/helm" ]; then
   GOBIN="$dir/bin.tmp" CGO_ENABLED=0 go install -trimpath -ldflags "$ldflags" "$module/cmd/helm@$HELM_VERSION" \
     || { echo "helm.sh: go install of helm $HELM_VERSION failed" >&2; exit 1; }
   rm -rf "${dir:?}/bin"; mv "$dir/bin.tmp" "$dir/bin"
-fi
+}
+build_once "$dir/bin/helm" build_helm
 exec "$dir/bin/helm" "$@"

@@ -9,22 +9,25 @@ SYFT_VERSION=v1.57.2
 cache=${SECUREMAIL_CACHE:-$HOME/.cache/securemail}
 
 die() { echo "images/tools.sh: $*" >&2; exit 1; }
+# shellcheck source=../e2e/build-once.sh
+. "$(dirname "$0")/../e2e/build-once.sh"
 
 case ${1:-} in
   cargo-auditable)
     dir=$cache/cargo-auditable-$CARGO_AUDITABLE_VERSION
-    if [ ! -x "$dir/bin/cargo-auditable" ]; then
+    install_cargo_auditable() {
       echo "images/tools.sh: installing cargo-auditable $CARGO_AUDITABLE_VERSION (first run only)" >&2
       rm -rf "$dir.tmp"
       cargo install --quiet --locked --root "$dir.tmp" "cargo-auditable@$CARGO_AUDITABLE_VERSION" \
         || die "cargo install of cargo-auditable $CARGO_AUDITABLE_VERSION failed"
       rm -rf "$dir"; mv "$dir.tmp" "$dir"
-    fi
+    }
+    build_once "$dir/bin/cargo-auditable" install_cargo_auditable
     echo "$dir/bin/cargo-auditable"
     ;;
   syft)
     dir=$cache/syft-$SYFT_VERSION
-    if [ ! -x "$dir/bin/syft" ]; then
+    build_syft() {
       command -v go >/dev/null || die "Go is not installed; it is needed to build syft"
       echo "images/tools.sh: building syft $SYFT_VERSION from the Go module proxy (first run only, minutes)" >&2
       rm -rf "$dir.tmp"; mkdir -p "$dir.tmp/bin"
@@ -33,7 +36,8 @@ case ${1:-} in
         -ldflags "-X main.version=${SYFT_VERSION#v}" "github.com/anchore/syft/cmd/syft@$SYFT_VERSION" \
         || die "go install of syft $SYFT_VERSION failed"
       rm -rf "$dir"; mv "$dir.tmp" "$dir"
-    fi
+    }
+    build_once "$dir/bin/syft" build_syft
     echo "$dir/bin/syft"
     ;;
   *) die "usage: tools.sh cargo-auditable|syft" ;;

@@ -43,6 +43,7 @@ async fn operator_reconciles_tenants_against_a_real_apiserver() {
     operator = a_restart_keeps_every_dkim_key(&client, operator, &namespace).await;
     a_deleted_key_secret_gets_a_new_selector(&client, &namespace).await;
     the_later_tenant_loses_a_shared_address(&client).await;
+    children_the_tenant_no_longer_needs_are_swept(&client).await;
     a_paused_tenant_is_left_alone(&client).await;
     placement_follows_the_spec_and_leaves_the_volumes(&client).await;
     queue_volumes_are_made_only_on_a_class_known_to_encrypt_when_required(&client).await;
@@ -294,6 +295,71 @@ async fn the_later_tenant_loses_a_shared_address(client: &Client) {
     assert_eq!(
         condition(&first, "IpPoolConflict").map(|c| c.0),
         Some("False".to_owned())
+    );
+}
+
+/// The orphan sweep (answered from the child caches' index by tenant): a child labelled and owned as the tenant's
+/// that its spec does not produce is deleted; the same labels naming another tenant, or in another namespace, are not
+/// the tenant's and stay.
+async fn children_the_tenant_no_longer_needs_are_swept(client: &Client) {
+    let namespace = unique_namespace("sweep");
+    let elsewhere = unique_namespace("sweep-other");
+    let tenant = create(client, &example("minimal.yaml", &namespace)).await;
+    let tenant = reconciled(client, &namespace, &tenant.name_any()).await;
+    let child = |child_namespace: &str, name: &str, owner: &str| -> ConfigMap {
+        // Owned by the tenant where it can be (an owner is in its dependent's namespace), so creating it is a change
+        // the tenant's reconcile sees.
+        let owners = (child_namespace == namespace).then(|| {
+            json!([{
+                "apiVersion": "securemail.io/v1alpha1", "kind": "SecureMailTenant", "name": tenant.name_any(),
+                "uid": tenant.uid().unwrap_or_default(), "controller": true
+            }])
+        });
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": name,
+                "namespace": child_namespace,
+                "labels": {"app.kubernetes.io/managed-by": "securemail-operator", "securemail.io/tenant": owner},
+                "ownerReferences": owners.unwrap_or_else(|| json!([]))
+            }
+        }))
+        .unwrap_or_else(|err| panic!("config map: {err}"))
+    };
+    for (namespace, name, owner) in [
+        (&namespace, "left-over", tenant.name_any()),
+        (&namespace, "of-another-tenant", "another".to_owned()),
+        (&elsewhere, "left-over", tenant.name_any()),
+    ] {
+        Api::<ConfigMap>::namespaced(client.clone(), namespace)
+            .create(&PostParams::default(), &child(namespace, name, &owner))
+            .await
+            .unwrap_or_else(|err| panic!("create {name}: {err}"));
+    }
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    eventually("the left-over child swept", WAIT, || async {
+        maps.get_opt("left-over").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        maps.get_opt("of-another-tenant")
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+            .is_some()
+    );
+    let other: Api<ConfigMap> = Api::namespaced(client.clone(), &elsewhere);
+    assert!(
+        other
+            .get_opt("left-over")
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+            .is_some()
+    );
+    // The tenant's own ConfigMap is built again on every pass and stays.
+    assert!(
+        maps.get_opt(&format!("{}-mta-config", tenant.name_any()))
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+            .is_some()
     );
 }
 

@@ -8,24 +8,25 @@ use std::sync::{Mutex, PoisonError};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::core::ApiResource;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::names::{DESIRED_HASH_ANNOTATION, MANAGER, TENANT_LABEL, sha256_hex};
+use crate::index::Children;
+use crate::names::{DESIRED_HASH_ANNOTATION, MANAGER, sha256_hex};
 use crate::{Error, Result};
 
-/// Applies `object` unless `cached` (the live object from a watch cache) carries the same desired-hash.
+/// Applies `object` unless its live version in `cached` (a watch cache) carries the same desired-hash.
 /// Returns whether it wrote.
-pub async fn apply<K, C>(client: &Client, object: K, cached: &Store<C>) -> Result<bool>
+pub async fn apply<K, C>(client: &Client, object: K, cached: &Children<C>) -> Result<bool>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
     C: Resource<DynamicType = ()> + Clone,
 {
     let namespace = object.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let name = object.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
-    let live = cached.get(&ObjectRef::new(&name).within(&namespace));
+    let live = cached.store.get(&ObjectRef::new(&name).within(&namespace));
     let live_hash = live
         .as_ref()
         .and_then(|live| live.annotations().get(DESIRED_HASH_ANNOTATION).cloned());
@@ -64,29 +65,20 @@ pub async fn sweep<K, C>(
     client: &Client,
     namespace: &str,
     tenant: &str,
-    cached: &Store<C>,
+    cached: &Children<C>,
     keep: &[String],
 ) -> Result<Vec<String>>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
     C: Resource<DynamicType = ()> + Clone,
 {
-    // Every reconcile scans the whole cache of each kind: the filter borrows, so objects of other tenants cost a
-    // label comparison and no allocation.
     let stale: Vec<String> = cached
-        .state()
+        .of_tenant(namespace, tenant)
         .iter()
         .map(|child| child.meta())
-        .filter(|meta| {
-            meta.labels
-                .as_ref()
-                .and_then(|labels| labels.get(TENANT_LABEL))
-                .is_some_and(|owner| owner == tenant)
-        })
-        .filter(|meta| meta.namespace.as_deref() == Some(namespace) && meta.deletion_timestamp.is_none())
-        .filter_map(|meta| meta.name.as_ref())
+        .filter(|meta| meta.deletion_timestamp.is_none())
+        .filter_map(|meta| meta.name.clone())
         .filter(|name| !keep.contains(name))
-        .cloned()
         .collect();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     for name in &stale {

@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 
 use crate::build::Settings;
 use crate::dnsbl::DnsblWatch;
+use crate::index::{self, Children, ClaimIndex};
 use crate::names::MANAGER;
 use crate::status::MTA_AVAILABLE;
 
@@ -48,20 +49,23 @@ impl Clock for SystemClock {
 }
 
 /// Caches fed by the controller's watches. Children are cached as metadata only: that is all a reconcile reads
-/// (labels, annotations, owners), it keeps memory flat, and private keys never sit in the operator's memory.
+/// (labels, annotations, owners), it keeps memory flat, and private keys never sit in the operator's memory. Each
+/// child cache has an index by tenant, and the tenants one by what they claim, so a reconcile never scans a cache.
 #[derive(Clone, Debug)]
 pub struct Stores {
-    /// Every tenant the controller knows, for the address conflict rule.
+    /// Every tenant the controller knows, for the address and domain conflict rules.
     pub tenants: Store<SecureMailTenant>,
-    pub stateful_sets: Store<StatefulSetSize>,
-    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
-    pub services: Store<PartialObjectMeta<Service>>,
-    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    /// The tenants by the addresses and domains they claim.
+    pub claims: Arc<ClaimIndex>,
+    pub stateful_sets: Children<StatefulSetSize>,
+    pub config_maps: Children<PartialObjectMeta<ConfigMap>>,
+    pub services: Children<PartialObjectMeta<Service>>,
+    pub service_accounts: Children<PartialObjectMeta<ServiceAccount>>,
     pub secrets: SecretStores,
     /// The tenants' MTA pods, whose status explains pods that cannot run.
     pub pods: PodStores,
-    pub disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
-    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+    pub disruption_budgets: Children<PartialObjectMeta<PodDisruptionBudget>>,
+    pub network_policies: Children<PartialObjectMeta<NetworkPolicy>>,
     /// Every StorageClass (cluster-scoped, few, rarely changed): which one the queue volumes use and whether it
     /// encrypts at rest is decided from here, never by a GET per tenant.
     pub storage_classes: Store<StorageClass>,
@@ -102,22 +106,28 @@ impl Stores {
     /// Waits until every watch has listed once, so a reconcile never mistakes "not cached yet" for "absent".
     pub async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
         self.tenants.wait_until_ready().await?;
-        self.stateful_sets.wait_until_ready().await?;
-        self.config_maps.wait_until_ready().await?;
-        self.services.wait_until_ready().await?;
-        self.service_accounts.wait_until_ready().await?;
+        self.stateful_sets.store.wait_until_ready().await?;
+        self.config_maps.store.wait_until_ready().await?;
+        self.services.store.wait_until_ready().await?;
+        self.service_accounts.store.wait_until_ready().await?;
         self.secrets.wait_until_ready().await?;
         self.pods.wait_until_ready().await?;
-        self.disruption_budgets.wait_until_ready().await?;
-        self.network_policies.wait_until_ready().await?;
+        self.disruption_budgets.store.wait_until_ready().await?;
+        self.network_policies.store.wait_until_ready().await?;
         self.storage_classes.wait_until_ready().await
+    }
+
+    /// The cached tenants that claim an address or a domain `tenant` claims (itself included).
+    pub fn claimants(&self, tenant: &SecureMailTenant) -> Vec<Arc<SecureMailTenant>> {
+        index::claimants(&self.claims, &self.tenants, &index::claims(tenant))
     }
 }
 
 /// A cache of objects the operator may read only in tenant namespaces when it is limited to them: one watch over
-/// every namespace, or one per tenant namespace (each watch needs its own store: a re-list replaces its whole store).
+/// every namespace, or one per tenant namespace (each watch needs its own store and index: a re-list replaces its
+/// whole store).
 #[derive(Clone, Debug)]
-pub struct NamespacedStores<K: Resource<DynamicType = ()> + Clone + 'static>(pub Vec<Store<K>>);
+pub struct NamespacedStores<K: Resource<DynamicType = ()> + Clone + 'static>(pub Vec<Children<K>>);
 
 /// The key Secrets cache.
 pub type SecretStores = NamespacedStores<PartialObjectMeta<Secret>>;
@@ -125,22 +135,21 @@ pub type SecretStores = NamespacedStores<PartialObjectMeta<Secret>>;
 pub type PodStores = NamespacedStores<MtaPod>;
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> NamespacedStores<K> {
-    /// The cached objects of `namespace`.
-    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<K>> {
+    /// The cached children of `tenant` in `namespace`.
+    pub fn of_tenant(&self, namespace: &str, tenant: &str) -> Vec<Arc<K>> {
         self.0
             .iter()
-            .flat_map(Store::state)
-            .filter(|object| object.meta().namespace.as_deref() == Some(namespace))
+            .flat_map(|children| children.of_tenant(namespace, tenant))
             .collect()
     }
 
     pub fn get(&self, key: &ObjectRef<K>) -> Option<Arc<K>> {
-        self.0.iter().find_map(|store| store.get(key))
+        self.0.iter().find_map(|children| children.store.get(key))
     }
 
     async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
-        for store in &self.0 {
-            store.wait_until_ready().await?;
+        for children in &self.0 {
+            children.store.wait_until_ready().await?;
         }
         Ok(())
     }

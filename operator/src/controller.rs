@@ -14,7 +14,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -28,6 +28,7 @@ use crate::context::{Clock, Context, Metrics, MtaPod, NamespacedStores, Stateful
 use crate::dkim;
 use crate::dnsbl::DnsblWatch;
 use crate::evidence_retention;
+use crate::index::{self, Children};
 use crate::names::{COMPONENT_LABEL, DESIRED_HASH_ANNOTATION, MANAGED_SELECTOR, MANAGER, MTA_COMPONENT, TENANT_LABEL};
 use crate::ownership;
 use crate::reconcile::{error_policy, reconcile};
@@ -87,12 +88,14 @@ pub async fn run(
     };
 
     let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
+    let claims = Arc::new(index::claim_index());
     let controller = {
         let (reader, writer) = reflector::store();
         // A tenant that releases a domain or address (deleted, or dropped from its spec) hands it to the next
         // claimant at once: each change is compared with the cached version before the cache takes it.
         let (recheck, rechecks) = futures::channel::mpsc::unbounded();
-        let cache = reader.clone();
+        let (cache, claims) = (reader.clone(), claims.clone());
+        let follow_claims = index::follow(reader.clone(), claims.clone());
         let tenants = watcher(
             Api::<SecureMailTenant>::all(client.clone()),
             watcher::Config::default().any_semantic(),
@@ -106,24 +109,27 @@ pub async fn run(
                 // A (re)listed cache reconciles every tenant anyway.
                 _ => return,
             };
-            for tenant in ownership::tenants_to_recheck(before.as_deref(), after, &cache.state()) {
+            let claimed: Vec<_> = before
+                .iter()
+                .map(|tenant| tenant.as_ref())
+                .chain(after)
+                .flat_map(index::claims)
+                .collect();
+            let claimants = index::claimants(&claims, &cache, &claimed);
+            for tenant in ownership::tenants_to_recheck(before.as_deref(), after, &claimants) {
                 // Fails only once the controller stopped.
                 let _ = recheck.unbounded_send(tenant);
             }
         })
+        .inspect(follow_claims)
         .reflect(writer)
         .applied_objects();
         Controller::for_stream(logging_errors(tenants, SecureMailTenant::kind(&())), reader).reconcile_on(rechecks)
     };
-    let (stateful_sets, stateful_set_events) = {
-        let (reader, writer) = reflector::store();
-        let events = watcher(Api::<StatefulSetSize>::all(client.clone()), managed.clone())
-            .default_backoff()
-            .modify(slim_metadata)
-            .reflect(writer)
-            .touched_objects();
-        (reader, logging_errors(events, StatefulSetSize::kind(&())))
-    };
+    let (stateful_sets, stateful_set_events) = indexed_store(
+        watcher(Api::<StatefulSetSize>::all(client.clone()), managed.clone()),
+        StatefulSetSize::kind(&()),
+    );
     let (config_maps, config_map_events) = metadata_store::<ConfigMap>(Api::all(client.clone()), &managed);
     let (services, service_events) = metadata_store::<Service>(Api::all(client.clone()), &managed);
     let (service_accounts, service_account_events) =
@@ -167,6 +173,7 @@ pub async fn run(
     metrics.read_tenants_from(controller.store());
     let stores = Stores {
         tenants: controller.store(),
+        claims,
         stateful_sets,
         config_maps,
         services,
@@ -296,42 +303,53 @@ async fn leadership_lapsed(client: Client, election: &LeaderElection) -> String 
     }
 }
 
-/// A metadata-only watch of the operator's children of kind `K` through `api`, cached in a store, as a stream of
-/// the changed objects for the controller to map to their owning tenant.
+/// A metadata-only watch of the operator's children of kind `K` through `api`, cached and indexed by tenant, as a
+/// stream of the changed objects for the controller to map to their owning tenant.
 fn metadata_store<K>(
     api: Api<PartialObjectMeta<K>>,
     config: &watcher::Config,
 ) -> (
-    Store<PartialObjectMeta<K>>,
+    Children<PartialObjectMeta<K>>,
     impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
 )
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let events = watcher(api, config.clone())
-        .default_backoff()
-        .modify(slim_metadata)
-        .reflect(writer)
-        .touched_objects();
-    (reader, logging_errors(events, K::kind(&())))
+    indexed_store(watcher(api, config.clone()), K::kind(&()))
 }
 
-/// A watch of MTA pods through `api` (metadata and status only), cached in a store, as a stream of changed pods.
+/// A watch of MTA pods through `api` (metadata and status only), cached and indexed by tenant, as a stream of
+/// changed pods.
 fn pod_store(
     api: Api<MtaPod>,
     config: &watcher::Config,
 ) -> (
-    Store<MtaPod>,
+    Children<MtaPod>,
     impl Stream<Item = Result<MtaPod, watcher::Error>> + Send + 'static,
 ) {
+    indexed_store(watcher(api, config.clone()), MtaPod::kind(&()))
+}
+
+/// The children a watch yields, slimmed, cached and indexed by tenant, and the stream of changed ones.
+fn indexed_store<K>(
+    watch: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    kind: Cow<'static, str>,
+) -> (
+    Children<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static,
+{
     let (reader, writer) = reflector::store();
-    let events = watcher(api, config.clone())
+    let index = Arc::new(index::child_index());
+    let events = watch
         .default_backoff()
         .modify(slim_metadata)
+        .inspect(index::follow(reader.clone(), index.clone()))
         .reflect(writer)
         .touched_objects();
-    (reader, logging_errors(events, MtaPod::kind(&())))
+    (Children { store: reader, index }, logging_errors(events, kind))
 }
 
 /// Logs a watch's errors and keeps them out of the controller's triggers. Each watch already waits out its own

@@ -16,6 +16,7 @@ pub mod drain;
 pub mod egress;
 mod error;
 pub mod evidence_retention;
+pub mod index;
 pub mod inputs;
 pub mod names;
 pub mod ownership;

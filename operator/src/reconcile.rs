@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use crate::build::{self, Children, Observed};
 use crate::context::{Context, MtaPod, StatefulSetSize};
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
-use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TENANT_LABEL, TenantNames};
+use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TenantNames};
 use crate::status::{self, ConditionUpdate};
 use crate::{
     Error, Result, apply, certificate, dkim_keys, dns_endpoint, dnsbl, drain, egress, evidence_retention, inputs,
@@ -172,12 +172,12 @@ async fn apply_tenant(tenant: &SecureMailTenant, ctx: &Context) -> Result<Action
 
     // Addresses first claimed by another tenant get no pod here; domains another tenant holds get no key, record or
     // signing here. Everything else of the tenant works as usual.
-    let cached_tenants = ctx.stores.tenants.state();
-    let conflicts = status::claimed_elsewhere(tenant, &cached_tenants);
-    let domains_held = ownership::domains_held_elsewhere(tenant, &cached_tenants, |namespace| {
+    let claimants = ctx.stores.claimants(tenant);
+    let conflicts = status::claimed_elsewhere(tenant, &claimants);
+    let domains_held = ownership::domains_held_elsewhere(tenant, &claimants, |namespace| {
         ctx.settings.manages_namespace(namespace)
     });
-    drop(cached_tenants);
+    drop(claimants);
     let owned = without_domains(tenant, &domains_held);
     let usable: Vec<&PoolAddress> = tenant
         .spec
@@ -551,6 +551,7 @@ fn live_replicas(ctx: &Context, namespace: &str, names: &TenantNames) -> u32 {
 fn cached_stateful_set(ctx: &Context, namespace: &str, names: &TenantNames) -> Option<Arc<StatefulSetSize>> {
     ctx.stores
         .stateful_sets
+        .store
         .get(&ObjectRef::new(&names.mta()).within(namespace))
 }
 
@@ -618,12 +619,9 @@ async fn apply_children(
 fn stored_keys(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<Vec<StoredKey>> {
     ctx.stores
         .secrets
-        .in_namespace(namespace)
+        .of_tenant(namespace, &names.tenant)
         .iter()
-        .filter(|secret| {
-            secret.labels().get(TENANT_LABEL) == Some(&names.tenant)
-                && secret.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(DKIM_KEY_COMPONENT)
-        })
+        .filter(|secret| secret.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(DKIM_KEY_COMPONENT))
         .map(|secret| stored_key(&secret.metadata))
         .collect()
 }
@@ -845,12 +843,10 @@ fn tenant_pods(ctx: &Context, namespace: &str, names: &TenantNames) -> Vec<(Stri
     let mut pods: Vec<(String, Arc<MtaPod>)> = ctx
         .stores
         .pods
-        .in_namespace(namespace)
+        .of_tenant(namespace, &names.tenant)
         .into_iter()
         // A pod being deleted is on its way out; its replacement is the one that counts.
-        .filter(|pod| {
-            pod.labels().get(TENANT_LABEL) == Some(&names.tenant) && pod.metadata.deletion_timestamp.is_none()
-        })
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
         .map(|pod| (pod.name_any(), pod))
         .collect();
     pods.sort_by(|(a, _), (b, _)| (pod_health::ordinal(a), a).cmp(&(pod_health::ordinal(b), b)));

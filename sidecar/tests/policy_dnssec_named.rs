@@ -8,7 +8,7 @@
     reason = "tests: a panic is the failure report"
 )]
 
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -133,10 +133,15 @@ _25._tcp.mx IN TLSA 3 1 1 {GOOD_HASH}
     assert_eq!(tampered, 1, "signed zone lost the TLSA record:\n{signed}");
     std::fs::write(dir.join("root.signed"), lines.join("\n")).unwrap();
 
-    let port = {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.local_addr().unwrap().port()
-    };
+    // named serves DNS on UDP and TCP: the port must be free for both (a port free for UDP can be the local end of
+    // some TCP connection, and named then starts without TCP and the test waits for it in vain).
+    let port = (0..100)
+        .find_map(|_| {
+            let tcp = TcpListener::bind("127.0.0.1:0").ok()?;
+            let port = tcp.local_addr().ok()?.port();
+            UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
+        })
+        .expect("a loopback port free for UDP and TCP");
     let d = dir.display();
     std::fs::write(
         dir.join("named.conf"),

@@ -1,0 +1,415 @@
+//! Indexes beside the watch caches, so what a reconcile asks about one tenant costs what that tenant has, not what
+//! every tenant has: which children a tenant owns (the orphan sweep, its key Secrets, its pods) and which tenants
+//! claim an address or a domain (the conflict rules). Scanning the caches instead made each reconcile O(tenants) and
+//! converging O(tenants²).
+//!
+//! An index follows the events of the watch that feeds its cache: it is told each event before the cache takes it,
+//! with the cached version the event replaces, so it drops exactly the keys that version had. A relist builds a new
+//! index from the listed objects and swaps it in when the list is complete, as the cache does. Lookups return the
+//! cached objects, checked again against the question, so an answer is never staler than the cache.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use kube::Resource;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher::Event;
+use securemail_api::SecureMailTenant;
+
+use crate::names::TENANT_LABEL;
+
+/// Objects of kind `K` by the keys `keys` gives each, remembered as the `Item` that `item` gives.
+pub struct Index<K, Key, Item> {
+    keys: fn(&K) -> Vec<Key>,
+    item: fn(&K) -> Item,
+    state: RwLock<State<Key, Item>>,
+}
+
+impl<K, Key, Item> std::fmt::Debug for Index<K, Key, Item> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("Index")
+            .field("keys", &state.entries.len())
+            .field("relisting", &state.relisting.is_some())
+            .finish()
+    }
+}
+
+struct State<Key, Item> {
+    entries: HashMap<Key, Vec<Item>>,
+    /// Filled by a relist in progress; replaces `entries` once the list is complete.
+    relisting: Option<HashMap<Key, Vec<Item>>>,
+}
+
+impl<K, Key: Eq + Hash, Item: PartialEq + Clone> Index<K, Key, Item> {
+    pub fn new(keys: fn(&K) -> Vec<Key>, item: fn(&K) -> Item) -> Self {
+        Self {
+            keys,
+            item,
+            state: RwLock::new(State {
+                entries: HashMap::new(),
+                relisting: None,
+            }),
+        }
+    }
+
+    /// Takes one watch event; `cached` is the version of the object the cache holds before it takes the event.
+    pub fn observe(&self, event: &Event<K>, cached: Option<&K>) {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            Event::Apply(object) => {
+                if let Some(cached) = cached {
+                    self.remove(&mut state.entries, cached);
+                }
+                self.insert(&mut state.entries, object);
+            }
+            Event::Delete(object) => self.remove(&mut state.entries, cached.unwrap_or(object)),
+            Event::Init => state.relisting = Some(HashMap::new()),
+            Event::InitApply(object) => {
+                // A watch restarted without `Init` (never, from kube's watcher) would still be indexed.
+                let State { entries, relisting } = &mut *state;
+                self.insert(relisting.as_mut().unwrap_or(entries), object);
+            }
+            Event::InitDone => {
+                if let Some(listed) = state.relisting.take() {
+                    state.entries = listed;
+                }
+            }
+        }
+    }
+
+    /// What is indexed under `key`.
+    pub fn get(&self, key: &Key) -> Vec<Item> {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state.entries.get(key).cloned().unwrap_or_default()
+    }
+
+    fn insert(&self, entries: &mut HashMap<Key, Vec<Item>>, object: &K) {
+        let item = (self.item)(object);
+        for key in (self.keys)(object) {
+            let items = entries.entry(key).or_default();
+            if !items.contains(&item) {
+                items.push(item.clone());
+            }
+        }
+    }
+
+    fn remove(&self, entries: &mut HashMap<Key, Vec<Item>>, object: &K) {
+        let item = (self.item)(object);
+        for key in (self.keys)(object) {
+            if let Some(items) = entries.get_mut(&key) {
+                items.retain(|indexed| indexed != &item);
+                if items.is_empty() {
+                    entries.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Feeds `index` the events of a watch whose objects `cache` stores; for `inspect` on the watch stream, before the
+/// stream is reflected into `cache`.
+pub fn follow<K, Key, Item, E>(cache: Store<K>, index: Arc<Index<K, Key, Item>>) -> impl Fn(&Result<Event<K>, E>)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+    Key: Eq + Hash,
+    Item: PartialEq + Clone,
+{
+    move |event| {
+        let Ok(event) = event else { return };
+        let cached = match event {
+            Event::Apply(object) | Event::Delete(object) => cache.get(&ObjectRef::from_obj(object)),
+            _ => None,
+        };
+        index.observe(event, cached.as_deref());
+    }
+}
+
+/// A tenant's children of one kind in one namespace: the key of [`ChildIndex`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TenantKey {
+    pub namespace: String,
+    pub tenant: String,
+}
+
+/// Names of labelled children by the tenant they belong to.
+pub type ChildIndex<K> = Index<K, TenantKey, String>;
+
+/// The index of children of kind `K`: under their namespace and tenant label, by name.
+pub fn child_index<K: Resource>() -> ChildIndex<K> {
+    Index::new(
+        |child: &K| {
+            let meta = child.meta();
+            let tenant = meta.labels.as_ref().and_then(|labels| labels.get(TENANT_LABEL));
+            match (meta.namespace.as_ref(), tenant) {
+                (Some(namespace), Some(tenant)) => vec![TenantKey {
+                    namespace: namespace.clone(),
+                    tenant: tenant.clone(),
+                }],
+                _ => Vec::new(),
+            }
+        },
+        |child: &K| child.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// A watch cache of labelled children and the index of them by tenant.
+#[derive(Clone)]
+pub struct Children<K: Resource<DynamicType = ()> + Clone + 'static> {
+    pub store: Store<K>,
+    pub index: Arc<ChildIndex<K>>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + 'static> std::fmt::Debug for Children<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Children")
+            .field("store", &self.store)
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> Children<K> {
+    /// The cached children of `tenant` in `namespace`.
+    pub fn of_tenant(&self, namespace: &str, tenant: &str) -> Vec<Arc<K>> {
+        let key = TenantKey {
+            namespace: namespace.to_owned(),
+            tenant: tenant.to_owned(),
+        };
+        self.index
+            .get(&key)
+            .iter()
+            .filter_map(|name| self.store.get(&ObjectRef::new(name).within(namespace)))
+            .filter(|child| {
+                child
+                    .meta()
+                    .labels
+                    .as_ref()
+                    .and_then(|labels| labels.get(TENANT_LABEL))
+                    .map(String::as_str)
+                    == Some(tenant)
+            })
+            .collect()
+    }
+}
+
+/// What a tenant claims that no other tenant may have at the same time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Claim {
+    Address(String),
+    Domain(String),
+}
+
+/// Every claim in a tenant's spec.
+pub fn claims(tenant: &SecureMailTenant) -> Vec<Claim> {
+    let addresses = tenant
+        .spec
+        .ip_pool
+        .addresses
+        .iter()
+        .map(|address| Claim::Address(address.address.clone()));
+    let domains = tenant
+        .spec
+        .domains
+        .iter()
+        .map(|domain| Claim::Domain(domain.name.clone()));
+    addresses.chain(domains).collect()
+}
+
+/// Tenants by the addresses and domains their specs claim.
+pub type ClaimIndex = Index<SecureMailTenant, Claim, ObjectRef<SecureMailTenant>>;
+
+pub fn claim_index() -> ClaimIndex {
+    Index::new(claims, ObjectRef::from_obj)
+}
+
+/// The cached tenants that claim any of `claims`, each once.
+pub fn claimants(
+    index: &ClaimIndex,
+    tenants: &Store<SecureMailTenant>,
+    claims: &[Claim],
+) -> Vec<Arc<SecureMailTenant>> {
+    let refs: HashSet<ObjectRef<SecureMailTenant>> = claims.iter().flat_map(|claim| index.get(claim)).collect();
+    refs.iter().filter_map(|tenant| tenants.get(tenant)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher;
+
+    use super::*;
+
+    fn tenant(name: &str, addresses: &[&str], domains: &[&str]) -> SecureMailTenant {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "securemail.io/v1alpha1",
+            "kind": "SecureMailTenant",
+            "metadata": {"name": name, "namespace": "mail", "uid": name},
+            "spec": {
+                "domains": domains.iter().map(|d| serde_json::json!({"name": d})).collect::<Vec<_>>(),
+                "ipPool": {"addresses": addresses.iter()
+                    .map(|a| serde_json::json!({"address": a, "hostname": "mta.example.org"}))
+                    .collect::<Vec<_>>()},
+                "submission": {"tls": {"secretName": "s"}, "clientCertificates": {"caSecretName": "ca"}}
+            }
+        }))
+        .expect("tenant")
+    }
+
+    fn child(namespace: &str, name: &str, tenant: Option<&str>) -> ConfigMap {
+        let mut map = ConfigMap::default();
+        map.metadata.namespace = Some(namespace.to_owned());
+        map.metadata.name = Some(name.to_owned());
+        map.metadata.labels = tenant.map(|tenant| [(TENANT_LABEL.to_owned(), tenant.to_owned())].into());
+        map
+    }
+
+    /// A cache and its index fed the same events, in the order the controller's watch streams feed them.
+    struct Followed<K: Resource<DynamicType = ()> + Clone + 'static, Key, Item> {
+        store: Store<K>,
+        writer: reflector::store::Writer<K>,
+        index: Arc<Index<K, Key, Item>>,
+    }
+
+    impl<K, Key, Item> Followed<K, Key, Item>
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+        Key: Eq + Hash,
+        Item: PartialEq + Clone,
+    {
+        fn new(index: Index<K, Key, Item>) -> Self {
+            let (store, writer) = reflector::store();
+            Self {
+                store,
+                writer,
+                index: Arc::new(index),
+            }
+        }
+
+        fn feed(&mut self, events: impl IntoIterator<Item = Event<K>>) {
+            let follow = follow::<_, _, _, watcher::Error>(self.store.clone(), self.index.clone());
+            for event in events {
+                follow(&Ok(event.clone()));
+                self.writer.apply_watcher_event(&event);
+            }
+        }
+    }
+
+    fn names(tenants: Vec<Arc<SecureMailTenant>>) -> Vec<String> {
+        let mut names: Vec<String> = tenants
+            .iter()
+            .map(|tenant| tenant.metadata.name.clone().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn claimants_of(
+        followed: &Followed<SecureMailTenant, Claim, ObjectRef<SecureMailTenant>>,
+        claim: Claim,
+    ) -> Vec<String> {
+        names(claimants(&followed.index, &followed.store, &[claim]))
+    }
+
+    fn address(address: &str) -> Claim {
+        Claim::Address(address.to_owned())
+    }
+
+    fn domain(domain: &str) -> Claim {
+        Claim::Domain(domain.to_owned())
+    }
+
+    #[test]
+    fn tenants_are_found_by_what_they_claim_as_they_are_added_changed_and_deleted() {
+        let mut followed = Followed::new(claim_index());
+        let first = tenant("first", &["192.0.2.1"], &["a.example"]);
+        let second = tenant("second", &["192.0.2.1", "192.0.2.2"], &["b.example"]);
+        followed.feed([Event::Apply(first.clone()), Event::Apply(second.clone())]);
+        assert_eq!(claimants_of(&followed, address("192.0.2.1")), ["first", "second"]);
+        assert_eq!(claimants_of(&followed, domain("a.example")), ["first"]);
+        assert!(claimants_of(&followed, address("192.0.2.9")).is_empty());
+
+        // The first tenant drops its address and takes the second's domain: only what it claims now finds it.
+        followed.feed([Event::Apply(tenant("first", &["192.0.2.3"], &["b.example"]))]);
+        assert_eq!(claimants_of(&followed, address("192.0.2.1")), ["second"]);
+        assert_eq!(claimants_of(&followed, address("192.0.2.3")), ["first"]);
+        assert!(claimants_of(&followed, domain("a.example")).is_empty());
+        assert_eq!(claimants_of(&followed, domain("b.example")), ["first", "second"]);
+
+        // Deleted (the event carries the object as it was last seen, which need not be the cached version).
+        followed.feed([Event::Delete(second)]);
+        assert!(claimants_of(&followed, address("192.0.2.1")).is_empty());
+        assert!(claimants_of(&followed, address("192.0.2.2")).is_empty());
+        assert_eq!(claimants_of(&followed, domain("b.example")), ["first"]);
+        assert_eq!(followed.index.get(&domain("b.example")).len(), 1);
+    }
+
+    #[test]
+    fn a_relist_replaces_the_index_when_the_list_is_complete() {
+        let mut followed = Followed::new(claim_index());
+        followed.feed([
+            Event::Apply(tenant("gone", &["192.0.2.1"], &["a.example"])),
+            Event::Apply(tenant("kept", &["192.0.2.2"], &["b.example"])),
+        ]);
+        // The watch restarts: while it lists, lookups answer from the old index (the cache, too, is the old one).
+        followed.feed([
+            Event::Init,
+            Event::InitApply(tenant("kept", &["192.0.2.2"], &["c.example"])),
+            Event::InitApply(tenant("new", &["192.0.2.1"], &[])),
+        ]);
+        assert_eq!(claimants_of(&followed, address("192.0.2.1")), ["gone"]);
+        assert!(claimants_of(&followed, domain("c.example")).is_empty());
+        followed.feed([Event::InitDone]);
+        // A tenant deleted while the watch was down is forgotten, the others are found by what they claim now.
+        assert_eq!(claimants_of(&followed, address("192.0.2.1")), ["new"]);
+        assert!(claimants_of(&followed, domain("a.example")).is_empty());
+        assert!(claimants_of(&followed, domain("b.example")).is_empty());
+        assert_eq!(claimants_of(&followed, domain("c.example")), ["kept"]);
+    }
+
+    #[test]
+    fn children_are_found_by_namespace_and_tenant_label() {
+        let mut followed = Followed::new(child_index::<ConfigMap>());
+        followed.feed([
+            Event::Apply(child("mail", "first-mta", Some("first"))),
+            Event::Apply(child("mail", "first-extra", Some("first"))),
+            Event::Apply(child("mail", "second-mta", Some("second"))),
+            Event::Apply(child("other", "first-mta", Some("first"))),
+            Event::Apply(child("mail", "unlabelled", None)),
+        ]);
+        let children = Children {
+            store: followed.store.clone(),
+            index: followed.index.clone(),
+        };
+        let of = |namespace: &str, tenant: &str| {
+            let mut names: Vec<String> = children
+                .of_tenant(namespace, tenant)
+                .iter()
+                .map(|child| child.metadata.name.clone().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(of("mail", "first"), ["first-extra", "first-mta"]);
+        assert_eq!(of("other", "first"), ["first-mta"]);
+        assert_eq!(of("mail", "second"), ["second-mta"]);
+
+        // Relabelled to another tenant, then deleted.
+        followed.feed([Event::Apply(child("mail", "first-extra", Some("second")))]);
+        assert_eq!(of("mail", "first"), ["first-mta"]);
+        assert_eq!(of("mail", "second"), ["first-extra", "second-mta"]);
+        followed.feed([Event::Delete(child("mail", "first-extra", Some("second")))]);
+        assert_eq!(of("mail", "second"), ["second-mta"]);
+
+        followed.feed([
+            Event::Init,
+            Event::InitApply(child("mail", "second-mta", Some("second"))),
+            Event::InitDone,
+        ]);
+        assert!(of("mail", "first").is_empty());
+        assert!(of("other", "first").is_empty());
+        assert_eq!(of("mail", "second"), ["second-mta"]);
+    }
+}
