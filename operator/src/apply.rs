@@ -8,28 +8,25 @@ use std::sync::{Mutex, PoisonError};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::core::ApiResource;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::index::Children;
+use crate::child_cache::ChildCache;
 use crate::names::{DESIRED_HASH_ANNOTATION, MANAGER, sha256_hex};
 use crate::{Error, Result};
 
 /// Applies `object` unless its live version in `cached` (a watch cache) carries the same desired-hash.
 /// Returns whether it wrote.
-pub async fn apply<K, C>(client: &Client, object: K, cached: &Children<C>) -> Result<bool>
+pub async fn apply<K>(client: &Client, object: K, cached: &ChildCache) -> Result<bool>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
-    C: Resource<DynamicType = ()> + Clone,
 {
     let namespace = object.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let name = object.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
-    let live = cached.store.get(&ObjectRef::new(&name).within(&namespace));
-    let live_hash = live
-        .as_ref()
-        .and_then(|live| live.annotations().get(DESIRED_HASH_ANNOTATION).cloned());
+    let live_hash = cached
+        .get(&namespace, &name)
+        .and_then(|live| live.annotation(DESIRED_HASH_ANNOTATION).map(str::to_owned));
     apply_unless(&Api::namespaced(client.clone(), &namespace), object, live_hash).await
 }
 
@@ -61,24 +58,21 @@ where
 }
 
 /// Deletes the tenant's cached children of kind `K` whose names are not in `keep`. Returns the deleted names.
-pub async fn sweep<K, C>(
+pub async fn sweep<K>(
     client: &Client,
     namespace: &str,
     tenant: &str,
-    cached: &Children<C>,
+    cached: &ChildCache,
     keep: &[String],
 ) -> Result<Vec<String>>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
-    C: Resource<DynamicType = ()> + Clone,
 {
     let stale: Vec<String> = cached
         .of_tenant(namespace, tenant)
-        .iter()
-        .map(|child| child.meta())
-        .filter(|meta| meta.deletion_timestamp.is_none())
-        .filter_map(|meta| meta.name.clone())
-        .filter(|name| !keep.contains(name))
+        .into_iter()
+        .filter(|child| !child.deleting && !keep.iter().any(|kept| **kept == *child.name))
+        .map(|child| child.name.into())
         .collect();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     for name in &stale {

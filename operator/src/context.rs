@@ -5,12 +5,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
@@ -28,8 +25,9 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use crate::build::Settings;
+use crate::child_cache::{CachedChild, ChildCache, Summary};
 use crate::dnsbl::DnsblWatch;
-use crate::index::{self, Children, ClaimIndex};
+use crate::index::{self, ClaimIndex};
 use crate::names::MANAGER;
 use crate::status::MTA_AVAILABLE;
 
@@ -48,24 +46,25 @@ impl Clock for SystemClock {
     }
 }
 
-/// Caches fed by the controller's watches. Children are cached as metadata only: that is all a reconcile reads
-/// (labels, annotations, owners), it keeps memory flat, and private keys never sit in the operator's memory. Each
-/// child cache has an index by tenant, and the tenants one by what they claim, so a reconcile never scans a cache.
+/// Caches fed by the controller's watches. Of children only what a reconcile reads is cached ([`ChildCache`]): it
+/// keeps memory flat, and private keys never sit in the operator's memory. Children are found by tenant, and tenants
+/// by what they claim, so a reconcile never scans a cache.
 #[derive(Clone, Debug)]
 pub struct Stores {
     /// Every tenant the controller knows, for the address and domain conflict rules.
     pub tenants: Store<SecureMailTenant>,
     /// The tenants by the addresses and domains they claim.
     pub claims: Arc<ClaimIndex>,
-    pub stateful_sets: Children<StatefulSetSize>,
-    pub config_maps: Children<PartialObjectMeta<ConfigMap>>,
-    pub services: Children<PartialObjectMeta<Service>>,
-    pub service_accounts: Children<PartialObjectMeta<ServiceAccount>>,
-    pub secrets: SecretStores,
+    pub stateful_sets: Arc<ChildCache>,
+    pub config_maps: Arc<ChildCache>,
+    pub services: Arc<ChildCache>,
+    pub service_accounts: Arc<ChildCache>,
+    /// Key Secrets.
+    pub secrets: NamespacedCaches,
     /// The tenants' MTA pods, whose status explains pods that cannot run.
-    pub pods: PodStores,
-    pub disruption_budgets: Children<PartialObjectMeta<PodDisruptionBudget>>,
-    pub network_policies: Children<PartialObjectMeta<NetworkPolicy>>,
+    pub pods: PodCaches,
+    pub disruption_budgets: Arc<ChildCache>,
+    pub network_policies: Arc<ChildCache>,
     /// Every StorageClass (cluster-scoped, few, rarely changed): which one the queue volumes use and whether it
     /// encrypts at rest is decided from here, never by a GET per tenant.
     pub storage_classes: Store<StorageClass>,
@@ -106,14 +105,18 @@ impl Stores {
     /// Waits until every watch has listed once, so a reconcile never mistakes "not cached yet" for "absent".
     pub async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
         self.tenants.wait_until_ready().await?;
-        self.stateful_sets.store.wait_until_ready().await?;
-        self.config_maps.store.wait_until_ready().await?;
-        self.services.store.wait_until_ready().await?;
-        self.service_accounts.store.wait_until_ready().await?;
-        self.secrets.wait_until_ready().await?;
-        self.pods.wait_until_ready().await?;
-        self.disruption_budgets.store.wait_until_ready().await?;
-        self.network_policies.store.wait_until_ready().await?;
+        for cache in [
+            &self.stateful_sets,
+            &self.config_maps,
+            &self.services,
+            &self.service_accounts,
+            &self.disruption_budgets,
+            &self.network_policies,
+        ] {
+            cache.wait_until_ready().await;
+        }
+        self.secrets.wait_until_ready().await;
+        self.pods.wait_until_ready().await;
         self.storage_classes.wait_until_ready().await
     }
 
@@ -123,35 +126,33 @@ impl Stores {
     }
 }
 
-/// A cache of objects the operator may read only in tenant namespaces when it is limited to them: one watch over
-/// every namespace, or one per tenant namespace (each watch needs its own store and index: a re-list replaces its
-/// whole store).
+/// Caches of children the operator may read only in tenant namespaces when it is limited to them (key Secrets, MTA
+/// pods): one watch over every namespace, or one per tenant namespace, each with its own cache (a relist replaces its
+/// whole cache).
 #[derive(Clone, Debug)]
-pub struct NamespacedStores<K: Resource<DynamicType = ()> + Clone + 'static>(pub Vec<Children<K>>);
+pub struct NamespacedCaches<T = CachedChild>(pub Vec<Arc<ChildCache<T>>>);
 
-/// The key Secrets cache.
-pub type SecretStores = NamespacedStores<PartialObjectMeta<Secret>>;
 /// The MTA pods cache.
-pub type PodStores = NamespacedStores<MtaPod>;
+pub type PodCaches = NamespacedCaches<Arc<MtaPod>>;
 
-impl<K: Resource<DynamicType = ()> + Clone + 'static> NamespacedStores<K> {
-    /// The cached children of `tenant` in `namespace`.
-    pub fn of_tenant(&self, namespace: &str, tenant: &str) -> Vec<Arc<K>> {
+impl<T: Summary> NamespacedCaches<T> {
+    /// The cached children labelled with `tenant` in `namespace`.
+    pub fn of_tenant(&self, namespace: &str, tenant: &str) -> Vec<T> {
         self.0
             .iter()
-            .flat_map(|children| children.of_tenant(namespace, tenant))
+            .flat_map(|cache| cache.of_tenant(namespace, tenant))
             .collect()
     }
 
-    pub fn get(&self, key: &ObjectRef<K>) -> Option<Arc<K>> {
-        self.0.iter().find_map(|children| children.store.get(key))
+    /// The cached child `name` in `namespace`.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<T> {
+        self.0.iter().find_map(|cache| cache.get(namespace, name))
     }
 
-    async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
-        for children in &self.0 {
-            children.store.wait_until_ready().await?;
+    async fn wait_until_ready(&self) {
+        for cache in &self.0 {
+            cache.wait_until_ready().await;
         }
-        Ok(())
     }
 }
 

@@ -24,12 +24,12 @@ use tracing::{debug, info, warn};
 
 use crate::admin::Health;
 use crate::build::Settings;
-use crate::context::{Clock, Context, Metrics, MtaPod, NamespacedStores, StatefulSetSize, Stores};
-use crate::dkim;
+use crate::child_cache::{CACHED_LABELS, CachedChild, ChildCache, Replicas, Summary};
+use crate::context::{Clock, Context, Metrics, MtaPod, NamespacedCaches, StatefulSetSize, Stores};
 use crate::dnsbl::DnsblWatch;
 use crate::evidence_retention;
-use crate::index::{self, Children};
-use crate::names::{COMPONENT_LABEL, DESIRED_HASH_ANNOTATION, MANAGED_SELECTOR, MANAGER, MTA_COMPONENT, TENANT_LABEL};
+use crate::index;
+use crate::names::{COMPONENT_LABEL, MANAGED_SELECTOR, MANAGER, MTA_COMPONENT, TENANT_LABEL};
 use crate::ownership;
 use crate::reconcile::{error_policy, reconcile};
 
@@ -126,9 +126,15 @@ pub async fn run(
         .applied_objects();
         Controller::for_stream(logging_errors(tenants, SecureMailTenant::kind(&())), reader).reconcile_on(rechecks)
     };
-    let (stateful_sets, stateful_set_events) = indexed_store(
+    let (stateful_sets, stateful_set_events) = child_cache(
         watcher(Api::<StatefulSetSize>::all(client.clone()), managed.clone()),
         StatefulSetSize::kind(&()),
+        |sts: &StatefulSetSize| {
+            CachedChild::of(&sts.metadata).with_replicas(Replicas {
+                desired: sts.spec.as_ref().and_then(|spec| spec.replicas),
+                ready: sts.status.as_ref().and_then(|status| status.ready_replicas),
+            })
+        },
     );
     let (config_maps, config_map_events) = metadata_store::<ConfigMap>(Api::all(client.clone()), &managed);
     let (services, service_events) = metadata_store::<Service>(Api::all(client.clone()), &managed);
@@ -178,8 +184,8 @@ pub async fn run(
         config_maps,
         services,
         service_accounts,
-        secrets: NamespacedStores(secret_stores),
-        pods: NamespacedStores(pod_stores),
+        secrets: NamespacedCaches(secret_stores),
+        pods: NamespacedCaches(pod_stores),
         disruption_budgets,
         network_policies,
         storage_classes,
@@ -303,53 +309,66 @@ async fn leadership_lapsed(client: Client, election: &LeaderElection) -> String 
     }
 }
 
-/// A metadata-only watch of the operator's children of kind `K` through `api`, cached and indexed by tenant, as a
-/// stream of the changed objects for the controller to map to their owning tenant.
+/// A metadata-only watch of the operator's children of kind `K` through `api`, cached, as a stream of the changed
+/// objects for the controller to map to their owning tenant.
 fn metadata_store<K>(
     api: Api<PartialObjectMeta<K>>,
     config: &watcher::Config,
 ) -> (
-    Children<PartialObjectMeta<K>>,
+    Arc<ChildCache>,
     impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
 )
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    indexed_store(watcher(api, config.clone()), K::kind(&()))
+    child_cache(
+        watcher(api, config.clone()),
+        K::kind(&()),
+        |child: &PartialObjectMeta<K>| CachedChild::of(&child.metadata),
+    )
 }
 
-/// A watch of MTA pods through `api` (metadata and status only), cached and indexed by tenant, as a stream of
-/// changed pods.
-fn pod_store(
-    api: Api<MtaPod>,
-    config: &watcher::Config,
-) -> (
-    Children<MtaPod>,
-    impl Stream<Item = Result<MtaPod, watcher::Error>> + Send + 'static,
-) {
-    indexed_store(watcher(api, config.clone()), MtaPod::kind(&()))
-}
-
-/// The children a watch yields, slimmed, cached and indexed by tenant, and the stream of changed ones.
-fn indexed_store<K>(
+/// The children a watch yields, each cached as `summary` gives it, and the stream of changed ones.
+fn child_cache<K, T>(
     watch: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     kind: Cow<'static, str>,
+    summary: fn(&K) -> T,
 ) -> (
-    Children<K>,
+    Arc<ChildCache<T>>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 )
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static,
+    T: Summary + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let index = Arc::new(index::child_index());
-    let events = watch
-        .default_backoff()
-        .modify(slim_metadata)
-        .inspect(index::follow(reader.clone(), index.clone()))
-        .reflect(writer)
-        .touched_objects();
-    (Children { store: reader, index }, logging_errors(events, kind))
+    let cache = Arc::new(ChildCache::default());
+    let events = {
+        let cache = cache.clone();
+        watch
+            .default_backoff()
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    cache.observe(event, summary);
+                }
+            })
+            .touched_objects()
+    };
+    (cache, logging_errors(events, kind))
+}
+
+/// A watch of MTA pods through `api` (metadata and status only), cached, as a stream of changed pods.
+fn pod_store(
+    api: Api<MtaPod>,
+    config: &watcher::Config,
+) -> (
+    Arc<ChildCache<Arc<MtaPod>>>,
+    impl Stream<Item = Result<MtaPod, watcher::Error>> + Send + 'static,
+) {
+    child_cache(watcher(api, config.clone()), MtaPod::kind(&()), |pod: &MtaPod| {
+        let mut pod = pod.clone();
+        slim_metadata(&mut pod);
+        Arc::new(pod)
+    })
 }
 
 /// Logs a watch's errors and keeps them out of the controller's triggers. Each watch already waits out its own
@@ -374,24 +393,8 @@ fn drop_managed_fields<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
 
-/// Labels of a cached child that reconciles read: whose it is, what it is, and a key Secret's selector and algorithm.
-const CACHED_LABELS: [&str; 4] = [
-    TENANT_LABEL,
-    COMPONENT_LABEL,
-    dkim::SELECTOR_LABEL,
-    dkim::ALGORITHM_LABEL,
-];
-
-/// Annotations of a cached child that reconciles read: the hash of what was applied, a key's domain and public key.
-const CACHED_ANNOTATIONS: [&str; 3] = [
-    DESIRED_HASH_ANNOTATION,
-    dkim::DOMAIN_ANNOTATION,
-    dkim::PUBLIC_KEY_ANNOTATION,
-];
-
-/// A cached child keeps only the metadata reconciles read: name, namespace, owners (which map a change to its
-/// tenant), creation and deletion times, and the labels and annotations above. With a thousand tenants the caches
-/// hold about nine thousand children, whose full metadata was about half of the operator's heap (heaptrack).
+/// A cached MTA pod keeps only the metadata reconciles read: name, namespace, owners, creation and deletion times,
+/// and the labels reconciles read ([`CACHED_LABELS`]); its status is read whole.
 fn slim_metadata<K: Resource>(object: &mut K) {
     drop_managed_fields(object);
     let meta = object.meta_mut();
@@ -402,9 +405,7 @@ fn slim_metadata<K: Resource>(object: &mut K) {
     if let Some(labels) = meta.labels.as_mut() {
         labels.retain(|key, _| CACHED_LABELS.contains(&key.as_str()));
     }
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.retain(|key, _| CACHED_ANNOTATIONS.contains(&key.as_str()));
-    }
+    meta.annotations = None;
 }
 
 /// A cached tenant without the copies of itself that clients keep in it: managed fields, and the whole previous

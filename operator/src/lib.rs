@@ -5,6 +5,7 @@ pub mod admin;
 pub mod apply;
 pub mod build;
 pub mod certificate;
+pub mod child_cache;
 pub mod context;
 pub mod controller;
 pub mod crd;

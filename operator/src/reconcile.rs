@@ -31,7 +31,8 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::build::{self, Children, Observed};
-use crate::context::{Context, MtaPod, StatefulSetSize};
+use crate::child_cache::{CachedChild, Replicas};
+use crate::context::{Context, MtaPod};
 use crate::dkim::{self, DkimPlan, NewKey, StoredKey};
 use crate::names::{COMPONENT_LABEL, DKIM_KEY_COMPONENT, MANAGER, TenantNames};
 use crate::status::{self, ConditionUpdate};
@@ -543,16 +544,14 @@ async fn orphan_children(ctx: &Context, namespace: &str, names: &TenantNames) ->
 /// The StatefulSet's current size (0 before it exists), from the watch cache.
 fn live_replicas(ctx: &Context, namespace: &str, names: &TenantNames) -> u32 {
     cached_stateful_set(ctx, namespace, names)
-        .and_then(|sts| sts.spec.as_ref()?.replicas)
+        .and_then(|sts| sts.desired)
         .and_then(|replicas| u32::try_from(replicas).ok())
         .unwrap_or(0)
 }
 
-fn cached_stateful_set(ctx: &Context, namespace: &str, names: &TenantNames) -> Option<Arc<StatefulSetSize>> {
-    ctx.stores
-        .stateful_sets
-        .store
-        .get(&ObjectRef::new(&names.mta()).within(namespace))
+/// The tenant's StatefulSet's desired and ready replicas, when it is cached.
+fn cached_stateful_set(ctx: &Context, namespace: &str, names: &TenantNames) -> Option<Replicas> {
+    ctx.stores.stateful_sets.get(namespace, &names.mta())?.replicas
 }
 
 fn draining_condition(plan: &drain::PoolPlan, pool: &[PoolAddressStatus], now: Timestamp) -> ConditionUpdate {
@@ -603,15 +602,15 @@ async fn apply_children(
     if write_stateful_set {
         apply::apply(client, children.stateful_set, &stores.stateful_sets).await?;
     }
-    apply::sweep::<ServiceAccount, _>(client, namespace, tenant, &stores.service_accounts, &keep_mta).await?;
-    apply::sweep::<ConfigMap, _>(client, namespace, tenant, &stores.config_maps, &[names.config_map()]).await?;
+    apply::sweep::<ServiceAccount>(client, namespace, tenant, &stores.service_accounts, &keep_mta).await?;
+    apply::sweep::<ConfigMap>(client, namespace, tenant, &stores.config_maps, &[names.config_map()]).await?;
     let services = [names.mta(), names.submission_service()];
-    apply::sweep::<Service, _>(client, namespace, tenant, &stores.services, &services).await?;
-    apply::sweep::<PodDisruptionBudget, _>(client, namespace, tenant, &stores.disruption_budgets, &keep_mta).await?;
-    apply::sweep::<NetworkPolicy, _>(client, namespace, tenant, &stores.network_policies, &keep_mta).await?;
-    apply::sweep::<StatefulSet, _>(client, namespace, tenant, &stores.stateful_sets, &keep_mta).await?;
+    apply::sweep::<Service>(client, namespace, tenant, &stores.services, &services).await?;
+    apply::sweep::<PodDisruptionBudget>(client, namespace, tenant, &stores.disruption_budgets, &keep_mta).await?;
+    apply::sweep::<NetworkPolicy>(client, namespace, tenant, &stores.network_policies, &keep_mta).await?;
+    apply::sweep::<StatefulSet>(client, namespace, tenant, &stores.stateful_sets, &keep_mta).await?;
     Ok(cached_stateful_set(ctx, namespace, names)
-        .and_then(|sts| sts.status.as_ref()?.ready_replicas)
+        .and_then(|sts| sts.ready)
         .unwrap_or(0))
 }
 
@@ -621,8 +620,8 @@ fn stored_keys(ctx: &Context, namespace: &str, names: &TenantNames) -> Result<Ve
         .secrets
         .of_tenant(namespace, &names.tenant)
         .iter()
-        .filter(|secret| secret.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(DKIM_KEY_COMPONENT))
-        .map(|secret| stored_key(&secret.metadata))
+        .filter(|secret| secret.label(COMPONENT_LABEL) == Some(DKIM_KEY_COMPONENT))
+        .map(stored_key)
         .collect()
 }
 
@@ -648,39 +647,34 @@ async fn confirm_recorded_keys(
             .get_metadata_opt(&names.dkim_secret(&entry.domain, &entry.selector))
             .await?
         {
-            stored.push(stored_key(&secret.metadata)?);
+            stored.push(stored_key(&CachedChild::of(&secret.metadata))?);
         }
     }
     Ok(())
 }
 
 /// The key a key Secret holds, from its labels and annotations.
-fn stored_key(metadata: &ObjectMeta) -> Result<StoredKey> {
-    let name = metadata.name.clone().unwrap_or_default();
+fn stored_key(secret: &CachedChild) -> Result<StoredKey> {
     let bad = |reason: &str| Error::BadKeySecret {
-        name: name.clone(),
+        name: secret.name.to_string(),
         reason: reason.to_owned(),
     };
-    let label = |key: &str| metadata.labels.as_ref().and_then(|labels| labels.get(key));
-    let selector = label(dkim::SELECTOR_LABEL).ok_or_else(|| bad("no selector label"))?;
-    let algorithm = label(dkim::ALGORITHM_LABEL)
-        .and_then(|label| dkim::parse_algorithm_label(label))
+    let selector = secret
+        .label(dkim::SELECTOR_LABEL)
+        .ok_or_else(|| bad("no selector label"))?;
+    let algorithm = secret
+        .label(dkim::ALGORITHM_LABEL)
+        .and_then(dkim::parse_algorithm_label)
         .ok_or_else(|| bad("no valid algorithm label"))?;
-    let domain = metadata
-        .annotations
-        .as_ref()
-        .and_then(|annotations| annotations.get(dkim::DOMAIN_ANNOTATION))
+    let domain = secret
+        .annotation(dkim::DOMAIN_ANNOTATION)
         .ok_or_else(|| bad("no domain annotation"))?;
-    let created = metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|time| time.0)
-        .ok_or_else(|| bad("no creation time"))?;
+    let created = secret.created.ok_or_else(|| bad("no creation time"))?;
     Ok(StoredKey {
-        domain: domain.clone(),
-        selector: selector.clone(),
+        domain: domain.to_owned(),
+        selector: selector.to_owned(),
         algorithm,
-        secret_name: name.clone(),
+        secret_name: secret.name.to_string(),
         created,
     })
 }
@@ -776,12 +770,12 @@ async fn public_keys(
     let mut keys = Vec::new();
     for selector in &plan.selectors {
         let secret_name = names.dkim_secret(&selector.domain, &selector.selector);
-        let cached = ctx.stores.secrets.get(&ObjectRef::new(&secret_name).within(namespace));
+        let cached = ctx.stores.secrets.get(namespace, &secret_name);
         if let Some(public) = cached
             .as_ref()
-            .and_then(|secret| secret.annotations().get(dkim::PUBLIC_KEY_ANNOTATION))
+            .and_then(|secret| secret.annotation(dkim::PUBLIC_KEY_ANNOTATION))
         {
-            keys.push((selector.clone(), public.clone()));
+            keys.push((selector.clone(), public.to_owned()));
             continue;
         }
         let Some(secret) = api.get_opt(&secret_name).await? else {
