@@ -26,7 +26,7 @@ test: deps prebuild fmt-check lint deny unit fuzz-smoke check-crds e2e-dataplane
 ## log in $(TARGET_DIR)/prebuild.log); it stops between tools once this make has exited.
 prebuild:
 	@mkdir -p $(TARGET_DIR)
-	@setsid nohup nice -n 10 e2e/prebuild.sh $$PPID >$(TARGET_DIR)/prebuild.log 2>&1 </dev/null &
+	@setsid nohup nice -n 19 e2e/prebuild.sh $$PPID >$(TARGET_DIR)/prebuild.log 2>&1 </dev/null &
 
 ## deps: install what the tests need on a fresh machine (Debian packages; control-plane binaries are built by e2e).
 deps:

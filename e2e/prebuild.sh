@@ -7,6 +7,9 @@
 # never starts a second one. A failure here is only logged: the suite that needs the tool builds it again and fails
 # with the reason. Usage: prebuild.sh [PID] — stops between tools once process PID (the make that started it) is gone.
 set -uo pipefail
+# Low priority among the machine's sessions too: with autogroup scheduling (Linux's default for desktops and many
+# servers) a session competes as a whole whatever its processes' nice values, so the session's own nice is set.
+echo 19 2>/dev/null >/proc/self/autogroup || true
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 parent=${1:-}

@@ -8,7 +8,6 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use prometheus_client::collector::Collector;
@@ -27,6 +26,7 @@ use tokio::sync::Semaphore;
 use crate::build::Settings;
 use crate::child_cache::{CachedChild, ChildCache, Summary};
 use crate::dnsbl::DnsblWatch;
+use crate::events::EventPublisher;
 use crate::index::{self, ClaimIndex};
 use crate::names::MANAGER;
 use crate::status::MTA_AVAILABLE;
@@ -161,7 +161,7 @@ impl<T: Summary> NamespacedCaches<T> {
 pub struct Context {
     pub client: Client,
     pub settings: Settings,
-    pub recorder: Recorder,
+    pub events: EventPublisher,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
     pub stores: Stores,
@@ -190,12 +190,8 @@ impl Context {
         dnsbl: Arc<DnsblWatch>,
         instance: Option<String>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.to_owned(),
-            instance,
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: EventPublisher::new(client.clone(), MANAGER, instance),
             client,
             settings,
             metrics,

@@ -16,6 +16,7 @@ pub mod dnsbl;
 pub mod drain;
 pub mod egress;
 mod error;
+pub mod events;
 pub mod evidence_retention;
 pub mod index;
 pub mod inputs;

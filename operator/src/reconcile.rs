@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::events::{EventType, NewEvent};
 use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
@@ -17,7 +18,6 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -975,14 +975,14 @@ async fn publish_related(
     note: &str,
     related: Option<ObjectReference>,
 ) {
-    let event = KubeEvent {
+    let event = NewEvent {
         type_,
-        reason: reason.to_owned(),
-        note: Some(note.to_owned()),
-        action: "Reconcile".to_owned(),
-        secondary: related,
+        reason,
+        note,
+        action: "Reconcile",
+        related,
     };
-    if let Err(error) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
+    if let Err(error) = ctx.events.publish(event, &tenant.object_ref(&())).await {
         warn!(tenant = %tenant.name_any(), %error, "event not published");
     }
 }
