@@ -32,6 +32,7 @@ step "$here/helm.sh" version --short
 step "$root/alerts/check.sh" promtool-path
 step "$root/images/tools.sh" cargo-auditable
 step "$root/images/tools.sh" syft
+step "$root/images/binaries.sh"
 step "$here/build-control-plane.sh" cni coredns local-path kube-router
 step "$here/node-monitoring.sh" build
 echo "prebuild: done in $SECONDS s"

@@ -20,7 +20,6 @@ root=$(cd "$here/.." && pwd)
 out=$(mkdir -p "${1:-$root/target/images}" && cd "${1:-$root/target/images}" && pwd)
 images=("${@:2}")
 [ ${#images[@]} -gt 0 ] || images=(operator sidecar mta)
-target_dir=${CARGO_TARGET_DIR:-$root/target}
 cache=${SECUREMAIL_CACHE:-$HOME/.cache/securemail}
 debs=$cache/debs
 work=$out/.work
@@ -50,24 +49,10 @@ license=$(sed -n '/^\[workspace.package\]/,/^\[/s/^license = "\(.*\)"/\1/p' "$ro
   echo "images/build.sh: the checkout has uncommitted changes; the images say revision $revision anyway" >&2
 
 # --- Binaries ----------------------------------------------------------------------------------------------------
-# Built for the host triple named explicitly: the flags below then stay out of target/release (the benchmarks'
-# build) and out of build scripts. Paths of the checkout, of the target directory (generated code is compiled from
-# there) and of cargo's registry are rewritten so the binaries do not depend on where they were built (rustc applies
-# the last prefix that matches); symbols are stripped (the crate list cargo auditable embeds is a section of its own
-# and stays).
-triple=$(rustc -vV | sed -n 's/^host: //p')
-bin_dir=$target_dir/$triple/release
+# The release binaries (images/binaries.sh), for the operator and sidecar images.
+bin_dir=
 if [[ " ${images[*]} " == *" operator "* || " ${images[*]} " == *" sidecar "* ]]; then
-  cargo_auditable=$("$here/tools.sh" cargo-auditable)
-  cargo_home=${CARGO_HOME:-$HOME/.cargo}
-  # SOURCE_DATE_EPOCH for the C compiler (aws-lc): always the same value. GCC reads it for __DATE__/__TIME__, and
-  # cc's build scripts rebuild when it changes, which with the commit's time would rebuild aws-lc and everything
-  # above it at every commit.
-  RUSTFLAGS="--remap-path-prefix=$root=/securemail --remap-path-prefix=$target_dir=/target \
-    --remap-path-prefix=$cargo_home=/cargo" \
-    CARGO_PROFILE_RELEASE_STRIP=symbols SOURCE_DATE_EPOCH=0 \
-    "$cargo_auditable" auditable build --quiet --locked --release --target "$triple" \
-    -p securemail-operator --bin securemail-operator -p securemail-sidecar --bin securemail-sidecar
+  bin_dir=$("$here/binaries.sh")
 fi
 
 # --- Debian packages ---------------------------------------------------------------------------------------------
