@@ -244,7 +244,8 @@ dataplane-down:
 demo: deps images
 	e2e/demo.sh
 
-## bench-operator: N tenants to DkimReady+ConfigValid vs the RSA keygen floor, peak RSS, no-op writes (N=1000);
+## bench-operator: N tenants to DkimReady+ConfigValid vs the RSA keygen floor, the operator's CPU above it per tenant,
+## peak RSS (per tenant), a restart's relist and no-op pass and its writes (N=1000);
 ## the control plane on a core of its own unless BENCH_SHARED_CORES=1.
 bench-operator: N ?= 1000
 bench-operator: deps
