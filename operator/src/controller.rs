@@ -95,7 +95,6 @@ pub async fn run(
         // claimant at once: each change is compared with the cached version before the cache takes it.
         let (recheck, rechecks) = futures::channel::mpsc::unbounded();
         let (cache, claims) = (reader.clone(), claims.clone());
-        let follow_claims = index::follow(reader.clone(), claims.clone());
         let tenants = watcher(
             Api::<SecureMailTenant>::all(client.clone()),
             watcher::Config::default().any_semantic(),
@@ -103,25 +102,30 @@ pub async fn run(
         .default_backoff()
         .modify(slim_tenant)
         .inspect(move |event| {
-            let (before, after) = match event {
-                Ok(watcher::Event::Apply(tenant)) => (cache.get(&ObjectRef::from_obj(tenant)), Some(tenant)),
-                Ok(watcher::Event::Delete(tenant)) => (Some(Arc::new(tenant.clone())), None),
-                // A (re)listed cache reconciles every tenant anyway.
-                _ => return,
+            let Ok(event) = event else { return };
+            let cached = match event {
+                watcher::Event::Apply(tenant) | watcher::Event::Delete(tenant) => {
+                    cache.get(&ObjectRef::from_obj(tenant))
+                }
+                _ => None,
             };
-            let claimed: Vec<_> = before
-                .iter()
-                .map(|tenant| tenant.as_ref())
-                .chain(after)
-                .flat_map(index::claims)
-                .collect();
-            let claimants = index::claimants(&claims, &cache, &claimed);
-            for tenant in ownership::tenants_to_recheck(before.as_deref(), after, &claimants) {
-                // Fails only once the controller stopped.
-                let _ = recheck.unbounded_send(tenant);
+            let (before, after) = match event {
+                watcher::Event::Apply(tenant) => (cached.as_deref(), Some(tenant)),
+                watcher::Event::Delete(tenant) => (Some(cached.as_deref().unwrap_or(tenant)), None),
+                // A (re)listed cache reconciles every tenant anyway.
+                _ => (None, None),
+            };
+            if before.is_some() || after.is_some() {
+                let claimed: Vec<_> = before.into_iter().chain(after).flat_map(index::claims).collect();
+                let claimants = index::claimants(&claims, &cache, &claimed);
+                for tenant in ownership::tenants_to_recheck(before, after, &claimants) {
+                    // Fails only once the controller stopped.
+                    let _ = recheck.unbounded_send(tenant);
+                }
             }
+            // After the recheck, which asks the index as it was before this event.
+            claims.observe(event, cached.as_deref());
         })
-        .inspect(follow_claims)
         .reflect(writer)
         .applied_objects();
         Controller::for_stream(logging_errors(tenants, SecureMailTenant::kind(&())), reader).reconcile_on(rechecks)

@@ -12,7 +12,6 @@ use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use kube::Resource;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::Event;
 use securemail_api::SecureMailTenant;
@@ -106,24 +105,6 @@ impl<K, Key: Eq + Hash, Item: PartialEq + Clone> Index<K, Key, Item> {
     }
 }
 
-/// Feeds `index` the events of a watch whose objects `cache` stores; for `inspect` on the watch stream, before the
-/// stream is reflected into `cache`.
-pub fn follow<K, Key, Item, E>(cache: Store<K>, index: Arc<Index<K, Key, Item>>) -> impl Fn(&Result<Event<K>, E>)
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-    Key: Eq + Hash,
-    Item: PartialEq + Clone,
-{
-    move |event| {
-        let Ok(event) = event else { return };
-        let cached = match event {
-            Event::Apply(object) | Event::Delete(object) => cache.get(&ObjectRef::from_obj(object)),
-            _ => None,
-        };
-        index.observe(event, cached.as_deref());
-    }
-}
-
 /// What a tenant claims that no other tenant may have at the same time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Claim {
@@ -170,8 +151,8 @@ pub fn claimants(
 
 #[cfg(test)]
 mod tests {
+    use kube::Resource;
     use kube::runtime::reflector;
-    use kube::runtime::watcher;
 
     use super::*;
 
@@ -214,9 +195,12 @@ mod tests {
         }
 
         fn feed(&mut self, events: impl IntoIterator<Item = Event<K>>) {
-            let follow = follow::<_, _, _, watcher::Error>(self.store.clone(), self.index.clone());
             for event in events {
-                follow(&Ok(event.clone()));
+                let cached = match &event {
+                    Event::Apply(object) | Event::Delete(object) => self.store.get(&ObjectRef::from_obj(object)),
+                    _ => None,
+                };
+                self.index.observe(&event, cached.as_deref());
                 self.writer.apply_watcher_event(&event);
             }
         }
